@@ -1,0 +1,381 @@
+"""A deterministic, tiny synthetic "world of facts" and a tiny GPT-2 trained on it.
+
+Used to build the bundled demo model (``examples/tiny-gpt2``, see ``make_tiny_model.py``) and
+by the quality benchmark. Importing this module has no side effects.
+
+The world: ``n_people`` made-up people ("Zorvan Quill"), each with one value for every relation
+(city, job, colour, instrument), values drawn from small made-up sets. Each fact has two
+phrasings:
+
+* ``"a"``: ``"Zorvan Quill lives in"`` -> ``" Belmora."``
+* ``"b"``: ``"The home city of Zorvan Quill is"`` -> ``" Belmora."``
+
+The training corpus holds every fact in phrasing "a" and, for a fixed fraction of people, also
+in phrasing "b" (so the model can learn the mapping between phrasings). The phrasing-"b" facts
+of the remaining, held-out people test generalisation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+EOS_TOKEN = "<|endoftext|>"
+
+# Syllables for made-up names. Names and attribute values are checked to be distinct.
+_ONSETS = ["B", "C", "D", "F", "G", "H", "J", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Z",
+           "Br", "Dr", "Gr", "Kr", "Tr", "Th", "Sh", "Qu"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ea"]
+_MIDDLES = ["", "", "", "r", "l", "n", "s", "m"]  # optional consonant closing a non-final syllable
+_CODAS = ["", "n", "r", "l", "s", "th", "x", "m", "nd", "ll", "k", "sh"]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation (attribute) with its value set and the two phrasings.
+
+    Templates use ``{name}`` for the person; completions are ``" " + value + "."``.
+    """
+
+    name: str
+    values: tuple[str, ...]
+    prompt_a: str
+    prompt_b: str
+
+    def prompt(self, phrasing: str, person_name: str) -> str:
+        if phrasing == "a":
+            return self.prompt_a.format(name=person_name)
+        if phrasing == "b":
+            return self.prompt_b.format(name=person_name)
+        raise ValueError(f"unknown phrasing {phrasing!r} (expected 'a' or 'b')")
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        name="city",
+        values=("Belmora", "Quenholt", "Varisk", "Osterune", "Drellport", "Mirrowen", "Calveth", "Tunmarsh"),
+        prompt_a="{name} lives in",
+        prompt_b="The home city of {name} is",
+    ),
+    Relation(
+        name="job",
+        values=("lampwright", "saltcarver", "kiteweaver", "bellfounder", "mossherder", "glassbinder"),
+        prompt_a="{name} works as a",
+        prompt_b="The job of {name} is",
+    ),
+    Relation(
+        name="colour",
+        values=("ochrine", "velumber", "saffrel", "glaucet", "mireblue", "russk"),
+        prompt_a="The favourite colour of {name} is",
+        prompt_b="{name} likes the colour",
+    ),
+    Relation(
+        name="instrument",
+        values=("zithorn", "drumlet", "bellharp", "reedpipe", "lutina"),
+        prompt_a="{name} plays the",
+        prompt_b="The instrument played by {name} is the",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str  # "Zorvan Quill"
+    slug: str  # "zorvan_quill"
+    attributes: dict[str, str]  # relation name -> value
+
+
+@dataclass(frozen=True)
+class World:
+    seed: int
+    people: tuple[Person, ...]
+    relations: tuple[Relation, ...] = RELATIONS
+
+    def person(self, name_or_slug: str) -> Person:
+        for p in self.people:
+            if name_or_slug in (p.name, p.slug):
+                return p
+        raise KeyError(name_or_slug)
+
+    def relation(self, name: str) -> Relation:
+        for r in self.relations:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    records: list[dict]  # the training corpus
+    b_people: tuple[str, ...]  # names of people whose phrasing-"b" facts are in the corpus
+    heldout_people: tuple[str, ...]  # names of people whose phrasing-"b" facts are held out
+    meta: dict = field(default_factory=dict)
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
+def _word(rng: random.Random, n_syllables: int) -> str:
+    parts = []
+    for i in range(n_syllables):
+        onset = rng.choice(_ONSETS)
+        parts.append(onset if i == 0 else onset.lower())
+        parts.append(rng.choice(_VOWELS))
+        if i < n_syllables - 1:
+            parts.append(rng.choice(_MIDDLES))
+    parts.append(rng.choice(_CODAS))
+    word = "".join(parts)
+    return re.sub(r"(.)\1\1+", r"\1\1", word)  # no triple letters
+
+
+def make_world(seed: int, n_people: int = 40) -> World:
+    """Deterministic world of ``n_people`` made-up people with one value per relation."""
+    rng = random.Random(seed)
+    taken = {v.lower() for r in RELATIONS for v in r.values}
+    first_names: set[str] = set()
+    surnames: set[str] = set()
+    people = []
+    while len(people) < n_people:
+        first = _word(rng, 2)
+        last = _word(rng, rng.choice((1, 2)))
+        if len(first) < 4 or len(last) < 4 or first == last:
+            continue
+        if first.lower() in taken or last.lower() in taken or first in first_names or last in surnames:
+            continue
+        first_names.add(first)
+        surnames.add(last)
+        taken.update((first.lower(), last.lower()))
+        name = f"{first} {last}"
+        attributes = {r.name: rng.choice(r.values) for r in RELATIONS}
+        people.append(Person(name=name, slug=_slug(name), attributes=attributes))
+    return World(seed=seed, people=tuple(people))
+
+
+def fact_record(world: World, person: Person | str, relation: Relation | str, phrasing: str) -> dict:
+    if isinstance(person, str):
+        person = world.person(person)
+    if isinstance(relation, str):
+        relation = world.relation(relation)
+    return {
+        "pair_id": f"{person.slug}-{relation.name}-{phrasing}",
+        "prompt": relation.prompt(phrasing, person.name),
+        "completion": f" {person.attributes[relation.name]}.",
+        "person": person.name,
+        "relation": relation.name,
+        "phrasing": phrasing,
+    }
+
+
+def fact_records(world: World, phrasing: str, people=None) -> list[dict]:
+    """All facts of ``people`` (names, slugs or Person objects; default everyone) in one phrasing."""
+    if people is None:
+        chosen = list(world.people)
+    else:
+        chosen = [p if isinstance(p, Person) else world.person(p) for p in people]
+    return [fact_record(world, p, r, phrasing) for p in chosen for r in world.relations]
+
+
+def training_records(world: World, b_fraction: float = 0.5, seed: int = 0) -> TrainingSet:
+    """Every fact in phrasing "a" plus phrasing "b" for ``round(b_fraction * n_people)`` people.
+
+    The records are shuffled deterministically with ``seed``.
+    """
+    rng = random.Random(seed)
+    names = [p.name for p in world.people]
+    n_b = round(b_fraction * len(names))
+    b_set = set(rng.sample(names, n_b))
+    b_people = tuple(n for n in names if n in b_set)
+    heldout = tuple(n for n in names if n not in b_set)
+    records = fact_records(world, "a") + fact_records(world, "b", b_people)
+    rng.shuffle(records)
+    return TrainingSet(
+        records=records,
+        b_people=b_people,
+        heldout_people=heldout,
+        meta={"world_seed": world.seed, "n_people": len(names), "b_fraction": b_fraction, "seed": seed},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and model (heavy imports are local so that importing this module stays cheap)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts, vocab_size: int = 512):
+    """Byte-level BPE like GPT-2's (no prefix space, ``<|endoftext|>`` as bos/eos/unk, no pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        add_prefix_space=False,
+        model_max_length=128,
+    )
+
+
+def corpus_texts(records) -> list[str]:
+    return [r["prompt"] + r["completion"] for r in records]
+
+
+def encode_record(tokenizer, record: dict) -> list[int]:
+    """prompt ids + completion ids (each without special tokens) + eos, as the main tool does."""
+    p = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    c = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    return list(p) + list(c) + [tokenizer.eos_token_id]
+
+
+def _set_determinism(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(2)
+
+
+def train_tiny_gpt2(
+    records,
+    tokenizer,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    steps: int = 1500,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    n_positions: int = 64,
+    loss_on: str = "all",
+    weight_decay: float = 0.0,
+    verbose: bool = False,
+):
+    """Train a tiny GPT-2 on ``records`` (prompt + completion + eos), deterministically on CPU.
+
+    ``loss_on="all"`` puts the LM loss on every token; ``"completion"`` only on completion + eos.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _set_determinism(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    model.train()
+
+    seqs, labels = [], []
+    for r in records:
+        ids = encode_record(tokenizer, r)
+        if len(ids) > n_positions:
+            raise ValueError(f"record {r['pair_id']} has {len(ids)} tokens > n_positions={n_positions}")
+        lab = list(ids)
+        if loss_on == "completion":
+            n_prompt = len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+            lab[:n_prompt] = [-100] * n_prompt
+        elif loss_on != "all":
+            raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
+        seqs.append(ids)
+        labels.append(lab)
+    max_len = max(len(s) for s in seqs)
+    pad_id = tokenizer.eos_token_id
+    input_ids = torch.full((len(seqs), max_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), max_len), dtype=torch.long)
+    label_t = torch.full((len(seqs), max_len), -100, dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        label_t[i, : len(lab)] = torch.tensor(lab)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+        import math
+
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(seqs)
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if pos + batch_size > n:
+            perm = torch.randperm(n, generator=gen)
+            pos = 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        batch_mask = attention[idx]
+        width = int(batch_mask.sum(1).max())
+        out = model(
+            input_ids=input_ids[idx, :width],
+            attention_mask=batch_mask[:, :width],
+            labels=label_t[idx, :width],
+        )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if verbose and (step % 200 == 0 or step == steps - 1):
+            print(f"step {step:5d} loss {out.loss.item():.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    model.eval()
+    return model
+
+
+def greedy_complete(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
+    """Greedy continuation of ``prompt`` until eos, a "." or ``max_new_tokens``."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids + out])
+            nxt = int(model(input_ids=x).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            if "." in tokenizer.decode(out):
+                break
+    return tokenizer.decode(out)
+
+
+def is_correct(model, tokenizer, record: dict) -> bool:
+    gen = greedy_complete(model, tokenizer, record["prompt"])
+    want = record["completion"]
+    return gen[: len(want)] == want
+
+
+def accuracy(model, tokenizer, records) -> float:
+    if not records:
+        return float("nan")
+    return sum(is_correct(model, tokenizer, r) for r in records) / len(records)

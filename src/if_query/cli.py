@@ -1,0 +1,213 @@
+"""Command line: parse options, call the library, print. Exit codes: 0 ok, 2 bad input, 1 failure."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from if_query.errors import IfQueryError, InputError
+
+app = typer.Typer(
+    help="Which training examples made the model say this? Influence scores for HuggingFace causal LMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
+ModelOption = Annotated[str, typer.Option(help="HuggingFace hub name or local directory of a causal LM.")]
+RevisionOption = Annotated[str | None, typer.Option(help="Model revision (branch, tag or commit) on the hub.")]
+DtypeOption = Annotated[
+    str, typer.Option(help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
+]
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger = logging.getLogger("if_query")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Kronfluence 1.0.1 uses torch.cuda.amp.GradScaler, deprecated in recent torch: not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\..*")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def reports_errors(command):
+    """Turn library errors into one line on stderr and an exit code; tracebacks only with --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        verbose = kwargs.get("verbose", False)
+        setup_logging(kwargs.get("quiet", False), verbose)
+        try:
+            return command(*args, **kwargs)
+        except IfQueryError as exc:
+            if verbose:
+                traceback.print_exc()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - a runtime failure gets one line unless --verbose
+            if verbose:
+                traceback.print_exc()
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = "" if verbose else " (--verbose for the traceback)"
+            typer.echo(f"error: {type(exc).__name__}: {cause}{hint}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def parse_damping(value: str) -> float | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"--damping must be a number or 'auto', got {value!r}") from None
+
+
+@app.command("fit-hessians")
+@reports_errors
+def fit_hessians_command(
+    model: ModelOption,
+    hessian_dataset: Annotated[str, typer.Option(
+        help="Fitting data: a dataset dir saved with datasets' save_to_disk (input_ids, optional attention_mask "
+             "and labels), or a .json/.jsonl file of prompt/completion records.")],
+    output_dir: Annotated[str, typer.Option(help="Where the factors and metadata.json are written.")],
+    revision: RevisionOption = None,
+    factor_batch_size: Annotated[int, typer.Option(help="Batch size for the covariance pass.")] = 8,
+    lambda_batch_size: Annotated[int, typer.Option(help="Batch size for the eigenvalue-correction pass.")] = 4,
+    strategy: Annotated[str, typer.Option(help="Hessian approximation: ekfac, kfac, diagonal or identity.")] = "ekfac",
+    layer_stride: Annotated[int, typer.Option(help="Track the MLP of every Nth transformer block (0, N, 2N...).")] = 1,
+    dtype: DtypeOption = "auto",
+    max_examples: Annotated[int | None, typer.Option(help="Use only the first N examples (default: all).")] = None,
+    max_length: Annotated[int, typer.Option(
+        help="Token limit for .json/.jsonl records (prompt cut from the left).")] = 512,
+    fisher: Annotated[str, typer.Option(
+        help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.")] = "true",
+    module_partitions: Annotated[int, typer.Option(
+        help="Fit the factors in N groups of modules to lower peak memory.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the label sampling (true Fisher).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace factors fitted with other arguments.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fit Hessian factors (EK-FAC, K-FAC, diagonal or identity) on a model's MLP modules.
+
+    Rerun with the same arguments to resume an interrupted fit from its last complete stage.
+    """
+    from if_query.fitting import FitConfig, fit_hessians
+
+    config = FitConfig(
+        model=model, hessian_dataset=hessian_dataset, output_dir=output_dir, revision=revision,
+        factor_batch_size=factor_batch_size, lambda_batch_size=lambda_batch_size, strategy=strategy,
+        layer_stride=layer_stride, dtype=dtype, max_examples=max_examples, max_length=max_length,
+        fisher=fisher, seed=seed, module_partitions=module_partitions, overwrite=overwrite,
+    )
+    metadata = fit_hessians(config, quiet=quiet)
+    if not quiet:
+        typer.echo(
+            f"Fitted {metadata['fit']['strategy']} factors for {len(metadata['tracked_modules'])} modules on "
+            f"{metadata['fit']['num_examples']} examples -> {output_dir}"
+        )
+
+
+@app.command("run-query")
+@reports_errors
+def run_query_command(
+    model: ModelOption,
+    factors_dir: Annotated[str, typer.Option(help="Output directory of fit-hessians.")],
+    folders: Annotated[list[Path] | None, typer.Argument(
+        help="Query folders, each with train.json and query.json; results go to FOLDER/results/.",
+        show_default=False)] = None,
+    train_json: Annotated[Path | None, typer.Option(help="Training examples (single-run mode).")] = None,
+    query_json: Annotated[Path | None, typer.Option(help="Query examples (single-run mode).")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where the CSVs go (single-run mode).")] = None,
+    revision: RevisionOption = None,
+    per_token_scores: Annotated[bool, typer.Option(
+        "--per-token-scores", help="Add per-token scores aligned with each train example's tokens.")] = False,
+    score_batch_size: Annotated[int, typer.Option(help="Batch size for gradients while scoring.")] = 8,
+    damping: Annotated[str, typer.Option(
+        help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")]
+        = "auto",
+    dtype: DtypeOption = "auto",
+    max_length: Annotated[int, typer.Option(help="Token limit per example; prompts are cut from the left.")] = 512,
+    query_rank: Annotated[int | None, typer.Option(
+        help="Low-rank (rank R) query gradients to save memory on large models (approximate).")] = None,
+    queries_per_pass: Annotated[int | None, typer.Option(
+        help="Queries held in memory per pass over the train set (default: all, one pass).")] = None,
+    module_partitions: Annotated[int, typer.Option(help="Score in N groups of modules to lower memory.")] = 1,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score every (query, train) pair and write query.csv, train.csv and influences.csv."""
+    from if_query.query import QueryConfig, QueryJob, QueryRunner
+    from if_query.scoring import ScoreConfig
+
+    single = [train_json, query_json, output_dir]
+    if folders and any(v is not None for v in single):
+        raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
+    if not folders and any(v is None for v in single):
+        raise InputError("give query folders, or all of --train-json, --query-json and --output-dir")
+    jobs = ([QueryJob.from_folder(f) for f in folders] if folders
+            else [QueryJob("query", query_json, train_json, output_dir)])
+    config = QueryConfig(
+        model=model, factors_dir=factors_dir, revision=revision, dtype=dtype, max_length=max_length,
+        score=ScoreConfig(score_batch_size=score_batch_size, damping=parse_damping(damping),
+                          per_token=per_token_scores, query_rank=query_rank,
+                          queries_per_pass=queries_per_pass, module_partitions=module_partitions),
+    )
+    runner = QueryRunner(config, quiet=quiet)
+    outcomes = runner.run(jobs, stop_on_error=not folders)
+    if folders:
+        failed = [o for o in outcomes if not o.ok]
+        for outcome in outcomes:
+            status = f"ok -> {outcome.job.output_dir}" if outcome.ok else f"FAILED: {outcome.error}"
+            typer.echo(f"{outcome.job.name}: {status}", err=bool(outcome.error))
+        typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} folders scored"
+                   + (f", {len(failed)} failed" if failed else ""))
+        if failed:
+            raise typer.Exit(max(o.error.exit_code for o in failed))
+    elif not quiet:
+        typer.echo(f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
+
+
+@app.command("demo")
+@reports_errors
+def demo_command(quiet: Quiet = False, verbose: Verbose = False) -> None:
+    """Fit factors on the bundled tiny GPT-2 and score queries/test_query, printing the top influences."""
+    from if_query.demo import run_demo
+
+    run_demo(quiet=quiet)
+
+
+def fit_hessians_app() -> None:
+    typer.run(fit_hessians_command)
+
+
+def run_query_app() -> None:
+    typer.run(run_query_command)
+
+
+if __name__ == "__main__":
+    app()

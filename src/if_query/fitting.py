@@ -1,0 +1,213 @@
+"""fit-hessians: fit Kronfluence's Hessian factors on the tracked MLP modules and record metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+
+from if_query.errors import InputError
+from if_query.hessian_data import load_hessian_examples
+from if_query.metadata import (
+    FACTORS_NAME,
+    METADATA_FILE,
+    STATUS_COMPLETE,
+    STATUS_FITTING,
+    describe_mismatch,
+    model_identity,
+    package_versions,
+    read_metadata,
+    write_json_atomic,
+)
+from if_query.modeling import (
+    find_mlp_modules,
+    load_model,
+    load_tokenizer,
+    make_trackable,
+    resolve_dtype,
+)
+from if_query.sizes import estimate_factor_sizes
+from if_query.task import CompletionLossTask
+from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
+
+logger = logging.getLogger(__name__)
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+FISHER_CHOICES = ("true", "empirical")
+
+
+@dataclass
+class FitConfig:
+    """Everything that determines a fit; a rerun with a different config never reuses old factors."""
+
+    model: str
+    hessian_dataset: str
+    output_dir: str
+    revision: str | None = None
+    factor_batch_size: int = 8
+    lambda_batch_size: int = 4
+    strategy: str = "ekfac"
+    layer_stride: int = 1
+    dtype: str = "auto"
+    max_examples: int | None = None
+    max_length: int = 512
+    fisher: str = "true"
+    seed: int = 0
+    module_partitions: int = 1
+    overwrite: bool = field(default=False, compare=False)
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.fisher not in FISHER_CHOICES:
+            raise InputError(f"unknown --fisher {self.fisher!r}; choose one of {', '.join(FISHER_CHOICES)}")
+        resolve_dtype(self.dtype)
+        for name in ("factor_batch_size", "lambda_batch_size", "layer_stride", "max_length", "module_partitions"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise InputError(f"--max-examples must be at least 1, got {self.max_examples}")
+
+
+def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    return digest.hexdigest()[:16]
+
+
+def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample]) -> dict:
+    """The arguments that decide the factors; compared on rerun."""
+    return {
+        "model": model_identity(config.model),
+        "revision": config.revision,
+        "strategy": config.strategy,
+        "dtype": str(dtype).removeprefix("torch."),
+        "layer_stride": config.layer_stride,
+        "hessian_dataset": str(Path(config.hessian_dataset).resolve()),
+        "hessian_dataset_fingerprint": dataset_fingerprint(examples),
+        "num_examples": len(examples),
+        "factor_batch_size": config.factor_batch_size,
+        "lambda_batch_size": config.lambda_batch_size,
+        "fisher": config.fisher,
+        "seed": config.seed,
+        "module_partitions": config.module_partitions,
+    }
+
+
+def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool) -> None:
+    """Resume a fit with identical arguments; refuse (or, with overwrite, clear) one with other arguments."""
+    if not (output_dir / METADATA_FILE).exists():
+        leftovers = output_dir / f"factors_{FACTORS_NAME}"
+        if leftovers.exists():
+            if not overwrite:
+                raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
+            shutil.rmtree(leftovers)
+        return
+    previous = read_metadata(output_dir)
+    differences = describe_mismatch(identity, previous.get("fit", {}))
+    if not differences:
+        return
+    if not overwrite:
+        raise InputError(
+            f"{output_dir} holds factors fitted with other arguments ({differences}); "
+            "use --overwrite to replace them or choose another --output-dir"
+        )
+    logger.warning("Replacing factors in %s fitted with other arguments (%s)", output_dir, differences)
+    shutil.rmtree(output_dir / f"factors_{FACTORS_NAME}", ignore_errors=True)
+    (output_dir / METADATA_FILE).unlink()
+
+
+def factor_arguments(config: FitConfig) -> FactorArguments:
+    return FactorArguments(
+        strategy=config.strategy,
+        use_empirical_fisher=config.fisher == "empirical",
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        covariance_module_partitions=config.module_partitions,
+        lambda_module_partitions=config.module_partitions,
+    )
+
+
+def make_analyzer(directory: Path, model: torch.nn.Module, task: CompletionLossTask, quiet: bool) -> Analyzer:
+    """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian``."""
+    directory = directory.resolve()
+    return Analyzer(
+        analysis_name=directory.name,
+        model=model,
+        task=task,
+        output_dir=str(directory.parent),
+        log_level=logging.WARNING,
+        disable_tqdm=quiet,
+    )
+
+
+def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
+    """Fit the factors (resuming completed stages) and return the written metadata."""
+    config.validate()
+    output_dir = Path(config.output_dir)
+    tokenizer = load_tokenizer(config.model, config.revision)
+    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length)
+    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
+    dtype = resolve_dtype(config.dtype)
+    identity = fit_identity(config, dtype, examples)
+    _check_previous_fit(output_dir, identity, config.overwrite)
+
+    model = load_model(config.model, config.revision, dtype)
+    modules = find_mlp_modules(model, config.layer_stride)
+    sizes = estimate_factor_sizes(modules, config.strategy)
+    logger.info(
+        "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
+        len(modules), len({m.layer for m in modules}), sizes.human(),
+    )
+    model = make_trackable(model, modules)
+    task = CompletionLossTask([m.name for m in modules], seed=config.seed)
+    model = prepare_model(model, task)
+    analyzer = make_analyzer(output_dir, model, task, quiet)
+
+    metadata = {
+        "status": STATUS_FITTING,
+        "fit": identity,
+        "model": config.model,
+        "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
+        "estimated_factor_bytes": sizes.total_bytes,
+        "versions": package_versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    is_main = analyzer.state.is_main_process
+    if is_main:
+        write_json_atomic(output_dir / METADATA_FILE, metadata)
+
+    # Sorting by length keeps padding low; covariances and lambdas are sums, so order is irrelevant.
+    ordered = sorted(examples, key=len)
+    loader_kwargs = DataLoaderKwargs(collate_fn=Collator(tokenizer.pad_token_id))
+    arguments = factor_arguments(config)
+    stages = (
+        ("covariance", lambda: analyzer.fit_covariance_matrices(
+            FACTORS_NAME, ordered, per_device_batch_size=config.factor_batch_size,
+            dataloader_kwargs=loader_kwargs, factor_args=arguments)),
+        ("eigendecomposition", lambda: analyzer.perform_eigendecomposition(FACTORS_NAME, factor_args=arguments)),
+        ("lambda", lambda: analyzer.fit_lambda_matrices(
+            FACTORS_NAME, ordered, per_device_batch_size=config.lambda_batch_size,
+            dataloader_kwargs=loader_kwargs, factor_args=arguments)),
+    )
+    for name, run_stage in stages:
+        logger.info("Fitting stage: %s", name)
+        task.reseed()  # each stage samples the same labels whether or not it was resumed
+        run_stage()
+
+    metadata["status"] = STATUS_COMPLETE
+    metadata["completed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if is_main:
+        write_json_atomic(output_dir / METADATA_FILE, metadata)
+    analyzer.state.wait_for_everyone()
+    return metadata
+
+

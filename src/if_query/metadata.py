@@ -1,0 +1,78 @@
+"""``metadata.json`` of a factors directory: what was fitted, on what, and whether it finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+from if_query.errors import InputError
+
+METADATA_FILE = "metadata.json"
+FACTORS_NAME = "hessian"  # Kronfluence stores the factors in <factors-dir>/factors_hessian/
+STATUS_FITTING = "fitting"
+STATUS_COMPLETE = "complete"
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=2, ensure_ascii=False)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    names = ("if-query", "torch", "transformers", "datasets", "kronfluence")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def model_identity(model: str) -> str:
+    """A local model directory is identified by its absolute path, a hub model by its name."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def read_metadata(factors_dir: Path) -> dict:
+    path = factors_dir / METADATA_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read factors metadata ({exc})") from exc
+
+
+def load_complete_metadata(factors_dir: str | Path) -> dict:
+    """The metadata of a finished fit, or an InputError saying what is wrong with the directory."""
+    factors_dir = Path(factors_dir)
+    if not factors_dir.is_dir():
+        raise InputError(f"--factors-dir {factors_dir}: directory not found (run fit-hessians first)")
+    if not (factors_dir / METADATA_FILE).is_file():
+        raise InputError(f"--factors-dir {factors_dir}: no {METADATA_FILE}; not a fit-hessians output directory")
+    metadata = read_metadata(factors_dir)
+    if metadata.get("status") != STATUS_COMPLETE:
+        raise InputError(
+            f"--factors-dir {factors_dir}: the fit never finished (status {metadata.get('status')!r}); "
+            "rerun fit-hessians with the same arguments to complete it"
+        )
+    return metadata
+
+
+def describe_mismatch(expected: dict, found: dict) -> str:
+    """A short 'key: a != b' list of the entries that differ."""
+    keys = [key for key in expected if expected.get(key) != found.get(key)]
+    return "; ".join(f"{key}: {found.get(key)!r} != {expected.get(key)!r}" for key in keys)

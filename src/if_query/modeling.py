@@ -1,0 +1,136 @@
+"""Loading a HuggingFace causal LM and choosing the MLP modules whose Hessian is approximated."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from if_query.errors import InputError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+# Names of MLP projections in the common families: GPT-2 (c_fc, c_proj), Llama / OLMo / OLMo-2 /
+# Qwen2 / Mistral (gate_proj, up_proj, down_proj), GPT-NeoX / Pythia (dense_h_to_4h, dense_4h_to_h),
+# OPT and Phi (fc1, fc2), GPT-J (fc_in, fc_out).
+MLP_PROJECTION_NAMES = frozenset(
+    {"c_fc", "c_proj", "gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h",
+     "fc1", "fc2", "fc_in", "fc_out"}
+)
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if name == "auto":
+        device = device or default_device()
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer of {model!r}: {_first_line(exc)}") from exc
+
+
+def load_model(model: str, revision: str | None, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the model {model!r}: {_first_line(exc)}") from exc
+    loaded.eval()
+    return loaded
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class TrackedModule:
+    """A tracked Linear module: its name in the model and its weight shape (out, in)."""
+
+    name: str
+    layer: int
+    out_features: int
+    in_features: int
+    bias: bool
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.out_features, self.in_features]
+
+
+def _layer_index(name: str) -> int | None:
+    """The transformer block index of a module name (first integer component), if the module is in
+    a block's MLP (no attention component after the index)."""
+    parts = name.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            if any(_ATTENTION.search(rest) for rest in parts[position + 1 :]):
+                return None
+            return int(part)
+    return None
+
+
+def find_mlp_modules(model: nn.Module, layer_stride: int = 1) -> list[TrackedModule]:
+    """The MLP projection modules of blocks 0, N, 2N, ... (N = ``layer_stride``).
+
+    Never the LM head, the embeddings or attention projections.
+    """
+    if layer_stride < 1:
+        raise InputError(f"--layer-stride must be at least 1, got {layer_stride}")
+    found = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in MLP_PROJECTION_NAMES:
+            continue
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        layer = _layer_index(name)
+        if layer is None or layer % layer_stride:
+            continue
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+        else:
+            out_features, in_features = module.weight.shape
+        found.append(TrackedModule(name, layer, out_features, in_features, module.bias is not None))
+    if not found:
+        raise InputError(
+            f"no MLP modules found in {type(model).__name__}: if-query knows the MLP projections of GPT-2, "
+            "Llama, OLMo, OLMo-2, Qwen2, Mistral, GPT-NeoX/Pythia, OPT, GPT-J and Phi"
+        )
+    return found
+
+
+def conv1d_to_linear(module: Conv1D) -> nn.Linear:
+    """A numerically identical ``nn.Linear`` for GPT-2's ``Conv1D`` (y = x W + b, W of shape in x out)."""
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=True, device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.t())
+        linear.bias.copy_(module.bias)
+    return linear
+
+
+def make_trackable(model: nn.Module, modules: list[TrackedModule]) -> nn.Module:
+    """Replace tracked ``Conv1D`` modules by ``nn.Linear`` so Kronfluence can wrap them."""
+    for tracked in modules:
+        module = model.get_submodule(tracked.name)
+        if isinstance(module, Conv1D):
+            parent_name, _, child = tracked.name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, conv1d_to_linear(module))
+    return model

@@ -1,0 +1,128 @@
+"""Validated examples -> token ids and labels -> dynamically padded batches.
+
+Prompt and completion are tokenized separately (no special tokens) and concatenated. Prompt
+tokens get label -100; completion tokens and the end-of-sequence token are labelled, so the
+loss (and the influence measurement) covers exactly the completion. Batches are padded on the
+right to their own longest sequence, padding positions labelled -100 and masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from if_query.errors import InputError
+from if_query.records import Example
+
+IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids and labels of one sequence (labels are -100 where no loss is taken)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_labelled(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (its EOS) when it has none; padding is always masked."""
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no end-of-sequence token; if-query needs one to end completions")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer itself adds a BOS token to encoded text, else ``[]``."""
+    if tokenizer.bos_token_id is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if with_special and with_special[0] == tokenizer.bos_token_id:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+class ExampleTokenizer:
+    """Tokenizes examples the same way for fitting, scoring and loss measurement."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        if max_length < 1:
+            raise InputError(f"--max-length must be at least 1, got {max_length}")
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.max_length = max_length
+        self.bos = bos_prefix(tokenizer)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def __call__(self, example: Example, source: str = "") -> TokenizedExample:
+        prompt = self._ids(example.prompt)
+        completion = self._ids(example.completion) + [self.tokenizer.eos_token_id]
+        budget = self.max_length - len(self.bos) - len(completion)
+        where = f"{source}: " if source else ""
+        if budget < 0:
+            raise InputError(
+                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens with EOS "
+                f"({len(completion) + len(self.bos)} with BOS), longer than --max-length {self.max_length}"
+            )
+        if len(prompt) > budget:
+            logger.warning(
+                "%spair_id %r: %d tokens exceed --max-length %d; dropping %d prompt tokens from the left",
+                where,
+                example.pair_id,
+                len(self.bos) + len(prompt) + len(completion),
+                self.max_length,
+                len(prompt) - budget,
+            )
+            prompt = prompt[len(prompt) - budget :]
+        input_ids = self.bos + prompt + completion
+        labels = [IGNORE_INDEX] * (len(self.bos) + len(prompt)) + completion
+        return TokenizedExample(tuple(input_ids), tuple(labels))
+
+    def tokenize_all(self, examples: Sequence[Example], source: str = "") -> list[TokenizedExample]:
+        return [self(example, source) for example in examples]
+
+    def token_strings(self, tokenized: TokenizedExample) -> list[str]:
+        """The text of each token (decoded one by one), aligned with ``input_ids``."""
+        return [self.tokenizer.decode([token_id]) for token_id in tokenized.input_ids]
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int, pad_to: int | None = None) -> dict:
+    """Right-pad a batch to its longest sequence (or ``pad_to``); padding gets label -100, mask 0."""
+    length = max(len(example) for example in examples)
+    if pad_to is not None:
+        length = max(length, pad_to)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Collator:
+    """A picklable ``collate_fn`` for DataLoaders."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict:
+        return collate(examples, self.pad_token_id, self.pad_to)
