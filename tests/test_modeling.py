@@ -1,0 +1,67 @@
+import pytest
+import torch
+from models import make_tokenizer, tiny_config
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from if_query.errors import InputError
+from if_query.modeling import find_mlp_modules, make_trackable
+
+EXPECTED_SUFFIXES = {
+    "gpt2": {"mlp.c_fc", "mlp.c_proj"},
+    "llama": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "olmo2": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "qwen2": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "gpt_neox": {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
+    "opt": {"fc1", "fc2"},
+}
+
+
+def build(family, layers=4):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family, len(make_tokenizer()), layers))
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_SUFFIXES))
+def test_finds_mlp_projections_of_every_block(family):
+    model = build(family)
+    modules = find_mlp_modules(model)
+    assert sorted({m.layer for m in modules}) == [0, 1, 2, 3]
+    for layer in range(4):
+        suffixes = {m.name.split(f".{layer}.", 1)[1] for m in modules if m.layer == layer}
+        assert suffixes == EXPECTED_SUFFIXES[family]
+    names = {m.name for m in modules}
+    assert not any("attn" in n or "attention" in n or "lm_head" in n or "embed" in n for n in names)
+    for module in modules:  # shapes are (out, in) of the projection
+        weight = model.get_submodule(module.name).weight
+        assert sorted(module.shape) == sorted(weight.shape)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_stride_keeps_every_nth_block(family):
+    modules = find_mlp_modules(build(family, layers=5), layer_stride=2)
+    assert sorted({m.layer for m in modules}) == [0, 2, 4]
+
+
+def test_layer_stride_below_one_is_rejected():
+    with pytest.raises(InputError, match="layer-stride"):
+        find_mlp_modules(build("gpt2"), layer_stride=0)
+
+
+def test_no_mlp_modules_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(InputError, match="no MLP modules"):
+        find_mlp_modules(model)
+
+
+def test_conv1d_swap_is_numerically_identical():
+    model = build("gpt2", layers=2)
+    modules = find_mlp_modules(model)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = model(ids).logits
+        make_trackable(model, modules)
+        after = model(ids).logits
+    assert all(isinstance(model.get_submodule(m.name), torch.nn.Linear) for m in modules)
+    assert isinstance(model.get_submodule("transformer.h.0.attn.c_proj"), Conv1D)  # attention untouched
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
