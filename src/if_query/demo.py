@@ -1,0 +1,31 @@
+"""``if-query demo``: the whole workflow on the bundled tiny GPT-2 and queries/test_query."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from if_query.fitting import FitConfig, fit_hessians
+from if_query.query import QueryConfig, QueryJob, QueryRunner
+from if_query.summary import format_summary
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO_ROOT / "examples" / "tiny-gpt2"
+DEMO_CORPUS = DEMO_MODEL / "training_corpus.json"
+DEMO_QUERIES = REPO_ROOT / "queries" / "test_query"
+DEMO_FACTORS = REPO_ROOT / ".cache" / "demo-factors"
+
+
+def run_demo(quiet: bool = False, top_k: int = 3) -> str:
+    """Fit (or reuse) EK-FAC factors for the tiny model, score the demo folder, return the summary."""
+    logger.info("Fitting EK-FAC factors for %s (cached in %s)", DEMO_MODEL, DEMO_FACTORS)
+    fit_hessians(FitConfig(model=str(DEMO_MODEL), hessian_dataset=str(DEMO_CORPUS), output_dir=str(DEMO_FACTORS),
+                           factor_batch_size=16, lambda_batch_size=16), quiet=True)
+    runner = QueryRunner(QueryConfig(model=str(DEMO_MODEL), factors_dir=str(DEMO_FACTORS)), quiet=True)
+    [outcome] = runner.run([QueryJob.from_folder(DEMO_QUERIES)])
+    summary = format_summary(outcome.results, top_k=top_k)
+    if not quiet:
+        print(summary)
+        print(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
+    return summary

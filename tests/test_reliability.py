@@ -1,0 +1,225 @@
+"""Bad input: one line, exit code 2, nothing written. Faults: resumable fits, never half-written results."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from conftest import QUERIES, TRAIN, write_json
+from safetensors.torch import load_file
+
+from if_query.metadata import METADATA_FILE
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def tree(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else None
+
+
+@pytest.fixture
+def query_args(tiny_gpt2, fitted, query_files, tmp_path):
+    return ["run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json",
+            query_files["train"], "--query-json", query_files["query"], "--output-dir", tmp_path / "out", "--quiet"]
+
+
+def replace(args, option, value):
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+BAD_FILES = [
+    ("missing", None, "file not found"),
+    ("not-utf8", b"\xff\xfe\x00", "not UTF-8"),
+    ("not-json", b"[{", "invalid JSON"),
+    ("empty", b"  ", "empty"),
+    ("not-list", b'{"a": 1}', "expected a JSON list"),
+    ("no-pair-id", json.dumps([{"prompt": "p", "completion": "c"}]).encode(), "missing field 'pair_id'"),
+    ("not-string", json.dumps([{"pair_id": "x", "prompt": 1, "completion": "c"}]).encode(), "must be a string"),
+    ("empty-completion", json.dumps([{"pair_id": "x", "prompt": "p", "completion": ""}]).encode(),
+     "empty completion"),
+    ("duplicate", json.dumps([TRAIN[0], TRAIN[0]]).encode(), "duplicate pair_id"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+@pytest.mark.parametrize("which", ["--train-json", "--query-json"])
+def test_bad_json_files(cli, query_args, tmp_path, name, content, message, which):
+    path = tmp_path / f"{name}.json"
+    if content is not None:
+        path.write_bytes(content)
+    result = cli(*replace(query_args, which, path), expect=None)
+    assert_one_line_error(result, 2, str(path), message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--score-batch-size", "0", "--score-batch-size must be at least 1"),
+     ("--max-length", "0", "--max-length must be at least 1"),
+     ("--max-length", "3", "longer than --max-length 3"),
+     ("--dtype", "float8", "unknown --dtype"),
+     ("--damping", "lots", "--damping must be a number"),
+     ("--damping", "-1", "--damping must be a finite number")],
+)
+def test_bad_query_options(cli, query_args, tmp_path, option, value, message):
+    result = cli(*query_args, option, value, expect=None)
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--layer-stride", "0", "--layer-stride must be at least 1"),
+     ("--factor-batch-size", "0", "--factor-batch-size must be at least 1"),
+     ("--lambda-batch-size", "-2", "--lambda-batch-size must be at least 1"),
+     ("--strategy", "newton", "unknown --strategy"),
+     ("--dtype", "int8", "unknown --dtype")],
+)
+def test_bad_fit_options(cli, tiny_gpt2, query_files, tmp_path, option, value, message):
+    result = cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", query_files["train"],
+                 "--output-dir", tmp_path / "f", option, value, expect=None)
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "f").exists()
+
+
+def test_bad_hessian_datasets(cli, tiny_gpt2, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "a"}]).save_to_disk(str(tmp_path / "no-ids"))
+    datasets.Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}]).save_to_disk(
+        str(tmp_path / "unlabelled"))
+    for name, message in [("no-ids", "no 'input_ids' column"), ("unlabelled", "no labelled token"),
+                          ("missing", "not found")]:
+        result = cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", tmp_path / name,
+                     "--output-dir", tmp_path / "f", expect=None)
+        assert_one_line_error(result, 2, message)
+        assert not (tmp_path / "f").exists()
+
+
+def test_factors_dir_missing_without_metadata_or_unfinished(cli, query_args, fitted, tmp_path):
+    result = cli(*replace(query_args, "--factors-dir", tmp_path / "none"), expect=None)
+    assert_one_line_error(result, 2, "directory not found")
+    (tmp_path / "empty").mkdir()
+    result = cli(*replace(query_args, "--factors-dir", tmp_path / "empty"), expect=None)
+    assert_one_line_error(result, 2, "no metadata.json")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(fitted["ekfac"], unfinished)
+    metadata = json.loads((unfinished / METADATA_FILE).read_text())
+    (unfinished / METADATA_FILE).write_text(json.dumps(dict(metadata, status="fitting")))
+    result = cli(*replace(query_args, "--factors-dir", unfinished), expect=None)
+    assert_one_line_error(result, 2, "never finished")
+    (unfinished / METADATA_FILE).write_text(json.dumps(metadata))
+    shutil.rmtree(unfinished / "factors_hessian" / "lambda_matrix.safetensors", ignore_errors=True)
+    (unfinished / "factors_hessian" / "lambda_matrix.safetensors").unlink(missing_ok=True)
+    result = cli(*replace(query_args, "--factors-dir", unfinished), expect=None)
+    assert_one_line_error(result, 2, "incomplete factors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
+    from models import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", "gpt2", layers=3)
+    result = cli(*replace(query_args, "--model", other), expect=None)
+    assert_one_line_error(result, 2, "fitted for another model", "model:", "tracked_modules")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):
+    text = "emoji 😀 / עברית / \u0007 bell, \"quotes\", comma\nnewline"
+    train = [dict(TRAIN[0], prompt=text, nested={"a": [1, {"b": None}]}, note=text)] + TRAIN[1:]
+    path = write_json(tmp_path / "unicode.json", train)
+    cli(*replace(query_args, "--train-json", path))
+    frame = pd.read_csv(tmp_path / "out" / "train.csv", keep_default_na=False)
+    assert frame.loc[0, "prompt"] == text and frame.loc[0, "note"] == text
+    assert json.loads(frame.loc[0, "nested"]) == {"a": [1, {"b": None}]}
+
+
+def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_path, monkeypatch):
+    cli(*query_args)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    from if_query import scoring
+
+    def explode(self, examples):
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(scoring.InfluenceScorer, "completion_losses", explode)
+    result = cli(*replace(query_args, "--query-json", write_json(tmp_path / "q.json", QUERIES[:1])), expect=None)
+    assert_one_line_error(result, 1, "killed mid-way", "--verbose")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    result = cli(*query_args, "--verbose", expect=None)
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1e6)  # logits overflow float16 (not float32)
+    model.save_pretrained(tmp_path / "hot")
+    shutil.copy(tiny_gpt2 / "tokenizer.json", tmp_path / "hot")
+    shutil.copy(tiny_gpt2 / "tokenizer_config.json", tmp_path / "hot")
+    cli("fit-hessians", "--model", tmp_path / "hot", "--hessian-dataset", query_files["train"], "--output-dir",
+        tmp_path / "f", "--strategy", "identity", "--quiet")
+    result = cli("run-query", "--model", tmp_path / "hot", "--factors-dir", tmp_path / "f", "--train-json",
+                 query_files["train"], "--query-json", query_files["query"], "--output-dir", tmp_path / "out",
+                 "--dtype", "float16", "--quiet", expect=None)
+    assert_one_line_error(result, 1, "non-finite", "--dtype float32")
+    assert not (tmp_path / "out").exists()
+
+
+def fit_args(model, data, out, *extra):
+    return ["fit-hessians", "--model", model, "--hessian-dataset", data, "--output-dir", out,
+            "--factor-batch-size", "2", "--lambda-batch-size", "3", "--quiet", *extra]
+
+
+def factors(directory):
+    return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
+
+
+def test_interrupted_fit_resumes_to_the_same_factors(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
+    from kronfluence.analyzer import Analyzer
+
+    cli(*fit_args(tiny_gpt2, fitted["data"], tmp_path / "whole"))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Analyzer, "perform_eigendecomposition", interrupt)  # Ctrl-C after the covariance stage
+        result = cli(*fit_args(tiny_gpt2, fitted["data"], tmp_path / "resumed"), expect=None)
+    assert result.exit_code == 130
+    assert json.loads((tmp_path / "resumed" / METADATA_FILE).read_text())["status"] == "fitting"
+    assert set(factors(tmp_path / "resumed")) == {"activation_covariance.safetensors",
+                                                 "gradient_covariance.safetensors",
+                                                 "num_activation_covariance_processed.safetensors",
+                                                 "num_gradient_covariance_processed.safetensors"}
+    cli(*fit_args(tiny_gpt2, fitted["data"], tmp_path / "resumed"))
+    whole, resumed = factors(tmp_path / "whole"), factors(tmp_path / "resumed")
+    assert set(whole) == set(resumed) and len(whole) > 4
+    for name in whole:
+        for key in whole[name]:
+            torch.testing.assert_close(resumed[name][key], whole[name][key], rtol=0, atol=0)
+
+
+def test_rerun_with_other_arguments_is_refused_unless_overwrite(cli, tiny_gpt2, fitted, tmp_path):
+    out = tmp_path / "f"
+    cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "diagonal"))
+    before = tree(out)
+    result = cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac"), expect=None)
+    assert_one_line_error(result, 2, "other arguments", "strategy", "--overwrite")
+    assert tree(out) == before
+    cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac", "--overwrite"))
+    assert json.loads((out / METADATA_FILE).read_text())["fit"]["strategy"] == "kfac"
+    assert "lambda_matrix.safetensors" not in factors(out)  # no leftovers of the diagonal fit
