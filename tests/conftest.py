@@ -6,9 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a stray hub lookup fails fast instead of h
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
 from models import save_tiny_model  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 TRAIN = [
     {"pair_id": "t1", "prompt": "Alice lives in", "completion": " Paris.", "topic": "city"},
