@@ -157,6 +157,9 @@ def run_query_command(
     queries_per_pass: Annotated[int | None, typer.Option(
         help="Queries held in memory per pass over the train set (default: all, one pass).")] = None,
     module_partitions: Annotated[int, typer.Option(help="Score in N groups of modules to lower memory.")] = 1,
+    gradient_cache_gb: Annotated[float, typer.Option(
+        help="Memory for whitened gradients of all distinct examples (one gradient per example); "
+             "above it, or with --per-token-scores/--query-rank, scores stream through Kronfluence.")] = 2.0,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -175,7 +178,8 @@ def run_query_command(
         model=model, factors_dir=factors_dir, revision=revision, dtype=dtype, max_length=max_length,
         score=ScoreConfig(score_batch_size=score_batch_size, damping=parse_damping(damping),
                           per_token=per_token_scores, query_rank=query_rank,
-                          queries_per_pass=queries_per_pass, module_partitions=module_partitions),
+                          queries_per_pass=queries_per_pass, module_partitions=module_partitions,
+                          gradient_cache_bytes=int(gradient_cache_gb * 1024**3)),
     )
     runner = QueryRunner(config, quiet=quiet)
     outcomes = runner.run(jobs, stop_on_error=not folders)

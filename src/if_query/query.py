@@ -142,8 +142,19 @@ class QueryRunner:
         scorer = self.load_model()
         unique_queries, query_index = _unique(prepared.query_tokens)
         unique_train, train_index = _unique(prepared.train_tokens)
-        pairwise = scorer.pairwise(unique_queries, unique_train)
-        self_influence = self._self_influence(unique_queries, unique_train, pairwise.scores)
+        per_token = None
+        distinct = list(dict.fromkeys(unique_queries + unique_train))
+        if scorer.can_cache(len(distinct)):
+            whitened = scorer.whitened(distinct).double()
+            position = {sequence: i for i, sequence in enumerate(distinct)}
+            queries_w = whitened[[position[s] for s in unique_queries]]
+            train_w = whitened[[position[s] for s in unique_train]]
+            unique_scores = queries_w @ train_w.T
+            self_influence = {"query": queries_w.square().sum(1), "train": train_w.square().sum(1)}
+        else:
+            pairwise = scorer.pairwise(unique_queries, unique_train)
+            unique_scores, per_token = pairwise.scores, pairwise.per_token
+            self_influence = self._self_influence(unique_queries, unique_train, unique_scores)
         loss_sums, counts = scorer.completion_losses(unique_queries)
         if not scorer.is_main_process:
             return None
@@ -153,7 +164,7 @@ class QueryRunner:
         losses = loss_sums[query_index]
         if bad := _non_finite(losses, query_ids):
             raise _non_finite_error("loss", bad)
-        scores = pairwise.scores[query_index][:, train_index].double()
+        scores = unique_scores[query_index][:, train_index].double()
         if bad := _non_finite(scores.flatten(), [f"{q}/{t}" for q in query_ids for t in train_ids]):
             raise _non_finite_error("influence score", bad)
         query_self = self_influence["query"][query_index].double()
@@ -168,9 +179,9 @@ class QueryRunner:
             "influence_cosine": cosine.flatten().tolist(),
         }
         train_columns: dict[str, list] = {}
-        if pairwise.per_token is not None:
+        if per_token is not None:
             influences["per_token_scores"] = [
-                json.dumps(pairwise.per_token[query_index[q]][train_index[t]].tolist())
+                json.dumps(per_token[query_index[q]][train_index[t]].tolist())
                 for q in range(len(query_ids)) for t in range(len(train_ids))
             ]
             train_columns["tokens"] = [

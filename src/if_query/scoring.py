@@ -26,6 +26,7 @@ from torch.utils import data
 
 from if_query.errors import InputError
 from if_query.fitting import make_analyzer
+from if_query.gradients import whitened_gradients
 from if_query.metadata import FACTORS_NAME
 from if_query.task import CompletionLossTask, shifted_logits_and_labels, summed_token_losses
 from if_query.tokenization import Collator, TokenizedExample
@@ -43,6 +44,9 @@ class ScoreConfig:
     query_rank: int | None = None  # low-rank query gradients (memory), None = exact
     queries_per_pass: int | None = None  # queries held per pass over the train set, None = all
     module_partitions: int = 1
+    # Whitened gradients of all distinct examples are kept in memory (one gradient per example) when
+    # they fit in this many bytes; otherwise scores stream through Kronfluence's pairwise path.
+    gradient_cache_bytes: int = 2 * 1024**3
 
     def validate(self) -> None:
         for name in ("score_batch_size", "module_partitions"):
@@ -99,6 +103,32 @@ class InfluenceScorer:
         self.module_groups = make_modules_partition(
             get_tracked_module_names(self.analyzer.model), config.module_partitions
         )
+
+    @property
+    def whitened_size(self) -> int:
+        """Number of whitened-gradient coordinates of one example (all tracked modules)."""
+        total = 0
+        for name in get_tracked_module_names(self.model):
+            linear = self.model.get_submodule(name).original_module
+            total += linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
+        return total
+
+    def can_cache(self, num_examples: int) -> bool:
+        """Whether the one-gradient-per-example path applies: exact scores (no low rank), no per-token
+        scores, a single process, and whitened gradients that fit ``gradient_cache_bytes``."""
+        return (
+            not self.config.per_token
+            and self.config.query_rank is None
+            and not self.analyzer.state.use_distributed
+            and num_examples * self.whitened_size * 4 <= self.config.gradient_cache_bytes
+        )
+
+    def whitened(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
+        """Whitened gradients W with ``W_q . W_t`` = score(q, t) and ``|W_x|^2`` = self-influence(x)."""
+        return whitened_gradients(
+            self.model, self.task, examples, self.factor_args.strategy, self.factors, self.config.damping,
+            self.pad_token_id, self.config.score_batch_size, self.device,
+        ).cpu()
 
     @property
     def model(self) -> nn.Module:

@@ -1,0 +1,130 @@
+"""One gradient per distinct example: scores as inner products of whitened gradients.
+
+Every strategy's preconditioner P = (G + damping)^-1 is symmetric positive definite, so
+``g_q^T P g_t = <P^1/2 g_q, P^1/2 g_t>``. For K-FAC and EK-FAC, P is diagonal in the Kronecker
+eigenbasis (Q_g ⊗ Q_a), so ``W = (Q_g^T grad Q_a) / sqrt(lambda + damping)`` is a valid whitened
+gradient (the rotation back to parameter space is unnecessary for inner products). With ``W`` of
+every distinct query and train sequence in memory, the pairwise matrix is one matrix product and
+self-influences are squared norms: each gradient is computed once, instead of once as a query,
+once as a train example and once more for self-influence in Kronfluence's streaming path.
+
+This reuses the factors Kronfluence fitted and follows its conventions (bias as an extra input
+column, lambda divided by the number of examples, the same damping heuristic); tests check it
+against Kronfluence's own pairwise scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from kronfluence.module import TrackedModule
+from kronfluence.utils.constants import (
+    ACTIVATION_EIGENVALUES_NAME,
+    ACTIVATION_EIGENVECTORS_NAME,
+    GRADIENT_EIGENVALUES_NAME,
+    GRADIENT_EIGENVECTORS_NAME,
+    HEURISTIC_DAMPING_SCALE,
+    LAMBDA_MATRIX_NAME,
+    NUM_LAMBDA_PROCESSED,
+)
+from torch import nn
+
+from if_query.task import CompletionLossTask
+from if_query.tokenization import Collator, TokenizedExample
+
+
+class Whitener:
+    """Maps a module's per-example gradients (batch, out, in[+1]) to whitened coordinates."""
+
+    def __init__(self, strategy: str, factors: dict, module: str, damping: float | None, device: torch.device):
+        self.strategy = strategy
+        self.q_g = self.q_a = None
+        if strategy == "identity":
+            self.scale = None
+            return
+        if strategy in ("kfac", "ekfac"):
+            self.q_a = factors[ACTIVATION_EIGENVECTORS_NAME][module].to(device, torch.float32)
+            self.q_g = factors[GRADIENT_EIGENVECTORS_NAME][module].to(device, torch.float32)
+        if strategy == "kfac":
+            eigen_a = factors[ACTIVATION_EIGENVALUES_NAME][module].to(device, torch.float64)
+            eigen_g = factors[GRADIENT_EIGENVALUES_NAME][module].to(device, torch.float64)
+            curvature = torch.kron(eigen_a.unsqueeze(0), eigen_g.unsqueeze(-1))
+        else:  # ekfac, diagonal: mean squared (projected) per-example gradients
+            curvature = factors[LAMBDA_MATRIX_NAME][module].to(device, torch.float64)
+            curvature = curvature / factors[NUM_LAMBDA_PROCESSED][module].to(device, torch.float64)
+        if damping is None:
+            damping = HEURISTIC_DAMPING_SCALE * torch.mean(curvature)
+        self.scale = (curvature + damping).rsqrt().to(torch.float32)
+
+    def __call__(self, gradient: torch.Tensor) -> torch.Tensor:
+        if self.q_g is not None:
+            gradient = self.q_g.t() @ gradient @ self.q_a
+        if self.scale is not None:
+            gradient = gradient * self.scale
+        return gradient.flatten(start_dim=1)
+
+
+class _Capture:
+    """Forward/backward hooks on tracked modules: inputs and output gradients of the last batch."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
+        def forward_hook(module, inputs, output):
+            self.inputs[name] = inputs[0].detach()
+
+            def backward_hook(gradient):
+                self.output_grads[name] = gradient.detach()
+
+            output.register_hook(backward_hook)
+
+        return forward_hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def per_example_gradient(module: nn.Module, inputs: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """(batch, out, in[+1]) gradients of a Linear layer; the bias is a last input column of ones."""
+    inputs = inputs.to(torch.float32)
+    if module.bias is not None:
+        inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:-1], 1)], dim=-1)
+    return torch.einsum("bto,bti->boi", output_grad.to(torch.float32), inputs)
+
+
+def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Sequence[TokenizedExample],
+                       strategy: str, factors: dict, damping: float | None, pad_token_id: int,
+                       batch_size: int, device: torch.device) -> torch.Tensor:
+    """(num_examples, num_whitened_coordinates) float32 matrix, rows in the order of ``examples``."""
+    tracked = {m.name: m for m in model.modules() if isinstance(m, TrackedModule) and m.name in task.tracked_modules}
+    whiteners = {name: Whitener(strategy, factors, name, damping, device) for name in tracked}
+    capture = _Capture(tracked)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    collate = Collator(pad_token_id)
+    rows: list[torch.Tensor] = [None] * len(examples)  # type: ignore[list-item]
+    try:
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
+            model.zero_grad(set_to_none=True)
+            task.compute_measurement(batch, model).backward()
+            with torch.no_grad():
+                parts = [
+                    whiteners[name](per_example_gradient(module.original_module, capture.inputs[name],
+                                                         capture.output_grads[name]))
+                    for name, module in tracked.items()
+                ]
+                block = torch.cat(parts, dim=1)
+            for row, index in enumerate(indices):
+                rows[index] = block[row]
+            capture.inputs.clear()
+            capture.output_grads.clear()
+    finally:
+        capture.remove()
+        model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
