@@ -223,3 +223,10 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(cli, tiny_gpt2, 
     cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac", "--overwrite"))
     assert json.loads((out / METADATA_FILE).read_text())["fit"]["strategy"] == "kfac"
     assert "lambda_matrix.safetensors" not in factors(out)  # no leftovers of the diagonal fit
+
+
+def test_multi_process_launch_without_cuda_is_refused(cli, tiny_gpt2, query_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = cli(*fit_args(tiny_gpt2, query_files["train"], tmp_path / "f"), expect=None)
+    assert_one_line_error(result, 2, "no CUDA GPU")
+    assert not (tmp_path / "f" / METADATA_FILE).exists()

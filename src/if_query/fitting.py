@@ -14,6 +14,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
+from if_query.distributed import check_launch
 from if_query.errors import InputError
 from if_query.hessian_data import load_hessian_examples
 from if_query.metadata import (
@@ -138,6 +139,7 @@ def factor_arguments(config: FitConfig) -> FactorArguments:
 
 def make_analyzer(directory: Path, model: torch.nn.Module, task: CompletionLossTask, quiet: bool) -> Analyzer:
     """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian``."""
+    check_launch()
     directory = directory.resolve()
     return Analyzer(
         analysis_name=directory.name,
