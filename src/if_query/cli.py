@@ -8,11 +8,14 @@ import os
 import sys
 import traceback
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
+from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError, InputError
 
 app = typer.Typer(
@@ -26,6 +29,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
 ModelOption = Annotated[str, typer.Option(help="HuggingFace hub name or local directory of a causal LM.")]
 RevisionOption = Annotated[str | None, typer.Option(help="Model revision (branch, tag or commit) on the hub.")]
+TopK = Annotated[int, typer.Option(help="Helpful and harmful training examples shown per query.")]
 DtypeOption = Annotated[
     str, typer.Option(help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
 ]
@@ -55,6 +59,8 @@ def reports_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         verbose = kwargs.get("verbose", False)
+        if not is_main_rank():  # under torchrun, rank 0 alone prints (and writes)
+            kwargs["quiet"] = True
         setup_logging(kwargs.get("quiet", False), verbose)
         try:
             return command(*args, **kwargs)
@@ -63,6 +69,8 @@ def reports_errors(command):
                 traceback.print_exc()
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -160,18 +168,29 @@ def run_query_command(
     gradient_cache_gb: Annotated[float, typer.Option(
         help="Memory for whitened gradients of all distinct examples (one gradient per example); "
              "above it, or with --per-token-scores/--query-rank, scores stream through Kronfluence.")] = 2.0,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also write report.html (heatmap, top influences, token colours) into each results dir.")]
+        = False,
+    top_k: TopK = 5,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Score every (query, train) pair and write query.csv, train.csv and influences.csv."""
+    """Score every (query, train) pair and write query.csv, train.csv and influences.csv.
+
+    Prints each query's most helpful and harmful training examples unless --quiet.
+    """
     from if_query.query import QueryConfig, QueryJob, QueryRunner
+    from if_query.report import header_from_metadata, write_report
     from if_query.scoring import ScoreConfig
+    from if_query.summary import format_summary
 
     single = [train_json, query_json, output_dir]
     if folders and any(v is not None for v in single):
         raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
     if not folders and any(v is None for v in single):
         raise InputError("give query folders, or all of --train-json, --query-json and --output-dir")
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
     jobs = ([QueryJob.from_folder(f) for f in folders] if folders
             else [QueryJob("query", query_json, train_json, output_dir)])
     config = QueryConfig(
@@ -183,6 +202,14 @@ def run_query_command(
     )
     runner = QueryRunner(config, quiet=quiet)
     outcomes = runner.run(jobs, stop_on_error=not folders)
+    header = header_from_metadata(runner.metadata, factors_dir, datetime.now().astimezone().isoformat("T", "seconds"))
+    for outcome in outcomes:
+        if not outcome.ok or outcome.results is None:
+            continue
+        if report:
+            outcome.files.append(write_report(outcome.job.output_dir, header, top_k))
+        if not quiet:
+            typer.echo((f"== {outcome.job.name}\n" if folders else "") + format_summary(outcome.results, top_k))
     if folders:
         failed = [o for o in outcomes if not o.ok]
         for outcome in outcomes:
@@ -194,6 +221,29 @@ def run_query_command(
             raise typer.Exit(max(o.error.exit_code for o in failed))
     elif not quiet:
         typer.echo(f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
+
+
+@app.command("report")
+@reports_errors
+def report_command(
+    results_dir: Annotated[Path, typer.Argument(
+        help="A run-query results directory (query.csv, train.csv, influences.csv).", show_default=False)],
+    top_k: TopK = 5,
+    factors_dir: Annotated[Path | None, typer.Option(
+        help="The fit-hessians directory used, for the page's header (model, revision, strategy).")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""
+    from if_query.metadata import read_metadata
+    from if_query.report import header_from_metadata, results_date, write_report
+
+    if not results_dir.is_dir():
+        raise InputError(f"{results_dir}: results directory not found (run run-query first)")
+    metadata = read_metadata(factors_dir) if factors_dir is not None else None
+    path = write_report(results_dir, header_from_metadata(metadata, factors_dir, results_date(results_dir)), top_k)
+    if not quiet:
+        typer.echo(f"Wrote {path}")
 
 
 @app.command("demo")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
+from if_query.atomic import write_text_atomic
 from if_query.errors import InputError
 
 METADATA_FILE = "metadata.json"
@@ -18,17 +17,13 @@ STATUS_COMPLETE = "complete"
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(value, file, indent=2, ensure_ascii=False)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write JSON so that readers see the old or the new file, never a partial one."""
+
+    def write(file) -> None:
+        json.dump(value, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+
+    write_text_atomic(path, write)
 
 
 def package_versions() -> dict[str, str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from if_query.atomic import staged_files
 from if_query.records import Example
 
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
@@ -58,18 +57,8 @@ def examples_frame(examples: Sequence[Example], id_column: str, columns: dict[st
 def write_results(results: QueryResults, output_dir: str | Path) -> list[Path]:
     """Write the CSVs to temporary files, then move each into place (a crash leaves old results)."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, Path]] = []
-    try:
-        for name, frame in ((QUERY_FILE, results.queries), (TRAIN_FILE, results.train),
-                            (INFLUENCES_FILE, results.influences)):
-            handle, temporary = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-                frame.to_csv(file, index=False)
-            staged.append((name, Path(temporary)))
-        for name, temporary in staged:
-            os.replace(temporary, output_dir / name)
-    finally:
-        for _, temporary in staged:
-            temporary.unlink(missing_ok=True)
+    frames = {QUERY_FILE: results.queries, TRAIN_FILE: results.train, INFLUENCES_FILE: results.influences}
+    with staged_files(output_dir, list(frames)) as temporaries:
+        for frame, temporary in zip(frames.values(), temporaries, strict=True):
+            frame.to_csv(temporary, index=False)
     return [output_dir / name for name in (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)]

@@ -13,23 +13,24 @@ def _clip(text: str, width: int) -> str:
 
 
 def format_summary(results: QueryResults, top_k: int = 5, width: int | None = None) -> str:
-    """Top-k helpful (highest score) and harmful (lowest score) training examples for each query."""
+    """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query."""
     width = width or shutil.get_terminal_size((100, 20)).columns
     train = results.train.set_index("train_id")
     lines: list[str] = []
     for query in results.queries.itertuples(index=False):
         rows = results.influences[results.influences["query_id"] == query.query_id]
         lines.append(_clip(f"query {query.query_id} (loss {query.loss:.3f}): {query.prompt}{query.completion}", width))
-        ranked = rows.sort_values("influence_score", ascending=False)
-        sections = [("helpful", ranked.head(top_k))]
-        harmful = ranked[ranked["influence_score"] < 0].tail(top_k).iloc[::-1]
-        if len(harmful):
-            sections.append(("harmful", harmful))
-        for title, chosen in sections:
-            lines.append(f"  most {title}:{'':>{max(width - 60, 1)}}"[: width].rstrip())
+        ranked = rows.sort_values("influence_score", ascending=False, kind="stable")
+        helpful = ranked[ranked["influence_score"] > 0].head(top_k)
+        harmful = ranked[ranked["influence_score"] < 0].iloc[::-1].head(top_k)
+        for title, chosen in (("helpful", helpful), ("harmful", harmful)):
+            if not len(chosen):
+                lines.append(f"  most {title}: none (no {'positive' if title == 'helpful' else 'negative'} score)")
+                continue
+            lines.append(f"  most {title}:")
             for row in chosen.itertuples(index=False):
                 text = train.loc[row.train_id, "prompt"] + train.loc[row.train_id, "completion"]
-                head = f"    {row.influence_score:+11.4g}  cos {row.influence_cosine:+.2f}  {row.train_id}: "
+                head = f"    {row.influence_score:+#11.4g}  cos {row.influence_cosine:+.2f}  {row.train_id}: "
                 lines.append(head + _clip(text, width - len(head)))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

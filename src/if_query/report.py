@@ -1,0 +1,554 @@
+"""``report.html``: one self-contained page for reading a results directory.
+
+The page has a header (model, revision, strategy, factors dir, date), a query x train heatmap of
+influence cosines, and per query its most helpful and most harmful training examples in sortable
+tables; with per-token scores, each shown training example's tokens are coloured by their
+contribution to the pair's score. Everything is inline (CSS and a few lines of JS), so the file
+opens offline and can be mailed around. All text from the CSVs is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from if_query.atomic import write_text_atomic
+from if_query.errors import InputError
+from if_query.results import INFLUENCES_FILE, QUERY_FILE, TRAIN_FILE
+
+REPORT_FILE = "report.html"
+MAX_HEATMAP_SIDE = 200  # heatmap drawn only when both queries and train examples are at most this many
+HEATMAP_VALUES_UP_TO = 16  # train examples up to which heatmap cells show their value as text
+MAX_QUERY_SECTIONS = 300  # queries drawn with their own section
+MAX_TOKENS_DRAWN = 2048  # tokens drawn per training example
+MAX_TOKENS_PAGE = 150_000  # tokens drawn in the whole page (about 80 bytes each); later examples get plain text
+MAX_TEXT_CHARS = 600  # characters of a prompt/completion shown in a table cell (the tooltip holds more)
+MAX_TITLE_CHARS = 4000
+CHUNK_ROWS = 200_000  # rows of influences.csv read at a time when collecting per-token scores
+
+HEADER_FIELDS = (("model", "model"), ("revision", "revision"), ("strategy", "strategy"),
+                 ("factors_dir", "factors dir"), ("date", "date"))
+REQUIRED_COLUMNS = {
+    QUERY_FILE: ("query_id", "prompt", "completion"),
+    TRAIN_FILE: ("train_id", "prompt", "completion"),
+    INFLUENCES_FILE: ("query_id", "train_id", "influence_score"),
+}
+# Diverging scale: positive (helpful) blue, negative (harmful) red, zero white.
+POSITIVE_RGB = (44, 123, 182)
+NEGATIVE_RGB = (215, 48, 39)
+LEVELS = 10  # colour steps per sign (classes p1..p10 and n1..n10 keep the page small)
+
+
+def header_from_metadata(metadata: dict | None, factors_dir: str | Path | None = None,
+                         date: str | None = None) -> dict[str, Any]:
+    """Header fields from a factors directory's metadata.json (missing ones are left out)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        fit = metadata.get("fit") or {}
+        header["model"] = metadata.get("model") or fit.get("model")
+        header["revision"] = fit.get("revision") or ("default (none given)" if "revision" in fit else None)
+        header["strategy"] = fit.get("strategy")
+    if factors_dir is not None:
+        header["factors_dir"] = str(factors_dir)
+    if date is not None:
+        header["date"] = date
+    return {key: value for key, value in header.items() if value not in (None, "")}
+
+
+def results_date(results_dir: str | Path) -> str | None:
+    """When the results were written (modification time of influences.csv), in local time."""
+    try:
+        mtime = (Path(results_dir) / INFLUENCES_FILE).stat().st_mtime
+    except OSError:
+        return None
+    return datetime.fromtimestamp(mtime).astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, keep_default_na=False, **kwargs)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read ({reason})") from exc
+
+
+def _check_columns(path: Path, columns: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS[path.name] if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; not a run-query results file")
+
+
+def _columns(path: Path) -> list[str]:
+    return list(_read_csv(path, nrows=0).columns)
+
+
+def _numeric(frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    for column in columns:
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+
+
+class _Results:
+    """The three CSVs, ids as strings, with per-token scores read only for the pairs that are drawn."""
+
+    def __init__(self, results_dir: Path):
+        if not results_dir.is_dir():
+            raise InputError(f"{results_dir}: results directory not found (run run-query first)")
+        self.paths = {name: results_dir / name for name in (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)}
+        for path in self.paths.values():
+            if not path.is_file():
+                raise InputError(f"{path}: file not found; not a complete run-query results directory")
+        text = {"query_id": str, "train_id": str, "prompt": str, "completion": str, "tokens": str,
+                "per_token_scores": str}
+        columns = {name: _columns(path) for name, path in self.paths.items()}
+        for name, path in self.paths.items():
+            _check_columns(path, columns[name])
+        self.queries = _read_csv(self.paths[QUERY_FILE], dtype=str)
+        self.train = _read_csv(self.paths[TRAIN_FILE], dtype=str)
+        _numeric(self.queries, ("loss", "loss_sum"))
+        influence_columns = [c for c in columns[INFLUENCES_FILE] if c != "per_token_scores"]
+        self.has_per_token = "per_token_scores" in columns[INFLUENCES_FILE] and "tokens" in columns[TRAIN_FILE]
+        self.influences = _read_csv(self.paths[INFLUENCES_FILE], usecols=influence_columns,
+                                    dtype={c: t for c, t in text.items() if c in influence_columns})
+        _numeric(self.influences, ("influence_score", "influence_cosine"))
+        self.has_cosine = "influence_cosine" in self.influences.columns
+
+    def per_token_scores(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The raw per_token_scores cells of the given (query_id, train_id) pairs."""
+        found: dict[tuple[str, str], str] = {}
+        if not self.has_per_token or not pairs:
+            return found
+        path = self.paths[INFLUENCES_FILE]
+        try:
+            chunks = pd.read_csv(path, keep_default_na=False, usecols=["query_id", "train_id", "per_token_scores"],
+                                 dtype=str, chunksize=CHUNK_ROWS)
+            for chunk in chunks:
+                for query_id, train_id, cell in zip(chunk["query_id"], chunk["train_id"],
+                                                    chunk["per_token_scores"], strict=True):
+                    if (query_id, train_id) in pairs:
+                        found[(query_id, train_id)] = cell
+        except (OSError, pd.errors.ParserError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read per-token scores ({exc})") from exc
+        return found
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _e(value: Any) -> str:
+    return escape("" if value is None else str(value), quote=True)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _score(value: Any) -> str:
+    return f"{value:+#.4g}" if _finite(value) else "n/a"
+
+
+def _cosine(value: Any) -> str:
+    return f"{value:+.3f}" if _finite(value) else "n/a"
+
+
+def _sort_key(value: Any) -> str:
+    return repr(float(value)) if _finite(value) else ""
+
+
+def _level(value: float, scale: float) -> str:
+    """Colour class of ``value`` on a diverging scale symmetric around 0 (``scale`` = full colour):
+    ``p1``..``p10`` for positive values, ``n1``..``n10`` for negative ones, ``""`` for 0."""
+    if not _finite(value) or scale <= 0 or value == 0:
+        return ""
+    step = max(1, min(LEVELS, math.ceil(abs(value) / scale * LEVELS)))
+    return f"{'p' if value > 0 else 'n'}{step}"
+
+
+def _level_css(selector: str, max_alpha: float, white_text_from: int | None = None) -> str:
+    """``selector.p3{background:...}`` rules for every colour class."""
+    rules = []
+    for sign, (red, green, blue) in (("p", POSITIVE_RGB), ("n", NEGATIVE_RGB)):
+        for step in range(1, LEVELS + 1):
+            white = ";color:#fff" if white_text_from is not None and step >= white_text_from else ""
+            rules.append(f"{selector}.{sign}{step}{{background:rgba({red},{green},{blue},"
+                         f"{step / LEVELS * max_alpha:.3f}){white}}}")
+    return "\n".join(rules)
+
+
+def _token_text(token: str) -> str:
+    """How a token is drawn: newlines and tabs made visible, empty tokens as ∅."""
+    if token == "":
+        return "∅"
+    return token.replace("\r", "␍").replace("\n", "↵\n").replace("\t", "→\t")
+
+
+def _extras(row: pd.Series, skip: set[str]) -> str:
+    items = [f"<span class=\"kv\"><b>{_e(k)}</b> {_e(_clip(str(v), 200))}</span>"
+             for k, v in row.items() if k not in skip and str(v) != ""]
+    return f"<div class=\"extras\">{''.join(items)}</div>" if items else ""
+
+
+def _example_text(prompt: str, completion: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """Prompt (muted) then completion (bold), each clipped, full text in the tooltip."""
+    full = _clip(prompt + completion, MAX_TITLE_CHARS)
+    return (f"<span class=\"text\" title=\"{_e(full)}\"><span class=\"prompt\">{_e(_clip(prompt, limit))}</span>"
+            f"<span class=\"completion\">{_e(_clip(completion, limit))}</span></span>")
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+ color:#1f2328;background:#fff}
+code,.mono,.tokens{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace}
+a{color:#0a58ca;text-decoration:none}a:hover{text-decoration:underline}
+nav{position:fixed;top:0;left:0;bottom:0;width:230px;overflow-y:auto;background:#f6f8fa;
+ border-right:1px solid #d0d7de;padding:14px 12px;font-size:13px}
+nav h2{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#57606a;margin:14px 0 6px}
+nav ol{list-style:none;margin:0;padding:0}
+nav li a{display:flex;justify-content:space-between;gap:8px;padding:2px 6px;border-radius:4px;color:#1f2328}
+nav li a:hover{background:#e7ecf0;text-decoration:none}
+nav li .id{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+nav li .loss{color:#57606a;font-variant-numeric:tabular-nums}
+main{margin-left:230px;padding:20px 32px 60px;max-width:1280px}
+h1{font-size:22px;margin:0 0 10px}
+h2{font-size:18px;margin:0 0 6px}
+h3{font-size:14px;margin:18px 0 6px;color:#24292f}
+dl.header{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0 0 12px}
+dl.header dt{color:#57606a}dl.header dd{margin:0;word-break:break-all}
+.note{color:#57606a;font-size:13px;margin:6px 0}
+.warn{background:#fff8c5;border:1px solid #d4a72c66;border-radius:6px;padding:6px 10px;font-size:13px;margin:8px 0}
+.legend{display:flex;align-items:center;gap:8px;font-size:12px;color:#57606a;margin:6px 0}
+.legend .bar{width:180px;height:12px;border:1px solid #d0d7de;border-radius:2px;
+ background:linear-gradient(to right,rgb(215,48,39),#fff,rgb(44,123,182))}
+section.block{border-top:1px solid #d0d7de;padding-top:18px;margin-top:22px}
+.heatwrap{overflow:auto;max-height:80vh;border:1px solid #d0d7de;border-radius:6px;display:inline-block;max-width:100%}
+table.heat{border-collapse:collapse;font-size:11px}
+table.heat th{background:#f6f8fa;font-weight:normal;position:sticky;z-index:1}
+table.heat thead th{top:0;vertical-align:bottom;padding:4px 1px}
+table.heat thead th.corner{left:0;z-index:2}
+table.heat.values thead th{padding:4px 6px;max-width:120px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+table.heat thead th .vert{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;max-height:140px;
+ overflow:hidden;text-overflow:ellipsis;display:inline-block}
+table.heat tbody th{left:0;text-align:right;padding:0 6px;white-space:nowrap;max-width:180px;overflow:hidden;
+ text-overflow:ellipsis}
+table.heat td{border:1px solid #fff;padding:0;min-width:12px;height:14px;text-align:center;
+ font-variant-numeric:tabular-nums}
+table.heat.values td{min-width:52px;height:24px;padding:0 4px}
+.query .qtext{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px 10px;white-space:pre-wrap;
+ word-break:break-word;max-height:260px;overflow:auto}
+.prompt{color:#57606a}.completion{font-weight:600;color:#1f2328}
+.qtext .completion{background:#fff3b0}
+.stats{font-size:13px;color:#57606a;margin:4px 0 8px}.stats b{color:#1f2328}
+.extras{font-size:12px;color:#57606a;margin-top:3px}.extras .kv{margin-right:12px}
+table.ranked{border-collapse:collapse;width:100%;font-size:13px;margin-bottom:4px}
+table.ranked th{text-align:left;background:#f6f8fa;border-bottom:1px solid #d0d7de;padding:5px 8px;cursor:pointer;
+ user-select:none;white-space:nowrap}
+table.ranked th:hover{background:#eaeef2}
+table.ranked th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}
+table.ranked th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
+table.ranked td{border-bottom:1px solid #eaeef2;padding:5px 8px;vertical-align:top}
+table.ranked td.num{font-variant-numeric:tabular-nums;white-space:nowrap;text-align:right;font-family:ui-monospace,
+ SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace}
+table.ranked td.id{white-space:nowrap;max-width:16em;overflow:hidden;text-overflow:ellipsis}
+table.ranked td.ex{width:100%;word-break:break-word}
+table.ranked td.pos{color:#1b5e93}table.ranked td.neg{color:#b02418}
+.tokens{white-space:pre-wrap;tab-size:4;word-break:break-word;font-size:12.5px;line-height:1.9}
+.tokens .tok{border-radius:2px;padding:1px 0;box-shadow:inset 0 0 0 1px #0000000d}
+.tokens .tok:hover{outline:2px solid #1f2328}
+.tokens .special{color:#8c959f}
+.scale{font-size:11px;color:#57606a;margin-top:2px}
+"""
+
+JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, _) {
+  th.title = 'Click to sort';
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var index = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var ascending = th.getAttribute('aria-sort') !== 'ascending';
+    th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', ascending ? 'ascending' : 'descending');
+    function key(row) {
+      var cell = row.cells[index];
+      var v = cell.hasAttribute('data-sort') ? cell.getAttribute('data-sort') : cell.textContent;
+      var n = parseFloat(v);
+      return (v !== '' && !isNaN(n) && isFinite(v)) ? n : v.toLowerCase();
+    }
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b), r;
+      if (typeof x === 'number' && typeof y === 'number') r = x - y;
+      else r = String(x) < String(y) ? -1 : String(x) > String(y) ? 1 : 0;
+      return ascending ? r : -r;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
+"""
+
+
+class _Page:
+    def __init__(self, results: _Results, results_dir: Path, header: dict, top_k: int):
+        self.r = results
+        self.results_dir = results_dir
+        self.header = header
+        self.top_k = top_k
+        self.query_ids = results.queries["query_id"].tolist()
+        self.train_ids = results.train["train_id"].tolist()
+        self.anchor = {query_id: f"q-{i}" for i, query_id in enumerate(self.query_ids[:MAX_QUERY_SECTIONS])}
+        self.train = results.train.drop_duplicates("train_id").set_index("train_id", drop=False)
+        self.tokens: dict[str, list[str] | None] = {}
+        self.tokens_drawn = 0
+        self.tokens_left_out = 0
+        influences = results.influences
+        positive = influences[influences["influence_score"] > 0]
+        ordered = positive.sort_values("influence_score", ascending=False, kind="stable")
+        self.helpful = {q: g for q, g in ordered.groupby("query_id", sort=False).head(top_k).groupby(
+            "query_id", sort=False)}
+        negative = influences[influences["influence_score"] < 0].sort_values("influence_score", kind="stable")
+        self.harmful = {q: g for q, g in negative.groupby("query_id", sort=False).head(top_k).groupby(
+            "query_id", sort=False)}
+        drawn = set(self.anchor)
+        pairs = {(q, t) for table in (self.helpful, self.harmful) for q, g in table.items() if q in drawn
+                 for t in g["train_id"]}
+        self.per_token = results.per_token_scores(pairs)
+
+    # ---- pieces
+
+    def header_html(self) -> str:
+        rows = []
+        known = {key for key, _ in HEADER_FIELDS}
+        fields = list(HEADER_FIELDS) + [(k, k.replace("_", " ")) for k in self.header if k not in known]
+        for key, label in fields:
+            value = self.header.get(key)
+            value = "unknown" if value is None or str(value) == "" else str(value)
+            rows.append(f"<dt>{_e(label)}</dt><dd class=\"mono\">{_e(value)}</dd>")
+        rows.append(f"<dt>results</dt><dd class=\"mono\">{_e(self.results_dir)}</dd>")
+        cosine = ("<b>cosine</b> = score / √(self-influence of the query × self-influence of the training example), "
+                  "in [−1, 1]: comparable across training examples of different lengths and gradient norms."
+                  if self.r.has_cosine else "This results directory has no influence_cosine column.")
+        per_token = ("Per-token scores are present: each shown training example's tokens are coloured by their "
+                     "contribution to the score." if self.r.has_per_token else
+                     "No per-token scores (run run-query with --per-token-scores to colour tokens).")
+        return (
+            f"<h1>Influence report</h1><dl class=\"header\">{''.join(rows)}</dl>"
+            f"<p class=\"note\"><b>{len(self.query_ids)}</b> queries × <b>{len(self.train_ids)}</b> training "
+            f"examples; top {self.top_k} helpful and harmful shown per query.</p>"
+            "<p class=\"note\"><b>score</b> &gt; 0: training on the example lowers the query's loss "
+            "(<span style=\"color:#1b5e93\">helpful</span>); &lt; 0: it raises the loss "
+            f"(<span style=\"color:#b02418\">harmful</span>). {cosine}</p><p class=\"note\">{per_token}</p>"
+        )
+
+    def nav_html(self) -> str:
+        loss = self.r.queries["loss"].tolist() if "loss" in self.r.queries.columns else [None] * len(self.query_ids)
+        items = []
+        for query_id, value in zip(self.query_ids, loss, strict=True):
+            if query_id not in self.anchor:
+                break
+            shown = f"{value:.3f}" if _finite(value) else ""
+            items.append(f"<li><a href=\"#{self.anchor[query_id]}\" title=\"{_e(query_id)}\">"
+                         f"<span class=\"id mono\">{_e(query_id)}</span>"
+                         f"<span class=\"loss\">{_e(shown)}</span></a></li>")
+        left_out = len(self.query_ids) - len(self.anchor)
+        more = f"<p class=\"note\">{left_out} more queries not drawn</p>" if left_out else ""
+        heat = "<li><a href=\"#heatmap\">Heatmap</a></li>"
+        return (f"<nav><ol><li><a href=\"#top\">Header</a></li>{heat}</ol>"
+                f"<h2>Queries (loss)</h2><ol>{''.join(items)}</ol>{more}</nav>")
+
+    def heatmap_html(self) -> str:
+        n_queries, n_train = len(self.query_ids), len(self.train_ids)
+        title = "<h2>Query × training example</h2>"
+        if n_queries == 0 or n_train == 0:
+            return f"<section class=\"block\" id=\"heatmap\">{title}<p class=\"note\">No pairs to draw.</p></section>"
+        if n_queries > MAX_HEATMAP_SIDE or n_train > MAX_HEATMAP_SIDE:
+            return (f"<section class=\"block\" id=\"heatmap\">{title}<p class=\"warn\">Heatmap left out: "
+                    f"{n_queries} queries × {n_train} training examples; it is drawn only when both are at most "
+                    f"{MAX_HEATMAP_SIDE}. The per-query sections below list the top influences.</p></section>")
+        column = "influence_cosine" if self.r.has_cosine else "influence_score"
+        frame = self.r.influences.drop_duplicates(["query_id", "train_id"])
+        values = frame.pivot(index="query_id", columns="train_id", values=column).reindex(
+            index=self.query_ids, columns=self.train_ids)
+        scores = frame.pivot(index="query_id", columns="train_id", values="influence_score").reindex(
+            index=self.query_ids, columns=self.train_ids)
+        finite = values.to_numpy(dtype=float)
+        finite = finite[pd.notna(finite)]
+        scale = float(abs(finite).max()) if finite.size else 0.0
+        show_values = n_train <= HEATMAP_VALUES_UP_TO
+        fmt = _cosine if column == "influence_cosine" else _score
+        vertical = " vert" if not show_values else ""
+        head = "".join(f"<th title=\"{_e(t)}\"><span class=\"mono{vertical}\">{_e(_clip(t, 24))}</span></th>"
+                       for t in self.train_ids)
+        body = []
+        for query_id, row, score_row in zip(self.query_ids, values.to_numpy(dtype=float),
+                                            scores.to_numpy(dtype=float), strict=True):
+            label = _e(_clip(query_id, 28))
+            if query_id in self.anchor:
+                label = f"<a href=\"#{self.anchor[query_id]}\">{label}</a>"
+            cells = []
+            for train_id, value, score in zip(self.train_ids, row, score_row, strict=True):
+                tip = f"query {query_id} × train {train_id}\nscore {_score(score)}"
+                if column == "influence_cosine":
+                    tip += f"\ncosine {_cosine(value)}"
+                level = _level(value, scale)
+                level = f" class=\"{level}\"" if level else ""
+                text = _e(fmt(value)) if show_values else ""
+                cells.append(f"<td{level} title=\"{_e(tip)}\">{text}</td>")
+            body.append(f"<tr><th class=\"mono\" title=\"{_e(query_id)}\">{label}</th>{''.join(cells)}</tr>")
+        what = "influence cosine" if column == "influence_cosine" else "raw influence score (no cosine column)"
+        legend = (f"<div class=\"legend\"><span>{_e(fmt(-scale))}</span><span class=\"bar\"></span>"
+                  f"<span>{_e(fmt(scale))}</span><span>— colour: {what}, scaled to the largest |value| "
+                  f"({_e(fmt(scale))}); rows are queries, columns training examples; hover a cell for its values."
+                  "</span></div>")
+        values_class = " values" if show_values else ""
+        return (f"<section class=\"block\" id=\"heatmap\">{title}{legend}<div class=\"heatwrap\">"
+                f"<table class=\"heat{values_class}\"><thead><tr><th class=\"corner\"></th>{head}</tr></thead>"
+                f"<tbody>{''.join(body)}</tbody></table></div></section>")
+
+    def _train_tokens(self, train_id: str) -> list[str] | None:
+        if train_id not in self.tokens:
+            tokens = None
+            if self.r.has_per_token and train_id in self.train.index:
+                try:
+                    parsed = json.loads(self.train.at[train_id, "tokens"])
+                    tokens = [str(t) for t in parsed] if isinstance(parsed, list) else None
+                except (json.JSONDecodeError, TypeError):
+                    tokens = None
+            self.tokens[train_id] = tokens
+        return self.tokens[train_id]
+
+    def tokens_html(self, query_id: str, train_id: str) -> str | None:
+        """The training example's tokens coloured by contribution; None when there is nothing to draw."""
+        tokens = self._train_tokens(train_id)
+        cell = self.per_token.get((query_id, train_id))
+        if tokens is None or cell is None:
+            return None
+        try:
+            values = [float(v) for v in json.loads(cell)]
+        except (json.JSONDecodeError, TypeError, ValueError):
+            return "<div class=\"warn\">per-token scores unreadable for this pair</div>"
+        if len(values) != len(tokens):
+            return (f"<div class=\"warn\">{len(values)} per-token scores for {len(tokens)} tokens: "
+                    "not drawn</div>")
+        drawn = min(len(tokens), MAX_TOKENS_DRAWN)
+        if self.tokens_drawn + drawn > MAX_TOKENS_PAGE:
+            self.tokens_left_out += 1
+            example = self.train.loc[train_id]
+            return (_example_text(example["prompt"], example["completion"]) +
+                    f"<div class=\"scale\">token colours left out: the page already draws {self.tokens_drawn} "
+                    "tokens</div>")
+        self.tokens_drawn += drawn
+        finite = [abs(v) for v in values[:drawn] if math.isfinite(v)]
+        scale = max(finite, default=0.0)
+        spans = []
+        for index, (token, value) in enumerate(zip(tokens[:drawn], values[:drawn], strict=True)):
+            tip = f"#{index} {json.dumps(token, ensure_ascii=False)}: {value:+.4g}"
+            classes = " ".join(c for c in ("tok", _level(value, scale), "special" if token == "" else "") if c)
+            spans.append(f"<span class=\"{classes}\" data-v=\"{value:.7g}\" title=\"{_e(tip)}\">"
+                         f"{_e(_token_text(token))}</span>")
+        cut = (f" Only the first {drawn} of {len(tokens)} tokens are drawn." if drawn < len(tokens) else "")
+        return (f"<div class=\"tokens\" data-query-id=\"{_e(query_id)}\" data-train-id=\"{_e(train_id)}\" "
+                f"data-n-tokens=\"{len(tokens)}\">{''.join(spans)}</div>"
+                f"<div class=\"scale\">colour scale ±{scale:.3g} (this example's largest |contribution|)."
+                f"{cut}</div>")
+
+    def ranked_html(self, query_id: str, kind: str, rows: pd.DataFrame | None) -> str:
+        label = {"helpful": "Most helpful (highest positive scores)",
+                 "harmful": "Most harmful (lowest negative scores)"}[kind]
+        if rows is None or rows.empty:
+            none = "no training example has a negative score" if kind == "harmful" else "no positive score"
+            return f"<h3>{label}</h3><p class=\"note\">None: {none}.</p>"
+        skip = {"train_id", "prompt", "completion", "tokens"}
+        body = []
+        for rank, row in enumerate(rows.itertuples(index=False), start=1):
+            train_id = row.train_id
+            cosine = getattr(row, "influence_cosine", None)
+            score = row.influence_score
+            if train_id in self.train.index:
+                example = self.train.loc[train_id]
+                text = self.tokens_html(query_id, train_id) or _example_text(example["prompt"], example["completion"])
+                text += _extras(example, skip)
+            else:
+                text = "<span class=\"note\">(not in train.csv)</span>"
+            sign = "pos" if _finite(score) and score > 0 else "neg" if _finite(score) and score < 0 else ""
+            cosine_cell = (f"<td class=\"num {sign}\" data-sort=\"{_sort_key(cosine)}\">{_cosine(cosine)}</td>"
+                           if self.r.has_cosine else "")
+            body.append(
+                f"<tr data-train-id=\"{_e(train_id)}\"><td class=\"num\" data-sort=\"{rank}\">{rank}</td>"
+                f"<td class=\"mono id\" title=\"{_e(train_id)}\">{_e(train_id)}</td>"
+                f"<td class=\"num {sign}\" data-sort=\"{_sort_key(score)}\">{_score(score)}</td>{cosine_cell}"
+                f"<td class=\"ex\">{text}</td></tr>"
+            )
+        cosine_head = "<th>cosine</th>" if self.r.has_cosine else ""
+        return (f"<h3>{label}</h3><table class=\"ranked sortable\" data-kind=\"{kind}\" "
+                f"data-query-id=\"{_e(query_id)}\"><thead><tr><th>#</th><th>train_id</th><th>score</th>"
+                f"{cosine_head}<th>training example</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+    def query_html(self, row: pd.Series) -> str:
+        query_id = row["query_id"]
+        stats = []
+        if _finite(row.get("loss")):
+            stats.append(f"loss <b>{row['loss']:.4f}</b> (mean per completion token)")
+        if _finite(row.get("loss_sum")):
+            stats.append(f"summed loss <b>{row['loss_sum']:.4f}</b>")
+        extras = _extras(row, {"query_id", "prompt", "completion", "loss", "loss_sum"})
+        text = (f"<div class=\"qtext\"><span class=\"prompt\">{_e(row['prompt'])}</span>"
+                f"<span class=\"completion\">{_e(row['completion'])}</span></div>")
+        return (
+            f"<section class=\"block query\" id=\"{self.anchor[query_id]}\" data-query-id=\"{_e(query_id)}\">"
+            f"<h2>Query <code>{_e(query_id)}</code></h2><div class=\"stats\">{' · '.join(stats)}</div>{extras}{text}"
+            f"{self.ranked_html(query_id, 'helpful', self.helpful.get(query_id))}"
+            f"{self.ranked_html(query_id, 'harmful', self.harmful.get(query_id))}</section>"
+        )
+
+    def html(self) -> str:
+        sections = [self.query_html(row) for _, row in self.r.queries.iterrows() if row["query_id"] in self.anchor]
+        left_out = len(self.query_ids) - len(self.anchor)
+        if left_out:
+            sections.append(f"<p class=\"warn\">{left_out} of {len(self.query_ids)} queries are not drawn (the first "
+                            f"{MAX_QUERY_SECTIONS} are); their scores are in {INFLUENCES_FILE}.</p>")
+        token_note = ""
+        if self.r.has_per_token:
+            token_note = (
+                "<div class=\"legend\"><span>harmful</span><span class=\"bar\"></span><span>helpful</span>"
+                "<span>— token colours: each token's contribution to the pair's score (the contributions sum to "
+                "the score), normalised <b>per training example</b> (full colour = that example's largest "
+                f"|contribution|). Hover a token for its value. At most {MAX_TOKENS_DRAWN} tokens are drawn per "
+                "example.</span></div>")
+            if self.tokens_left_out:
+                token_note += (f"<p class=\"warn\">Token colours left out for {self.tokens_left_out} shown "
+                               f"training examples: the page draws at most {MAX_TOKENS_PAGE} tokens.</p>")
+        title = f"Influence report: {self.results_dir.name}"
+        css = "\n".join((CSS, _level_css("table.heat td", 1.0, white_text_from=7), _level_css(".tokens .tok", 0.75)))
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(title)}</title><style>{css}</style></head><body>{self.nav_html()}"
+            f"<main><section id=\"top\">{self.header_html()}{token_note}</section>{self.heatmap_html()}"
+            f"{''.join(sections)}</main><script>{JS}</script></body></html>\n"
+        )
+
+
+def write_report(results_dir: str | Path, header: dict | None = None, top_k: int = 5) -> Path:
+    """Read a results directory's CSVs and write ``report.html`` into it (atomically); returns its path."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    results_dir = Path(results_dir)
+    page = _Page(_Results(results_dir), results_dir, dict(header or {}), top_k).html()
+    path = write_text_atomic(results_dir / REPORT_FILE, lambda file: file.write(page))
+    return path
