@@ -17,6 +17,7 @@ of the remaining, held-out people test generalisation.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -25,8 +26,7 @@ from dataclasses import dataclass, field
 EOS_TOKEN = "<|endoftext|>"
 
 # Syllables for made-up names. Names and attribute values are checked to be distinct.
-_ONSETS = ["B", "C", "D", "F", "G", "H", "J", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Z",
-           "Br", "Dr", "Gr", "Kr", "Tr", "Th", "Sh", "Qu"]
+_ONSETS = "B C D F G H J K L M N P R S T V W Z Br Dr Gr Kr Tr Th Sh Qu".split()
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ea"]
 _MIDDLES = ["", "", "", "r", "l", "n", "s", "m"]  # optional consonant closing a non-final syllable
 _CODAS = ["", "n", "r", "l", "s", "th", "x", "m", "nd", "ll", "k", "sh"]
@@ -207,7 +207,7 @@ def training_records(world: World, b_fraction: float = 0.5, seed: int = 0) -> Tr
 def train_tokenizer(texts, vocab_size: int = 512):
     """Byte-level BPE like GPT-2's (no prefix space, ``<|endoftext|>`` as bos/eos/unk, no pad)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GPT2TokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -220,7 +220,9 @@ def train_tokenizer(texts, vocab_size: int = 512):
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    # GPT2TokenizerFast (an alias of GPT2Tokenizer in transformers 5) keeps tokenizer.json as is and
+    # saves tokenizer_class "GPT2Tokenizer", which AutoTokenizer resolves in transformers 4 and 5.
+    return GPT2TokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -241,12 +243,12 @@ def encode_record(tokenizer, record: dict) -> list[int]:
     return list(p) + list(c) + [tokenizer.eos_token_id]
 
 
-def _set_determinism(seed: int) -> None:
+def _set_determinism(seed: int, num_threads: int) -> None:
     import torch
 
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(num_threads)
 
 
 def train_tiny_gpt2(
@@ -256,22 +258,26 @@ def train_tiny_gpt2(
     n_layer: int = 2,
     n_embd: int = 64,
     n_head: int = 4,
-    steps: int = 1500,
+    steps: int = 600,
     lr: float = 3e-3,
     batch_size: int = 64,
     n_positions: int = 64,
-    loss_on: str = "all",
+    loss_on: str = "completion",
     weight_decay: float = 0.0,
+    num_threads: int = 1,
     verbose: bool = False,
 ):
     """Train a tiny GPT-2 on ``records`` (prompt + completion + eos), deterministically on CPU.
 
     ``loss_on="all"`` puts the LM loss on every token; ``"completion"`` only on completion + eos.
+    ``num_threads`` is part of the recipe: bit-identical weights need the same thread count. One
+    thread is the default because the model is so small that a second thread does not speed it up
+    (and on a contended 2-core machine it was up to 10x slower).
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _set_determinism(seed)
+    _set_determinism(seed, num_threads)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
@@ -314,8 +320,6 @@ def train_tiny_gpt2(
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        import math
-
         if step < warmup:
             return (step + 1) / warmup
         t = (step - warmup) / max(1, steps - warmup)

@@ -19,7 +19,7 @@ def format_summary(results: QueryResults, top_k: int = 5, width: int | None = No
     lines: list[str] = []
     for query in results.queries.itertuples(index=False):
         rows = results.influences[results.influences["query_id"] == query.query_id]
-        lines.append(_clip(f"query {query.query_id} (loss {query.loss:.3f}): {query.prompt}{query.completion}", width))
+        lines.append(_clip(f"query {query.query_id} (loss {query.loss:.3g}): {query.prompt}{query.completion}", width))
         ranked = rows.sort_values("influence_score", ascending=False, kind="stable")
         helpful = ranked[ranked["influence_score"] > 0].head(top_k)
         harmful = ranked[ranked["influence_score"] < 0].iloc[::-1].head(top_k)
