@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -44,8 +43,6 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     package_logger.setLevel(level)
     package_logger.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Kronfluence 1.0.1 uses torch.cuda.amp.GradScaler, deprecated in recent torch: not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\..*")
     if quiet:
         from transformers.utils import logging as hf_logging
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from if_query.fitting import FitConfig, fit_hessians
-from if_query.query import QueryConfig, QueryJob, QueryRunner
+from if_query.query import JobOutcome, QueryConfig, QueryJob, QueryRunner
 from if_query.summary import format_summary
 
 logger = logging.getLogger(__name__)
@@ -17,15 +17,17 @@ DEMO_QUERIES = REPO_ROOT / "queries" / "test_query"
 DEMO_FACTORS = REPO_ROOT / ".cache" / "demo-factors"
 
 
-def run_demo(quiet: bool = False, top_k: int = 3) -> str:
-    """Fit (or reuse) EK-FAC factors for the tiny model, score the demo folder, return the summary."""
-    logger.info("Fitting EK-FAC factors for %s (cached in %s)", DEMO_MODEL, DEMO_FACTORS)
-    fit_hessians(FitConfig(model=str(DEMO_MODEL), hessian_dataset=str(DEMO_CORPUS), output_dir=str(DEMO_FACTORS),
+def run_demo(quiet: bool = False, top_k: int = 3, factors_dir: Path = DEMO_FACTORS,
+             results_dir: Path = DEMO_QUERIES / "results") -> JobOutcome:
+    """Fit (or reuse) EK-FAC factors for the tiny model, score the demo folder, print the summary."""
+    logger.info("Fitting EK-FAC factors for %s (cached in %s)", DEMO_MODEL, factors_dir)
+    fit_hessians(FitConfig(model=str(DEMO_MODEL), hessian_dataset=str(DEMO_CORPUS), output_dir=str(factors_dir),
                            factor_batch_size=16, lambda_batch_size=16), quiet=True)
-    runner = QueryRunner(QueryConfig(model=str(DEMO_MODEL), factors_dir=str(DEMO_FACTORS)), quiet=True)
-    [outcome] = runner.run([QueryJob.from_folder(DEMO_QUERIES)])
-    summary = format_summary(outcome.results, top_k=top_k)
+    logger.info("Scoring %s", DEMO_QUERIES)
+    runner = QueryRunner(QueryConfig(model=str(DEMO_MODEL), factors_dir=str(factors_dir)), quiet=True)
+    job = QueryJob(str(DEMO_QUERIES), DEMO_QUERIES / "query.json", DEMO_QUERIES / "train.json", results_dir)
+    [outcome] = runner.run([job])
     if not quiet:
-        print(summary)
-        print(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
-    return summary
+        print(format_summary(outcome.results, top_k=top_k))
+        print(f"Results in {results_dir}/ (query.csv, train.csv, influences.csv)")
+    return outcome
