@@ -1,0 +1,63 @@
+"""Memory options give the same scores as the plain path; size estimates match the files written."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import QUERIES, TRAIN
+from test_scores import run_query, score_matrix
+
+from if_query.metadata import METADATA_FILE
+
+Q = [q["pair_id"] for q in QUERIES]
+T = [t["pair_id"] for t in TRAIN]
+
+
+@pytest.fixture(scope="module")
+def exact(cli, tiny_gpt2, fitted, tmp_path_factory):
+    from conftest import write_json
+
+    root = tmp_path_factory.mktemp("exact")
+    files = {"train": write_json(root / "t.json", TRAIN), "query": write_json(root / "q.json", QUERIES)}
+    return files, score_matrix(run_query(cli, tiny_gpt2, fitted["ekfac"], files, root / "out"), Q, T)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--module-partitions", "2"], ["--queries-per-pass", "1", "--score-batch-size", "1"],
+     ["--query-rank", "17"]],  # rank 17 = min(out, in + bias) of the tiny model's MLP: lossless
+    ids=["module-partitions", "queries-per-pass", "full-query-rank"],
+)
+def test_streaming_options_equal_exact_scores(cli, tiny_gpt2, fitted, exact, tmp_path, options):
+    files, expected = exact
+    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--gradient-cache-gb", "0", *options)
+    np.testing.assert_allclose(score_matrix(frame, Q, T), expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+
+
+def test_low_query_rank_is_an_approximation(cli, tiny_gpt2, fitted, exact, tmp_path):
+    files, expected = exact
+    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--query-rank", "1")
+    got = score_matrix(frame, Q, T)
+    assert np.isfinite(got).all() and not np.allclose(got, expected, rtol=1e-3)
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.5
+
+
+def test_fit_in_module_partitions_equals_single_fit(cli, tiny_gpt2, fitted, tmp_path):
+    from safetensors.torch import load_file
+
+    cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", fitted["data"], "--output-dir", tmp_path / "f",
+        "--strategy", "ekfac", "--fisher", "empirical", "--factor-batch-size", "3", "--lambda-batch-size", "2",
+        "--module-partitions", "2", "--quiet")
+    for name in ("lambda_matrix", "activation_eigenvectors", "gradient_covariance"):
+        a = load_file(tmp_path / "f" / "factors_hessian" / f"{name}.safetensors")
+        b = load_file(fitted["ekfac"] / "factors_hessian" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key].abs().numpy(), b[key].abs().numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_size_estimate_matches_written_factors(fitted, strategy):
+    metadata = json.loads((fitted[strategy] / METADATA_FILE).read_text())
+    written = sum(p.stat().st_size for p in (fitted[strategy] / "factors_hessian").glob("*.safetensors"))
+    assert 0.8 * written <= metadata["estimated_factor_bytes"] <= 1.05 * written
