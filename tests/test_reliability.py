@@ -153,7 +153,7 @@ def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_pa
     def explode(self, examples):
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(scoring.InfluenceScorer, "completion_losses", explode)
+    monkeypatch.setattr(scoring.InfluenceScorer, "whitened", explode)
     result = cli(*replace(query_args, "--query-json", write_json(tmp_path / "q.json", QUERIES[:1])), expect=None)
     assert_one_line_error(result, 1, "killed mid-way", "--verbose")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -45,8 +45,9 @@ def test_diagonal_scores_equal_independent_computation(cli, tiny_gpt2, fitted, q
     np.testing.assert_allclose(got, expected, rtol=2e-4)
 
 
-def test_losses_equal_independent_computation(cli, tiny_gpt2, fitted, query_files, tmp_path, reference):
-    run_query(cli, tiny_gpt2, fitted["identity"], query_files, tmp_path / "out")
+@pytest.mark.parametrize("cache", ["2", "0"], ids=["one-gradient-path", "streaming-path"])
+def test_losses_equal_independent_computation(cli, tiny_gpt2, fitted, query_files, tmp_path, reference, cache):
+    run_query(cli, tiny_gpt2, fitted["identity"], query_files, tmp_path / "out", "--gradient-cache-gb", cache)
     queries = pd.read_csv(tmp_path / "out" / "query.csv")
     expected = [reference.mean_loss(q) for q in QUERIES]
     np.testing.assert_allclose(queries["loss"], expected, rtol=1e-5)

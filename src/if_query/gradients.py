@@ -30,7 +30,7 @@ from kronfluence.utils.constants import (
 )
 from torch import nn
 
-from if_query.task import CompletionLossTask
+from if_query.task import CompletionLossTask, shifted_logits_and_labels, summed_token_losses
 from if_query.tokenization import Collator, TokenizedExample
 
 
@@ -115,20 +115,25 @@ def layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Sequence[TokenizedExample],
                        strategy: str, factors: dict, damping: float | None, pad_token_id: int,
-                       batch_size: int, device: torch.device) -> torch.Tensor:
-    """(num_examples, num_whitened_coordinates) float32 matrix, rows in the order of ``examples``."""
+                       batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened gradients, a (num_examples, num_coordinates) float32 matrix in the order of ``examples``,
+    and each example's summed completion loss (float64), both from the same forward pass."""
     tracked = {m.name: m for m in model.modules() if isinstance(m, TrackedModule) and m.name in task.tracked_modules}
     whiteners = {name: Whitener(strategy, factors, name, damping, device) for name in tracked}
     capture = _Capture(tracked)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     collate = Collator(pad_token_id)
     rows: list[torch.Tensor] = [None] * len(examples)  # type: ignore[list-item]
+    losses = torch.empty(len(examples), dtype=torch.float64)
     try:
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
             model.zero_grad(set_to_none=True)
-            task.compute_measurement(batch, model).backward()
+            logits, labels = shifted_logits_and_labels(batch, model)
+            example_losses = summed_token_losses(logits, labels)  # the task's measurement, per example
+            example_losses.sum().backward()
+            losses[indices] = example_losses.detach().double().cpu()
             with torch.no_grad():
                 parts = [
                     whiteners[name](layer_inputs(module.original_module, capture.inputs[name]),
@@ -143,4 +148,4 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
     finally:
         capture.remove()
         model.zero_grad(set_to_none=True)
-    return torch.stack(rows)
+    return torch.stack(rows), losses

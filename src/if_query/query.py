@@ -145,17 +145,20 @@ class QueryRunner:
         per_token = None
         distinct = list(dict.fromkeys(unique_queries + unique_train))
         if scorer.can_cache(len(distinct)):
-            whitened = scorer.whitened(distinct).double()
+            whitened, distinct_losses = scorer.whitened(distinct)
+            whitened = whitened.double()
             position = {sequence: i for i, sequence in enumerate(distinct)}
             queries_w = whitened[[position[s] for s in unique_queries]]
             train_w = whitened[[position[s] for s in unique_train]]
             unique_scores = queries_w @ train_w.T
             self_influence = {"query": queries_w.square().sum(1), "train": train_w.square().sum(1)}
+            loss_sums = distinct_losses[[position[s] for s in unique_queries]]
         else:
             pairwise = scorer.pairwise(unique_queries, unique_train)
             unique_scores, per_token = pairwise.scores, pairwise.per_token
             self_influence = self._self_influence(unique_queries, unique_train, unique_scores)
-        loss_sums, counts = scorer.completion_losses(unique_queries)
+            loss_sums = scorer.completion_losses(unique_queries)
+        counts = torch.tensor([sequence.num_labelled for sequence in unique_queries], dtype=torch.float64)
         if not scorer.is_main_process:
             return None
         query_ids = [e.pair_id for e in prepared.queries]

@@ -123,12 +123,14 @@ class InfluenceScorer:
             and num_examples * self.whitened_size * 4 <= self.config.gradient_cache_bytes
         )
 
-    def whitened(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
-        """Whitened gradients W with ``W_q . W_t`` = score(q, t) and ``|W_x|^2`` = self-influence(x)."""
-        return whitened_gradients(
+    def whitened(self, examples: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whitened gradients W with ``W_q . W_t`` = score(q, t) and ``|W_x|^2`` = self-influence(x),
+        and the examples' summed completion losses."""
+        whitened, losses = whitened_gradients(
             self.model, self.task, examples, self.factor_args.strategy, self.factors, self.config.damping,
             self.pad_token_id, self.config.score_batch_size, self.device,
-        ).cpu()
+        )
+        return whitened.cpu(), losses
 
     @property
     def model(self) -> nn.Module:
@@ -205,8 +207,8 @@ class InfluenceScorer:
         return total[_inverse(order)]
 
     @torch.no_grad()
-    def completion_losses(self, examples: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over completion tokens (EOS included) and the number of those tokens."""
+    def completion_losses(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
+        """Summed cross-entropy over completion tokens (EOS included), float64."""
         order = _length_order(examples)
         collate = Collator(self.pad_token_id)
         sums = torch.empty(len(examples), dtype=torch.float64)
@@ -216,5 +218,4 @@ class InfluenceScorer:
             batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices]).items()}
             logits, labels = shifted_logits_and_labels(batch, self.model)
             sums[indices] = summed_token_losses(logits, labels).double().cpu()
-        counts = torch.tensor([example.num_labelled for example in examples], dtype=torch.float64)
-        return sums, counts
+        return sums
