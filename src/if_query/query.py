@@ -202,19 +202,18 @@ class QueryRunner:
 
     def _self_influence(self, queries: list[TokenizedExample], train: list[TokenizedExample],
                         scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Self-influence of every query and train sequence; a sequence that is both a query and a
-        train example is read off the pairwise diagonal instead of being recomputed."""
+        """Self-influence of every query and train sequence. A sequence that is both a query and a
+        train example is read off the exact pairwise diagonal instead of being recomputed (not with
+        low-rank queries, and not across processes, where every rank must run the same passes)."""
         scorer = self.scorer
-        exact_pairs = self.config.score.query_rank is None and scorer.is_main_process
+        reuse_diagonal = self.config.score.query_rank is None and not scorer.analyzer.state.use_distributed
         train_position = {sequence: j for j, sequence in enumerate(train)}
         known: dict[TokenizedExample, float] = {}
-        if exact_pairs:
+        if reuse_diagonal:
             for i, sequence in enumerate(queries):
                 if sequence in train_position:
                     known[sequence] = float(scores[i, train_position[sequence]])
         missing = [s for s in dict.fromkeys(queries + train) if s not in known]
-        if self.config.score.query_rank is not None or not scorer.is_main_process:
-            missing = list(dict.fromkeys(queries + train))
         computed = scorer.self_scores(missing)
         if not scorer.is_main_process:
             return {}
