@@ -77,7 +77,7 @@ class Whitener:
             else:
                 gradient = self.q_g.t() @ torch.einsum("bto,bti->boi", output_grads, inputs) @ self.q_a
         if self.scale is not None:
-            gradient = gradient * self.scale
+            gradient.mul_(self.scale)
         return gradient.flatten(start_dim=1)
 
 
@@ -123,7 +123,10 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
     capture = _Capture(tracked)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     collate = Collator(pad_token_id)
-    rows: list[torch.Tensor] = [None] * len(examples)  # type: ignore[list-item]
+    sizes = {name: module.original_module.weight.numel() + (module.original_module.bias.numel()
+                                                         if module.original_module.bias is not None else 0)
+             for name, module in tracked.items()}
+    whitened = torch.empty(len(examples), sum(sizes.values()), dtype=torch.float32, device=device)
     losses = torch.empty(len(examples), dtype=torch.float64)
     try:
         for start in range(0, len(order), batch_size):
@@ -134,18 +137,17 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
             example_losses = summed_token_losses(logits, labels)  # the task's measurement, per example
             example_losses.sum().backward()
             losses[indices] = example_losses.detach().double().cpu()
+            rows = torch.tensor(indices, device=device)
             with torch.no_grad():
-                parts = [
-                    whiteners[name](layer_inputs(module.original_module, capture.inputs[name]),
-                                    capture.output_grads[name].to(torch.float32))
-                    for name, module in tracked.items()
-                ]
-                block = torch.cat(parts, dim=1)
-            for row, index in enumerate(indices):
-                rows[index] = block[row]
+                offset = 0
+                for name, module in tracked.items():
+                    part = whiteners[name](layer_inputs(module.original_module, capture.inputs[name]),
+                                           capture.output_grads[name].to(torch.float32))
+                    whitened[rows, offset : offset + sizes[name]] = part
+                    offset += sizes[name]
             capture.inputs.clear()
             capture.output_grads.clear()
     finally:
         capture.remove()
         model.zero_grad(set_to_none=True)
-    return torch.stack(rows), losses
+    return whitened, losses

@@ -143,16 +143,21 @@ class QueryRunner:
         unique_queries, query_index = _unique(prepared.query_tokens)
         unique_train, train_index = _unique(prepared.train_tokens)
         per_token = None
-        distinct = list(dict.fromkeys(unique_queries + unique_train))
+        # Queries first, then train examples that are not queries: scores are one (queries x distinct)
+        # product whose query block's diagonal holds the queries' self-influences.
+        query_set = set(unique_queries)
+        distinct = unique_queries + [s for s in unique_train if s not in query_set]
         if scorer.can_cache(len(distinct)):
             whitened, distinct_losses = scorer.whitened(distinct)
-            whitened = whitened.double()
+            n_queries = len(unique_queries)
+            products = (whitened[:n_queries] @ whitened.T).double().cpu()
             position = {sequence: i for i, sequence in enumerate(distinct)}
-            queries_w = whitened[[position[s] for s in unique_queries]]
-            train_w = whitened[[position[s] for s in unique_train]]
-            unique_scores = queries_w @ train_w.T
-            self_influence = {"query": queries_w.square().sum(1), "train": train_w.square().sum(1)}
-            loss_sums = distinct_losses[[position[s] for s in unique_queries]]
+            train_positions = [position[s] for s in unique_train]
+            unique_scores = products[:, train_positions]
+            distinct_self = torch.cat([products[:, :n_queries].diagonal(),
+                                       whitened[n_queries:].square().sum(1).double().cpu()])
+            self_influence = {"query": distinct_self[:n_queries], "train": distinct_self[train_positions]}
+            loss_sums = distinct_losses[:n_queries]
         else:
             pairwise = scorer.pairwise(unique_queries, unique_train)
             unique_scores, per_token = pairwise.scores, pairwise.per_token

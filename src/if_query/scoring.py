@@ -125,12 +125,12 @@ class InfluenceScorer:
 
     def whitened(self, examples: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Whitened gradients W with ``W_q . W_t`` = score(q, t) and ``|W_x|^2`` = self-influence(x),
-        and the examples' summed completion losses."""
+        and the examples' summed completion losses (on the scoring device)."""
         whitened, losses = whitened_gradients(
             self.model, self.task, examples, self.factor_args.strategy, self.factors, self.config.damping,
             self.pad_token_id, self.config.score_batch_size, self.device,
         )
-        return whitened.cpu(), losses
+        return whitened, losses
 
     @property
     def model(self) -> nn.Module:
