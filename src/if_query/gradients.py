@@ -49,7 +49,8 @@ class Whitener:
         if strategy == "kfac":
             eigen_a = factors[ACTIVATION_EIGENVALUES_NAME][module].to(device, torch.float64)
             eigen_g = factors[GRADIENT_EIGENVALUES_NAME][module].to(device, torch.float64)
-            curvature = torch.kron(eigen_a.unsqueeze(0), eigen_g.unsqueeze(-1))
+            # Eigenvalues of a PSD covariance can come out slightly negative in floating point.
+            curvature = torch.kron(eigen_a.unsqueeze(0), eigen_g.unsqueeze(-1)).clamp_min(0)
         else:  # ekfac, diagonal: mean squared (projected) per-example gradients
             curvature = factors[LAMBDA_MATRIX_NAME][module].to(device, torch.float64)
             curvature = curvature / factors[NUM_LAMBDA_PROCESSED][module].to(device, torch.float64)

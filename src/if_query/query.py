@@ -88,7 +88,8 @@ def _non_finite(values: torch.Tensor, ids: list[str]) -> list[str]:
 
 def _non_finite_error(what: str, ids: list[str]) -> RunError:
     shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-    return RunError(f"non-finite {what} for {shown}; try --dtype float32 (or bfloat16 instead of float16)")
+    return RunError(f"non-finite {what} for {shown}; try --dtype float32 (or bfloat16 instead of float16)"
+                    + (", or a larger --damping" if what != "loss" else ""))
 
 
 class QueryRunner:
