@@ -127,6 +127,7 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
     sizes = {name: module.original_module.weight.numel() + (module.original_module.bias.numel()
                                                          if module.original_module.bias is not None else 0)
              for name, module in tracked.items()}
+    # Rows are filled in length order (contiguous writes) and put back in input order at the end.
     whitened = torch.empty(len(examples), sum(sizes.values()), dtype=torch.float32, device=device)
     losses = torch.empty(len(examples), dtype=torch.float64)
     try:
@@ -138,7 +139,7 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
             example_losses = summed_token_losses(logits, labels)  # the task's measurement, per example
             example_losses.sum().backward()
             losses[indices] = example_losses.detach().double().cpu()
-            rows = torch.tensor(indices, device=device)
+            rows = slice(start, start + len(indices))
             with torch.no_grad():
                 offset = 0
                 for name, module in tracked.items():
@@ -151,4 +152,8 @@ def whitened_gradients(model: nn.Module, task: CompletionLossTask, examples: Seq
     finally:
         capture.remove()
         model.zero_grad(set_to_none=True)
+    if order != sorted(order):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        whitened = whitened[inverse.to(device)]
     return whitened, losses

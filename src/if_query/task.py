@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from kronfluence.task import Task
@@ -10,10 +12,25 @@ from torch import nn
 from if_query.tokenization import IGNORE_INDEX
 
 
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def shifted_logits_and_labels(batch: dict, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits (float32) and the labels they predict, both of shape (batch, length - 1)."""
+    """Next-token logits (float32) and the labels they predict, at the positions where some example of
+    the batch has a label (the LM head and softmax are skipped elsewhere when the model allows it)."""
+    labels = batch["labels"][:, 1:]
+    positions = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if positions.numel() and _accepts_logits_to_keep(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=positions).logits
+        return logits.float(), labels[:, positions]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[:, :-1].float(), batch["labels"][:, 1:]
+    return logits[:, :-1].float(), labels
 
 
 def summed_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,722 @@
+"""Side-by-side benchmark: naive per-folder, padded-to-512 scoring vs if-query's multi-folder run.
+
+    uv run python benchmarks/bench_query.py              # full run (about 10 minutes on a busy 2-core machine)
+    uv run python benchmarks/bench_query.py --quick      # about 2 minutes
+    uv run python benchmarks/bench_query.py --profile    # + a profiled multi-folder run (about 1 minute more)
+    uv run python benchmarks/bench_query.py --threads 1  # everything with one thread (steadier when shared)
+    uv run python benchmarks/bench_query.py --help       # sizes and switches
+
+Workload (shaped like the real one)
+    ``--folders`` (8) query folders of ``--examples-per-folder`` (16) prompt/completion records, with
+    train.json = query.json inside a folder and different examples across folders. Prompts have
+    ``--prompt-min``..``--prompt-max`` (60..120) tokens, completions ``--completion-min``..``--completion-max``
+    (6..10) tokens, plus EOS. The model is a randomly initialised GPT-2 (n_layer 4, n_embd 256, n_head 4,
+    n_positions 512, vocabulary about 4k: 4.3M parameters) with a word-level tokenizer built offline with
+    ``tokenizers`` (byte-level pre-tokenizer, one token per synthetic word, EOS ``<|endoftext|>``), both
+    written with ``save_pretrained`` to a temporary directory. EK-FAC factors are fitted once, with the
+    real ``fit-hessians`` CLI, on the union of all examples; both scoring approaches use them.
+
+What is compared (every run is a subprocess of the venv's real console scripts, with ``--quiet``)
+    (a) naive: one ``run-query`` process per folder (single mode: --train-json/--query-json/--output-dir,
+        ``--score-batch-size 8 --max-length 512``), every sequence padded to 512 tokens.
+        EMULATION: if-query has no fixed-padding option (it pads each batch to its own longest sequence),
+        so the naive baseline reads files whose prompts are left-filled with random vocabulary words until
+        each example is exactly ``--pad-to`` (512) tokens (checked with if-query's own ExampleTokenizer).
+        Prompt tokens carry no label, so the measurement is still the completion loss, and a batch of
+        512-token sequences costs the same compute as a batch padded to 512 (HF GPT-2 attention and the
+        gradient hooks do the same dense work on masked positions). Only the cost is emulated: scores
+        differ, since the context differs.
+    (b) if-query: ONE ``run-query`` process over all folders, default options (dynamic padding, length
+        sorting, model and factors loaded once, one gradient per distinct example).
+    (b1) (full run only) the same with OMP_NUM_THREADS=1, because oversubscribed threads on a shared
+        2-core machine can make torch's default (one thread per core) several times slower.
+    All measured runs use torch's default thread count unless ``--threads N`` is given. The union fit that
+    only produces the scoring factors is setup, not a measurement: it runs with one thread (faster and
+    steadier on a busy machine).
+    fit-hessians: the real CLI on ``--fit-examples`` (64) examples, dynamically padded vs the same examples
+    left-filled to 512 tokens (same emulation), default batch sizes (8 covariance / 4 lambda).
+
+How the time is split
+    benchmarks/_hook/sitecustomize.py is put on PYTHONPATH of those subprocesses: it wraps a few functions
+    of if-query / Kronfluence with wall-clock timers as they are imported (the console scripts themselves
+    are unchanged) and writes JSON at exit: interpreter start, imports, tokenizer, tokenization, model
+    weights, factors, scoring, CSV writing; fitting stages. The profile run (``--profile``, off by default)
+    adds nested timers (forward, backward, per-example gradient, whitening / preconditioning, loss pass)
+    and a torch.profiler op table. By default the subprocesses share a warm bytecode cache
+    (PYTHONPYCACHEPREFIX, in the system temp dir) because this sandbox sets PYTHONDONTWRITEBYTECODE=1, which
+    would add about 8 s of compiling to every process; ``--no-pycache`` measures that as it is.
+
+What is counted (FLOPs; P = matmul weights = n_layer*12*d^2 + d*V, T = tokens of one example; tracked
+modules = the MLP c_fc and c_proj of every block, with i = d_in + 1 (bias column) and o = d_out)
+    useful FLOPs (what scoring needs; one gradient per distinct example, since query = train):
+        forward          2*P*T + 2*n_layer*T^2*d     (causal QK^T and AV: half of the T x T products)
+        backward         2*P*T + 4*n_layer*T^2*d     (input gradients only: Kronfluence freezes every
+                                                      parameter, so autograd forms no weight gradient)
+        per-example grad + whitening, per tracked module, the cheaper of the two exact orders:
+                         2*T*o*i + 2*o*i*(o + i)       (outer products, then Q_g^T G Q_a)
+                         2*T*(o^2 + i^2) + 2*T*o*i     (rotate the T token vectors, then outer products)
+        dot products     2*N*N*sum(i*o) per folder (N = distinct examples)
+        (the completion loss comes from the same forward, so it adds nothing)
+    executed FLOPs: what the installed code asks of the CPU: batches of --score-batch-size sorted by length
+        and padded to the batch's longest sequence (512 for the naive baseline). if-query's whitened path:
+        forward + backward + per-example gradient + whitening once per distinct example (in the order the
+        code picks for the padded length), the dot products, and, if the installed code does not take the
+        losses from the gradient pass, one more forward for the completion losses. If the installed
+        if-query has no whitened path, Kronfluence's streaming path is counted: query pass with
+        rotate-in-and-back preconditioning, a train pass recomputing every gradient, and the loss pass.
+    "real tokens" are the unpadded tokens of the distinct examples, each counted once, for both approaches.
+    Peak: best of 10 float32 2048x2048 @ 2048x2048 torch.matmul, with torch's default thread count and
+    with one thread, measured at the start and at the end of the run; the best of all is the peak.
+
+Results: printed, and written to benchmarks/results/bench_query.md (``--output``), with the raw numbers in
+bench_query.json and the torch.profiler table in bench_query_torch_profile.txt beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOOK_DIR = Path(__file__).resolve().parent / "_hook"
+RESULTS_DIR = REPO / "benchmarks" / "results"
+DEFAULT_PYCACHE = Path(tempfile.gettempdir()) / "if-query-bench-pycache"
+EOS = "<|endoftext|>"
+BIN = Path(sys.executable).parent  # the venv's bin: run-query / fit-hessians console scripts
+
+
+# --------------------------------------------------------------------------------------------- workload
+
+
+def synthetic_words(count: int, seed: int) -> list[str]:
+    """``count`` distinct lower-case pseudo-words (letters only: the byte-level pre-tokenizer keeps each
+    one whole, so one word is one token)."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = [a + b for a in syllables for b in syllables]
+    words += [a + b + c for a in syllables[:20] for b in syllables for c in syllables[:10]]
+    if count > len(words):
+        raise SystemExit(f"--words {count}: at most {len(words)}")
+    random.Random(seed).shuffle(words)
+    return words[:count]
+
+
+def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    vocab = {EOS: 0, "<unk>": 1}
+    for word in words:
+        vocab[word] = len(vocab)
+        vocab["Ġ" + word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token="<unk>")
+    torch.manual_seed(args.seed)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=max(512, args.pad_to), n_embd=args.n_embd,
+                        n_layer=args.n_layer, n_head=args.n_head, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def make_records(words: list[str], args: argparse.Namespace) -> list[list[dict]]:
+    rng = random.Random(args.seed + 1)
+    folders = []
+    for f in range(args.folders):
+        records = []
+        for k in range(args.examples_per_folder):
+            n_prompt = rng.randint(args.prompt_min, args.prompt_max)
+            n_completion = rng.randint(args.completion_min, args.completion_max)
+            records.append({
+                "pair_id": f"f{f}-{k:02d}",
+                "prompt": " ".join(rng.choice(words) for _ in range(n_prompt)),
+                "completion": " " + " ".join(rng.choice(words) for _ in range(n_completion)),
+            })
+        folders.append(records)
+    return folders
+
+
+def _example(record: dict):
+    from if_query.records import Example
+
+    return Example(record["pair_id"], record["prompt"], record["completion"])
+
+
+def pad_record(record: dict, example_tokenizer, filler: list[str], pad_to: int, rng: random.Random) -> dict:
+    """The naive baseline's record: the prompt left-filled with filler words to exactly ``pad_to`` tokens."""
+    missing = pad_to - len(example_tokenizer(_example(record)))
+    if missing < 0:
+        raise SystemExit(f"{record['pair_id']}: longer than --pad-to {pad_to}")
+    prefix = " ".join(rng.choice(filler) for _ in range(missing))
+    padded = dict(record, prompt=(prefix + " " + record["prompt"]) if missing else record["prompt"])
+    got = len(example_tokenizer(_example(padded)))
+    if got != pad_to:
+        raise SystemExit(f"padding emulation failed for {record['pair_id']}: {got} tokens, wanted {pad_to}")
+    return padded
+
+
+def dump(value, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+class FlopModel:
+    """FLOP counts of the GPT-2 shaped model (see the module docstring for what is counted)."""
+
+    def __init__(self, n_layer: int, d: int, vocab: int, inner: int | None = None):
+        self.n_layer, self.d, self.vocab = n_layer, d, vocab
+        inner = inner or 4 * d
+        self.matmul_params = n_layer * (3 * d * d + d * d + 2 * d * inner) + d * vocab
+        self.tracked = [(d + 1, inner), (inner + 1, d)] * n_layer  # (d_in + bias column, d_out): c_fc, c_proj
+        self.grad_size = sum(i * o for i, o in self.tracked)
+
+    def forward(self, t: int) -> float:
+        return 2 * self.matmul_params * t + 2 * self.n_layer * t * t * self.d
+
+    def backward(self, t: int) -> float:
+        return 2 * self.matmul_params * t + 4 * self.n_layer * t * t * self.d
+
+    @staticmethod
+    def rotate_gradient(t: int, i: int, o: int) -> float:
+        """Outer products, then Q_g^T G Q_a."""
+        return 2 * t * o * i + 2 * o * i * (o + i)
+
+    @staticmethod
+    def rotate_tokens(t: int, i: int, o: int) -> float:
+        """Rotate the T output gradients and inputs, then the outer products."""
+        return 2 * t * (o * o + i * i) + 2 * t * o * i
+
+    def whitened_gradient(self, t: int) -> float:
+        """Per-example gradient + rotation into the eigenbasis, the cheaper exact order per module."""
+        return sum(min(self.rotate_gradient(t, i, o), self.rotate_tokens(t, i, o)) for i, o in self.tracked)
+
+    def dots(self, q: int, n: int) -> float:
+        return 2 * q * n * self.grad_size
+
+    def useful(self, lengths: list[int]) -> dict[str, float]:
+        """One folder with query = train = ``lengths``."""
+        return {
+            "forward": sum(self.forward(t) for t in lengths),
+            "backward": sum(self.backward(t) for t in lengths),
+            "per-example grad + whitening": sum(self.whitened_gradient(t) for t in lengths),
+            "dot products": self.dots(len(lengths), len(lengths)),
+        }
+
+    def executed(self, lengths: list[int], batch: int, pad_to: int | None, path: str) -> dict[str, float]:
+        """One folder with query = train, as the installed if-query runs it (``path``: see ``scoring_path``)."""
+        ordered = sorted(lengths)
+        batches = [ordered[i : i + batch] for i in range(0, len(ordered), batch)]
+        padded = [(len(b), pad_to or max(b)) for b in batches]
+        fwd = sum(n * self.forward(t) for n, t in padded)
+        bwd = sum(n * self.backward(t) for n, t in padded)
+        n = len(lengths)
+        if path == "kronfluence":  # query pass (outer products, rotate in and back), train pass, loss pass
+            query = sum(b * (2 * t * o * i + 4 * o * i * (o + i)) for b, t in padded for i, o in self.tracked)
+            train = sum(b * 2 * t * o * i for b, t in padded for i, o in self.tracked)
+            return {"forward": 3 * fwd, "backward": 2 * bwd, "per-example grad + whitening": query + train,
+                    "dot products": self.dots(n, n)}
+        if "token rotation" in path:  # the cheaper order chosen per module and batch length
+            grads = sum(b * (self.rotate_tokens(t, i, o) if t * (o * o + i * i) <= o * i * (o + i)
+                             else self.rotate_gradient(t, i, o)) for b, t in padded for i, o in self.tracked)
+        else:
+            grads = sum(b * self.rotate_gradient(t, i, o) for b, t in padded for i, o in self.tracked)
+        passes = 1 if "losses from the gradient pass" in path else 2
+        return {"forward": passes * fwd, "backward": bwd, "per-example grad + whitening": grads,
+                "dot products": self.dots(n, n)}
+
+
+def scoring_path() -> str:
+    """Which algorithm the installed if-query uses for query = train without per-token scores."""
+    import inspect
+
+    from if_query.scoring import InfluenceScorer
+
+    if not hasattr(InfluenceScorer, "whitened"):
+        return "kronfluence"
+    try:
+        from if_query import gradients
+    except ImportError:
+        return "whitened"
+    path = "whitened"
+    if len(inspect.signature(gradients.Whitener.__call__).parameters) >= 3:
+        path += ", token rotation"
+    if "summed_token_losses" in inspect.getsource(gradients.whitened_gradients):
+        path += ", losses from the gradient pass"
+    return path
+
+
+def measure_peak(repeats: int = 10, n: int = 2048) -> dict:
+    import torch
+
+    default_threads = torch.get_num_threads()
+    result = {"default_threads": default_threads}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for threads in dict.fromkeys([default_threads, 1]):
+        torch.set_num_threads(threads)
+        for _ in range(2):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        result[f"threads_{threads}"] = 2 * n**3 / min(times)
+    torch.set_num_threads(default_threads)
+    result["peak_flops"] = max(v for k, v in result.items() if k.startswith("threads_"))
+    return result
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Starts the CLIs with the timing hook and collects wall time + the hook's JSON."""
+
+    def __init__(self, work: Path, pycache: Path | None):
+        self.work = work
+        self.log = work / "log.txt"
+        self.pycache = pycache
+        self.count = 0
+
+    def env(self, extra: dict | None = None) -> dict:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join([str(HOOK_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        if self.pycache is not None:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(self.pycache)
+        env.update(extra or {})
+        return env
+
+    def run(self, command: list[str], extra_env: dict | None = None, timed: bool = True) -> dict:
+        self.count += 1
+        timing_path = self.work / "timings" / f"{self.count:03d}.json"
+        timing_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.env(extra_env)
+        if timed:
+            env["IFQ_BENCH_TIMINGS"] = str(timing_path)
+        start = time.perf_counter()
+        with open(self.log, "a", encoding="utf-8") as out:
+            prefix = "".join(f"{k}={v} " for k, v in (extra_env or {}).items())
+            out.write(f"$ {prefix}{' '.join(command)}\n")
+            out.flush()
+            result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+        wall = time.perf_counter() - start
+        if result.returncode:
+            raise SystemExit(f"command failed ({result.returncode}); see {self.log}:\n  {' '.join(command)}")
+        timing = json.loads(timing_path.read_text()) if timed else {}
+        return {"wall_s": wall, **timing}
+
+
+def breakdown(run: dict) -> dict[str, float]:
+    """Non-overlapping parts of one process's wall time."""
+    steps = run.get("steps", {})
+    parts = {
+        "interpreter start + exit": run["wall_s"] - run["site_to_exit_s"],
+        "imports + CLI parsing": run["site_to_first_call_s"] or 0.0,
+    }
+    names = ["metadata + tokenizer load", "read + tokenize records", "model weights (from_pretrained)",
+             "Kronfluence prepare_model (wrap modules)", "factors (Analyzer + load_all_factors)", "scoring",
+             "write CSVs"]
+    for name in names:
+        parts[name] = steps.get(name, 0.0)
+    parts["other (checks, terminal summary)"] = run["wall_s"] - sum(parts.values())
+    return parts
+
+
+def sum_breakdowns(runs: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for run in runs:
+        for k, v in breakdown(run).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}%" if value >= 0.001 else f"{100 * value:.2f}%"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="about 2 minutes: 2 folders, one run each, no fit-hessians comparison, no "
+                             "one-thread row")
+    parser.add_argument("--folders", type=int, default=8)
+    parser.add_argument("--examples-per-folder", type=int, default=16)
+    parser.add_argument("--prompt-min", type=int, default=60)
+    parser.add_argument("--prompt-max", type=int, default=120)
+    parser.add_argument("--completion-min", type=int, default=6)
+    parser.add_argument("--completion-max", type=int, default=10)
+    parser.add_argument("--pad-to", type=int, default=512, help="naive baseline: tokens per example")
+    parser.add_argument("--fit-examples", type=int, default=64, help="examples of the fit-hessians comparison")
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--words", type=int, default=2000, help="synthetic words (vocab = 2 x words + 2)")
+    parser.add_argument("--score-batch-size", type=int, default=8, help="naive baseline's --score-batch-size")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the if-query multi-folder CLI (best/median)")
+    parser.add_argument("--no-streaming-baseline", action="store_true",
+                        help="skip (a0): the naive loop with Kronfluence's streaming scorer")
+    parser.add_argument("--naive-repeats", type=int, default=1, help="runs of the naive per-folder loop (best)")
+    parser.add_argument("--no-one-thread", action="store_true", help="skip row (b1), OMP_NUM_THREADS=1")
+    parser.add_argument("--no-fit-compare", action="store_true", help="skip the fit-hessians comparison")
+    parser.add_argument("--profile", action="store_true",
+                        help="also one profiled multi-folder run (nested timers + torch.profiler op table)")
+    parser.add_argument("--no-torch-profile", action="store_true", help="profile with timers only")
+    parser.add_argument("--no-pycache", action="store_true",
+                        help="leave PYTHONDONTWRITEBYTECODE as it is (every process compiles its imports)")
+    parser.add_argument("--pycache", default=str(DEFAULT_PYCACHE), help="bytecode cache directory (reused)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every measured process and the peak (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="keep everything here (default: a temporary directory, removed)")
+    parser.add_argument("--output", default=str(RESULTS_DIR / "bench_query.md"), help="markdown report path")
+    args = parser.parse_args()
+    if args.quick:
+        args.folders = min(args.folders, 2)
+        args.repeats = 1
+        args.naive_repeats = 1
+        args.no_one_thread = True
+        args.no_fit_compare = True
+        args.profile = False
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench_start = time.perf_counter()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_query."))
+    if args.workdir and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_benchmark(args, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    report += f"\nTotal benchmark time: {time.perf_counter() - bench_start:.0f} s.\n"
+    print("\n" + report)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report, encoding="utf-8")
+    print(f"(written to {output})")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> str:
+    import torch
+
+    from if_query.modeling import load_tokenizer
+    from if_query.tokenization import ExampleTokenizer
+
+    path = scoring_path()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    procs = Processes(work, None if args.no_pycache else Path(args.pycache))
+
+    # ------------------------------------------------------------------ workload
+    model_dir = work / "model"
+    words = synthetic_words(args.words, args.seed)
+    build_model(model_dir, words, args)
+    example_tokenizer = ExampleTokenizer(load_tokenizer(str(model_dir)), 512)
+    folders = make_records(words, args)
+    rng = random.Random(args.seed + 2)
+    lengths: list[list[int]] = []
+    dyn_dirs, pad_dirs = [], []
+    for f, records in enumerate(folders):
+        padded = [pad_record(r, example_tokenizer, words, args.pad_to, rng) for r in records]
+        lengths.append([len(example_tokenizer(_example(r))) for r in records])
+        for base, recs, dirs in ((work / "queries", records, dyn_dirs), (work / "naive", padded, pad_dirs)):
+            folder = base / f"folder_{f}"
+            dump(recs, folder / "train.json")
+            dump(recs, folder / "query.json")
+            dirs.append(folder)
+    union = [r for records in folders for r in records]
+    dump(union, work / "union.json")
+    fit_records = union[: args.fit_examples]
+    dump(fit_records, work / "fit_dynamic.json")
+    dump([pad_record(r, example_tokenizer, words, args.pad_to, rng) for r in fit_records], work / "fit_padded.json")
+    vocab = len(example_tokenizer.tokenizer)
+    flops = FlopModel(args.n_layer, args.n_embd, vocab)
+    n_params = sum(v.numel() for v in _load_state(model_dir).values() if v.dim())
+    real_tokens = sum(sum(ls) for ls in lengths)
+    n_examples = sum(map(len, lengths))
+    say(f"workdir {work}; model {n_params / 1e6:.2f}M params ({flops.matmul_params / 1e6:.2f}M matmul weights), "
+        f"vocab {vocab}; {args.folders} folders x {args.examples_per_folder} examples, {real_tokens} real tokens "
+        f"(mean {real_tokens / n_examples:.1f}/example); if-query scoring path: {path}")
+
+    # ------------------------------------------------------------------ warm-up, peak
+    warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.query, if_query.fitting\n"
+                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"], timed=False)
+    say(f"import warm-up (bytecode cache {'off' if args.no_pycache else procs.pycache}): {warm['wall_s']:.1f} s")
+    peaks = [measure_peak()]
+    say(f"peak float32 matmul: {peaks[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
+
+    # ------------------------------------------------------------------ factors for scoring
+    factors = work / "factors"
+    fit_union = procs.run([str(BIN / "fit-hessians"), "--model", str(model_dir), "--hessian-dataset",
+                           str(work / "union.json"), "--output-dir", str(factors), "--strategy", "ekfac", "--quiet"],
+                          extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    say(f"fit-hessians on the union ({len(union)} examples, 1 thread, setup): {fit_union['wall_s']:.1f} s")
+
+    # ------------------------------------------------------------------ (a) naive, (b) if-query
+    def naive_loop(*extra: str) -> list[dict]:
+        return [procs.run([str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
+                           "--train-json", str(folder / "train.json"), "--query-json", str(folder / "query.json"),
+                           "--output-dir", str(folder / "results"), "--score-batch-size", str(args.score_batch_size),
+                           "--max-length", "512", "--quiet", *extra]) for folder in pad_dirs]
+
+    multi_command = [str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
+                     *map(str, dyn_dirs), "--quiet"]
+    naive_runs, multi_runs = [], []
+    # Interleaved (b, a, b, a, ...) so that bursts of load from other users hit both sides alike.
+    for i in range(max(args.naive_repeats, args.repeats)):
+        if i < args.repeats:
+            multi_runs.append(procs.run(multi_command))
+            say(f"(b) if-query multi-folder: {multi_runs[-1]['wall_s']:.1f} s")
+        if i < args.naive_repeats:
+            naive_runs.append(naive_loop())
+            say(f"(a) naive per-folder padded: {sum(r['wall_s'] for r in naive_runs[-1]):.1f} s")
+    streaming = None
+    if not args.no_streaming_baseline:
+        # Kronfluence's own pairwise path per folder (query gradients, a pass over the train set, a
+        # self-influence pass): the approach before if-query's one-gradient-per-example path.
+        streaming = naive_loop("--gradient-cache-gb", "0")
+        say(f"(a0) naive per-folder padded, Kronfluence streaming: {sum(r['wall_s'] for r in streaming):.1f} s")
+    check_results(dyn_dirs + pad_dirs, args.examples_per_folder)
+    one_thread = None
+    if not args.no_one_thread:
+        one_thread = procs.run(multi_command, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        say(f"(b1) if-query multi-folder, OMP_NUM_THREADS=1: {one_thread['wall_s']:.1f} s")
+
+    # ------------------------------------------------------------------ fit-hessians
+    fit = {}
+    if not args.no_fit_compare:
+        for name in ("padded", "dynamic"):
+            fit[name] = procs.run([str(BIN / "fit-hessians"), "--model", str(model_dir), "--hessian-dataset",
+                                   str(work / f"fit_{name}.json"), "--output-dir", str(work / f"fit_{name}"),
+                                   "--strategy", "ekfac", "--factor-batch-size", "8", "--lambda-batch-size", "4",
+                                   "--quiet"])
+            say(f"fit-hessians {name}: {fit[name]['wall_s']:.1f} s")
+
+    # ------------------------------------------------------------------ profile
+    profile = None
+    output = Path(args.output)
+    torch_table = output.with_name(output.stem + "_torch_profile.txt")
+    if args.profile:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        extra = {"IFQ_BENCH_PROFILE": "1"}
+        if not args.no_torch_profile:
+            extra["IFQ_BENCH_TORCH_PROFILE"] = str(torch_table)
+        profile = procs.run(multi_command, extra_env=extra)
+        say(f"profiled multi-folder run: {profile['wall_s']:.1f} s")
+
+    peaks.append(measure_peak())
+    peak = max(p["peak_flops"] for p in peaks)
+
+    # ------------------------------------------------------------------ accounting
+    useful_parts: dict[str, float] = {}
+    exec_dyn: dict[str, float] = {}
+    exec_pad: dict[str, float] = {}
+    for ls in lengths:
+        for acc, parts in ((useful_parts, flops.useful(ls)),
+                           (exec_dyn, flops.executed(ls, 8, None, path)),
+                           (exec_pad, flops.executed(ls, args.score_batch_size, args.pad_to, path))):
+            for k, v in parts.items():
+                acc[k] = acc.get(k, 0.0) + v
+    useful = sum(useful_parts.values())
+    executed_dyn, executed_pad = sum(exec_dyn.values()), sum(exec_pad.values())
+
+    naive_best = min(naive_runs, key=lambda runs: sum(r["wall_s"] for r in runs))
+    naive_wall = sum(r["wall_s"] for r in naive_best)
+    naive_parts = sum_breakdowns(naive_best)
+    multi_best = min(multi_runs, key=lambda r: r["wall_s"])
+    multi_wall = multi_best["wall_s"]
+    multi_med = statistics.median(r["wall_s"] for r in multi_runs)
+    multi_parts = breakdown(multi_best)
+
+    def row(label: str, processes: int, wall: float, wall_note: str, parts: dict, executed: float) -> str:
+        scoring = parts["scoring"]
+        overhead = wall - scoring - parts["write CSVs"]
+        return (f"| {label} | {processes} | {fmt(wall)}{wall_note} | {naive_wall / wall:.1f}x | {fmt(scoring, 2)} | "
+                f"{fmt(overhead)} | {real_tokens / wall:.0f} | {real_tokens / scoring:.0f} | "
+                f"{pct(useful / wall / peak)} | {pct(useful / scoring / peak)} | {executed / 1e9:.0f} | "
+                f"{pct(executed / scoring / peak)} |")
+
+    lines = ["## if-query scoring benchmark\n"]
+    lines.append(
+        f"Workload: {args.folders} folders x {args.examples_per_folder} examples (train.json = query.json), prompts "
+        f"{args.prompt_min}-{args.prompt_max} tokens, completions {args.completion_min}-{args.completion_max} (+EOS): "
+        f"{real_tokens} real tokens in {n_examples} distinct examples (mean {real_tokens / n_examples:.1f}). Model: "
+        f"random GPT-2, n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, vocab {vocab}: "
+        f"{n_params / 1e6:.2f}M parameters, {flops.matmul_params / 1e6:.2f}M matmul weights; EK-FAC on "
+        f"{len(flops.tracked)} MLP modules ({flops.grad_size / 1e6:.2f}M tracked weights with biases). "
+        f"if-query scoring path: {path}. "
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, default {peaks[0]['default_threads']} "
+        f"threads; bytecode cache {'off (PYTHONDONTWRITEBYTECODE)' if args.no_pycache else 'warm'}.\n")
+    start_default = peaks[0][f"threads_{peaks[0]['default_threads']}"]
+    end_default = peaks[1][f"threads_{peaks[1]['default_threads']}"]
+    lines.append(
+        "Peak float32 matmul (2048^3, best of 10; default threads / 1 thread): start "
+        f"{start_default / 1e9:.1f} / {peaks[0]['threads_1'] / 1e9:.1f}, "
+        f"end {end_default / 1e9:.1f} / {peaks[1]['threads_1'] / 1e9:.1f} GFLOP/s; "
+        f"peak used: **{peak / 1e9:.1f} GFLOP/s**.\n")
+    lines.append(
+        f"Useful FLOPs: {useful / 1e9:.0f} GFLOP ("
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in useful_parts.items()) + "). Executed: if-query "
+        f"{executed_dyn / 1e9:.0f} GFLOP (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_dyn.items())
+        + f"); naive padded {executed_pad / 1e9:.0f} GFLOP ("
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_pad.items()) + ").\n")
+    lines.append("| approach | processes | wall s | speed-up | scoring s | other s (start, imports, loading) "
+                 "| real tok/s (wall) | real tok/s (scoring) | useful % peak (wall) | useful % peak (scoring) "
+                 "| executed GFLOP | executed % peak (scoring) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    naive_note = f" (best of {len(naive_runs)})" if len(naive_runs) > 1 else ""
+    lines.append(row(f"(a) naive: run-query per folder, padded to {args.pad_to}", args.folders, naive_wall,
+                     naive_note, naive_parts, executed_pad))
+    if streaming:
+        streaming_wall = sum(r["wall_s"] for r in streaming)
+        lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--gradient-cache-gb 0`), padded to "
+                     f"{args.pad_to} | {args.folders} | {fmt(streaming_wall)} | {naive_wall / streaming_wall:.1f}x | "
+                     "n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+    multi_note = f" (best of {len(multi_runs)}, median {fmt(multi_med)})" if len(multi_runs) > 1 else ""
+    lines.append(row(f"(b) if-query: one run-query, {args.folders} folders", 1, multi_wall, multi_note,
+                     multi_parts, executed_dyn).replace(f"| {naive_wall / multi_wall:.1f}x |",
+                                                        f"| **{naive_wall / multi_wall:.1f}x** |"))
+    if one_thread:
+        lines.append(row("(b1) = (b) with OMP_NUM_THREADS=1", 1, one_thread["wall_s"], "", breakdown(one_thread),
+                         executed_dyn))
+    lines.append("")
+    lines.append(
+        f"Scoring-only speed-up (sum of in-process scoring, padded per-folder vs dynamic multi-folder): "
+        f"{naive_parts['scoring'] / multi_parts['scoring']:.1f}x; per-process overhead of (a): "
+        f"{(naive_wall - naive_parts['scoring'] - naive_parts['write CSVs']) / args.folders:.1f} s per process.\n")
+
+    lines.append("### Where the wall time goes, per process (timing hook)\n")
+    lines.append(f"| step | (a) naive, sum of {args.folders} processes | (a) per process | (b) if-query, 1 process |")
+    lines.append("|---|---|---|---|")
+    for key in multi_parts:
+        lines.append(f"| {key} | {fmt(naive_parts[key], 2)} | {fmt(naive_parts[key] / args.folders, 2)} "
+                     f"| {fmt(multi_parts[key], 2)} |")
+    lines.append(f"| **wall** | {fmt(naive_wall, 2)} | {fmt(naive_wall / args.folders, 2)} | {fmt(multi_wall, 2)} |")
+    events = [e for e in multi_best.get("events", []) if e[0] == "scoring"]
+    if events:
+        lines.append(f"\n(b) per-folder scoring s: {', '.join(f'{e[2] - e[1]:.2f}' for e in events)}; "
+                     f"(a) per-process scoring s: "
+                     + ", ".join(f"{r['steps'].get('scoring', 0):.2f}" for r in naive_best) + ".")
+    lines.append(f"Import warm-up process (not counted above): {warm['wall_s']:.1f} s.\n")
+
+    if fit:
+        lines.append(fit_section(fit, fit_records, example_tokenizer, args))
+    lines.append(f"fit-hessians on the union of {len(union)} examples (the scoring factors; setup, one thread): "
+                 f"{fmt(fit_union['wall_s'])} s.\n")
+    if profile:
+        lines.append(profile_section(profile, torch_table if not args.no_torch_profile else None))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps({
+        "args": vars(args), "peaks": peaks, "naive_runs": naive_runs, "multi_runs": multi_runs,
+        "one_thread": one_thread, "fit": fit, "fit_union": fit_union, "warm_up": warm,
+        "useful_flops": useful_parts, "executed_dynamic": exec_dyn, "executed_padded": exec_pad,
+        "real_tokens": real_tokens, "lengths": lengths, "profile": profile, "scoring_path": path,
+    }, indent=1), encoding="utf-8")
+    return "\n".join(lines)
+
+
+def _load_state(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def fit_section(fit: dict, fit_records: list[dict], example_tokenizer, args: argparse.Namespace) -> str:
+    tokens = sum(len(example_tokenizer(_example(r))) for r in fit_records)
+    stages = ["stage: covariance", "stage: eigendecomposition", "stage: lambda"]
+    lines = ["### fit-hessians (EK-FAC), dynamic padding vs padded to "
+             f"{args.pad_to}, {len(fit_records)} examples\n",
+             "| fitting data | tokens | wall s | speed-up | start + imports s | model + data s | covariance s "
+             "| eigendecomposition s | lambda s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, label, n_tokens in (("padded", f"padded to {args.pad_to} (emulated)", len(fit_records) * args.pad_to),
+                                  ("dynamic", "dynamic padding (if-query)", tokens)):
+        run = fit[name]
+        steps = run.get("steps", {})
+        start = run["wall_s"] - run["site_to_exit_s"] + (run["site_to_first_call_s"] or 0.0)
+        loading = steps.get("model weights (from_pretrained)", 0.0) + steps.get("read + tokenize records", 0.0)
+        speed = fit["padded"]["wall_s"] / run["wall_s"]
+        token_stages = ("stage: covariance", "stage: lambda")
+        padded_steps = fit["padded"].get("steps", {})
+        stage_speed = (sum(padded_steps.get(k, 0.0) for k in token_stages)
+                       / max(sum(steps.get(k, 0.0) for k in token_stages), 1e-9))
+        speed_text = f"**{speed:.1f}x** (covariance + lambda: {stage_speed:.1f}x)" if name == "dynamic" else "1.0x"
+        lines.append(f"| {label} | {n_tokens} | {fmt(run['wall_s'])} | {speed_text} | {fmt(start)} | "
+                     f"{fmt(loading)} | " + " | ".join(fmt(steps.get(s, 0.0)) for s in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def profile_section(profile: dict, torch_table: Path | None) -> str:
+    exclusive = profile.get("fine_exclusive", {})
+    calls = profile.get("fine_calls", {})
+    scoring = profile["steps"]["scoring"]
+    timed = sum(exclusive.values())
+    lines = ["### Profile of the multi-folder scoring (nested timers, exclusive seconds)\n",
+             f"One more `run-query` over all folders with IFQ_BENCH_PROFILE=1"
+             f"{' and torch.profiler on' if torch_table else ''} (wall {fmt(profile['wall_s'])} s, scoring "
+             f"{fmt(scoring, 2)} s).\n",
+             "| region | s | % of scoring | calls |", "|---|---|---|---|"]
+    for name, seconds in sorted(exclusive.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {fmt(seconds, 3)} | {pct(seconds / scoring)} | {calls.get(name, '')} |")
+    lines.append(f"| score() outside the timed calls (Gram matrix, float64 copies, cosines, DataFrames) | "
+                 f"{fmt(scoring - timed, 3)} | {pct((scoring - timed) / scoring)} | |")
+    lines.append(f"| **scoring total** | {fmt(scoring, 3)} | 100% | |\n")
+    if torch_table and torch_table.exists():
+        table = torch_table.read_text().splitlines()
+        lines.append(f"torch.profiler, top operators by self CPU time ({torch_table.name}):\n")
+        lines.append("```")
+        lines.extend(table[:22])
+        lines.append("```\n")
+    return "\n".join(lines)
+
+
+def check_results(folders: list[Path], n: int) -> None:
+    import pandas as pd
+
+    for folder in folders:
+        frame = pd.read_csv(folder / "results" / "influences.csv")
+        if len(frame) != n * n or not frame["influence_score"].notna().all():
+            raise SystemExit(f"{folder}: unexpected results ({len(frame)} rows)")
+
+
+if __name__ == "__main__":
+    main()
