@@ -48,7 +48,3 @@ def estimate_factor_sizes(modules: list[TrackedModule], strategy: str) -> Factor
         return FactorSizes(0, 0, lambdas)
     return FactorSizes(0, 0, 0)
 
-
-def gradient_bytes(modules: list[TrackedModule]) -> int:
-    """Bytes of one example's gradient over the tracked modules."""
-    return sum((m.in_features + int(m.bias)) * m.out_features for m in modules) * BYTES_PER_FLOAT
