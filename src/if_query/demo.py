@@ -21,8 +21,10 @@ def run_demo(quiet: bool = False, top_k: int = 3, factors_dir: Path = DEMO_FACTO
              results_dir: Path = DEMO_QUERIES / "results") -> JobOutcome:
     """Fit (or reuse) EK-FAC factors for the tiny model, score the demo folder, print the summary."""
     logger.info("Fitting EK-FAC factors for %s (cached in %s)", DEMO_MODEL, factors_dir)
+    # The factors directory is a cache: reused while the model's weights and the arguments are unchanged,
+    # refitted (not refused) when either changed, e.g. after scripts/make_tiny_model.py.
     fit_hessians(FitConfig(model=str(DEMO_MODEL), hessian_dataset=str(DEMO_CORPUS), output_dir=str(factors_dir),
-                           factor_batch_size=16, lambda_batch_size=16), quiet=True)
+                           factor_batch_size=16, lambda_batch_size=16, refit_if_changed=True), quiet=True)
     logger.info("Scoring %s", DEMO_QUERIES)
     runner = QueryRunner(QueryConfig(model=str(DEMO_MODEL), factors_dir=str(factors_dir)), quiet=True)
     job = QueryJob(str(DEMO_QUERIES), DEMO_QUERIES / "query.json", DEMO_QUERIES / "train.json", results_dir)

@@ -1,33 +1,59 @@
 """The data the Hessian factors are fitted on.
 
 Either a dataset saved with ``datasets.Dataset.save_to_disk`` (``input_ids`` and optionally
-``attention_mask`` and ``labels``; padded or ragged), or a ``.json`` / ``.jsonl`` file of
-prompt/completion records tokenized exactly as ``run-query`` tokenizes them.
+``attention_mask`` and ``labels``; padded on the left or the right, or ragged), or a ``.json`` /
+``.jsonl`` file of prompt/completion records tokenized exactly as ``run-query`` tokenizes them.
+
+A saved row keeps only its attended tokens (the one contiguous block of ones of its
+``attention_mask``): padding is stripped whichever side it is on, and batches are re-padded on the
+right to their own longest sequence, so left- and right-padded copies of a dataset fit the same
+factors. Labels stay aligned with the kept tokens (the task predicts ``labels[t]`` from position
+``t - 1``, so the first kept label is never predicted).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import numpy as np
 
 from if_query.errors import InputError
 from if_query.records import load_examples
-from if_query.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample
+from if_query.tokenization import ExampleTokenizer, TokenizedExample
+
+logger = logging.getLogger(__name__)
 
 
 def _from_row(row: dict, index: int, source: str) -> TokenizedExample:
-    input_ids = list(row["input_ids"])
+    """The real tokens of one saved row: the attended block of ``attention_mask`` (padding stripped,
+    on whichever side it is), with the row's labels at those positions (``input_ids`` where the
+    dataset has no ``labels``). A row with no attended token gives an empty example."""
+    input_ids = np.asarray(row["input_ids"])
+    if input_ids.ndim != 1:
+        raise InputError(f"{source}: row {index}: input_ids must be a list of token ids")
     mask = row.get("attention_mask")
-    mask = [1] * len(input_ids) if mask is None else list(mask)
-    if len(mask) != len(input_ids):
-        raise InputError(f"{source}: row {index}: attention_mask and input_ids differ in length")
+    mask = np.ones(len(input_ids), dtype=np.int64) if mask is None else np.asarray(mask)
     labels = row.get("labels")
-    if labels is None:
-        labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
-    else:
-        labels = [label if keep else IGNORE_INDEX for label, keep in zip(labels, mask, strict=True)]
-    # Drop padding so batches are padded dynamically; mask zeros inside a sequence keep label -100.
-    length = max((i + 1 for i, keep in enumerate(mask) if keep), default=0)
-    return TokenizedExample(tuple(int(t) for t in input_ids[:length]), tuple(int(t) for t in labels[:length]))
+    labels = input_ids if labels is None else np.asarray(labels)
+    for name, values in (("attention_mask", mask), ("labels", labels)):
+        if values.shape != input_ids.shape:
+            raise InputError(f"{source}: row {index}: {name} and input_ids differ in length")
+    if input_ids.size and not (np.issubdtype(input_ids.dtype, np.integer)
+                               and np.issubdtype(labels.dtype, np.integer)):
+        raise InputError(f"{source}: row {index}: input_ids and labels must be integers")
+    if ((mask != 0) & (mask != 1)).any():
+        raise InputError(f"{source}: row {index}: attention_mask values must be 0 or 1")
+    attended = np.flatnonzero(mask)
+    if not attended.size:
+        return TokenizedExample((), ())
+    start, stop = int(attended[0]), int(attended[-1]) + 1
+    if stop - start != attended.size:
+        raise InputError(
+            f"{source}: row {index}: attention_mask is not one contiguous block of ones "
+            f"(masked-out positions between {start} and {stop - 1}); only padding may be masked out"
+        )
+    return TokenizedExample(tuple(input_ids[start:stop].tolist()), tuple(labels[start:stop].tolist()))
 
 
 def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedExample]:
@@ -46,8 +72,15 @@ def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedEx
     columns = [name for name in ("input_ids", "attention_mask", "labels") if name in dataset.column_names]
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
-    dataset = dataset.select_columns(columns)
-    return [_from_row(row, index, str(path)) for index, row in enumerate(dataset)]
+    dataset = dataset.select_columns(columns).with_format("numpy")
+    examples = []
+    for batch in dataset.iter(batch_size=1024):
+        for offset in range(len(batch["input_ids"])):
+            row = {name: batch[name][offset] for name in columns}
+            examples.append(_from_row(row, len(examples), str(path)))
+    if skipped := sum(not len(example) for example in examples):
+        logger.warning("%s: skipped %d rows with no attended token (attention_mask all 0 or empty)", path, skipped)
+    return examples
 
 
 def load_hessian_examples(

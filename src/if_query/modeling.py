@@ -134,3 +134,48 @@ def make_trackable(model: nn.Module, modules: list[TrackedModule]) -> nn.Module:
             parent_name, _, child = tracked.name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, conv1d_to_linear(module))
     return model
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's hooks once every tracked module has been seen (skips the rest)."""
+
+
+def check_token_shaped(model: nn.Module, modules: list[TrackedModule]) -> None:
+    """Refuse a model whose tracked modules do not see (batch, tokens, features) inputs.
+
+    Some families (OPT: its decoder layer reshapes hidden states to (batch * tokens, hidden) before
+    fc1/fc2) feed the MLP flattened tokens; Kronfluence would then treat every token as an example
+    (per-token, not per-example, gradients) and scoring fails. A forward pass on 2 sequences of 2
+    tokens, with hooks on the tracked modules, shows the shape each one really sees.
+    """
+    batch, tokens = 2, 2
+    seen: dict[str, tuple[int, ...] | None] = {}
+    names = [m.name for m in modules]
+
+    def hook(name):
+        def record(_module, args, kwargs):
+            tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+            seen[name] = tuple(tensors[0].shape) if tensors else None
+            if len(seen) == len(names):
+                raise _ProbeDone
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True) for name in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((batch, tokens), dtype=torch.long, device=device), use_cache=False)
+    except _ProbeDone:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    flat = [name for name, shape in seen.items() if shape is not None and shape[:2] != (batch, tokens)]
+    if flat:
+        family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise InputError(
+            f"{type(model).__name__} (model type {family!r}) is not supported: its MLP modules see tokens "
+            f"flattened to (batch * tokens, features) (e.g. {flat[0]}: {list(seen[flat[0]])} for {batch} "
+            f"sequences of {tokens} tokens), so Kronfluence would take every token for an example"
+        )
