@@ -24,7 +24,7 @@ def test_fit_then_query_writes_complete_csvs(cli, tiny_gpt2, fitted, query_files
     out = tmp_path / "results"
     cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted[strategy], "--train-json", query_files["train"],
         "--query-json", query_files["query"], "--output-dir", out, "--quiet")
-    assert sorted(p.name for p in out.iterdir()) == ["influences.csv", "query.csv", "train.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["influences.csv", "query.csv", "run.json", "train.csv"]
     queries, train = pd.read_csv(out / "query.csv"), pd.read_csv(out / "train.csv")
     influences = pd.read_csv(out / "influences.csv")
     assert list(queries.columns) == ["query_id", "prompt", "completion", "loss", "loss_sum", "kind"]

@@ -1,10 +1,16 @@
 import logging
 
+import numpy as np
+import pandas as pd
+import pytest
 import torch
+from brute_force import Reference, reference_tokens
+from conftest import write_json
 from models import make_tokenizer
 
+from if_query.errors import InputError
 from if_query.records import Example
-from if_query.tokenization import IGNORE_INDEX, ExampleTokenizer, collate
+from if_query.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample, collate
 
 
 def ids(tokenizer, text):
@@ -51,3 +57,84 @@ def test_batches_padded_right_to_longest_with_masked_labels():
     assert batch["labels"][0, n:].eq(IGNORE_INDEX).all()
     assert batch["input_ids"][0, :n].tolist() == list(short.input_ids)
     assert torch.equal(batch["labels"][1], torch.tensor(long.labels))
+
+
+# ---- every labelled token is predicted (GPT-2-style tokenizers add no BOS)
+
+
+def test_empty_prompt_without_bos_starts_with_eos():
+    tokenizer = make_tokenizer()
+    tokenized = ExampleTokenizer(tokenizer, 64)(Example("e", "", " Paris."))
+    completion = ids(tokenizer, " Paris.") + [tokenizer.eos_token_id]
+    assert list(tokenized.input_ids) == [tokenizer.eos_token_id] + completion
+    assert list(tokenized.labels) == [IGNORE_INDEX] + completion
+    assert tokenized.num_labelled == len(completion)  # every completion token and EOS is predicted
+
+
+def test_empty_prompt_with_bos_gets_no_extra_start_token():
+    tokenizer = make_tokenizer(bos=True)
+    tokenized = ExampleTokenizer(tokenizer, 64)(Example("e", "", " Paris."))
+    completion = ids(tokenizer, " Paris.") + [tokenizer.eos_token_id]
+    assert list(tokenized.input_ids) == [tokenizer.bos_token_id] + completion
+    assert tokenized.num_labelled == len(completion)
+
+
+def test_truncation_keeps_one_token_before_the_completion():
+    tokenizer = make_tokenizer()
+    completion = ids(tokenizer, " Paris.") + [tokenizer.eos_token_id]
+    prompt = ids(tokenizer, "the a of in is lives works")
+    tokenized = ExampleTokenizer(tokenizer, len(completion) + 1)(Example("t", "the a of in is lives works", " Paris."))
+    assert list(tokenized.input_ids) == prompt[-1:] + completion
+    assert tokenized.labels[0] == IGNORE_INDEX and tokenized.num_labelled == len(completion)
+    for bos in (False, True):  # the completion alone fills --max-length: nothing left to predict its first token
+        make = ExampleTokenizer(make_tokenizer(bos=bos), len(completion))
+        for prompt in ("the a", ""):
+            with pytest.raises(InputError, match="longer than --max-length"):
+                make(Example("t", prompt, " Paris."))
+
+
+def test_num_labelled_counts_predicted_labels_only():
+    # A label on the first token (e.g. a saved dataset labelling every token) is predicted by nothing.
+    assert TokenizedExample((5, 6, 7), (5, 6, 7)).num_labelled == 2
+    assert TokenizedExample((5, 6, 7), (IGNORE_INDEX, 6, IGNORE_INDEX)).num_labelled == 1
+
+
+EDGE_TRAIN = [
+    {"pair_id": "empty-prompt", "prompt": "", "completion": " Alice lives in Paris."},
+    {"pair_id": "cut-prompt", "prompt": "the colour of Carol is blue and Bob works as a", "completion": " doctor."},
+    {"pair_id": "plain", "prompt": "Dave plays the", "completion": " drum."},
+]
+EDGE_QUERIES = [
+    {"pair_id": "q-empty", "prompt": "", "completion": " Bob works as a doctor."},
+    {"pair_id": "q-cut", "prompt": "where Alice lives is the city of", "completion": " Paris!"},
+]
+MAX_LENGTH = 8  # the longest empty-prompt record fits exactly with its start token; cut prompts keep 5 tokens
+
+
+@pytest.mark.parametrize("engine", ["if-query", "kronfluence"])
+def test_empty_and_truncated_prompts_against_brute_force(cli, tiny_gpt2, fitted, tmp_path, engine):
+    """Loss is averaged over the predicted tokens (all completion tokens and EOS) and every one of them
+    is in the score: identity scores equal gradient dot products of the brute-force sequences."""
+    files = {"train": write_json(tmp_path / "t.json", EDGE_TRAIN),
+             "query": write_json(tmp_path / "q.json", EDGE_QUERIES)}
+    out = tmp_path / "out"
+    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["identity"], "--train-json", files["train"],
+        "--query-json", files["query"], "--output-dir", out, "--max-length", MAX_LENGTH, "--engine", engine,
+        "--quiet")
+    reference = Reference(tiny_gpt2)
+    tokenizer = reference.tokenizer
+    for record in EDGE_TRAIN + EDGE_QUERIES:
+        sequence, labels = reference_tokens(tokenizer, record["prompt"], record["completion"], MAX_LENGTH)
+        assert len(sequence) <= MAX_LENGTH and labels[0] == -100
+    assert len(reference_tokens(tokenizer, "", EDGE_QUERIES[0]["completion"])[0]) == MAX_LENGTH
+    assert len(ids(tokenizer, EDGE_TRAIN[1]["prompt"])) > MAX_LENGTH
+    queries = pd.read_csv(out / "query.csv")
+    expected_loss = [reference.mean_loss(q, MAX_LENGTH) for q in EDGE_QUERIES]
+    np.testing.assert_allclose(queries["loss"], expected_loss, rtol=1e-5)
+    completion_tokens = [len(ids(tokenizer, q["completion"])) + 1 for q in EDGE_QUERIES]
+    np.testing.assert_allclose(queries["loss_sum"] / queries["loss"], completion_tokens, rtol=1e-6)
+    frame = pd.read_csv(out / "influences.csv")
+    got = frame.pivot(index="query_id", columns="train_id", values="influence_score")
+    got = got.loc[[q["pair_id"] for q in EDGE_QUERIES], [t["pair_id"] for t in EDGE_TRAIN]].to_numpy()
+    expected = (reference.gradients(EDGE_QUERIES, MAX_LENGTH) @ reference.gradients(EDGE_TRAIN, MAX_LENGTH).T).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -1,6 +1,7 @@
 """``report.html``: one self-contained page for reading a results directory.
 
-The page has a header (model, revision, strategy, factors dir, date), a query x train heatmap of
+The page has a header (model, revision, strategy, factors dir, damping, date: from the results'
+run.json, else from the factors' metadata.json), a query x train heatmap of
 influence cosines, and per query its most helpful and most harmful training examples in sortable
 tables; with per-token scores, each shown training example's tokens are coloured by their
 contribution to the pair's score. Everything is inline (CSS and a few lines of JS), so the file
@@ -20,6 +21,7 @@ import pandas as pd
 
 from if_query.atomic import write_text_atomic
 from if_query.errors import InputError
+from if_query.provenance import describe_damping
 from if_query.results import INFLUENCES_FILE, QUERY_FILE, TRAIN_FILE
 
 REPORT_FILE = "report.html"
@@ -33,7 +35,14 @@ MAX_TITLE_CHARS = 4000
 CHUNK_ROWS = 200_000  # rows of influences.csv read at a time when collecting per-token scores
 
 HEADER_FIELDS = (("model", "model"), ("revision", "revision"), ("strategy", "strategy"),
-                 ("factors_dir", "factors dir"), ("date", "date"))
+                 ("factors_dir", "factors dir"), ("date", "date"))  # always shown; others (damping...) when known
+PER_TOKEN_MEANING = (
+    "the value at a token is the contribution of the tracked layers' computation at that position (its input "
+    "times its output gradient) to the pair's score; the values sum to the score. At a completion token (and "
+    "at the token just before the completion) that computation feeds the prediction of the next token "
+    "directly; at the other prompt tokens it reaches the loss only through attention; the final EOS token "
+    "predicts nothing and is 0."
+)
 REQUIRED_COLUMNS = {
     QUERY_FILE: ("query_id", "prompt", "completion"),
     TRAIN_FILE: ("train_id", "prompt", "completion"),
@@ -59,6 +68,23 @@ def header_from_metadata(metadata: dict | None, factors_dir: str | Path | None =
     if date is not None:
         header["date"] = date
     return {key: value for key, value in header.items() if value not in (None, "")}
+
+
+def header_from_run(run: dict | None) -> dict[str, Any]:
+    """Header fields from a results directory's run.json (see :mod:`if_query.provenance`)."""
+    if not run:
+        return {}
+    header: dict[str, Any] = {
+        "model": run.get("model"),
+        "revision": run.get("revision") or ("default (none given)" if "revision" in run else None),
+        "strategy": run.get("strategy"),
+        "factors_dir": run.get("factors_dir"),
+        "damping": describe_damping(run),
+        "date": run.get("date"),
+        "dtype": run.get("dtype"),
+        "weights_fingerprint": run.get("weights_fingerprint"),
+    }
+    return {key: str(value) for key, value in header.items() if value not in (None, "")}
 
 
 def results_date(results_dir: str | Path) -> str | None:
@@ -344,7 +370,7 @@ class _Page:
                   "in [−1, 1]: comparable across training examples of different lengths and gradient norms."
                   if self.r.has_cosine else "This results directory has no influence_cosine column.")
         per_token = ("Per-token scores are present: each shown training example's tokens are coloured by their "
-                     "contribution to the score." if self.r.has_per_token else
+                     "contribution to the score (see the legend below)." if self.r.has_per_token else
                      "No per-token scores (run run-query with --per-token-scores to colour tokens).")
         return (
             f"<h1>Influence report</h1><dl class=\"header\">{''.join(rows)}</dl>"
@@ -526,10 +552,9 @@ class _Page:
         if self.r.has_per_token:
             token_note = (
                 "<div class=\"legend\"><span>harmful</span><span class=\"bar\"></span><span>helpful</span>"
-                "<span>— token colours: each token's contribution to the pair's score (the contributions sum to "
-                "the score), normalised <b>per training example</b> (full colour = that example's largest "
-                f"|contribution|). Hover a token for its value. At most {MAX_TOKENS_DRAWN} tokens are drawn per "
-                "example.</span></div>")
+                f"<span>— token colours: {_e(PER_TOKEN_MEANING)} Colours are normalised <b>per training "
+                "example</b> (full colour = that example's largest |contribution|). Hover a token for its value. "
+                f"At most {MAX_TOKENS_DRAWN} tokens are drawn per example.</span></div>")
             if self.tokens_left_out:
                 token_note += (f"<p class=\"warn\">Token colours left out for {self.tokens_left_out} shown "
                                f"training examples: the page draws at most {MAX_TOKENS_PAGE} tokens.</p>")

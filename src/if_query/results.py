@@ -1,4 +1,4 @@
-"""Scores -> the three normalized CSVs, written completely or not at all."""
+"""Scores -> the three normalized CSVs and run.json, written completely or not at all."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 import pandas as pd
 
 from if_query.atomic import staged_files
+from if_query.provenance import RUN_FILE
 from if_query.records import Example
 
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
+RESULT_FILES = (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)  # everything write_results writes
 
 
 @dataclass
@@ -23,6 +25,7 @@ class QueryResults:
     queries: pd.DataFrame
     train: pd.DataFrame
     influences: pd.DataFrame
+    provenance: dict | None = None  # run.json (see if_query.provenance); None: not written
 
 
 def _cell(value: Any) -> Any:
@@ -55,10 +58,26 @@ def examples_frame(examples: Sequence[Example], id_column: str, columns: dict[st
 
 
 def write_results(results: QueryResults, output_dir: str | Path) -> list[Path]:
-    """Write the CSVs to temporary files, then move each into place (a crash leaves old results)."""
+    """Write the CSVs (and run.json when there is provenance) to temporary files, then move each into
+    place only once all are written (a crash leaves the old results, none of the new files)."""
     output_dir = Path(output_dir)
     frames = {QUERY_FILE: results.queries, TRAIN_FILE: results.train, INFLUENCES_FILE: results.influences}
-    with staged_files(output_dir, list(frames)) as temporaries:
-        for frame, temporary in zip(frames.values(), temporaries, strict=True):
+    names = list(frames) + ([RUN_FILE] if results.provenance is not None else [])
+    with staged_files(output_dir, names) as temporaries:
+        for frame, temporary in zip(frames.values(), temporaries, strict=False):
             frame.to_csv(temporary, index=False)
-    return [output_dir / name for name in (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)]
+        if results.provenance is not None:
+            with open(temporaries[-1], "w", encoding="utf-8") as file:
+                json.dump(results.provenance, file, indent=2, ensure_ascii=False)
+                file.write("\n")
+    return [output_dir / name for name in names]
+
+
+def read_results(output_dir: str | Path) -> QueryResults:
+    """The results a run wrote into ``output_dir`` (ids and text read as strings, as written)."""
+    output_dir = Path(output_dir)
+    text = {"query_id": str, "train_id": str, "prompt": str, "completion": str}
+    frames = [pd.read_csv(output_dir / name, dtype=text, keep_default_na=False) for name in RESULT_FILES]
+    run_file = output_dir / RUN_FILE
+    provenance = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    return QueryResults(*frames, provenance=provenance)

@@ -2,8 +2,11 @@
 
 Prompt and completion are tokenized separately (no special tokens) and concatenated. Prompt
 tokens get label -100; completion tokens and the end-of-sequence token are labelled, so the
-loss (and the influence measurement) covers exactly the completion. Batches are padded on the
-right to their own longest sequence, padding positions labelled -100 and masked.
+loss (and the influence measurement) covers exactly the completion. Every labelled token is
+predicted from a token before it: the tokenizer's BOS when it adds one, else the prompt's last
+token, else (empty prompt, no BOS: GPT-2 and friends) the EOS token as a start token, as GPT-2
+does. Batches are padded on the right to their own longest sequence, padding positions labelled
+-100 and masked.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class TokenizedExample:
 
     @property
     def num_labelled(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Labelled tokens that are predicted (``labels[1:]``: nothing predicts the first token); the
+        loss is averaged over these."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -72,12 +77,15 @@ class ExampleTokenizer:
     def __call__(self, example: Example, source: str = "") -> TokenizedExample:
         prompt = self._ids(example.prompt)
         completion = self._ids(example.completion) + [self.tokenizer.eos_token_id]
+        # One token must precede the completion so that its first token is predicted: the BOS, or the
+        # prompt's last token, or (empty prompt, no BOS) the EOS token as a start token.
         budget = self.max_length - len(self.bos) - len(completion)
         where = f"{source}: " if source else ""
-        if budget < 0:
+        if budget < (0 if self.bos else 1):
             raise InputError(
-                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens with EOS "
-                f"({len(completion) + len(self.bos)} with BOS), longer than --max-length {self.max_length}"
+                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens with EOS and needs "
+                f"one token before it ({'BOS' if self.bos else 'the last prompt token or a start token'}): "
+                f"{len(completion) + 1} tokens, longer than --max-length {self.max_length}"
             )
         if len(prompt) > budget:
             logger.warning(
@@ -89,8 +97,9 @@ class ExampleTokenizer:
                 len(prompt) - budget,
             )
             prompt = prompt[len(prompt) - budget :]
-        input_ids = self.bos + prompt + completion
-        labels = [IGNORE_INDEX] * (len(self.bos) + len(prompt)) + completion
+        start = self.bos or ([] if prompt else [self.tokenizer.eos_token_id])
+        input_ids = start + prompt + completion
+        labels = [IGNORE_INDEX] * (len(start) + len(prompt)) + completion
         return TokenizedExample(tuple(input_ids), tuple(labels))
 
     def tokenize_all(self, examples: Sequence[Example], source: str = "") -> list[TokenizedExample]:
