@@ -245,22 +245,11 @@ class FlopModel:
 
 def scoring_path() -> str:
     """Which algorithm the installed if-query uses for query = train without per-token scores."""
-    import inspect
-
-    from if_query.scoring import InfluenceScorer
-
-    if not hasattr(InfluenceScorer, "whitened"):
-        return "kronfluence"
     try:
-        from if_query import gradients
+        from if_query import engine  # noqa: F401 - the token-factor engine: one pass, token rotation
     except ImportError:
-        return "whitened"
-    path = "whitened"
-    if len(inspect.signature(gradients.Whitener.__call__).parameters) >= 3:
-        path += ", token rotation"
-    if "summed_token_losses" in inspect.getsource(gradients.whitened_gradients):
-        path += ", losses from the gradient pass"
-    return path
+        return "kronfluence"
+    return "whitened, token rotation, losses from the gradient pass"
 
 
 def measure_peak(repeats: int = 10, n: int = 2048) -> dict:
@@ -513,7 +502,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
     if not args.no_streaming_baseline:
         # Kronfluence's own pairwise path per folder (query gradients, a pass over the train set, a
         # self-influence pass): the approach before if-query's one-gradient-per-example path.
-        streaming = naive_loop("--gradient-cache-gb", "0")
+        streaming = naive_loop("--engine", "kronfluence")
         say(f"(a0) naive per-folder padded, Kronfluence streaming: {sum(r['wall_s'] for r in streaming):.1f} s")
     check_results(dyn_dirs + pad_dirs, args.examples_per_folder)
     one_thread = None
@@ -608,7 +597,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
                      naive_note, naive_parts, executed_pad))
     if streaming:
         streaming_wall = sum(r["wall_s"] for r in streaming)
-        lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--gradient-cache-gb 0`), padded to "
+        lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--engine kronfluence`), padded to "
                      f"{args.pad_to} | {args.folders} | {fmt(streaming_wall)} | {naive_wall / streaming_wall:.1f}x | "
                      "n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
     multi_note = f" (best of {len(multi_runs)}, median {fmt(multi_med)})" if len(multi_runs) > 1 else ""

@@ -24,15 +24,17 @@ run() {  # name, launcher..., -- extra args
   "$@" fit-hessians --model $MODEL --hessian-dataset $DATA --output-dir "$OUT/f-$name" \
       --factor-batch-size 16 --lambda-batch-size 16 --quiet $EXTRA
   "$@" run-query --model $MODEL --factors-dir "$OUT/f-$name" --train-json $Q/train.json \
-      --query-json $Q/query.json --output-dir "$OUT/r-$name" --quiet $EXTRA
+      --query-json $Q/query.json --output-dir "$OUT/r-$name" --quiet $EXTRA ${QUERY_EXTRA:-}
   echo "$name: $(echo "$(date +%s.%N) - $start" | bc) s"
 }
 
 EXTRA="--dtype float32" CUDA_VISIBLE_DEVICES="" run cpu-fp32 uv run
 EXTRA="--dtype float32" run gpu-fp32 uv run
 EXTRA="--dtype bfloat16" run gpu-bf16 uv run
-EXTRA="--dtype float32 --gradient-cache-gb 0" run torchrun-fp32 uv run torchrun --nproc_per_node=1 --no-python
-EXTRA="--dtype bfloat16 --gradient-cache-gb 0" run torchrun-bf16 uv run torchrun --nproc_per_node=1 --no-python
+EXTRA="--dtype float32" run torchrun-fp32 uv run torchrun --nproc_per_node=1 --no-python
+EXTRA="--dtype bfloat16" run torchrun-bf16 uv run torchrun --nproc_per_node=1 --no-python
+EXTRA="--dtype float32" QUERY_EXTRA="--engine kronfluence" run kron-fp32 uv run
+EXTRA="--dtype bfloat16" QUERY_EXTRA="--engine kronfluence" run kron-bf16 uv run
 
 uv run python - "$OUT" <<'PY'
 import sys
@@ -41,7 +43,7 @@ import pandas as pd
 out = Path(sys.argv[1])
 ref = pd.read_csv(out / "r-cpu-fp32" / "influences.csv")
 print(f"{'run':<16}{'spearman':>10}{'max rel err':>14}{'max |dcos|':>12}")
-for name in ("gpu-fp32", "gpu-bf16", "torchrun-fp32", "torchrun-bf16"):
+for name in ("gpu-fp32", "gpu-bf16", "torchrun-fp32", "torchrun-bf16", "kron-fp32", "kron-bf16"):
     run = pd.read_csv(out / f"r-{name}" / "influences.csv")
     assert (run[["query_id", "train_id"]] == ref[["query_id", "train_id"]]).all().all()
     a, b = ref["influence_score"], run["influence_score"]

@@ -30,13 +30,46 @@ def exact(cli, tiny_gpt2, fitted, tmp_path_factory):
 )
 def test_streaming_options_equal_exact_scores(cli, tiny_gpt2, fitted, exact, tmp_path, options):
     files, expected = exact
-    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--gradient-cache-gb", "0", *options)
+    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--engine", "kronfluence", *options)
     np.testing.assert_allclose(score_matrix(frame, Q, T), expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--workspace-gb", "1e-9"], ["--host-memory-gb", "0"], ["--host-memory-gb", "0", "--workspace-gb", "1e-9"]],
+    ids=["workspace-blocks", "spill-file", "both"],
+)
+def test_engine_memory_limits_give_the_same_scores(cli, tiny_gpt2, fitted, exact, tmp_path, options):
+    """A workspace of two gradients (blocks re-formed per query block) and token factors spilled to a
+    memory-mapped file change nothing but speed."""
+    files, expected = exact
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json", files["train"],
+                 "--query-json", files["query"], "--output-dir", tmp_path / "out", "--per-token-scores", *options)
+    assert "Plan:" in result.stderr
+    if "--host-memory-gb" in options:
+        assert "spilled to a memory-mapped file" in result.stderr
+    if "--workspace-gb" in options:
+        assert "blocks of 1 gradients" in result.stderr
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "out" / "influences.csv")
+    np.testing.assert_allclose(score_matrix(frame, Q, T), expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    assert not list(tmp_path.rglob(".if-query-token-factors.*"))
+
+
+@pytest.mark.parametrize("option", [["--query-rank", "4"], ["--queries-per-pass", "2"], ["--module-partitions", "2"]])
+def test_kronfluence_only_options_need_the_kronfluence_engine(cli, tiny_gpt2, fitted, exact, tmp_path, option):
+    files, _ = exact
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json", files["train"],
+                 "--query-json", files["query"], "--output-dir", tmp_path / "out", *option, expect=2)
+    assert "--engine kronfluence" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_low_query_rank_is_an_approximation(cli, tiny_gpt2, fitted, exact, tmp_path):
     files, expected = exact
-    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--query-rank", "1")
+    frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--engine", "kronfluence",
+                      "--query-rank", "1")
     got = score_matrix(frame, Q, T)
     assert np.isfinite(got).all() and not np.allclose(got, expected, rtol=1e-3)
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.5

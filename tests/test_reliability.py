@@ -122,7 +122,7 @@ def test_factors_dir_missing_without_metadata_or_unfinished(cli, query_args, fit
     shutil.rmtree(unfinished / "factors_hessian" / "lambda_matrix.safetensors", ignore_errors=True)
     (unfinished / "factors_hessian" / "lambda_matrix.safetensors").unlink(missing_ok=True)
     result = cli(*replace(query_args, "--factors-dir", unfinished), expect=None)
-    assert_one_line_error(result, 2, "incomplete factors")
+    assert_one_line_error(result, 2, "lambda_matrix.safetensors is missing")
     assert not (tmp_path / "out").exists()
 
 
@@ -131,7 +131,7 @@ def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
 
     other = save_tiny_model(tmp_path / "other", "gpt2", layers=3)
     result = cli(*replace(query_args, "--model", other), expect=None)
-    assert_one_line_error(result, 2, "fitted for another model", "model:", "tracked_modules")
+    assert_one_line_error(result, 2, "fitted for another model", "model:")  # refused before the model loads
     assert not (tmp_path / "out").exists()
 
 
@@ -148,12 +148,12 @@ def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):
 def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_path, monkeypatch):
     cli(*query_args)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    from if_query import scoring
+    from if_query import engine
 
-    def explode(self, examples):
+    def explode(*args, **kwargs):
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(scoring.InfluenceScorer, "whitened", explode)
+    monkeypatch.setattr(engine, "score", explode)
     result = cli(*replace(query_args, "--query-json", write_json(tmp_path / "q.json", QUERIES[:1])), expect=None)
     assert_one_line_error(result, 1, "killed mid-way", "--verbose")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

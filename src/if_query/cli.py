@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import traceback
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +26,9 @@ app = typer.Typer(
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
 ModelOption = Annotated[str, typer.Option(help="HuggingFace hub name or local directory of a causal LM.")]
-RevisionOption = Annotated[str | None, typer.Option(help="Model revision (branch, tag or commit) on the hub.")]
+RevisionOption = Annotated[str | None, typer.Option(
+    help="Model revision (branch, tag or commit) on the hub. With a local model directory it is not used to load "
+         "anything, but is recorded and must match the factors' revision.")]
 TopK = Annotated[int, typer.Option(help="Helpful and harmful training examples shown per query.")]
 DtypeOption = Annotated[
     str, typer.Option(help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
@@ -82,6 +83,10 @@ def reports_errors(command):
     return wrapper
 
 
+def _gigabytes(value: float | None) -> int | None:
+    return None if value is None else int(value * 1024**3)
+
+
 def parse_damping(value: str) -> float | None:
     if value.strip().lower() == "auto":
         return None
@@ -113,6 +118,9 @@ def fit_hessians_command(
     module_partitions: Annotated[int, typer.Option(
         help="Fit the factors in N groups of modules to lower peak memory.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the label sampling (true Fisher).")] = 0,
+    eigendecomposition_dtype: Annotated[str, typer.Option(
+        help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are "
+             "stored in float32 either way).")] = "float64",
     overwrite: Annotated[bool, typer.Option(help="Replace factors fitted with other arguments.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -128,6 +136,7 @@ def fit_hessians_command(
         factor_batch_size=factor_batch_size, lambda_batch_size=lambda_batch_size, strategy=strategy,
         layer_stride=layer_stride, dtype=dtype, max_examples=max_examples, max_length=max_length,
         fisher=fisher, seed=seed, module_partitions=module_partitions, overwrite=overwrite,
+        eigendecomposition_dtype=eigendecomposition_dtype,
     )
     metadata = fit_hessians(config, quiet=quiet)
     if not quiet:
@@ -151,20 +160,44 @@ def run_query_command(
     revision: RevisionOption = None,
     per_token_scores: Annotated[bool, typer.Option(
         "--per-token-scores", help="Add per-token scores aligned with each train example's tokens.")] = False,
-    score_batch_size: Annotated[int, typer.Option(help="Batch size for gradients while scoring.")] = 8,
+    score_batch_size: Annotated[int, typer.Option(
+        help="Batch size for gradients while scoring: the default of --query-batch-size and --train-batch-size.")]
+        = 8,
+    query_batch_size: Annotated[int | None, typer.Option(
+        help="Batch size for query gradients (default: --score-batch-size). Default engine: the queries (an "
+             "example that is also a train example counts as a query) go through the model in batches of at most "
+             "this many; Kronfluence engine: its query batch size (and the query-loss pass).",
+        show_default=False)] = None,
+    train_batch_size: Annotated[int | None, typer.Option(
+        help="Batch size for train gradients (default: --score-batch-size). Default engine: the train examples "
+             "that are not queries go through the model in batches of at most this many; Kronfluence engine: its "
+             "train batch size (pairwise and self-influence passes).", show_default=False)] = None,
     damping: Annotated[str, typer.Option(
         help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")]
         = "auto",
     dtype: DtypeOption = "auto",
     max_length: Annotated[int, typer.Option(help="Token limit per example; prompts are cut from the left.")] = 512,
+    engine: Annotated[str, typer.Option(
+        help="if-query: exact scores from one forward/backward pass per distinct sequence, in bounded memory "
+             "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.")] = "if-query",
+    workspace_gb: Annotated[float | None, typer.Option(
+        help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU); default: half the free "
+             "GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")] = None,
+    host_memory_gb: Annotated[float | None, typer.Option(
+        help="RAM for the token factors (layer inputs and output gradients) of a folder; beyond it they are "
+             "spilled to a memory-mapped file in --spill-dir. Default: half the free RAM.")] = None,
+    spill_dir: Annotated[str | None, typer.Option(
+        help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")] = None,
+    skip_done: Annotated[bool, typer.Option(
+        "--skip-done", help="Skip folders whose results are complete and newer than their inputs and factors "
+                            "(resume an interrupted batch of folders).")] = False,
     query_rank: Annotated[int | None, typer.Option(
-        help="Low-rank (rank R) query gradients to save memory on large models (approximate).")] = None,
+        help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).")] = None,
     queries_per_pass: Annotated[int | None, typer.Option(
-        help="Queries held in memory per pass over the train set (default: all, one pass).")] = None,
-    module_partitions: Annotated[int, typer.Option(help="Score in N groups of modules to lower memory.")] = 1,
-    gradient_cache_gb: Annotated[float, typer.Option(
-        help="Memory for whitened gradients of all distinct examples (one gradient per example); "
-             "above it, or with --per-token-scores/--query-rank, scores stream through Kronfluence.")] = 2.0,
+        help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).")]
+        = None,
+    module_partitions: Annotated[int, typer.Option(
+        help="--engine kronfluence only: score in N groups of modules to lower memory.")] = 1,
     report: Annotated[bool, typer.Option(
         "--report", help="Also write report.html (heatmap, top influences, token colours) into each results dir.")]
         = False,
@@ -177,7 +210,7 @@ def run_query_command(
     Prints each query's most helpful and harmful training examples unless --quiet.
     """
     from if_query.query import QueryConfig, QueryJob, QueryRunner
-    from if_query.report import header_from_metadata, write_report
+    from if_query.report import header_from_run, write_report
     from if_query.scoring import ScoreConfig
     from if_query.summary import format_summary
 
@@ -192,18 +225,20 @@ def run_query_command(
             else [QueryJob("query", query_json, train_json, output_dir)])
     config = QueryConfig(
         model=model, factors_dir=factors_dir, revision=revision, dtype=dtype, max_length=max_length,
-        score=ScoreConfig(score_batch_size=score_batch_size, damping=parse_damping(damping),
-                          per_token=per_token_scores, query_rank=query_rank,
-                          queries_per_pass=queries_per_pass, module_partitions=module_partitions,
-                          gradient_cache_bytes=int(gradient_cache_gb * 1024**3)),
+        score=ScoreConfig(score_batch_size=score_batch_size, query_batch_size=query_batch_size,
+                          train_batch_size=train_batch_size, damping=parse_damping(damping),
+                          per_token=per_token_scores, engine=engine,
+                          workspace_bytes=_gigabytes(workspace_gb), host_memory_bytes=_gigabytes(host_memory_gb),
+                          spill_dir=spill_dir, query_rank=query_rank, queries_per_pass=queries_per_pass,
+                          module_partitions=module_partitions),
     )
     runner = QueryRunner(config, quiet=quiet)
-    outcomes = runner.run(jobs, stop_on_error=not folders)
-    header = header_from_metadata(runner.metadata, factors_dir, datetime.now().astimezone().isoformat("T", "seconds"))
+    outcomes = runner.run(jobs, stop_on_error=not folders, skip_done=skip_done)
     for outcome in outcomes:
         if not outcome.ok or outcome.results is None:
             continue
         if report:
+            header = header_from_run(outcome.results.provenance)
             outcome.files.append(write_report(outcome.job.output_dir, header, top_k))
         if not quiet:
             typer.echo((f"== {outcome.job.name}\n" if folders else "") + format_summary(outcome.results, top_k))
@@ -227,18 +262,22 @@ def report_command(
         help="A run-query results directory (query.csv, train.csv, influences.csv).", show_default=False)],
     top_k: TopK = 5,
     factors_dir: Annotated[Path | None, typer.Option(
-        help="The fit-hessians directory used, for the page's header (model, revision, strategy).")] = None,
+        help="The fit-hessians directory used, for the page's header (model, revision, strategy); by default "
+             "the header comes from the results' run.json.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""
     from if_query.metadata import read_metadata
-    from if_query.report import header_from_metadata, results_date, write_report
+    from if_query.provenance import read_run
+    from if_query.report import header_from_metadata, header_from_run, results_date, write_report
 
     if not results_dir.is_dir():
         raise InputError(f"{results_dir}: results directory not found (run run-query first)")
-    metadata = read_metadata(factors_dir) if factors_dir is not None else None
-    path = write_report(results_dir, header_from_metadata(metadata, factors_dir, results_date(results_dir)), top_k)
+    header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
+    if factors_dir is not None:  # named explicitly: its model, revision and strategy win
+        header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))
+    path = write_report(results_dir, {k: v for k, v in header.items() if v is not None}, top_k)
     if not quiet:
         typer.echo(f"Wrote {path}")
 

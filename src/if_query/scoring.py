@@ -26,7 +26,6 @@ from torch.utils import data
 
 from if_query.errors import InputError
 from if_query.fitting import make_analyzer
-from if_query.gradients import whitened_gradients
 from if_query.metadata import FACTORS_NAME
 from if_query.task import CompletionLossTask, shifted_logits_and_labels, summed_token_losses
 from if_query.tokenization import Collator, TokenizedExample
@@ -34,28 +33,61 @@ from if_query.tokenization import Collator, TokenizedExample
 logger = logging.getLogger(__name__)
 
 
+ENGINES = ("if-query", "kronfluence")
+KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass")
+
+
 @dataclass
 class ScoreConfig:
     """How scores are computed (not what they mean: that is fixed by the factors and damping)."""
 
+    engine: str = "if-query"  # if-query: exact token-factor engine; kronfluence: its streaming scorer
     score_batch_size: int = 8
+    # The earlier tool's separate batch sizes (None: score_batch_size); see batch_sizes().
+    query_batch_size: int | None = None
+    train_batch_size: int | None = None
     damping: float | None = None  # None: Kronfluence's heuristic, 0.1 x the mean eigenvalue per module
     per_token: bool = False
+    # if-query engine: bytes of whitened gradients formed at once on the device (None: from free memory),
+    # bytes of token factors kept in RAM before spilling to a memory-mapped file (None: half the free RAM).
+    workspace_bytes: int | None = None
+    host_memory_bytes: int | None = None
+    spill_dir: str | None = None
+    # Kronfluence engine only:
     query_rank: int | None = None  # low-rank query gradients (memory), None = exact
     queries_per_pass: int | None = None  # queries held per pass over the train set, None = all
     module_partitions: int = 1
-    # Whitened gradients of all distinct examples are kept in memory (one gradient per example) when
-    # they fit in this many bytes; otherwise scores stream through Kronfluence's pairwise path.
-    gradient_cache_bytes: int = 2 * 1024**3
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """The effective (query, train) batch sizes, each defaulting to ``score_batch_size``. With one
+        gradient per distinct example, a query's gradient (an example that is also a train example
+        counts as a query) is computed in a batch of at most the query batch size, a train-only
+        example's in a batch of at most the train batch size (:func:`gradient_batches`); in
+        Kronfluence's streaming path they are its query and train batch sizes."""
+        return (self.query_batch_size or self.score_batch_size, self.train_batch_size or self.score_batch_size)
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         for name in ("score_batch_size", "module_partitions"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("query_rank", "queries_per_pass"):
+        for name in ("query_batch_size", "train_batch_size", "query_rank", "queries_per_pass"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.engine != "kronfluence":
+            used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) is not None]
+            used += ["module_partitions"] if self.module_partitions != 1 else []
+            if used:
+                raise InputError(
+                    f"--{used[0].replace('_', '-')} applies only to --engine kronfluence (the default engine "
+                    "scores exactly, one module at a time, in bounded memory)"
+                )
+        for name in ("workspace_bytes", "host_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"--{name.replace('_bytes', '-gb').replace('_', '-')} must be >= 0")
         if self.damping is not None and (self.damping < 0 or not math.isfinite(self.damping)):
             raise InputError(f"--damping must be a finite number >= 0 or 'auto', got {self.damping}")
 
@@ -64,6 +96,19 @@ class ScoreConfig:
 class PairwiseScores:
     scores: torch.Tensor  # (num_queries, num_train)
     per_token: list[list[torch.Tensor]] | None  # [query][train] -> (train length,)
+
+
+def gradient_batches(lengths: Sequence[int], num_queries: int, config: ScoreConfig) -> list[list[int]]:
+    """Index batches for one gradient per distinct example, where the first ``num_queries`` examples
+    are the queries (some may also be train examples) and the rest train-only: queries in batches of
+    the query batch size, then train-only examples in batches of the train batch size, each group
+    sorted by length (little padding)."""
+    query_size, train_size = config.batch_sizes()
+    batches = []
+    for indices, size in ((range(num_queries), query_size), (range(num_queries, len(lengths)), train_size)):
+        order = sorted(indices, key=lambda i: lengths[i])
+        batches += [order[start : start + size] for start in range(0, len(order), size)]
+    return batches
 
 
 def _length_order(examples: Sequence[TokenizedExample]) -> list[int]:
@@ -105,34 +150,6 @@ class InfluenceScorer:
         )
 
     @property
-    def whitened_size(self) -> int:
-        """Number of whitened-gradient coordinates of one example (all tracked modules)."""
-        total = 0
-        for name in get_tracked_module_names(self.model):
-            linear = self.model.get_submodule(name).original_module
-            total += linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
-        return total
-
-    def can_cache(self, num_examples: int) -> bool:
-        """Whether the one-gradient-per-example path applies: exact scores (no low rank), no per-token
-        scores, a single process, and whitened gradients that fit ``gradient_cache_bytes``."""
-        return (
-            not self.config.per_token
-            and self.config.query_rank is None
-            and not self.analyzer.state.use_distributed
-            and num_examples * self.whitened_size * 4 <= self.config.gradient_cache_bytes
-        )
-
-    def whitened(self, examples: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whitened gradients W with ``W_q . W_t`` = score(q, t) and ``|W_x|^2`` = self-influence(x),
-        and the examples' summed completion losses (on the scoring device)."""
-        whitened, losses = whitened_gradients(
-            self.model, self.task, examples, self.factor_args.strategy, self.factors, self.config.damping,
-            self.pad_token_id, self.config.score_batch_size, self.device,
-        )
-        return whitened, losses
-
-    @property
     def model(self) -> nn.Module:
         return self.analyzer.model
 
@@ -144,11 +161,11 @@ class InfluenceScorer:
     def is_main_process(self) -> bool:
         return self.analyzer.state.is_main_process
 
-    def _loader(self, examples: Sequence[TokenizedExample], pad_to: int | None = None,
+    def _loader(self, examples: Sequence[TokenizedExample], batch_size: int, pad_to: int | None = None,
                 stack: bool = True) -> data.DataLoader:
         kwargs = DataLoaderKwargs(collate_fn=Collator(self.pad_token_id, pad_to)).to_dict()
         return self.analyzer._get_dataloader(  # noqa: SLF001 - same samplers as Kronfluence's own scoring
-            dataset=list(examples), per_device_batch_size=self.config.score_batch_size,
+            dataset=list(examples), per_device_batch_size=batch_size,
             dataloader_params=kwargs, allow_duplicates=True, stack=stack,
         )
 
@@ -159,18 +176,17 @@ class InfluenceScorer:
         sorted_queries = [queries[i] for i in query_order]
         sorted_train = [train[i] for i in train_order]
         pad_to = max(len(t) for t in train) if self.config.per_token else None
-        batches = math.ceil(len(queries) / self.config.score_batch_size)
+        query_size, train_size = self.config.batch_sizes()
+        batches = math.ceil(len(queries) / query_size)
         per_pass = self.config.queries_per_pass or len(queries)
-        self.score_args.query_gradient_accumulation_steps = max(
-            1, min(batches, math.ceil(per_pass / self.config.score_batch_size))
-        )
+        self.score_args.query_gradient_accumulation_steps = max(1, min(batches, math.ceil(per_pass / query_size)))
         total = None
         for modules in self.module_groups:
             result = compute_pairwise_scores_with_loaders(
                 loaded_factors=self.factors, model=self.model, state=self.analyzer.state, task=self.task,
-                query_loader=self._loader(sorted_queries, stack=False),
-                per_device_query_batch_size=self.config.score_batch_size,
-                train_loader=self._loader(sorted_train, pad_to=pad_to),
+                query_loader=self._loader(sorted_queries, query_size, stack=False),
+                per_device_query_batch_size=query_size,
+                train_loader=self._loader(sorted_train, train_size, pad_to=pad_to),
                 score_args=self.score_args, factor_args=self.factor_args,
                 tracked_module_names=modules, disable_tqdm=self.quiet,
             )
@@ -196,7 +212,8 @@ class InfluenceScorer:
         for modules in self.module_groups:
             result = compute_self_scores_with_loaders(
                 loaded_factors=self.factors, model=self.model, state=self.analyzer.state, task=self.task,
-                train_loader=self._loader([examples[i] for i in order]), score_args=arguments,
+                train_loader=self._loader([examples[i] for i in order], self.config.batch_sizes()[1]),
+                score_args=arguments,
                 factor_args=self.factor_args, tracked_module_names=modules, disable_tqdm=self.quiet,
             )
             if self.is_main_process:
@@ -212,7 +229,7 @@ class InfluenceScorer:
         order = _length_order(examples)
         collate = Collator(self.pad_token_id)
         sums = torch.empty(len(examples), dtype=torch.float64)
-        size = self.config.score_batch_size
+        size = self.config.batch_sizes()[0]  # the queries' losses
         for start in range(0, len(order), size):
             indices = order[start : start + size]
             batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices]).items()}

@@ -1,0 +1,203 @@
+"""One forward and backward pass per batch -> each example's token factors.
+
+A linear layer's per-example gradient over T tokens is ``sum_t g_t a_t^T`` (rank <= T), so keeping
+the layer inputs ``A`` (T, in) and output gradients ``G`` (T, out) of every tracked module costs
+T (in + out) numbers per example and module instead of in x out, and is all the scores need.
+
+- :class:`LayerRecorder` hooks the tracked ``nn.Linear`` modules and hands back, after each
+  backward pass, their inputs (batch, tokens, in) and output gradients (batch, tokens, out) in the
+  model's dtype (exactly what autograd computed: a bfloat16 model's are exactly bfloat16).
+- :func:`forward_backward` runs one batch with the model's weights frozen: the backward pass
+  computes activation gradients only, no weight gradients.
+- :class:`TokenFactorStore` keeps every example's ``A`` and ``G`` per module, in RAM or, past a
+  budget, in a memory-mapped spill file; :func:`capture_token_factors` fills it.
+
+Padding positions are dropped (their output gradients are exactly 0 with right padding).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from if_query.errors import RunError
+from if_query.task import shifted_logits_and_labels, summed_token_losses
+from if_query.tokenization import Collator, TokenizedExample
+
+logger = logging.getLogger(__name__)
+
+
+class LayerRecorder:
+    """Forward/backward hooks on ``modules``: ``inputs[name]`` and ``output_grads[name]`` of the last batch."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> LayerRecorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.output_grads.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            layer_input = inputs[0].detach()
+            if layer_input.dim() != 3:
+                raise RunError(
+                    f"module {name} sees its input as {tuple(layer_input.shape)}, not (batch, tokens, features): "
+                    "per-example gradients cannot be formed for this model family"
+                )
+            self.inputs[name] = layer_input
+
+            def backward_hook(gradient):
+                self.output_grads[name] = gradient.detach()
+
+            output.register_hook(backward_hook)
+
+        return hook
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """No parameter requires a gradient, but the input embeddings' output does, so a backward pass
+    computes activation gradients (what the hooks need) and no weight gradients."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    try:
+        yield
+    finally:
+        handle.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def forward_backward(model: nn.Module, batch: dict, loss: Callable | None = None) -> torch.Tensor:
+    """Forward and backward pass of the summed completion loss; returns each example's summed loss
+    (batch,) float32. Call inside :func:`frozen_weights` and a :class:`LayerRecorder`.
+
+    ``loss(logits, labels, batch)`` may replace the labels' cross-entropy (the lambda stage samples
+    labels from the model)."""
+    logits, labels = shifted_logits_and_labels(batch, model)
+    losses = summed_token_losses(logits, labels) if loss is None else loss(logits, labels, batch)
+    losses.sum().backward()
+    return losses.detach()
+
+
+def _host_memory_available() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or physical memory if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_host_budget() -> int:
+    """Token factors kept in RAM by default: half of the memory available now."""
+    return _host_memory_available() // 2
+
+
+class TokenFactorStore:
+    """Layer inputs and output gradients of every example and tracked module.
+
+    For module ``m`` and example ``i`` (of ``lengths[i]`` tokens), ``inputs(m, i)`` is (T_i, in) and
+    ``output_grads(m, i)`` is (T_i, out), in ``dtype``. Each module's rows are contiguous (one
+    module is read at a time while scoring). Stored in RAM when they fit ``host_budget`` bytes,
+    otherwise in a memory-mapped file in ``spill_dir`` (deleted at once: nothing is left behind).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], lengths: Sequence[int], dtype: torch.dtype,
+                 host_budget: int, spill_dir: str | Path | None = None):
+        self.shapes = dict(shapes)  # name -> (out, in)
+        self.lengths = list(lengths)
+        self.offsets = [0]
+        for length in self.lengths[:-1]:
+            self.offsets.append(self.offsets[-1] + length)
+        self.tokens = sum(self.lengths)
+        self.dtype = dtype
+        row = sum(out + inp for out, inp in self.shapes.values())
+        self.nbytes = self.tokens * row * torch.empty(0, dtype=dtype).element_size()
+        self.spilled = self.nbytes > host_budget
+        if self.spilled:
+            directory = Path(spill_dir or tempfile.gettempdir())
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, path = tempfile.mkstemp(dir=directory, prefix=".if-query-token-factors.", suffix=".bin")
+            try:
+                os.ftruncate(handle, self.nbytes)
+                flat = torch.from_file(path, shared=True, size=self.tokens * row, dtype=dtype)
+            finally:
+                os.close(handle)
+                os.unlink(path)  # the mapping stays valid; the file vanishes with the process
+            self.spill_path = path
+        else:
+            flat = torch.empty(self.tokens * row, dtype=dtype)
+            self.spill_path = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._output_grads: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, (out, inp) in self.shapes.items():
+            self._inputs[name] = flat[start : start + self.tokens * inp].view(self.tokens, inp)  # (tokens, in)
+            start += self.tokens * inp
+            self._output_grads[name] = flat[start : start + self.tokens * out].view(self.tokens, out)  # (tokens, out)
+            start += self.tokens * out
+
+    def rows(self, example: int) -> slice:
+        return slice(self.offsets[example], self.offsets[example] + self.lengths[example])
+
+    def inputs(self, module: str, example: int) -> torch.Tensor:
+        return self._inputs[module][self.rows(example)]
+
+    def output_grads(self, module: str, example: int) -> torch.Tensor:
+        return self._output_grads[module][self.rows(example)]
+
+    def put(self, example: int, recorder: LayerRecorder, row: int) -> None:
+        """Copy batch row ``row`` of the recorder's last batch (its first T_i positions)."""
+        rows, length = self.rows(example), self.lengths[example]
+        for name in self.shapes:
+            self._inputs[name][rows] = recorder.inputs[name][row, :length]
+            self._output_grads[name][rows] = recorder.output_grads[name][row, :length]
+
+
+def capture_token_factors(model: nn.Module, modules: dict[str, nn.Linear], examples: Sequence[TokenizedExample],
+                          store: TokenFactorStore, batches: Sequence[Sequence[int]], pad_token_id: int,
+                          device: torch.device, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Fill ``store`` with the token factors of ``examples`` (store example i = ``examples[i]``), one
+    forward/backward pass per batch of indices in ``batches`` (each index once), and return each
+    example's summed completion loss, (num_examples,) float64."""
+    collate = Collator(pad_token_id)
+    losses = torch.empty(len(examples), dtype=torch.float64)
+    with frozen_weights(model), LayerRecorder(modules) as recorder:
+        for indices in batches:
+            indices = list(indices)
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
+            losses[indices] = forward_backward(model, batch).double().cpu()
+            for row, example in enumerate(indices):
+                store.put(example, recorder, row)
+            recorder.clear()
+            if progress is not None:
+                progress(len(indices))
+    return losses

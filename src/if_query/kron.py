@@ -1,0 +1,280 @@
+"""Kronfluence's factor files, and the conventions if-query's own scoring relies on.
+
+Kronfluence 1.0.1 (pinned) fits the factors; if-query's engine reads them here and nowhere else.
+The conventions, each checked against Kronfluence's source (``factor/config.py``,
+``module/linear.py``, ``module/tracker/factor.py``) and by tests that compare scores:
+
+- **Per-example gradient** of a tracked ``nn.Linear``: ``sum_t g_t a_t^T``, shape (out, in'), where
+  ``a_t`` is the layer input at position t with a 1 appended when the layer has a bias
+  (in' = in + 1, the *bias column*) and ``g_t`` the gradient of the summed loss w.r.t. the layer
+  output at t.
+- **Files**: ``<factors-dir>/factors_hessian/<factor>.safetensors``, each a {module name: tensor}
+  map: ``activation_eigenvectors`` Q_a (in', in'), ``gradient_eigenvectors`` Q_g (out, out), their
+  ``*_eigenvalues``, ``lambda_matrix`` (out, in') and ``num_lambda_processed`` (1,). Strategy and
+  dtypes are in ``factor_arguments.json``.
+- **Curvature in the eigenbasis** (the diagonal of the preconditioned Hessian approximation):
+  EK-FAC and diagonal: ``lambda_matrix / num_lambda_processed`` (the lambda matrix is a *sum* over
+  examples of squared rotated, resp. plain, per-example gradients); K-FAC:
+  ``outer(gradient_eigenvalues, activation_eigenvalues)``; identity: none.
+- **K-FAC eigenvalues are clamped at 0.** The eigenvalues of a covariance are >= 0 in exact
+  arithmetic but can come out slightly negative; Kronfluence uses them as they are, which makes the
+  preconditioner indefinite (and a tiny damping can turn a score's sign). if-query clamps them for
+  both of its scorers (:func:`clamp_kfac_eigenvalues` on Kronfluence's loaded factors), so the same
+  factors give the same scores whichever scorer runs.
+- **Damping**: a number, or ``auto`` = ``HEURISTIC_DAMPING_SCALE`` (0.1) x the mean curvature of
+  each module (Kronfluence's heuristic).
+- **Preconditioned score**: ``score(q, t) = sum_ij C_ij^-1 R_q,ij R_t,ij`` with ``R = Q_g^T grad Q_a``
+  (``grad`` itself without eigenvectors) and ``C = curvature + damping``.
+
+**The lambda stage's files** (if-query computes lambda itself, :mod:`if_query.lambda_stage`, and writes
+what Kronfluence's ``fit_lambda_matrices`` would, so ``load_all_factors`` and scoring read them unchanged):
+
+- ``lambda_matrix.safetensors`` {module: (out, in') float32} and ``num_lambda_processed.safetensors``
+  {module: (1,) int64, the number of examples}, with Kronfluence's ``FactorArguments.to_str_dict()`` as
+  safetensors metadata. With module partitions, Kronfluence first writes
+  ``<name>_data_partition0_module_partition<j>.safetensors`` per group of modules (its own
+  ``make_modules_partition`` of its tracked-module order; same metadata), then the union of the groups
+  as ``<name>.safetensors`` *without* metadata (its ``aggregate_lambda_matrices``); both are kept.
+- ``lambda_dataset_metadata.json`` and the check of ``factor_arguments.json`` are written by Kronfluence's
+  own methods (:func:`prepare_lambda_stage`).
+- **Done** = both unpartitioned files exist (Kronfluence's ``lambda_matrices_exist``); a finished group
+  = its two partition files exist. Every file is written beside its name and renamed into place, so an
+  interrupted stage leaves only whole files and reruns what is missing (Kronfluence writes in place).
+- safetensors stores metadata in hash order, so two runs' files hold the same tensors and metadata but
+  need not be byte-identical (true of Kronfluence's own files too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kronfluence.factor.config import FactorConfig
+from kronfluence.factor.eigen import eigendecomposition_exist, lambda_matrices_exist, lambda_matrices_save_path
+from kronfluence.module.tracked_module import TrackedModule
+from kronfluence.module.utils import get_tracked_module_names, make_modules_partition
+from kronfluence.utils.constants import (
+    ACTIVATION_EIGENVALUES_NAME,
+    ACTIVATION_EIGENVECTORS_NAME,
+    FACTOR_ARGUMENTS_NAME,
+    FACTOR_SAVE_PREFIX,
+    GRADIENT_EIGENVALUES_NAME,
+    GRADIENT_EIGENVECTORS_NAME,
+    HEURISTIC_DAMPING_SCALE,
+    LAMBDA_MATRIX_NAME,
+    NUM_LAMBDA_PROCESSED,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from if_query.atomic import staged_files
+from if_query.errors import InputError, RunError
+from if_query.metadata import FACTORS_NAME
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+_FILES = {
+    "ekfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED),
+    "kfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, ACTIVATION_EIGENVALUES_NAME,
+             GRADIENT_EIGENVALUES_NAME),
+    "diagonal": (LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED),
+    "identity": (),
+}
+
+
+def factors_path(factors_dir: str | Path) -> Path:
+    """Where Kronfluence keeps the factors of a fit-hessians output directory."""
+    return Path(factors_dir) / f"{FACTOR_SAVE_PREFIX}{FACTORS_NAME}"
+
+
+def clamp_kfac_eigenvalues(loaded_factors: dict) -> None:
+    """Clamp K-FAC eigenvalues at 0 in factors loaded by Kronfluence (see the module docstring)."""
+    for name in (ACTIVATION_EIGENVALUES_NAME, GRADIENT_EIGENVALUES_NAME):
+        for tensor in loaded_factors.get(name, {}).values():
+            tensor.clamp_min_(0)
+
+
+@dataclass
+class Preconditioner:
+    """One module's factors on the scoring device, ready to map per-token vectors and gradients.
+
+    ``rotate_inputs``/``rotate_output_grads`` map token vectors into the eigenbasis (no-ops without
+    eigenvectors); ``scale`` is ``C^-1/2`` (out, in') in float32, None for identity.
+    """
+
+    q_a: torch.Tensor | None  # (in', in') float32
+    q_g: torch.Tensor | None  # (out, out) float32
+    scale: torch.Tensor | None  # (out, in') float32
+    damping: float | None  # resolved damping (None for identity)
+
+    def rotate_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs if self.q_a is None else inputs @ self.q_a
+
+    def rotate_output_grads(self, output_grads: torch.Tensor) -> torch.Tensor:
+        return output_grads if self.q_g is None else output_grads @ self.q_g
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q_a, self.q_g, self.scale) if t is not None)
+
+
+class FactorReader:
+    """Reads a fit's factors one module at a time (memory-mapped safetensors: processes on one host
+    share the pages; only the module being scored is copied)."""
+
+    def __init__(self, factors_dir: str | Path):
+        self.directory = factors_path(factors_dir)
+        arguments = self.directory / f"{FACTOR_ARGUMENTS_NAME}_arguments.json"
+        try:
+            self.strategy = json.loads(arguments.read_text(encoding="utf-8"))["strategy"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"--factors-dir {factors_dir}: no readable Kronfluence factor arguments ({exc})") from exc
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--factors-dir {factors_dir}: unknown strategy {self.strategy!r}")
+        self._files = {}
+        for name in _FILES[self.strategy]:
+            path = self.directory / f"{name}.safetensors"
+            if not path.is_file():
+                raise InputError(f"--factors-dir {factors_dir}: {path.name} is missing (incomplete fit?)")
+            self._files[name] = safe_open(str(path), framework="pt", device="cpu")
+
+    def _tensor(self, factor: str, module: str) -> torch.Tensor:
+        try:
+            return self._files[factor].get_tensor(module)
+        except Exception as exc:  # safetensors raises its own error type for a missing key
+            raise InputError(f"factors have no {factor} for module {module!r} (fitted for other modules?)") from exc
+
+    def curvature(self, module: str) -> torch.Tensor | None:
+        """The module's curvature in its eigenbasis, (out, in') float64; None for identity."""
+        if self.strategy == "identity":
+            return None
+        if self.strategy == "kfac":
+            eigen_a = self._tensor(ACTIVATION_EIGENVALUES_NAME, module).double().clamp_min(0)
+            eigen_g = self._tensor(GRADIENT_EIGENVALUES_NAME, module).double().clamp_min(0)
+            return torch.outer(eigen_g, eigen_a)
+        count = self._tensor(NUM_LAMBDA_PROCESSED, module).double()
+        return self._tensor(LAMBDA_MATRIX_NAME, module).double() / count
+
+    def preconditioner(self, module: str, damping: float | None, device: torch.device) -> Preconditioner:
+        """Factors of ``module`` on ``device``; ``damping`` None means the heuristic (0.1 x mean curvature)."""
+        curvature = self.curvature(module)
+        if curvature is None:
+            return Preconditioner(None, None, None, None)
+        if damping is None:
+            damping = HEURISTIC_DAMPING_SCALE * float(curvature.mean())
+        scale = (curvature + damping).rsqrt().to(device, torch.float32)
+        q_a = q_g = None
+        if self.strategy in ("kfac", "ekfac"):
+            q_a = self._tensor(ACTIVATION_EIGENVECTORS_NAME, module).to(device, torch.float32)
+            q_g = self._tensor(GRADIENT_EIGENVECTORS_NAME, module).to(device, torch.float32)
+        return Preconditioner(q_a, q_g, scale, float(damping))
+
+
+# --- The lambda stage (see the module docstring): what if-query needs to write Kronfluence's lambda files ---
+
+LAMBDA_DATASET_NAME = "lambda"  # Kronfluence's <name>_dataset_metadata.json of the lambda stage
+
+
+@dataclass(frozen=True)
+class LambdaStrategy:
+    """Whether a strategy has a lambda stage, and whether its per-example gradients are rotated into
+    the eigenbasis (EK-FAC) or not (diagonal)."""
+
+    fitted: bool
+    rotated: bool
+
+
+def lambda_strategy(strategy: str) -> LambdaStrategy:
+    config = FactorConfig.CONFIGS[strategy]
+    return LambdaStrategy(config.requires_lambda_matrices, config.requires_eigendecomposition_for_lambda)
+
+
+def tracked_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` inside each of Kronfluence's tracked modules, by Kronfluence's module name, in
+    Kronfluence's order (the order its module partitions split)."""
+    wrapped = {m.name: m.original_module for m in model.modules() if isinstance(m, TrackedModule)}
+    return {name: wrapped[name] for name in get_tracked_module_names(model)}
+
+
+def module_groups(names: list[str], partitions: int) -> list[list[str]]:
+    """Kronfluence's module partitions of ``names``."""
+    return make_modules_partition(total_module_names=names, partition_size=partitions)
+
+
+def _partition(group: int | None) -> tuple[int, int] | None:
+    return None if group is None else (0, group)
+
+
+def lambda_files_exist(directory: Path, group: int | None = None) -> bool:
+    """Whether the lambda stage is done (``group`` None) or module group ``group`` of it is."""
+    return lambda_matrices_exist(output_dir=directory, partition=_partition(group))
+
+
+def prepare_lambda_stage(analyzer, factors_name: str, factor_args, dataset) -> Path | None:
+    """Kronfluence's preamble of ``fit_lambda_matrices``: the factors directory, or None when there is
+    nothing to do (lambda already fitted, or a strategy without lambda). Saves (or checks) the factor
+    arguments and the lambda dataset's metadata with Kronfluence's own methods, as its stage would."""
+    directory = analyzer.factors_output_dir(factors_name=factors_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    if lambda_files_exist(directory):
+        return None
+    analyzer._configure_and_save_factor_args(  # noqa: SLF001 - Kronfluence 1.0.1 (pinned)
+        factor_args=factor_args, factors_output_dir=directory, overwrite_output_dir=False)
+    strategy = lambda_strategy(factor_args.strategy)
+    if not strategy.fitted:
+        return None
+    if factor_args.lambda_data_partitions != 1:
+        raise RunError("if-query's lambda stage does not support Kronfluence's data partitions")
+    if analyzer.state.is_main_process:
+        analyzer._save_dataset_metadata(  # noqa: SLF001
+            dataset_name=LAMBDA_DATASET_NAME, dataset=dataset, output_dir=directory, overwrite_output_dir=False)
+    if strategy.rotated and not eigendecomposition_exist(output_dir=directory):
+        raise RunError(f"{directory}: no eigendecomposition to fit lambda with (incomplete fit?)")
+    return directory
+
+
+def read_eigenvectors(directory: Path, module: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q_a (in', in'), Q_g (out, out)) of ``module``, float32 on ``device`` (one module read from disk)."""
+    loaded = []
+    for factor in (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME):
+        with safe_open(str(directory / f"{factor}.safetensors"), framework="pt", device="cpu") as file:
+            loaded.append(file.get_tensor(module).to(device, torch.float32))
+    return loaded[0], loaded[1]
+
+
+def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], metadata: dict | None) -> None:
+    """Write {path: tensors} safetensors files, each beside its name then renamed into place (the
+    ``num_lambda_processed`` file first: the stage counts as done only once both exist)."""
+    names = sorted(files, key=lambda path: path.name.startswith(LAMBDA_MATRIX_NAME))
+    with staged_files(directory, [path.name for path in names]) as temporaries:
+        for path, temporary in zip(names, temporaries, strict=True):
+            save_file(tensors=files[path], filename=str(temporary), metadata=metadata)
+
+
+def write_lambda_matrices(directory: Path, lambdas: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+                          factor_args, group: int | None = None) -> None:
+    """Kronfluence's lambda files of the whole stage (``group`` None) or of module group ``group``:
+    ``lambdas`` {module: (out, in') float32}, ``counts`` {module: (1,) int64}, on the host."""
+    partition = _partition(group)
+    files = {
+        lambda_matrices_save_path(output_dir=directory, factor_name=LAMBDA_MATRIX_NAME, partition=partition):
+            {name: tensor.contiguous() for name, tensor in lambdas.items()},
+        lambda_matrices_save_path(output_dir=directory, factor_name=NUM_LAMBDA_PROCESSED, partition=partition):
+            {name: tensor.contiguous() for name, tensor in counts.items()},
+    }
+    _save_atomic(directory, files, factor_args.to_str_dict())
+
+
+def aggregate_lambda_matrices(directory: Path, groups: int) -> None:
+    """Kronfluence's aggregation of the module groups' files into the stage's files (their union; no
+    metadata, as Kronfluence's ``aggregate_lambda_matrices`` writes them)."""
+    files = {}
+    for factor in (LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED):
+        merged: dict[str, torch.Tensor] = {}
+        for group in range(groups):
+            merged.update(load_file(lambda_matrices_save_path(output_dir=directory, factor_name=factor,
+                                                              partition=_partition(group))))
+        files[lambda_matrices_save_path(output_dir=directory, factor_name=factor)] = merged
+    _save_atomic(directory, files, None)

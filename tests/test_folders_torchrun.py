@@ -1,0 +1,58 @@
+"""Folder sharding under torchrun (default engine, gloo, CPU) and --skip-done."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import QUERIES, TRAIN, write_json
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _folder(root: Path, name: str, queries) -> Path:
+    write_json(root / name / "train.json", TRAIN)
+    write_json(root / name / "query.json", queries)
+    return root / name
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside the interpreter")
+def test_torchrun_shards_folders_and_rank0_prints_all(tiny_gpt2, fitted, tmp_path, cli):
+    folders = [_folder(tmp_path, f"f{i}", QUERIES[: i + 1]) for i in range(3)]
+    run_query = Path(sys.executable).with_name("run-query")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node=2", "--no-python", str(run_query), "--model", str(tiny_gpt2),
+         "--factors-dir", str(fitted["ekfac"]), *map(str, folders)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for folder in folders:
+        assert folder.name in result.stdout  # rank 0's combined summary names every folder
+    assert "3 of 3 folders scored" in result.stdout
+    # Each folder's scores equal a plain single-process run's.
+    for folder in folders:
+        single = tmp_path / "single" / folder.name
+        cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json",
+            folder / "train.json", "--query-json", folder / "query.json", "--output-dir", single, "--quiet")
+        a = pd.read_csv(folder / "results" / "influences.csv")
+        b = pd.read_csv(single / "influences.csv")
+        pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+
+
+def test_skip_done_skips_complete_folders_only(tiny_gpt2, fitted, tmp_path, cli):
+    done, todo = _folder(tmp_path, "done", QUERIES), _folder(tmp_path, "todo", QUERIES[:1])
+    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, "--quiet")
+    first = (done / "results" / "influences.csv").stat().st_mtime_ns
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, todo, "--skip-done")
+    assert (done / "results" / "influences.csv").stat().st_mtime_ns == first
+    assert (todo / "results" / "influences.csv").exists()
+    assert "Skipping" in result.stderr
+    # An input newer than the results makes the folder due again.
+    os.utime(done / "query.json")
+    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, todo, "--skip-done", "--quiet")
+    assert (done / "results" / "influences.csv").stat().st_mtime_ns > first
+    shutil.rmtree(todo / "results")

@@ -1,0 +1,47 @@
+"""kron.py reads Kronfluence's factor files with Kronfluence's own conventions (fails if those change)."""
+
+import pytest
+import torch
+from kronfluence.arguments import ScoreArguments
+from kronfluence.factor.config import FactorConfig
+from kronfluence.utils.constants import LAMBDA_MATRIX_NAME
+from safetensors.torch import load_file
+
+from if_query.kron import FactorReader, factors_path
+
+NAMES = ("activation_eigenvectors", "gradient_eigenvectors", "activation_eigenvalues", "gradient_eigenvalues",
+         "lambda_matrix", "num_lambda_processed")
+
+
+def kronfluence_storage(directory, module: str) -> dict:
+    storage = {}
+    for name in NAMES:
+        path = factors_path(directory) / f"{name}.safetensors"
+        storage[name] = load_file(path)[module].clone() if path.exists() else None
+    return storage
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("damping", [None, 1e-3], ids=["auto", "fixed"])
+def test_scale_is_kronfluence_inverse_curvature(fitted, strategy, damping):
+    """S² equals the inverse damped curvature that Kronfluence's own FactorConfig.prepare computes
+    (lambda normalisation by the example count, the 0.1 x mean heuristic, K-FAC's eigenvalue products)."""
+    reader = FactorReader(fitted[strategy])
+    module = "transformer.h.1.mlp.c_fc"
+    storage = kronfluence_storage(fitted[strategy], module)
+    if strategy == "kfac":  # if-query clamps K-FAC eigenvalues at 0; compare on clamped ones
+        for name in ("activation_eigenvalues", "gradient_eigenvalues"):
+            storage[name] = storage[name].clamp_min(0)
+    FactorConfig.CONFIGS[strategy].prepare(storage, ScoreArguments(damping_factor=damping), torch.device("cpu"))
+    expected = storage[LAMBDA_MATRIX_NAME].squeeze(0)
+    pre = reader.preconditioner(module, damping, torch.device("cpu"))
+    torch.testing.assert_close(pre.scale.square(), expected, rtol=1e-5, atol=0)
+    if strategy == "diagonal":
+        assert pre.q_a is None and pre.q_g is None
+    else:
+        torch.testing.assert_close(pre.q_a, storage["activation_eigenvectors"].float())
+
+
+def test_identity_has_no_preconditioner(fitted):
+    pre = FactorReader(fitted["identity"]).preconditioner("transformer.h.0.mlp.c_fc", None, torch.device("cpu"))
+    assert pre.scale is None and pre.q_a is None and pre.damping is None
