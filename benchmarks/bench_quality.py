@@ -1,58 +1,61 @@
-"""Quality benchmark: does if-query find the training record that states a queried fact?
+"""Quality benchmark: does an influence score find the training record that states a queried fact?
 
-    uv run python benchmarks/bench_quality.py            # default: 3 seeds, full damping grid (4-6 min, 2 CPUs)
-    uv run python benchmarks/bench_quality.py --quick    # 1 seed, 3 dampings (1-2 min)
-    uv run python benchmarks/bench_quality.py --help
+    uv run python benchmarks/bench_quality.py                 # facts2 + facts2-early, 10 seeds, every method (~14 min)
+    uv run python benchmarks/bench_quality.py --quick         # the same worlds, 2 seeds, 4 methods (~1.5 min)
+    uv run python benchmarks/bench_quality.py --world readme --seeds 0 1 2 --output /tmp/readme.md
+    uv run python benchmarks/bench_quality.py --from-json /tmp/a.json /tmp/b.json   # one report of earlier runs
 
-Setup (per seed)
-    A synthetic world of ``--n-people`` made-up people x 4 relations (scripts/tiny_world.py). The training
-    corpus holds every fact in phrasing "a" ("Zorvan Quill lives in" -> " Belmora.") and, for
-    ``--b-fraction`` of the people, also in phrasing "b" ("The home city of Zorvan Quill is" -> " Belmora.").
-    A tiny GPT-2 (2 layers, d=64) is trained on it (``--steps``, 1 torch thread, deterministic) and saved with
-    its tokenizer to a temporary directory. The training records are the train JSON and also the
-    Hessian-fitting data.
+Worlds (scripts/tiny_world.py; one world, model and sampling seed per benchmark seed)
+    facts2        the headline: 40 made-up people x {city, job}, every fact in ONE phrasing ("Zorvan Quill lives
+                  in" -> " Belmora."), a tiny GPT-2 (2 layers, d=64) trained 400 steps; 80 training records. The
+                  model memorizes every record (its softmax is nearly one-hot on the training completions).
+    facts2-early  the same world and model after 40 steps (greedy accuracy on the facts about 0.3): the model is
+                  unsure, its gradients still carry the facts, and sampled labels often differ from the data's.
+    facts2-noeos, facts2-early-noeos
+                  the same two, but the model is never trained on the EOS after a fact (so it is unsure there).
+    readme        the earlier README world: 4 relations, phrasing a for everyone plus phrasing b ("The home city
+                  of Zorvan Quill is") for half of the people, 600 steps; 240 training records.
+    The training records are both the train set and the Hessian-fitting data.
 
-Queries (completion = the true fact)
-    (a)  every fact in phrasing "a": the query text equals its training record's text;
-    (a') the same prompts with the model's own greedy completion (differs from (a) only where the model is
-         wrong; those queries are scored too, and the table shows how many there are);
-    (b)  every fact of the held-out people (whose phrasing-"b" facts are NOT in the corpus) in phrasing "b".
-    The correct training record for every query is the phrasing-"a" record of the same (person, relation).
+Queries (completion = the true fact); the correct answer is the phrasing-a training record of the same fact
+    (a) every fact in phrasing a: the query text equals its training record (same phrasing);
+    (b) the facts in phrasing b ("The home city of X is"): every fact for the facts2 worlds, the held-out people's for
+        readme (their phrasing-b records are not in the corpus) -- the other phrasing, the informative test.
+    Retrieval: the rank of the correct record among all training records by the score (ties count against it:
+    rank = 1 + the number of OTHER records scoring >= it); top-1 accuracy and mean reciprocal rank (MRR), for
+    influence_cosine (how if-query ranks) and the raw influence score.
 
-What is measured
-    For every strategy (identity, diagonal, kfac, ekfac) the factors are fitted once (if-query's
-    ``fit_hessians``); then, for every damping, all queries are scored against all training records
-    (``QueryRunner``, if-query's one-gradient-per-example fast path), and for both the raw
-    ``influence_score`` and ``influence_cosine`` we compute, per query, the rank of the correct record among
-    all training records (ties count against it: rank = 1 + number of OTHER records scoring >= the correct
-    one), then top-1 accuracy and mean reciprocal rank (MRR). Identity (plain gradient dot products) has no
-    damping, so it is scored once. Numbers are the mean over seeds, +- the sample standard deviation over
-    seeds when there are several.
+Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's mean eigenvalue, unless named)
+    kronfluence        bare Kronfluence, called directly: a task written as in Kronfluence's examples (true Fisher:
+                       labels drawn with torch.multinomial from the global RNG, seeded with the seed), fit_all_factors
+                       + compute_pairwise_scores + compute_self_scores on the same model, tokenized data and damping
+                       heuristic (ScoreArguments(damping_factor=None)); cosine from its self scores.
+    kronfluence-x4     the same with each fitting example used 4 times (4 independent label draws per position).
+    kronfluence-noeos  the same as kronfluence, with the EOS token left out of the scored gradients (the query
+                       measurement and the train-side loss; the fit keeps it).
+    if-query           fit_hessians (defaults: true Fisher, --seed = the seed) + run-query's scorer (QueryRunner).
+    if-query-old       if-query with the label sampling it used before (one generator restarted at every stage: the
+                       covariance and lambda stages draw the same labels), emulated by patching sample_labels.
+    if-query-empirical --fisher empirical (the data's own labels).
+    if-query-noeos     if-query with the EOS label removed from the scored queries and train records (a
+                       benchmark-only emulation: run-query's tokenization is patched; the fit keeps EOS).
+    if-query-mixed     if-query fitted on the training records plus the queries (a "mixed", task-specific Hessian
+                       as in TrackStar, Chang et al. 2024; with run-query this is a --hessian-dataset JSON holding
+                       both files' records, so one fit per query folder).
+    if-query-rel R     if-query's factors scored with one absolute damping = R x the mean eigenvalue averaged over
+                       the modules (R in --relative-dampings; auto is 0.1 x each module's own mean).
+    identity           plain gradient dot products (no Hessian): the floor.
 
-    Dampings: "auto" = Kronfluence's heuristic (if-query's default), 0.1 x the mean eigenvalue of each
-    module's curvature (for K-FAC the Kronecker product of the factor eigenvalues, for EK-FAC/diagonal the
-    fitted lambdas); absolute values (``--dampings``), as run-query's ``--damping`` takes them; and, as a
-    benchmark-only diagnostic, relative values (``--relative-dampings``): "rel r" = r x the mean eigenvalue
-    averaged over the modules of that seed's fit (one absolute number per seed and strategy). The tiny
-    model fits its corpus almost perfectly, so its curvature is tiny (auto is about 1e-12..1e-10 at 600 steps,
-    and moves by orders of magnitude with the number of training steps): the absolute grid brackets that
-    scale and does not transfer to other models. The report lists what auto and rel resolve to.
+Statistics: mean +- standard error over seeds; for each method the paired difference to bare Kronfluence (same
+world, model, seed) with its standard error, and the number of seeds where the method is above / below it.
 
-Reading the results
-    (a) with influence_cosine is 1.000 by construction (the query IS a training record, cosine 1), and (a')
-    equals (a) whenever the model answers every phrasing-a fact correctly (it does at 600 steps); the raw
-    influence_score on (a) and everything on (b) are the informative columns. "b, model right/wrong" in the
-    diagnostics splits (b) by the model's greedy answer. Robustness checks used while writing this (each
-    with ``--strategies identity ekfac --dampings auto 1e-12 --relative-dampings 1e-4 1e-2 1``):
-    ``--steps 300``, ``--steps 1200``, ``--b-fraction 0.75``, ``--n-people 80`` (the last makes (a) raw
-    non-trivial: identity ~0.69 vs EK-FAC ~0.92-0.98 top-1).
-
-Results: printed, and written to benchmarks/results/bench_quality.md (plus .json with per-seed numbers).
+Results: printed, and written to benchmarks/results/bench_quality.md (+ .json with the per-seed numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -77,31 +80,35 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import tiny_world as tw  # noqa: E402
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-SCORE_TYPES = ("influence_cosine", "influence_score")
-SCORE_LABEL = {"influence_cosine": "cosine", "influence_score": "raw"}
-QUERY_SETS = ("a", "a'", "b")
-GROUPS = (*QUERY_SETS, "b, model right", "b, model wrong")  # metrics are computed for each
-# The absolute grid brackets the tiny model's curvature scale (auto ~1e-12..1e-10, see the docstring);
-# 1e-6 is far above it (the preconditioner is then nearly a multiple of the identity).
-DEFAULT_DAMPINGS = ("auto", "1e-14", "1e-13", "1e-12", "1e-11", "1e-10", "1e-9", "1e-6")
-QUICK_DAMPINGS = ("auto", "1e-12", "1e-6")
-# Relative dampings (benchmark only: if-query takes "auto" or an absolute value): r x the mean eigenvalue.
-DEFAULT_RELATIVE = ("1e-6", "1e-4", "1e-3", "1e-2", "1")
-HEURISTIC_DAMPING_SCALE = 0.1  # Kronfluence's (kronfluence.utils.constants), checked in main()
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    relations: tuple[str, ...]
+    b_fraction: float  # people whose phrasing-b facts are also trained
+    steps: int
+    label_eos: bool = True
+    n_people: int = 40
+    loss_on: str = "completion"  # tiny_world.train_tiny_gpt2: "completion" (+ EOS) or "all" tokens
+    lr: float = 3e-3
 
 
-def parse_damping(text: str) -> float | None:
-    if text == "auto":
-        return None
-    value = float(text)
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"damping must be 'auto' or a finite number >= 0, got {text!r}")
-    return value
-
-
-def damping_label(value: float | None) -> str:
-    return "auto" if value is None else f"{value:g}"
+WORLDS = {
+    "facts2": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=400),
+    "facts2-early": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=40),
+    "facts2-noeos": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=400, label_eos=False),
+    "facts2-early-noeos": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=40, label_eos=False),
+    "readme": WorldSpec(relations=tuple(r.name for r in tw.RELATIONS), b_fraction=0.5, steps=600),
+}
+METHODS = ("identity", "kronfluence", "kronfluence-x4", "kronfluence-noeos", "if-query", "if-query-old",
+           "if-query-empirical", "if-query-noeos", "if-query-mixed")
+QUICK_METHODS = ("kronfluence", "if-query", "if-query-old", "if-query-mixed")
+DEFAULT_WORLDS = ("facts2", "facts2-early")
+DEFAULT_RELATIVE = (0.01, 1.0, 10.0)
+BASELINE = "kronfluence"
+QUERY_SETS = ("a", "b")
+SCORES = ("cosine", "raw")
+FIT_BATCH = 16
+SCORE_BATCH = 32
 
 
 def dump(value, path: Path) -> None:
@@ -116,246 +123,281 @@ def dump(value, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_seed(seed: int, args: argparse.Namespace, work: Path) -> dict:
-    """Train the model of one seed and write model dir, train.json and query.json under ``work``."""
-    world = tw.make_world(seed, n_people=args.n_people)
-    ts = tw.training_records(world, b_fraction=args.b_fraction, seed=seed)
+def build(spec: WorldSpec, seed: int, work: Path, threads: int) -> dict:
+    """Train the seed's model; write model dir, train.json, query.json; return ids and correct answers."""
+    world = tw.make_world(seed, n_people=spec.n_people)
+    world = dataclasses.replace(world, relations=tuple(world.relation(r) for r in spec.relations))
+    ts = tw.training_records(world, b_fraction=spec.b_fraction, seed=seed)
     tokenizer = tw.train_tokenizer(tw.corpus_texts(ts.records), vocab_size=512)
     t = time.perf_counter()
-    model = tw.train_tiny_gpt2(ts.records, tokenizer, seed=seed, steps=args.steps, num_threads=args.threads)
+    model = tw.train_tiny_gpt2(ts.records, tokenizer, seed=seed, steps=spec.steps, label_eos=spec.label_eos,
+                               loss_on=spec.loss_on, lr=spec.lr, num_threads=threads)
     train_s = time.perf_counter() - t
-
     model_dir = work / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    train_json = work / "train.json"
-    dump(ts.records, train_json)
+    dump(ts.records, work / "train.json")
 
-    queries: list[dict] = []
-    answers: dict[str, str] = {}  # query id -> pair_id of the correct training record
-    query_set: dict[str, str] = {}  # query id -> "a", "a'" or "b"
-    b_split: dict[str, str] = {}  # (b) query id -> whether the model's greedy answer is right
-    scored_as: dict[str, str] = {}  # query id -> id of the scored query with the same text
-    greedy_wrong = 0
-    for rec in tw.fact_records(world, "a"):  # (a) and (a')
-        person = world.person(rec["person"])
-        target = f"{person.slug}-{rec['relation']}-a"
-        qa = dict(rec, pair_id=f"qa-{person.slug}-{rec['relation']}")
-        greedy = tw.greedy_complete(model, tokenizer, rec["prompt"])
-        qg = dict(rec, pair_id=f"qg-{person.slug}-{rec['relation']}", completion=greedy or ".")
-        queries.append(qa)
-        scored_as[qa["pair_id"]] = qa["pair_id"]
-        if qg["completion"] != rec["completion"]:
-            greedy_wrong += 1
-            queries.append(qg)  # only scored where it differs from (a); elsewhere (a') reuses (a)
-        scored_as[qg["pair_id"]] = qg["pair_id"] if qg["completion"] != rec["completion"] else qa["pair_id"]
-        for q, name in ((qa, "a"), (qg, "a'")):
-            answers[q["pair_id"]] = target
-            query_set[q["pair_id"]] = name
-    facts_b_heldout = tw.fact_records(world, "b", ts.heldout_people)
-    for rec in facts_b_heldout:  # (b)
-        person = world.person(rec["person"])
-        q = dict(rec, pair_id=f"qb-{person.slug}-{rec['relation']}")
-        queries.append(q)
-        scored_as[q["pair_id"]] = q["pair_id"]
-        answers[q["pair_id"]] = f"{person.slug}-{rec['relation']}-a"
-        query_set[q["pair_id"]] = "b"
-        b_split[q["pair_id"]] = "b, model right" if tw.is_correct(model, tokenizer, rec) else "b, model wrong"
-    query_json = work / "query.json"
-    dump(queries, query_json)
-
-    train_ids = {r["pair_id"] for r in ts.records}
-    assert all(a in train_ids for a in answers.values())
-    facts_a = tw.fact_records(world, "a")
-    facts_b_trained = tw.fact_records(world, "b", ts.b_people)
-    info = {
-        "seed": seed,
-        "train_records": len(ts.records),
-        "queries": {name: sum(v == name for v in query_set.values()) for name in QUERY_SETS},
-        "greedy_differs": greedy_wrong,
-        "accuracy_a": tw.accuracy(model, tokenizer, facts_a),
-        "accuracy_b_trained": tw.accuracy(model, tokenizer, facts_b_trained),
-        "accuracy_b_heldout": tw.accuracy(model, tokenizer, facts_b_heldout),
-        "train_s": train_s,
-    }
+    queries, query_set = [], []
+    for phrasing, people in (("a", None), ("b", ts.heldout_people)):
+        for rec in tw.fact_records(world, phrasing, people):
+            slug = world.person(rec["person"]).slug
+            queries.append(dict(rec, pair_id=f"q{phrasing}-{slug}-{rec['relation']}",
+                                answer=f"{slug}-{rec['relation']}-a"))
+            query_set.append(phrasing)
+    dump(queries, work / "query.json")
+    train_ids = [r["pair_id"] for r in ts.records]
+    column = {t: j for j, t in enumerate(train_ids)}
+    b_queries = [q for q, s in zip(queries, query_set, strict=True) if s == "b"]
     return {
-        "model_dir": model_dir, "train_json": train_json, "query_json": query_json,
-        "answers": answers, "scored_as": scored_as, "info": info,
-        "groups": {name: [q for q in answers if query_set[q] == name or b_split.get(q) == name] for name in GROUPS},
-        "train_records": {r["pair_id"]: r for r in ts.records}, "queries": {q["pair_id"]: q for q in queries},
+        "work": work, "model_dir": model_dir, "train_json": work / "train.json", "query_json": work / "query.json",
+        "train_ids": train_ids, "query_ids": [q["pair_id"] for q in queries], "query_set": query_set,
+        "answer": [column[q["answer"]] for q in queries], "train_records": ts.records, "queries": queries,
+        "info": {"train_records": len(ts.records), "queries": {s: query_set.count(s) for s in QUERY_SETS},
+                 "accuracy_a": tw.accuracy(model, tokenizer, tw.fact_records(world, "a")),
+                 "accuracy_b": tw.accuracy(model, tokenizer, b_queries), "train_s": train_s},
     }
 
 
+def retrieval(scores, built: dict) -> dict:
+    """{query set: {"top1", "mrr"}} for a (queries x train) score matrix."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    answer = np.array(built["answer"])
+    own = scores[np.arange(len(answer)), answer][:, None]
+    rank = (scores >= own).sum(axis=1)  # counts the correct record itself: ties count against it
+    sets = np.array(built["query_set"])
+    return {name: {"top1": float((rank[sets == name] == 1).mean()), "mrr": float((1.0 / rank[sets == name]).mean())}
+            for name in QUERY_SETS}
+
+
 # ---------------------------------------------------------------------------------------------
-# Fitting, scoring, metrics
+# if-query
 # ---------------------------------------------------------------------------------------------
 
 
-def fit(strategy: str, built: dict, work: Path) -> Path:
+def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = "true", seed: int = 0,
+                 hessian_dataset: Path | None = None) -> Path:
     from if_query.fitting import FitConfig, fit_hessians
 
-    factors_dir = work / f"factors-{strategy}"
-    config = FitConfig(
-        model=str(built["model_dir"]), hessian_dataset=str(built["train_json"]), output_dir=str(factors_dir),
-        strategy=strategy, factor_batch_size=16, lambda_batch_size=16,
-    )
+    factors_dir = built["work"] / f"factors-{name}"
+    config = FitConfig(model=str(built["model_dir"]), hessian_dataset=str(hessian_dataset or built["train_json"]),
+                       output_dir=str(factors_dir), strategy=strategy, fisher=fisher, seed=seed,
+                       factor_batch_size=FIT_BATCH, lambda_batch_size=FIT_BATCH)
     fit_hessians(config, quiet=True)
     return factors_dir
 
 
-def auto_damping_values(scorer, strategy: str) -> dict[str, float]:
-    """0.1 x mean curvature eigenvalue per tracked module: the value "auto" resolves to."""
-    import torch
-    from kronfluence.utils.constants import (
-        ACTIVATION_EIGENVALUES_NAME,
-        GRADIENT_EIGENVALUES_NAME,
-        HEURISTIC_DAMPING_SCALE,
-        LAMBDA_MATRIX_NAME,
-        NUM_LAMBDA_PROCESSED,
-    )
-
-    factors = scorer.factors
-    out = {}
-    if strategy == "identity":
-        return out
-    modules = factors[LAMBDA_MATRIX_NAME] if strategy != "kfac" else factors[ACTIVATION_EIGENVALUES_NAME]
-    for module in modules:
-        if strategy == "kfac":
-            a = factors[ACTIVATION_EIGENVALUES_NAME][module].double()
-            g = factors[GRADIENT_EIGENVALUES_NAME][module].double()
-            mean = float(torch.kron(a.unsqueeze(0), g.unsqueeze(-1)).mean())
-        else:
-            lam = factors[LAMBDA_MATRIX_NAME][module].double() / factors[NUM_LAMBDA_PROCESSED][module].double()
-            mean = float(lam.mean())
-        out[module] = HEURISTIC_DAMPING_SCALE * mean
-    return out
-
-
-def score(built: dict, factors_dir: Path, damping: float | None, strategy: str):
-    """Influences of every query against every training record (if-query's QueryRunner, in process;
-    ``prepare`` + ``score`` is what ``run`` does per job, minus writing the CSVs)."""
+def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False):
+    """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: the EOS
+    label is removed from the tokenized queries and train records (so from both gradients; not from the fit)."""
     from if_query.query import QueryConfig, QueryJob, QueryRunner
     from if_query.scoring import ScoreConfig
+    from if_query.tokenization import IGNORE_INDEX, TokenizedExample
 
     config = QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir),
-                         score=ScoreConfig(damping=damping, score_batch_size=32))
+                         score=ScoreConfig(damping=damping, score_batch_size=SCORE_BATCH))
     runner = QueryRunner(config, quiet=True)
-    job = QueryJob("bench", built["query_json"], built["train_json"], built["query_json"].parent / "out")
-    results = runner.score(runner.prepare(job))
-    return results.influences, auto_damping_values(runner.scorer, strategy)
+    job = QueryJob("bench", built["query_json"], built["train_json"], built["work"] / "out")
+    if without_eos:
+        tokenize_all, patched = runner.example_tokenizer.tokenize_all, []
+
+        def tokenize_without_eos(examples, source=""):
+            patched.append(source)
+            tokenized = tokenize_all(examples, source)
+            return [TokenizedExample(t.input_ids, (*t.labels[:-1], IGNORE_INDEX)) for t in tokenized]
+
+        runner.example_tokenizer.tokenize_all = tokenize_without_eos
+    prepared = runner.prepare(job)
+    if without_eos:
+        assert len(patched) == 2, "the tokenization was not patched"
+    influences = runner.score(prepared).influences
+    shape = (len(built["query_ids"]), len(built["train_ids"]))
+    assert list(influences["query_id"][:: shape[1]]) == built["query_ids"]
+    assert list(influences["train_id"][: shape[1]]) == built["train_ids"]
+    return (influences["influence_score"].to_numpy().reshape(shape),
+            influences["influence_cosine"].to_numpy().reshape(shape))
 
 
-def resolved_auto(built: dict, factors_dir: Path, strategy: str) -> dict[str, float]:
-    """The per-module values "auto" resolves to, read from the loaded factors (no scoring)."""
-    from if_query.query import QueryConfig, QueryRunner
+def mean_eigenvalues(factors_dir: Path) -> list[float]:
+    """Each module's mean EK-FAC eigenvalue (lambda / n), as Kronfluence's damping heuristic reads it."""
+    from kronfluence.factor.eigen import load_lambda_matrices
+    from kronfluence.utils.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
 
-    runner = QueryRunner(QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir)), quiet=True)
-    return auto_damping_values(runner.load_model(), strategy)
-
-
-def top1_kind(query: dict, top: dict) -> str:
-    """What the best-scoring training record of a query is, relative to the queried fact."""
-    if top["person"] == query["person"]:
-        return "correct" if top["relation"] == query["relation"] and top["phrasing"] == "a" else "same person"
-    if top["relation"] != query["relation"]:
-        return "other relation"
-    if top["completion"] == query["completion"]:
-        return f"same value, phrasing {top['phrasing']}"
-    return "other value"
+    lambdas = load_lambda_matrices(output_dir=factors_dir / "factors_hessian")
+    return [float((lambdas[LAMBDA_MATRIX_NAME][m].double() / lambdas[NUM_LAMBDA_PROCESSED][m].double()).mean())
+            for m in lambdas[LAMBDA_MATRIX_NAME]]
 
 
-TOP1_KINDS = ("correct", "same person", "same value, phrasing a", "same value, phrasing b", "other value",
-              "other relation")
+class OldSampling:
+    """The label sampling if-query used before LABEL_SAMPLING: one seeded generator restarted at every stage
+    (so with equal batches the covariance and lambda stages draw the same labels)."""
+
+    def __init__(self):
+        self.stage = None
+        self.generator = None
+
+    def __call__(self, logits, labels, batch, stage, seed):
+        import torch
+
+        from if_query.tokenization import IGNORE_INDEX
+
+        if stage != self.stage:
+            self.stage, self.generator = stage, torch.Generator(device=logits.device).manual_seed(seed)
+        with torch.no_grad():
+            labelled = labels != IGNORE_INDEX
+            probabilities = torch.softmax(logits[labelled].detach().float(), dim=-1)
+            drawn = labels.clone()
+            drawn[labelled] = torch.multinomial(probabilities, 1, generator=self.generator).squeeze(-1)
+        return drawn
 
 
-def retrieval_metrics(influences, built: dict) -> dict:
-    """{score type: {query set: metrics}} for one scoring run.
-
-    Metrics: ``top1`` and ``mrr`` of the correct record among all training records; ``top1_a``/``mrr_a``
-    among the phrasing-a records only (a diagnostic); ``kinds``: what the top-1 record is (counts).
-    """
-    import numpy as np
-
-    query_ids = list(dict.fromkeys(influences["query_id"]))
-    train_ids = list(dict.fromkeys(influences["train_id"]))
-    n_q, n_t = len(query_ids), len(train_ids)
-    # run-query returns every (query, train) pair, query-major, in file order: reshape directly.
-    assert len(influences) == n_q * n_t and list(influences["train_id"][:n_t]) == train_ids
-    row = {q: i for i, q in enumerate(query_ids)}
-    column = {t: j for j, t in enumerate(train_ids)}
-    records = built["train_records"]
-    phrasing_a = np.array([records[t]["phrasing"] == "a" for t in train_ids])
-    out: dict = {}
-    for score_type in SCORE_TYPES:
-        matrix = influences[score_type].to_numpy(dtype=np.float64).reshape(n_q, n_t)
-        out[score_type] = {}
-        for name, ids in built["groups"].items():
-            if not ids:
-                continue
-            rows = np.array([row[built["scored_as"][q]] for q in ids])
-            correct = np.array([column[built["answers"][q]] for q in ids])
-            sub = matrix[rows]
-            own = sub[np.arange(len(ids)), correct][:, None]
-            rank = (sub >= own).sum(axis=1)  # counts the correct record itself: ties count against it
-            rank_a = (sub[:, phrasing_a] >= own).sum(axis=1)
-            kinds = dict.fromkeys(TOP1_KINDS, 0)
-            for q, best in zip(ids, sub.argmax(axis=1), strict=True):
-                kinds[top1_kind(built["queries"][built["scored_as"][q]], records[train_ids[best]])] += 1
-            out[score_type][name] = {
-                "top1": float((rank == 1).mean()), "mrr": float((1.0 / rank).mean()),
-                "top1_a": float((rank_a == 1).mean()), "mrr_a": float((1.0 / rank_a).mean()),
-                "kinds": kinds,
-            }
-    return out
+# ---------------------------------------------------------------------------------------------
+# Bare Kronfluence
+# ---------------------------------------------------------------------------------------------
 
 
-def run_seed(seed: int, args: argparse.Namespace, log) -> dict:
-    from if_query.errors import RunError
+def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, without_eos: bool = False):
+    """(raw, cosine) matrices from Kronfluence's Analyzer on the same model, tokenized data and damping rule.
+    ``without_eos``: the EOS label is left out of the measurement and of the train loss when scoring (not
+    when fitting)."""
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
-    with tempfile.TemporaryDirectory(prefix=f"bench-quality-{seed}-") as tmp:
-        work = Path(tmp)
-        t = time.perf_counter()
-        built = build_seed(seed, args, work)
+    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
+    from if_query.records import load_examples
+    from if_query.tokenization import IGNORE_INDEX, Collator, ExampleTokenizer
+
+    tokenizer = load_tokenizer(str(built["model_dir"]))
+    example_tokenizer = ExampleTokenizer(tokenizer, 512)
+    train = example_tokenizer.tokenize_all(load_examples(built["train_json"]))
+    queries = example_tokenizer.tokenize_all(load_examples(built["query_json"]))
+    model = load_model(str(built["model_dir"]), None, torch.float32)
+    modules = find_mlp_modules(model)
+    model = make_trackable(model, modules)
+    eos = tokenizer.eos_token_id
+
+    class BareTask(Task):  # as in Kronfluence's language-model examples
+        def loss(self, batch, model, sample=False, without_eos=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            if sample:
+                with torch.no_grad():
+                    probabilities = torch.softmax(logits.detach(), dim=-1)
+                    drawn = torch.multinomial(probabilities.view(-1, probabilities.size(-1)), 1)
+                    labels = torch.where(labels != IGNORE_INDEX, drawn.view_as(labels), labels)
+            if without_eos:
+                labels = torch.where(labels == eos, IGNORE_INDEX, labels)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+
+        def compute_train_loss(self, batch, model, sample=False):
+            # Kronfluence fits with sample=True (true Fisher) and scores train examples with sample=False.
+            return self.loss(batch, model, sample=sample, without_eos=without_eos and not sample)
+
+        def compute_measurement(self, batch, model):
+            return self.loss(batch, model, without_eos=without_eos)
+
+        def get_influence_tracked_modules(self):
+            return [m.name for m in modules]
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    task = BareTask()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name=name, model=model, task=task, output_dir=str(built["work"]),
+                        log_level=logging.ERROR, disable_tqdm=True)
+    loader = DataLoaderKwargs(collate_fn=Collator(tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    analyzer.fit_all_factors("f", train * repeats, per_device_batch_size=FIT_BATCH, dataloader_kwargs=loader,
+                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    score_args = ScoreArguments(damping_factor=None)  # Kronfluence's heuristic = if-query's "auto"
+    analyzer.compute_pairwise_scores("pairwise", "f", queries, train, per_device_query_batch_size=SCORE_BATCH,
+                                     per_device_train_batch_size=SCORE_BATCH, dataloader_kwargs=loader,
+                                     score_args=score_args, overwrite_output_dir=True)
+    analyzer.compute_self_scores("train_self", "f", train, per_device_train_batch_size=SCORE_BATCH,
+                                 dataloader_kwargs=loader, score_args=score_args, overwrite_output_dir=True)
+    query_args = dataclasses.replace(score_args, use_measurement_for_self_influence=True)
+    analyzer.compute_self_scores("query_self", "f", queries, per_device_train_batch_size=SCORE_BATCH,
+                                 dataloader_kwargs=loader, score_args=query_args, overwrite_output_dir=True)
+    raw = analyzer.load_pairwise_scores("pairwise")["all_modules"].double()
+    train_self = analyzer.load_self_scores("train_self")["all_modules"].double()
+    query_self = analyzer.load_self_scores("query_self")["all_modules"].double()
+    cosine = raw / torch.sqrt(query_self.clamp_min(0)[:, None] * train_self.clamp_min(0)[None, :])
+    return raw.numpy(), torch.nan_to_num(cosine, nan=0.0).clamp(-1, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the methods
+# ---------------------------------------------------------------------------------------------
+
+
+def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
+    import if_query.task as task_module
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-quality-{world}-{seed}-") as tmp:
+        built = build(WORLDS[world], seed, Path(tmp), args.threads)
         info = built["info"]
-        log(f"seed {seed}: trained in {info['train_s']:.1f}s; greedy accuracy a {info['accuracy_a']:.3f}, "
-            f"b trained {info['accuracy_b_trained']:.3f}, b held out {info['accuracy_b_heldout']:.3f}; "
-            f"{info['greedy_differs']} greedy completions differ from the facts")
-        results: dict = {}
-        auto: dict = {}
-        relative: dict = {}
-        timings: dict = {"build_s": time.perf_counter() - t, "fit_s": {}, "score_s": {}}
-        for strategy in args.strategies:
+        log(f"{world} seed {seed}: trained in {info['train_s']:.1f}s; greedy accuracy a {info['accuracy_a']:.3f}, "
+            f"b {info['accuracy_b']:.3f}")
+        results, seconds, extra = {}, {}, {}
+
+        def record(name, matrices, started):
+            raw, cosine = matrices
+            results[name] = {"cosine": retrieval(cosine, built), "raw": retrieval(raw, built)}
+            seconds[name] = time.perf_counter() - started
+            r = results[name]["cosine"]
+            log(f"  {name:22s} {seconds[name]:5.1f}s  cosine top-1 a {r['a']['top1']:.3f} b {r['b']['top1']:.3f}")
+
+        default_factors = None
+        for method in args.methods:
             t = time.perf_counter()
-            factors_dir = fit(strategy, built, work)
-            timings["fit_s"][strategy] = time.perf_counter() - t
-            t = time.perf_counter()
-            if strategy == "identity":  # no preconditioner: damping does not apply
-                runs = [("auto", None)]
-            else:
-                runs = [(damping_label(d), d) for d in args.dampings]
-                if args.relative_dampings:
-                    # one absolute value per seed and strategy: r x the mean eigenvalue (mean over modules)
-                    auto_values = resolved_auto(built, factors_dir, strategy).values()
-                    mean_eigen = statistics.fmean(auto_values) / HEURISTIC_DAMPING_SCALE
-                    relative[strategy] = {f"rel {r:g}": r * mean_eigen for r in args.relative_dampings}
-                    runs += list(relative[strategy].items())
-            for label, damping in runs:
+            if method == "identity":
+                record(method, score_if_query(built, fit_if_query(built, method, strategy="identity")), t)
+            elif method == "kronfluence":
+                record(method, kronfluence_scores(built, seed, method), t)
+            elif method == "kronfluence-x4":
+                record(method, kronfluence_scores(built, seed, method, repeats=4), t)
+            elif method == "kronfluence-noeos":
+                record(method, kronfluence_scores(built, seed, method, without_eos=True), t)
+            elif method == "if-query":
+                default_factors = fit_if_query(built, method, seed=seed)
+                record(method, score_if_query(built, default_factors), t)
+            elif method == "if-query-old":
+                original, task_module.sample_labels = task_module.sample_labels, OldSampling()
                 try:
-                    influences, auto_values = score(built, factors_dir, damping, strategy)
-                except RunError as exc:  # e.g. a damping below |a slightly negative K-FAC eigenvalue|
-                    log(f"seed {seed}: {strategy} damping {label}: {str(exc)[:90]}...")
-                    results.setdefault(strategy, {})[label] = {"error": str(exc)}
-                    continue
-                auto[strategy] = auto_values
-                results.setdefault(strategy, {})[label] = retrieval_metrics(influences, built)
-            timings["score_s"][strategy] = time.perf_counter() - t
-            label, first = next((k, v) for k, v in results[strategy].items() if "error" not in v)
-            log(f"seed {seed}: {strategy:8s} fit {timings['fit_s'][strategy]:5.1f}s, "
-                f"{len(runs)} damping(s) scored in {timings['score_s'][strategy]:5.1f}s; "
-                f"damping {label if strategy != 'identity' else 'none'}: cosine top-1 "
-                f"a {first['influence_cosine']['a']['top1']:.3f}, b {first['influence_cosine']['b']['top1']:.3f}")
-    return {"info": info, "results": results, "auto_damping": auto, "relative_damping": relative,
-            "timings": timings}
+                    factors = fit_if_query(built, method, seed=seed)
+                finally:
+                    task_module.sample_labels = original
+                record(method, score_if_query(built, factors), t)
+            elif method == "if-query-empirical":
+                record(method, score_if_query(built, fit_if_query(built, method, fisher="empirical")), t)
+            elif method == "if-query-mixed":
+                mixed = built["work"] / "mixed.json"
+                dump(built["train_records"] + built["queries"], mixed)
+                record(method, score_if_query(built, fit_if_query(built, method, seed=seed, hessian_dataset=mixed)), t)
+            elif method == "if-query-noeos":
+                default_factors = default_factors or fit_if_query(built, "if-query", seed=seed)
+                record(method, score_if_query(built, default_factors, without_eos=True), t)
+            else:
+                raise ValueError(method)
+        if args.relative_dampings:
+            default_factors = default_factors or fit_if_query(built, "if-query", seed=seed)
+            means = mean_eigenvalues(default_factors)
+            extra["auto"] = [0.1 * m for m in means]
+            for r in args.relative_dampings:
+                t = time.perf_counter()
+                damping = r * statistics.fmean(means)
+                extra[f"if-query-rel {r:g}"] = damping
+                record(f"if-query-rel {r:g}", score_if_query(built, default_factors, damping=damping), t)
+    return {"world": world, "seed": seed, "info": info, "results": results, "seconds": seconds, "damping": extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,204 +405,101 @@ def run_seed(seed: int, args: argparse.Namespace, log) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+def mean_se(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
 
 
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    mean, sd = mean_sd(values)
-    return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
+def paired(runs: list[dict], method: str, score: str, query: str, metric: str) -> str:
+    """Mean ± se of (method - bare Kronfluence) over the seeds that ran both, and how many seeds are above/below."""
+    both = [s["results"] for s in runs if method in s["results"] and BASELINE in s["results"]]
+    if method == BASELINE or not both:
+        return ""
+    differences = [r[method][score][query][metric] - r[BASELINE][score][query][metric] for r in both]
+    above, below = sum(d > 0.0005 for d in differences), sum(d < -0.0005 for d in differences)
+    return f"{mean_se(differences).replace('0.', '.').replace('-.', '−.')} ({above}↑ {below}↓)"
 
 
-def failures(per_seed: list[dict], strategy: str, damping: str) -> int:
-    """Seeds whose scores were not finite at this damping (if-query refused them)."""
-    return sum("error" in s["results"][strategy][damping] for s in per_seed)
-
-
-def collect(per_seed: list[dict], strategy: str, damping: str, score_type: str, query: str, metric: str):
-    """The metric of every seed that has queries in that group."""
-    return [s["results"][strategy][damping][score_type][query][metric] for s in per_seed
-            if query in s["results"][strategy][damping][score_type]]
+def world_title(world: str, runs: list[dict]) -> str:
+    spec, info = WORLDS[world], runs[0]["info"]
+    trained = ("phrasing a only" if not spec.b_fraction
+               else f"phrasing a + phrasing b for {spec.b_fraction:g} of the people")
+    return (f"### World `{world}`: {spec.n_people} people x {', '.join(spec.relations)}; {info['train_records']} "
+            f"training records ({trained}{'; EOS never trained' if not spec.label_eos else ''}); {spec.steps} "
+            f"training steps; {len(runs)} seed(s)")
 
 
 def report(per_seed: list[dict], args: argparse.Namespace, command: str, runtime_s: float) -> str:
-    n = len(per_seed)
-    info = [s["info"] for s in per_seed]
+    lines = ["## if-query quality benchmark: retrieving the training record that states a fact", "",
+             f"Command: `{command}`", ""]
+    for world in args.worlds:
+        runs = [s for s in per_seed if s["world"] == world]
+        info = runs[0]["info"]
+        methods = list(dict.fromkeys(m for s in runs for m in s["results"]))
 
-    def mean(strategy, damping, score_type, query, metric):
-        return statistics.fmean(collect(per_seed, strategy, damping, score_type, query, metric))
+        def values(method, score, query, metric, runs=runs):
+            return [s["results"][method][score][query][metric] for s in runs if method in s["results"]]
 
-    lines = [
-        "## if-query quality benchmark: retrieving the training record that states a fact",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Seeds {', '.join(str(s) for s in args.seeds)}; {args.n_people} people x 4 relations; corpus = all "
-        f"facts in phrasing a + phrasing b for {args.b_fraction:g} of the people "
-        f"({info[0]['train_records']} records); tiny GPT-2 (2 layers, d=64) trained {args.steps} steps; "
-        f"influence over the 4 MLP modules; factors fitted on the corpus (true Fisher). "
-        f"Queries per seed: (a) {info[0]['queries']['a']} facts in phrasing a (text = the training record), "
-        f"(a') the same prompts with the model's greedy completion, (b) {info[0]['queries']['b']} facts of "
-        f"held-out people in phrasing b. Correct record: the phrasing-a training record of the same fact, "
-        f"ranked among all {info[0]['train_records']} training records (ties count against it). "
-        + ("Values: mean ± sample sd over seeds." if n > 1 else "Values: one seed."),
-        "",
-        "Model greedy accuracy (mean over seeds): phrasing a {:.3f}, phrasing b trained {:.3f}, phrasing b held "
-        "out {:.3f}. Greedy completions that differ from the fact, per seed (the (a') queries that differ from "
-        "(a); the others are the same text): {}."
-        .format(statistics.fmean(i["accuracy_a"] for i in info),
-                statistics.fmean(i["accuracy_b_trained"] for i in info),
-                statistics.fmean(i["accuracy_b_heldout"] for i in info),
-                ", ".join(str(i["greedy_differs"]) for i in info)),
-        "",
-        "| strategy | score | damping | top-1 (a) | MRR (a) | top-1 (a') | MRR (a') | top-1 (b) | MRR (b) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for strategy in args.strategies:
-        dampings = list(per_seed[0]["results"][strategy])
-        for score_type in SCORE_TYPES:
-            for damping in dampings:
-                if failed := failures(per_seed, strategy, damping):
-                    cells = [f"non-finite ({failed}/{n} seeds)"] * (2 * len(QUERY_SETS))
-                else:
-                    cells = [fmt(collect(per_seed, strategy, damping, score_type, query, metric))
-                             for query in QUERY_SETS for metric in ("top1", "mrr")]
-                shown = "none" if strategy == "identity" else damping
-                lines.append(f"| {strategy} | {SCORE_LABEL[score_type]} | {shown} | " + " | ".join(cells) + " |")
-
-    lines += ["", "\"auto\" resolves to 0.1 x the mean curvature eigenvalue of each module; per strategy, the "
-              "range over the 4 modules and the seeds:", ""]
-    for strategy in args.strategies:
-        values = [v for s in per_seed for v in s["auto_damping"].get(strategy, {}).values()]
-        if values:
-            lines.append(f"- {strategy}: {min(values):.2g} .. {max(values):.2g}")
-    if any(s["relative_damping"] for s in per_seed):
-        lines += ["", "\"rel r\" (benchmark only) = one absolute damping per seed and strategy, r x the mean "
-                  "eigenvalue averaged over the modules; resolved values (range over seeds):", ""]
-        for strategy in args.strategies:
-            labels = list(per_seed[0]["relative_damping"].get(strategy, {}))
-            if labels:
-                parts = []
-                for label in labels:
-                    values = [s["relative_damping"][strategy][label] for s in per_seed]
-                    parts.append(f"{label}: {min(values):.2g} .. {max(values):.2g}")
-                lines.append(f"- {strategy}: " + "; ".join(parts))
-
-    # Which damping is best, and how much it matters (by mean MRR on (b); (a) is saturated)
-    lines += ["", "### Best damping per strategy (by mean MRR on (b))", "",
-              "| strategy | score | best damping | MRR (b) | top-1 (b) | top-1 (a) | auto: MRR (b) | worst in grid: "
-              "MRR (b) (damping) |", "|---|---|---|---|---|---|---|---|"]
-    for strategy in args.strategies:
-        if strategy == "identity":
-            continue
-        for score_type in SCORE_TYPES:
-            by = {d: mean(strategy, d, score_type, "b", "mrr") for d in per_seed[0]["results"][strategy]
-                  if not failures(per_seed, strategy, d)}
-            best, worst = max(by, key=by.get), min(by, key=by.get)
-            auto = f"{by['auto']:.3f}" if "auto" in by else "n/a"
-            lines.append(f"| {strategy} | {SCORE_LABEL[score_type]} | {best} | {by[best]:.3f} | "
-                         f"{mean(strategy, best, score_type, 'b', 'top1'):.3f} | "
-                         f"{mean(strategy, best, score_type, 'a', 'top1'):.3f} | {auto} | {by[worst]:.3f} ({worst}) |")
-
-    # Diagnostics for (b)
-    first = {st: next(d for d in sorted(per_seed[0]["results"][st], key=lambda d: d != "auto")
-                      if not failures(per_seed, st, d)) for st in args.strategies}
-    n_right = [round(i["accuracy_b_heldout"] * i["queries"]["b"]) for i in info]
-    lines += ["", "### (b) diagnostics", "",
-              "MRR of the correct record split by whether the model's greedy answer to the (b) query is right "
-              f"(right: {', '.join(map(str, n_right))} of {info[0]['queries']['b']} queries per seed); the rank "
-              "among the phrasing-a records only; and what the top-1 training record is (counts summed over "
-              "seeds).", "",
-              "| strategy | score | damping | MRR (b), model right | MRR (b), model wrong | top-1 (b), a-records only "
-              "| MRR (b), a-records only | " + " | ".join(TOP1_KINDS) + " |",
-              "|---|---|---|---|---|---|---|" + "---|" * len(TOP1_KINDS)]
-    for strategy in args.strategies:
-        for score_type in SCORE_TYPES:
-            damping = first[strategy]
-            kinds = {k: sum(s["results"][strategy][damping][score_type]["b"]["kinds"][k] for s in per_seed)
-                     for k in TOP1_KINDS}
-            shown = "none" if strategy == "identity" else damping
-            split = [fmt(collect(per_seed, strategy, damping, score_type, group, "mrr"))
-                     for group in ("b, model right", "b, model wrong")]
-            lines.append(f"| {strategy} | {SCORE_LABEL[score_type]} | {shown} | {split[0]} | {split[1]} | "
-                         f"{fmt(collect(per_seed, strategy, damping, score_type, 'b', 'top1_a'))} | "
-                         f"{fmt(collect(per_seed, strategy, damping, score_type, 'b', 'mrr_a'))} | "
-                         + " | ".join(str(kinds[k]) for k in TOP1_KINDS) + " |")
-
-    # The issue's targets
-    if "ekfac" in args.strategies and "identity" in args.strategies:
-        id_b, id_mrr = mean("identity", "auto", "influence_cosine", "b", "top1"), mean(
-            "identity", "auto", "influence_cosine", "b", "mrr")
-        lines += ["", "### Targets: EK-FAC influence_cosine top-1 (a) >= 0.95, and better than identity (cosine) "
-                  f"on (b) (identity: top-1 {id_b:.3f}, MRR {id_mrr:.3f})", ""]
-        for damping in per_seed[0]["results"]["ekfac"]:
-            if failed := failures(per_seed, "ekfac", damping):
-                lines.append(f"- damping {damping}: non-finite scores in {failed}/{n} seeds")
-                continue
-            a = mean("ekfac", damping, "influence_cosine", "a", "top1")
-            b = mean("ekfac", damping, "influence_cosine", "b", "top1")
-            b_mrr = mean("ekfac", damping, "influence_cosine", "b", "mrr")
-            wins = {metric: sum(
-                s["results"]["ekfac"][damping]["influence_cosine"]["b"][metric]
-                > s["results"]["identity"]["auto"]["influence_cosine"]["b"][metric] for s in per_seed)
-                for metric in ("top1", "mrr")}
-            ok = a >= 0.95 and b > id_b and b_mrr > id_mrr
-            lines.append(f"- damping {damping}: top-1 (a) {a:.3f}; (b) top-1 {b:.3f}, MRR {b_mrr:.3f} "
-                         f"(above identity in {wins['top1']}/{n} seeds by top-1, {wins['mrr']}/{n} by MRR): "
-                         f"{'MET' if ok else 'not met'}")
-    fit_s = {k: statistics.fmean(s["timings"]["fit_s"][k] for s in per_seed) for k in args.strategies}
-    score_s = {k: statistics.fmean(s["timings"]["score_s"][k] for s in per_seed) for k in args.strategies}
-    lines += [
-        "",
-        f"Runtime: {runtime_s:.0f} s total ({os.cpu_count()} CPUs, {args.threads} torch thread(s)); per seed "
-        f"(mean): training {statistics.fmean(i['train_s'] for i in info):.1f} s, fits "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in fit_s.items()) + "; scoring (all dampings) "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in score_s.items()) + ".",
-    ]
+        lines += [
+            world_title(world, runs), "",
+            f"Queries per seed: (a) {info['queries']['a']} in the training phrasing, (b) {info['queries']['b']} in "
+            f"the other phrasing. Model greedy accuracy: (a) "
+            f"{statistics.fmean(s['info']['accuracy_a'] for s in runs):.3f}, (b) "
+            f"{statistics.fmean(s['info']['accuracy_b'] for s in runs):.3f}. Mean ± standard error over seeds "
+            f"(n); Δ = paired difference to bare Kronfluence, with the seeds above ↑ / below ↓ it.",
+            "",
+            "| method | n | top-1 (b) cosine | Δ top-1 (b) | MRR (b) cosine | Δ MRR (b) | top-1 (b) raw "
+            "| top-1 (a) raw | Δ top-1 (a) raw | top-1 (a) cosine |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method in methods:
+            cells = [str(len(values(method, "cosine", "b", "top1"))),
+                     mean_se(values(method, "cosine", "b", "top1")), paired(runs, method, "cosine", "b", "top1"),
+                     mean_se(values(method, "cosine", "b", "mrr")), paired(runs, method, "cosine", "b", "mrr"),
+                     mean_se(values(method, "raw", "b", "top1")), mean_se(values(method, "raw", "a", "top1")),
+                     paired(runs, method, "raw", "a", "top1"), mean_se(values(method, "cosine", "a", "top1"))]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        auto = [v for s in runs for v in s["damping"].get("auto", [])]
+        if auto:
+            lines += ["", f"auto damping (0.1 x each module's mean eigenvalue): {min(auto):.2g} .. {max(auto):.2g}; "
+                      "if-query-rel R = R x the mean eigenvalue averaged over the modules."]
+        seconds = {m: statistics.fmean(s["seconds"][m] for s in runs if m in s["seconds"]) for m in methods}
+        lines += ["", "Seconds per seed (fit + score): " + ", ".join(f"{m} {v:.1f}" for m, v in seconds.items())
+                  + f"; model training {statistics.fmean(s['info']['train_s'] for s in runs):.1f}.", ""]
+    lines.append(f"Runtime: {runtime_s:.0f} s ({os.cpu_count()} CPUs, {args.threads} torch thread(s)).")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="world/model seeds (default 0 1 2)")
-    ap.add_argument("--n-people", type=int, default=40)
-    ap.add_argument("--b-fraction", type=float, default=0.5, help="fraction of people also trained in phrasing b")
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the tiny GPT-2")
-    ap.add_argument("--dampings", nargs="+", default=None,
-                    help=f"'auto' and/or absolute values (default {' '.join(DEFAULT_DAMPINGS)})")
+    ap.add_argument("--world", dest="worlds", nargs="+", default=list(DEFAULT_WORLDS), choices=list(WORLDS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0..9 (quick: 0 1)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                    help=f"default: all (quick: {' '.join(QUICK_METHODS)})")
     ap.add_argument("--relative-dampings", type=float, nargs="*", default=None,
-                    help="also score with damping = r x the mean curvature eigenvalue (averaged over modules) of "
-                         f"each seed's fit, for each r given (default {' '.join(DEFAULT_RELATIVE)}; "
-                         "quick: none; 0.1 is close to auto, which uses each module's own mean)")
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (training and scoring)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"1 seed, dampings {' '.join(QUICK_DAMPINGS)} (unless given explicitly)")
+                    help=f"if-query-rel R rows (default {' '.join(map(str, DEFAULT_RELATIVE))}; quick: none)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, the main methods, no relative dampings")
     ap.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_quality.md")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="run nothing: report the per-seed results saved by earlier runs (.json), together")
     args = ap.parse_args(argv)
     if args.seeds is None:
-        args.seeds = [0] if args.quick else [0, 1, 2]
-    raw_dampings = args.dampings or (QUICK_DAMPINGS if args.quick else DEFAULT_DAMPINGS)
-    try:
-        args.dampings = list(dict.fromkeys(parse_damping(d) for d in raw_dampings))
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        ap.error(f"--dampings: {exc}")
-    args.strategies = list(dict.fromkeys(args.strategies))
+        args.seeds = [0, 1] if args.quick else list(range(10))
+    if args.methods is None:
+        args.methods = list(QUICK_METHODS if args.quick else METHODS)
     if args.relative_dampings is None:
-        args.relative_dampings = [] if args.quick else [float(r) for r in DEFAULT_RELATIVE]
+        args.relative_dampings = [] if args.quick else list(DEFAULT_RELATIVE)
     if any(r <= 0 or not math.isfinite(r) for r in args.relative_dampings):
         ap.error("--relative-dampings must be finite numbers > 0")
-
     command = "uv run python " + " ".join(shlex.quote(a) for a in
                                            [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
     print(f"# {command}", flush=True)
 
     import torch
-    from kronfluence.utils import constants
 
-    assert constants.HEURISTIC_DAMPING_SCALE == HEURISTIC_DAMPING_SCALE
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("kronfluence").setLevel(logging.ERROR)
@@ -572,14 +511,21 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
 
-    per_seed = [run_seed(seed, args, log) for seed in args.seeds]
-    runtime = time.perf_counter() - _T0
+    if args.from_json:
+        saved = [json.loads(path.read_text(encoding="utf-8")) for path in args.from_json]
+        per_seed = [run for one in saved for run in one["per_seed"]]
+        args.worlds = list(dict.fromkeys(run["world"] for run in per_seed))
+        command = "; ".join(one["command"] for one in saved)
+        runtime = sum(one["runtime_s"] for one in saved)
+    else:
+        per_seed = [run_seed(world, seed, args, log) for world in args.worlds for seed in args.seeds]
+        runtime = time.perf_counter() - _T0
     text = report(per_seed, args, command, runtime)
     print()
     print(text, end="")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
-    dump({"command": command, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    dump({"command": command, "args": json.loads(json.dumps(vars(args), default=str)),
           "runtime_s": runtime, "per_seed": per_seed}, args.output.with_suffix(".json"))
     print(f"\nwritten: {args.output} (+ {args.output.with_suffix('.json').name})")
 

@@ -263,6 +263,7 @@ def train_tiny_gpt2(
     batch_size: int = 64,
     n_positions: int = 64,
     loss_on: str = "completion",
+    label_eos: bool = True,
     weight_decay: float = 0.0,
     num_threads: int = 1,
     verbose: bool = False,
@@ -270,6 +271,7 @@ def train_tiny_gpt2(
     """Train a tiny GPT-2 on ``records`` (prompt + completion + eos), deterministically on CPU.
 
     ``loss_on="all"`` puts the LM loss on every token; ``"completion"`` only on completion + eos.
+    ``label_eos=False`` never trains the eos after a record (the model is then unsure what follows a fact).
     ``num_threads`` is part of the recipe: bit-identical weights need the same thread count. One
     thread is the default because the model is so small that a second thread does not speed it up
     (and on a contended 2-core machine it was up to 10x slower).
@@ -304,6 +306,8 @@ def train_tiny_gpt2(
             lab[:n_prompt] = [-100] * n_prompt
         elif loss_on != "all":
             raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
+        if not label_eos:
+            lab[-1] = -100
         seqs.append(ids)
         labels.append(lab)
     max_len = max(len(s) for s in seqs)

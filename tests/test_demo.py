@@ -7,7 +7,8 @@ from if_query.demo import DEMO_QUERIES, run_demo
 
 def test_demo_ranks_the_stating_example_first(tmp_path):
     outcome = run_demo(quiet=True, factors_dir=tmp_path / "factors", results_dir=tmp_path / "results")
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["influences.csv", "query.csv", "run.json", "train.csv"]
+    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert written == ["influences.csv", "query.csv", "run.json", "train.csv"]
     influences = outcome.results.influences
     for query in json.loads((DEMO_QUERIES / "query.json").read_text()):
         rows = influences[influences["query_id"] == query["pair_id"]]
