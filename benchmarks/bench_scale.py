@@ -15,6 +15,8 @@ cached in ``--workdir``.
 
 Approaches (each a subprocess of the real run-query CLI, single-run mode, ``--score-batch-size 4``):
     default            if-query's engine (token factors, exact).
+    default-spill      the same with ``--host-memory-gb 0``: token factors in a memory-mapped spill file.
+    default-blocks     the same with ``--workspace-gb 0.1``: whitened gradients in blocks of 4 queries.
     kronfluence-rank32 ``--engine kronfluence --query-rank 32``: the README's former 13B recipe.
     kronfluence-exact  ``--engine kronfluence`` (exact streaming path; only with --with-exact-kronfluence).
 Each records wall time, peak RSS (``ru_maxrss`` of the process) and its influence scores; errors
@@ -50,6 +52,8 @@ from bench_query import EOS, synthetic_words  # noqa: E402
 
 APPROACHES = {
     "default": [],
+    "default-spill": ["--host-memory-gb", "0"],  # token factors in a memory-mapped file instead of RAM
+    "default-blocks": ["--workspace-gb", "0.1"],  # blocks of 4 gradients: columns formed again per block
     "kronfluence-rank32": ["--engine", "kronfluence", "--query-rank", "32"],
     "kronfluence-exact": ["--engine", "kronfluence"],
 }

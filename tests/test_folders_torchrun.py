@@ -51,6 +51,7 @@ def test_skip_done_skips_complete_folders_only(tiny_gpt2, fitted, tmp_path, cli)
     assert (done / "results" / "influences.csv").stat().st_mtime_ns == first
     assert (todo / "results" / "influences.csv").exists()
     assert "Skipping" in result.stderr
+    assert "done: skipped" in result.stdout and "1 of 2 folders scored, 1 skipped" in result.stdout
     # An input newer than the results makes the folder due again.
     os.utime(done / "query.json")
     cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, todo, "--skip-done", "--quiet")

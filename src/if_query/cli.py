@@ -234,6 +234,8 @@ def run_query_command(
     )
     runner = QueryRunner(config, quiet=quiet)
     outcomes = runner.run(jobs, stop_on_error=not folders, skip_done=skip_done)
+    if not is_main_rank():  # under torchrun every rank knows every outcome; rank 0 alone reports them
+        return
     for outcome in outcomes:
         if not outcome.ok or outcome.results is None:
             continue
@@ -242,17 +244,21 @@ def run_query_command(
             outcome.files.append(write_report(outcome.job.output_dir, header, top_k))
         if not quiet:
             typer.echo((f"== {outcome.job.name}\n" if folders else "") + format_summary(outcome.results, top_k))
+    skipped = [o for o in outcomes if o.skipped]
     if folders:
         failed = [o for o in outcomes if not o.ok]
         for outcome in outcomes:
-            status = f"ok -> {outcome.job.output_dir}" if outcome.ok else f"FAILED: {outcome.error}"
+            status = (f"FAILED: {outcome.error}" if outcome.error else
+                      f"skipped, results up to date in {outcome.job.output_dir}" if outcome.skipped else
+                      f"ok -> {outcome.job.output_dir}")
             typer.echo(f"{outcome.job.name}: {status}", err=bool(outcome.error))
-        typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} folders scored"
-                   + (f", {len(failed)} failed" if failed else ""))
+        typer.echo(f"{len(outcomes) - len(failed) - len(skipped)} of {len(outcomes)} folders scored"
+                   + (f", {len(skipped)} skipped" if skipped else "") + (f", {len(failed)} failed" if failed else ""))
         if failed:
             raise typer.Exit(max(o.error.exit_code for o in failed))
     elif not quiet:
-        typer.echo(f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
+        typer.echo(f"Skipped: the results in {outcomes[0].job.output_dir} are up to date" if skipped
+                   else f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
 
 
 @app.command("report")

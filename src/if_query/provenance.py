@@ -23,12 +23,7 @@ RUN_FORMAT = 1
 
 def weights_fingerprint_of(metadata: dict | None) -> str | None:
     """The weights fingerprint the factors' metadata.json records (``fit.weights_fingerprint``), if any."""
-    metadata = metadata or {}
-    fit = metadata.get("fit") or {}
-    value = fit.get("weights_fingerprint", metadata.get("weights_fingerprint", metadata.get("fingerprint")))
-    if isinstance(value, dict):
-        value = value.get("digest")
-    return value if isinstance(value, str) else None
+    return ((metadata or {}).get("fit") or {}).get("weights_fingerprint")
 
 
 def _float_or_none(value: Any) -> float | None:

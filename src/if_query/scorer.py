@@ -19,7 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from if_query import engine
-from if_query.capture import TokenFactorStore, _host_memory_available, capture_token_factors
+from if_query.capture import (
+    TokenFactorStore,
+    capture_token_factors,
+    host_memory_available,
+    return_freed_memory_to_the_os,
+)
 from if_query.kron import FactorReader, clamp_kfac_eigenvalues
 from if_query.modeling import TrackedModule
 from if_query.scoring import InfluenceScorer, ScoreConfig, gradient_batches
@@ -48,7 +53,7 @@ def _workspace_default(device: torch.device, reserved: int) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(MIN_WORKSPACE_BYTES, free // 2)
-    return max(MIN_WORKSPACE_BYTES, (_host_memory_available() - reserved) // 4)
+    return max(MIN_WORKSPACE_BYTES, (host_memory_available() - reserved) // 4)
 
 
 class EngineScorer:
@@ -56,6 +61,7 @@ class EngineScorer:
 
     def __init__(self, model: nn.Module, modules: list[TrackedModule], factors_dir: str | Path, pad_token_id: int,
                  config: ScoreConfig, device: torch.device, quiet: bool = False):
+        return_freed_memory_to_the_os()
         self.model = model.to(device).eval()
         self.tracked = modules
         self.linears = {m.name: model.get_submodule(m.name) for m in modules}
@@ -73,7 +79,7 @@ class EngineScorer:
         shapes = {m.name: (m.out_features, m.in_features) for m in self.tracked}
         budget = self.config.host_memory_bytes
         if budget is None:
-            budget = _host_memory_available() // 2
+            budget = host_memory_available() // 2
         store = TokenFactorStore(shapes, lengths, self.dtype, budget, self.config.spill_dir)
         largest = max(self.tracked, key=lambda m: m.out_features * (m.in_features + 1))
         per_example = engine.whitened_bytes(store, largest.name)
