@@ -16,8 +16,10 @@ from kronfluence.arguments import FactorArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 from if_query.distributed import check_launch
-from if_query.errors import InputError
+from if_query.errors import InputError, RunError
+from if_query.fingerprint import weights_fingerprint
 from if_query.hessian_data import load_hessian_examples
+from if_query.lambda_stage import fit_lambda_matrices
 from if_query.metadata import (
     FACTORS_NAME,
     METADATA_FILE,
@@ -30,6 +32,7 @@ from if_query.metadata import (
     write_json_atomic,
 )
 from if_query.modeling import (
+    check_token_shaped,
     find_mlp_modules,
     load_model,
     load_tokenizer,
@@ -37,7 +40,7 @@ from if_query.modeling import (
     resolve_dtype,
 )
 from if_query.sizes import estimate_factor_sizes
-from if_query.task import CompletionLossTask
+from if_query.task import LABEL_SAMPLING, CompletionLossTask
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHER_CHOICES = ("true", "empirical")
+EIGENDECOMPOSITION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
@@ -65,13 +69,19 @@ class FitConfig:
     fisher: str = "true"
     seed: int = 0
     module_partitions: int = 1
+    eigendecomposition_dtype: str = "float64"
     overwrite: bool = field(default=False, compare=False)
+    # Replace factors fitted with other arguments or weights, but resume identical ones (the demo's cache).
+    refit_if_changed: bool = field(default=False, compare=False)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.fisher not in FISHER_CHOICES:
             raise InputError(f"unknown --fisher {self.fisher!r}; choose one of {', '.join(FISHER_CHOICES)}")
+        if self.eigendecomposition_dtype not in EIGENDECOMPOSITION_DTYPES:
+            raise InputError(f"unknown --eigendecomposition-dtype {self.eigendecomposition_dtype!r}; choose one of "
+                             f"{', '.join(EIGENDECOMPOSITION_DTYPES)}")
         resolve_dtype(self.dtype)
         for name in ("factor_batch_size", "lambda_batch_size", "layer_stride", "max_length", "module_partitions"):
             if getattr(self, name) < 1:
@@ -87,11 +97,13 @@ def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
     return digest.hexdigest()[:16]
 
 
-def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample]) -> dict:
-    """The arguments that decide the factors; compared on rerun."""
+def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
+                 fingerprint: dict) -> dict:
+    """The arguments (and weights) that decide the factors; compared on rerun."""
     return {
         "model": model_identity(config.model),
         "revision": config.revision,
+        "weights_fingerprint": fingerprint["digest"],
         "strategy": config.strategy,
         "dtype": str(dtype).removeprefix("torch."),
         "layer_stride": config.layer_stride,
@@ -102,31 +114,42 @@ def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[Tokenized
         "lambda_batch_size": config.lambda_batch_size,
         "fisher": config.fisher,
         "seed": config.seed,
+        "label_sampling": LABEL_SAMPLING if config.fisher == "true" else None,  # sampled labels' scheme
         "module_partitions": config.module_partitions,
+        "eigendecomposition_dtype": config.eigendecomposition_dtype,
     }
 
 
-def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool) -> None:
-    """Resume a fit with identical arguments; refuse (or, with overwrite, clear) one with other arguments."""
+def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit_if_changed: bool = False) -> bool:
+    """Whether earlier factors in ``output_dir`` must be cleared before fitting (reads only).
+
+    With ``overwrite`` anything there is replaced. Otherwise a fit with identical arguments and
+    weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``.
+    """
+    factors = output_dir / f"factors_{FACTORS_NAME}"
     if not (output_dir / METADATA_FILE).exists():
-        leftovers = output_dir / f"factors_{FACTORS_NAME}"
-        if leftovers.exists():
-            if not overwrite:
-                raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
-            shutil.rmtree(leftovers)
-        return
+        if factors.exists() and not overwrite and not refit_if_changed:
+            raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
+        return factors.exists()
+    if overwrite:
+        logger.info("Replacing the factors in %s (--overwrite)", output_dir)
+        return True
     previous = read_metadata(output_dir)
     differences = describe_mismatch(identity, previous.get("fit", {}))
     if not differences:
-        return
-    if not overwrite:
+        return False
+    if not refit_if_changed:
         raise InputError(
             f"{output_dir} holds factors fitted with other arguments ({differences}); "
             "use --overwrite to replace them or choose another --output-dir"
         )
-    logger.warning("Replacing factors in %s fitted with other arguments (%s)", output_dir, differences)
+    logger.info("Refitting the factors in %s, fitted with other arguments (%s)", output_dir, differences)
+    return True
+
+
+def _clear_previous_fit(output_dir: Path) -> None:
     shutil.rmtree(output_dir / f"factors_{FACTORS_NAME}", ignore_errors=True)
-    (output_dir / METADATA_FILE).unlink()
+    (output_dir / METADATA_FILE).unlink(missing_ok=True)
 
 
 def factor_arguments(config: FitConfig) -> FactorArguments:
@@ -137,6 +160,7 @@ def factor_arguments(config: FitConfig) -> FactorArguments:
         lambda_max_examples=None,
         covariance_module_partitions=config.module_partitions,
         lambda_module_partitions=config.module_partitions,
+        eigendecomposition_dtype=EIGENDECOMPOSITION_DTYPES[config.eigendecomposition_dtype],
     )
 
 
@@ -162,11 +186,20 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length)
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
     dtype = resolve_dtype(config.dtype)
-    identity = fit_identity(config, dtype, examples)
-    _check_previous_fit(output_dir, identity, config.overwrite)
+    fingerprint = weights_fingerprint(config.model, config.revision)
+    model = None
+    if fingerprint is None:  # a hub model whose weights are not in the local cache yet: load (download) first
+        model = load_model(config.model, config.revision, dtype)
+        fingerprint = weights_fingerprint(config.model, config.revision)
+        if fingerprint is None:
+            raise RunError(f"cannot find the weight files of {config.model!r} in the HuggingFace cache")
+    identity = fit_identity(config, dtype, examples, fingerprint)
+    clear = _check_previous_fit(output_dir, identity, config.overwrite, config.refit_if_changed)
 
-    model = load_model(config.model, config.revision, dtype)
+    if model is None:
+        model = load_model(config.model, config.revision, dtype)
     modules = find_mlp_modules(model, config.layer_stride)
+    check_token_shaped(model, modules)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
         "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
@@ -181,12 +214,17 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         "status": STATUS_FITTING,
         "fit": identity,
         "model": config.model,
+        "weights": fingerprint,
         "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
         "estimated_factor_bytes": sizes.total_bytes,
         "versions": package_versions(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     is_main = analyzer.state.is_main_process
+    if clear:
+        if is_main:
+            _clear_previous_fit(output_dir)
+        analyzer.state.wait_for_everyone()  # no rank may see the old factors once fitting starts
     if is_main:
         write_json_atomic(output_dir / METADATA_FILE, metadata)
 
@@ -199,13 +237,13 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
             FACTORS_NAME, ordered, per_device_batch_size=config.factor_batch_size,
             dataloader_kwargs=loader_kwargs, factor_args=arguments)),
         ("eigendecomposition", lambda: analyzer.perform_eigendecomposition(FACTORS_NAME, factor_args=arguments)),
-        ("lambda", lambda: analyzer.fit_lambda_matrices(
-            FACTORS_NAME, ordered, per_device_batch_size=config.lambda_batch_size,
-            dataloader_kwargs=loader_kwargs, factor_args=arguments)),
+        ("lambda", lambda: fit_lambda_matrices(  # if-query's lambda, in Kronfluence's files (lambda_stage.py)
+            analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, loader_kwargs.collate_fn,
+            arguments, seed=config.seed, quiet=quiet)),
     )
     for name, run_stage in stages:
         logger.info("Fitting stage: %s", name)
-        task.reseed()  # each stage samples the same labels whether or not it was resumed
+        task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
         run_stage()
 
     metadata["status"] = STATUS_COMPLETE
