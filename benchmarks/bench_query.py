@@ -109,14 +109,12 @@ def synthetic_words(count: int, seed: int) -> list[str]:
     return words[:count]
 
 
-def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> None:
-    import torch
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer (byte-level pre-tokenizer: one token per synthetic word, with and
+    without a leading space), EOS ``<|endoftext|>`` = 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from transformers import PreTrainedTokenizerFast
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     vocab = {EOS: 0, "<unk>": 1}
     for word in words:
         vocab[word] = len(vocab)
@@ -124,9 +122,19 @@ def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token="<unk>")
+
+
+def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer = word_tokenizer(words)
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=max(512, args.pad_to), n_embd=args.n_embd,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(512, args.pad_to), n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=0, eos_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)

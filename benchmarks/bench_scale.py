@@ -48,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import EOS, synthetic_words  # noqa: E402
+from bench_query import synthetic_words, word_tokenizer  # noqa: E402
 
 APPROACHES = {
     "default": [],
@@ -70,18 +70,10 @@ RUNNER = (
 
 def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> dict:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    vocab = {EOS: 0, "<unk>": 1}
-    for word in words:
-        vocab[word] = len(vocab)
-        vocab["Ġ" + word] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token="<unk>")
-    config = Olmo2Config(vocab_size=len(vocab), hidden_size=args.hidden, intermediate_size=args.mlp,
+    tokenizer = word_tokenizer(words)
+    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.mlp,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=512,
                          bos_token_id=0, eos_token_id=0, pad_token_id=None)
@@ -89,7 +81,7 @@ def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> 
     if not (directory / "config.json").exists():
         Olmo2ForCausalLM(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-    return {"vocab": len(vocab)}
+    return {"vocab": len(tokenizer)}
 
 
 def make_records(words: list[str], count: int, rng: random.Random) -> list[dict]:
