@@ -1,7 +1,7 @@
 """Fit benchmark: fit-hessians' stages, bare Kronfluence's lambda stage against if-query's, and what a float32
 eigendecomposition does to the scores.
 
-    uv run python benchmarks/bench_fit.py                    # 16 blocks, 24 sequences (about 25 min on 2 busy cores)
+    uv run python benchmarks/bench_fit.py                    # 16 blocks, 24 sequences (12 min quiet, 30 busy)
     uv run python benchmarks/bench_fit.py --full-seed-noise  # + a whole second fit with another seed (+15 min)
     uv run python benchmarks/bench_fit.py --quick            # 4 blocks, 8 sequences (about 5 min)
 
@@ -11,7 +11,9 @@ and up 2816 x 1024, down 1024 x 2816, no bias), EK-FAC, true Fisher, ``--example
 records of 150-250 tokens, batches of 4 in both passes (fit-hessians' length-sorted, dynamically padded
 order).
 
-Runs (one process; each stage is timed around the very call fit-hessians makes; setup is not timed):
+Runs (one process; each stage is timed around the very call fit-hessians makes; setup is not timed; the seed-0
+stages run ``--repeats`` (2) times, the two eigendecompositions and the two lambda stages alternately, and the
+fastest run of each is reported, since the machine may be shared):
     seed 0     covariance (Kronfluence) -> eigendecomposition float64 (Kronfluence) -> lambda twice on copies
                of the same eigenvectors: Kronfluence's ``fit_lambda_matrices`` (what fit-hessians ran before)
                and if-query's ``lambda_stage.fit_lambda_matrices`` (what it runs now). Their lambdas are
@@ -199,7 +201,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="model and records")
     parser.add_argument("--full-seed-noise", action="store_true",
                         help="also refit everything with seed 1 (float64 and float32 eigendecompositions)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each lambda stage (alternating; best kept)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each seed-0 stage (compared ones alternately; the fastest is reported)")
     parser.add_argument("--eigh-repeats", type=int, default=2, help="runs of each eigh size and dtype")
     parser.add_argument("--quick", action="store_true", help="4 blocks, 8 sequences, 4 x 8 scored (about 5 min)")
     args = parser.parse_args()
@@ -288,9 +291,16 @@ def main() -> None:
 
     seed0 = runs / "seed0-float64"
     shutil.rmtree(runs, ignore_errors=True)
-    stage(stages, "covariance", lambda: covariance(seed0, 0), timers)
-    covariances = copy_factors(seed0, runs / "seed0-covariance", keep=lambda name: "covariance" in name)
-    stage(stages, "eigendecomposition float64", lambda: eigendecomposition(seed0, arguments), timers)
+    covariances = runs / "seed0-covariance"
+    for _ in range(args.repeats):  # every stage runs --repeats times, alternating where two are compared
+        shutil.rmtree(covariances, ignore_errors=True)
+        stage(stages, "covariance", lambda: covariance(covariances, 0), timers)
+    float32 = runs / "seed0-float32"
+    for _ in range(args.repeats):
+        copy_factors(covariances, seed0)
+        stage(stages, "eigendecomposition float64", lambda: eigendecomposition(seed0, arguments), timers)
+        copy_factors(covariances, float32, keep=lambda name: "covariance" in name)  # float32 factor arguments
+        stage(stages, "eigendecomposition float32", lambda: eigendecomposition(float32, arguments32), timers)
     eigenvectors = copy_factors(seed0, runs / "seed0-float64-eigenvectors")
     kron_dir = runs / "seed0-float64-kronfluence-lambda"
     for _ in range(args.repeats):  # alternately, so that both see the same load
@@ -299,8 +309,6 @@ def main() -> None:
         copy_factors(eigenvectors, seed0)
         stage(stages, "lambda, if-query", lambda: ifquery_lambda(seed0, 0, arguments, "if-query"), timers)
     error = lambda_error(seed0, kron_dir)
-    float32 = copy_factors(covariances, runs / "seed0-float32")
-    stage(stages, "eigendecomposition float32", lambda: eigendecomposition(float32, arguments32), timers)
     stage(stages, "lambda, if-query (float32 eigenvectors)",
           lambda: ifquery_lambda(float32, 0, arguments32, "if-query float32"), timers)
     lambda1 = copy_factors(eigenvectors, runs / "seed0-float64-lambda-seed1")
