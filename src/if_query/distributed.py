@@ -1,7 +1,8 @@
 """torchrun support.
 
-- fit-hessians and ``run-query --engine kronfluence`` use Kronfluence's data-parallel path (NCCL,
-  CUDA only): every rank runs the same passes on its share of each batch; rank 0 writes and prints.
+- fit-hessians (Kronfluence's covariance stage, if-query's lambda stage) and ``run-query --engine
+  kronfluence`` are data parallel (NCCL, CUDA only): each rank takes its share of the examples, sums
+  are reduced onto rank 0, which writes and prints.
 - ``run-query`` with the default engine shards *folders*: rank r scores folders r, r + N, ...,
   each on its own device, and writes their results itself; a single folder is scored by rank 0
   alone. Ranks exchange nothing but a final summary of outcomes (gloo, so this also runs on CPU).

@@ -1,6 +1,8 @@
 """Kronfluence's factor files, and the conventions if-query's own scoring relies on.
 
-Kronfluence 1.0.1 (pinned) fits the factors; if-query's engine reads them here and nowhere else.
+Kronfluence 1.0.1 (pinned) fits the covariances and their eigendecomposition; if-query fits lambda itself
+(:mod:`if_query.lambda_stage`) into Kronfluence's files. The files are read, and lambda's written, here and
+nowhere else.
 The conventions, each checked against Kronfluence's source (``factor/config.py``,
 ``module/linear.py``, ``module/tracker/factor.py``) and by tests that compare scores:
 
