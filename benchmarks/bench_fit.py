@@ -210,19 +210,24 @@ def main() -> None:
         args.layers, args.examples, args.queries, args.train, args.repeats = 4, 8, 4, 8, 1
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
 
-    from kronfluence.analyzer import prepare_model
     from kronfluence.module.linear import TrackedLinear
     from kronfluence.module.tracker.factor import LambdaTracker
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     from if_query import engine, lambda_stage
     from if_query.capture import TokenFactorStore, capture_token_factors
-    from if_query.fitting import FitConfig, factor_arguments, make_analyzer
+    from if_query.config import FitConfig
     from if_query.hessian_data import load_hessian_examples
-    from if_query.kron import FactorReader, tracked_linears
+    from if_query.kron import (
+        CompletionLossTask,
+        FactorReader,
+        factor_arguments,
+        make_analyzer,
+        prepare,
+        tracked_linears,
+    )
     from if_query.metadata import FACTORS_NAME
     from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.task import CompletionLossTask
     from if_query.tokenization import Collator, ExampleTokenizer
 
     work = args.workdir
@@ -244,7 +249,7 @@ def main() -> None:
     modules = find_mlp_modules(model, args.layer_stride)
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=0)
-    model = prepare_model(model, task)
+    model = prepare(model, task)
     collate = Collator(tokenizer.pad_token_id)
     loader_kwargs = DataLoaderKwargs(collate_fn=collate)
     config = FitConfig(model=str(model_dir), hessian_dataset=str(fit_json), output_dir="", strategy="ekfac",

@@ -179,7 +179,8 @@ def retrieval(scores, built: dict) -> dict:
 
 def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = "true", seed: int = 0,
                  hessian_dataset: Path | None = None) -> Path:
-    from if_query.fitting import FitConfig, fit_hessians
+    from if_query.config import FitConfig
+    from if_query.fitting import fit_hessians
 
     factors_dir = built["work"] / f"factors-{name}"
     config = FitConfig(model=str(built["model_dir"]), hessian_dataset=str(hessian_dataset or built["train_json"]),
@@ -192,14 +193,16 @@ def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = 
 def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False):
     """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: the EOS
     label is removed from the tokenized queries and train records (so from both gradients; not from the fit)."""
-    from if_query.query import QueryConfig, QueryJob, QueryRunner
-    from if_query.scoring import ScoreConfig
+    from if_query.config import QueryConfig
+    from if_query.query import QueryRunner, query_jobs
     from if_query.tokenization import IGNORE_INDEX, TokenizedExample
 
     config = QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir),
-                         score=ScoreConfig(damping=damping, score_batch_size=SCORE_BATCH))
+                         query_json=built["query_json"], train_json=built["train_json"],
+                         output_dir=built["work"] / "out",
+                         damping="auto" if damping is None else str(damping), score_batch_size=SCORE_BATCH)
     runner = QueryRunner(config, quiet=True)
-    job = QueryJob("bench", built["query_json"], built["train_json"], built["work"] / "out")
+    [job] = query_jobs(config)
     if without_eos:
         tokenize_all, patched = runner.example_tokenizer.tokenize_all, []
 
@@ -340,7 +343,8 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
 
 
 def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
-    import if_query.task as task_module
+    from if_query import kron
+    from if_query import loss as loss_module
 
     with tempfile.TemporaryDirectory(prefix=f"bench-quality-{world}-{seed}-") as tmp:
         built = build(WORLDS[world], seed, Path(tmp), args.threads)
@@ -371,11 +375,12 @@ def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
                 default_factors = fit_if_query(built, method, seed=seed)
                 record(method, score_if_query(built, default_factors), t)
             elif method == "if-query-old":
-                original, task_module.sample_labels = task_module.sample_labels, OldSampling()
+                original = loss_module.sample_labels  # drawn by kron's task (covariance) and lambda_stage
+                kron.sample_labels = loss_module.sample_labels = OldSampling()
                 try:
                     factors = fit_if_query(built, method, seed=seed)
                 finally:
-                    task_module.sample_labels = original
+                    kron.sample_labels = loss_module.sample_labels = original
                 record(method, score_if_query(built, factors), t)
             elif method == "if-query-empirical":
                 record(method, score_if_query(built, fit_if_query(built, method, fisher="empirical")), t)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from if_query.errors import RunError
-from if_query.task import shifted_logits_and_labels, summed_token_losses
+from if_query.loss import shifted_logits_and_labels, summed_token_losses
 from if_query.tokenization import Collator, TokenizedExample
 
 logger = logging.getLogger(__name__)

@@ -1,18 +1,26 @@
-"""Command line: parse options, call the library, print. Exit codes: 0 ok, 2 bad input, 1 failure."""
+"""Command line: parse options, call the library, print. Exit codes: 0 ok, 2 bad input, 1 failure.
+
+The commands' options, defaults, help and checks are the fields of their config dataclasses
+(:mod:`if_query.config`); :func:`config_command` turns a config class into a Typer command.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import os
 import sys
 import traceback
-from pathlib import Path
-from typing import Annotated
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import click
 import typer
 
+from if_query.config import DemoConfig, FitConfig, QueryConfig, ReportConfig, cli_fields
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError, InputError
 
@@ -25,14 +33,6 @@ app = typer.Typer(
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
-ModelOption = Annotated[str, typer.Option(help="HuggingFace hub name or local directory of a causal LM.")]
-RevisionOption = Annotated[str | None, typer.Option(
-    help="Model revision (branch, tag or commit) on the hub. With a local model directory it is not used to load "
-         "anything, but is recorded and must match the factors' revision.")]
-TopK = Annotated[int, typer.Option(help="Helpful and harmful training examples shown per query.")]
-DtypeOption = Annotated[
-    str, typer.Option(help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
-]
 
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
@@ -83,169 +83,61 @@ def reports_errors(command):
     return wrapper
 
 
-def _gigabytes(value: float | None) -> int | None:
-    return None if value is None else int(value * 1024**3)
+def config_command(config_class: type, action: Callable[[Any, bool], None]) -> Callable:
+    """A Typer command whose options are ``config_class``'s option fields (:mod:`if_query.config`), plus
+    --quiet and --verbose; it builds the config (which checks it) and calls ``action(config, quiet)``."""
+    hints = typing.get_type_hints(config_class)
+    parameters = []
+    for spec in cli_fields(config_class):
+        meta = spec.metadata
+        kind = typer.Argument if meta["argument"] else functools.partial(typer.Option, *meta["flags"])
+        info = kind(help=meta["help"], show_default=meta["show_default"])
+        default = (spec.default if spec.default is not dataclasses.MISSING
+                   else spec.default_factory() if spec.default_factory is not dataclasses.MISSING
+                   else inspect.Parameter.empty)
+        parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[hints[spec.name], info]))
+    parameters += [
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Quiet),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Verbose),
+    ]
+
+    @reports_errors
+    def command(**options) -> None:
+        quiet = options.pop("quiet")
+        options.pop("verbose")
+        action(config_class(**options), quiet)
+
+    command.__signature__ = inspect.Signature(parameters)
+    command.__doc__ = config_class.__doc__
+    return command
 
 
-def parse_damping(value: str) -> float | None:
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise InputError(f"--damping must be a number or 'auto', got {value!r}") from None
+def fit(config: FitConfig, quiet: bool) -> None:
+    from if_query.fitting import fit_hessians
 
-
-@app.command("fit-hessians")
-@reports_errors
-def fit_hessians_command(
-    model: ModelOption,
-    hessian_dataset: Annotated[str, typer.Option(
-        help="Fitting data: a dataset dir saved with datasets' save_to_disk (input_ids, optional attention_mask "
-             "and labels), or a .json/.jsonl file of prompt/completion records.")],
-    output_dir: Annotated[str, typer.Option(help="Where the factors and metadata.json are written.")],
-    revision: RevisionOption = None,
-    factor_batch_size: Annotated[int, typer.Option(help="Batch size for the covariance pass.")] = 8,
-    lambda_batch_size: Annotated[int, typer.Option(help="Batch size for the eigenvalue-correction pass.")] = 4,
-    strategy: Annotated[str, typer.Option(help="Hessian approximation: ekfac, kfac, diagonal or identity.")] = "ekfac",
-    layer_stride: Annotated[int, typer.Option(help="Track the MLP of every Nth transformer block (0, N, 2N...).")] = 1,
-    dtype: DtypeOption = "auto",
-    max_examples: Annotated[int | None, typer.Option(help="Use only the first N examples (default: all).")] = None,
-    max_length: Annotated[int, typer.Option(
-        help="Token limit for .json/.jsonl records (prompt cut from the left).")] = 512,
-    fisher: Annotated[str, typer.Option(
-        help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.")] = "true",
-    module_partitions: Annotated[int, typer.Option(
-        help="Fit the factors in N groups of modules to lower peak memory.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the label sampling (true Fisher).")] = 0,
-    eigendecomposition_dtype: Annotated[str, typer.Option(
-        help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are "
-             "stored in float32 either way).")] = "float64",
-    overwrite: Annotated[bool, typer.Option(help="Replace factors fitted with other arguments.")] = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-) -> None:
-    """Fit Hessian factors (EK-FAC, K-FAC, diagonal or identity) on a model's MLP modules.
-
-    Rerun with the same arguments to resume an interrupted fit from its last complete stage.
-    """
-    from if_query.fitting import FitConfig, fit_hessians
-
-    config = FitConfig(
-        model=model, hessian_dataset=hessian_dataset, output_dir=output_dir, revision=revision,
-        factor_batch_size=factor_batch_size, lambda_batch_size=lambda_batch_size, strategy=strategy,
-        layer_stride=layer_stride, dtype=dtype, max_examples=max_examples, max_length=max_length,
-        fisher=fisher, seed=seed, module_partitions=module_partitions, overwrite=overwrite,
-        eigendecomposition_dtype=eigendecomposition_dtype,
-    )
     metadata = fit_hessians(config, quiet=quiet)
     if not quiet:
         typer.echo(
             f"Fitted {metadata['fit']['strategy']} factors for {len(metadata['tracked_modules'])} modules on "
-            f"{metadata['fit']['num_examples']} examples -> {output_dir}"
+            f"{metadata['fit']['num_examples']} examples -> {config.output_dir}"
         )
 
 
-@app.command("run-query")
-@reports_errors
-def run_query_command(
-    model: ModelOption,
-    factors_dir: Annotated[str, typer.Option(help="Output directory of fit-hessians.")],
-    folders: Annotated[list[Path] | None, typer.Argument(
-        help="Query folders, each with train.json and query.json; results go to FOLDER/results/.",
-        show_default=False)] = None,
-    train_json: Annotated[Path | None, typer.Option(help="Training examples (single-run mode).")] = None,
-    query_json: Annotated[Path | None, typer.Option(help="Query examples (single-run mode).")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where the CSVs go (single-run mode).")] = None,
-    revision: RevisionOption = None,
-    per_token_scores: Annotated[bool, typer.Option(
-        "--per-token-scores", help="Add per-token scores aligned with each train example's tokens.")] = False,
-    score_batch_size: Annotated[int, typer.Option(
-        help="Batch size for gradients while scoring: the default of --query-batch-size and --train-batch-size.")]
-        = 8,
-    query_batch_size: Annotated[int | None, typer.Option(
-        help="Batch size for query gradients (default: --score-batch-size). Default engine: the queries (an "
-             "example that is also a train example counts as a query) go through the model in batches of at most "
-             "this many; Kronfluence engine: its query batch size (and the query-loss pass).",
-        show_default=False)] = None,
-    train_batch_size: Annotated[int | None, typer.Option(
-        help="Batch size for train gradients (default: --score-batch-size). Default engine: the train examples "
-             "that are not queries go through the model in batches of at most this many; Kronfluence engine: its "
-             "train batch size (pairwise and self-influence passes).", show_default=False)] = None,
-    damping: Annotated[str, typer.Option(
-        help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")]
-        = "auto",
-    dtype: DtypeOption = "auto",
-    max_length: Annotated[int, typer.Option(help="Token limit per example; prompts are cut from the left.")] = 512,
-    engine: Annotated[str, typer.Option(
-        help="if-query: exact scores from one forward/backward pass per distinct sequence, in bounded memory "
-             "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.")] = "if-query",
-    workspace_gb: Annotated[float | None, typer.Option(
-        help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU); default: half the free "
-             "GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")] = None,
-    host_memory_gb: Annotated[float | None, typer.Option(
-        help="RAM for the token factors (layer inputs and output gradients) of a folder; beyond it they are "
-             "spilled to a memory-mapped file in --spill-dir. Default: half the free RAM.")] = None,
-    spill_dir: Annotated[str | None, typer.Option(
-        help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")] = None,
-    skip_done: Annotated[bool, typer.Option(
-        "--skip-done", help="Skip folders whose results are complete and newer than their inputs and factors "
-                            "(resume an interrupted batch of folders).")] = False,
-    query_rank: Annotated[int | None, typer.Option(
-        help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).")] = None,
-    queries_per_pass: Annotated[int | None, typer.Option(
-        help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).")]
-        = None,
-    module_partitions: Annotated[int, typer.Option(
-        help="--engine kronfluence only: score in N groups of modules to lower memory.")] = 1,
-    report: Annotated[bool, typer.Option(
-        "--report", help="Also write report.html (heatmap, top influences, token colours) into each results dir.")]
-        = False,
-    top_k: TopK = 5,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-) -> None:
-    """Score every (query, train) pair and write query.csv, train.csv and influences.csv.
-
-    Prints each query's most helpful and harmful training examples unless --quiet.
-    """
-    from if_query.query import QueryConfig, QueryJob, QueryRunner
-    from if_query.report import header_from_run, write_report
-    from if_query.scoring import ScoreConfig
+def query(config: QueryConfig, quiet: bool) -> None:
+    from if_query.query import QueryRunner
     from if_query.summary import format_summary
 
-    single = [train_json, query_json, output_dir]
-    if folders and any(v is not None for v in single):
-        raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
-    if not folders and any(v is None for v in single):
-        raise InputError("give query folders, or all of --train-json, --query-json and --output-dir")
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    jobs = ([QueryJob.from_folder(f) for f in folders] if folders
-            else [QueryJob("query", query_json, train_json, output_dir)])
-    config = QueryConfig(
-        model=model, factors_dir=factors_dir, revision=revision, dtype=dtype, max_length=max_length,
-        score=ScoreConfig(score_batch_size=score_batch_size, query_batch_size=query_batch_size,
-                          train_batch_size=train_batch_size, damping=parse_damping(damping),
-                          per_token=per_token_scores, engine=engine,
-                          workspace_bytes=_gigabytes(workspace_gb), host_memory_bytes=_gigabytes(host_memory_gb),
-                          spill_dir=spill_dir, query_rank=query_rank, queries_per_pass=queries_per_pass,
-                          module_partitions=module_partitions),
-    )
-    runner = QueryRunner(config, quiet=quiet)
-    outcomes = runner.run(jobs, stop_on_error=not folders, skip_done=skip_done)
+    outcomes = QueryRunner(config, quiet=quiet).run()
     if not is_main_rank():  # under torchrun every rank knows every outcome; rank 0 alone reports them
         return
-    for outcome in outcomes:
-        if not outcome.ok or outcome.results is None:
-            continue
-        if report:
-            header = header_from_run(outcome.results.provenance)
-            outcome.files.append(write_report(outcome.job.output_dir, header, top_k))
-        if not quiet:
-            typer.echo((f"== {outcome.job.name}\n" if folders else "") + format_summary(outcome.results, top_k))
+    if not quiet:
+        for outcome in outcomes:
+            if outcome.results is not None:
+                typer.echo((f"== {outcome.job.name}\n" if config.folders else "")
+                           + format_summary(outcome.results, config.top_k))
     skipped = [o for o in outcomes if o.skipped]
-    if folders:
+    if config.folders:
         failed = [o for o in outcomes if not o.ok]
         for outcome in outcomes:
             status = (f"FAILED: {outcome.error}" if outcome.error else
@@ -261,40 +153,32 @@ def run_query_command(
                    else f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
 
 
-@app.command("report")
-@reports_errors
-def report_command(
-    results_dir: Annotated[Path, typer.Argument(
-        help="A run-query results directory (query.csv, train.csv, influences.csv).", show_default=False)],
-    top_k: TopK = 5,
-    factors_dir: Annotated[Path | None, typer.Option(
-        help="The fit-hessians directory used, for the page's header (model, revision, strategy); by default "
-             "the header comes from the results' run.json.")] = None,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-) -> None:
-    """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""
+def report(config: ReportConfig, quiet: bool) -> None:
     from if_query.metadata import read_metadata
     from if_query.provenance import read_run
     from if_query.report import header_from_metadata, header_from_run, results_date, write_report
 
+    results_dir = config.results_dir
     if not results_dir.is_dir():
         raise InputError(f"{results_dir}: results directory not found (run run-query first)")
     header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
-    if factors_dir is not None:  # named explicitly: its model, revision and strategy win
-        header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))
-    path = write_report(results_dir, {k: v for k, v in header.items() if v is not None}, top_k)
+    if config.factors_dir is not None:  # named explicitly: its model, revision and strategy win
+        header.update(header_from_metadata(read_metadata(config.factors_dir), config.factors_dir))
+    path = write_report(results_dir, {k: v for k, v in header.items() if v is not None}, config.top_k)
     if not quiet:
         typer.echo(f"Wrote {path}")
 
 
-@app.command("demo")
-@reports_errors
-def demo_command(quiet: Quiet = False, verbose: Verbose = False) -> None:
-    """Fit factors on the bundled tiny GPT-2 and score queries/test_query, printing the top influences."""
+def demo(config: DemoConfig, quiet: bool) -> None:
     from if_query.demo import run_demo
 
-    run_demo(quiet=quiet)
+    run_demo(config.output_dir, quiet=quiet, top_k=config.top_k)
+
+
+fit_hessians_command = app.command("fit-hessians")(config_command(FitConfig, fit))
+run_query_command = app.command("run-query")(config_command(QueryConfig, query))
+report_command = app.command("report")(config_command(ReportConfig, report))
+demo_command = app.command("demo")(config_command(DemoConfig, demo))
 
 
 def fit_hessians_app() -> None:

@@ -5,21 +5,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import warnings
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments
-from kronfluence.utils.dataset import DataLoaderKwargs
 
-from if_query.distributed import check_launch
+from if_query import kron
+from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
 from if_query.fingerprint import weights_fingerprint
 from if_query.hessian_data import load_hessian_examples
 from if_query.lambda_stage import fit_lambda_matrices
+from if_query.loss import LABEL_SAMPLING
 from if_query.metadata import (
     FACTORS_NAME,
     METADATA_FILE,
@@ -40,54 +37,9 @@ from if_query.modeling import (
     resolve_dtype,
 )
 from if_query.sizes import estimate_factor_sizes
-from if_query.task import LABEL_SAMPLING, CompletionLossTask
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
-# Kronfluence 1.0.1 uses torch.cuda.amp.GradScaler, deprecated in recent torch: not the user's concern.
-warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-FISHER_CHOICES = ("true", "empirical")
-EIGENDECOMPOSITION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-@dataclass
-class FitConfig:
-    """Everything that determines a fit; a rerun with a different config never reuses old factors."""
-
-    model: str
-    hessian_dataset: str
-    output_dir: str
-    revision: str | None = None
-    factor_batch_size: int = 8
-    lambda_batch_size: int = 4
-    strategy: str = "ekfac"
-    layer_stride: int = 1
-    dtype: str = "auto"
-    max_examples: int | None = None
-    max_length: int = 512
-    fisher: str = "true"
-    seed: int = 0
-    module_partitions: int = 1
-    eigendecomposition_dtype: str = "float64"
-    overwrite: bool = field(default=False, compare=False)
-    # Replace factors fitted with other arguments or weights, but resume identical ones (the demo's cache).
-    refit_if_changed: bool = field(default=False, compare=False)
-
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.fisher not in FISHER_CHOICES:
-            raise InputError(f"unknown --fisher {self.fisher!r}; choose one of {', '.join(FISHER_CHOICES)}")
-        if self.eigendecomposition_dtype not in EIGENDECOMPOSITION_DTYPES:
-            raise InputError(f"unknown --eigendecomposition-dtype {self.eigendecomposition_dtype!r}; choose one of "
-                             f"{', '.join(EIGENDECOMPOSITION_DTYPES)}")
-        resolve_dtype(self.dtype)
-        for name in ("factor_batch_size", "lambda_batch_size", "layer_stride", "max_length", "module_partitions"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise InputError(f"--max-examples must be at least 1, got {self.max_examples}")
 
 
 def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
@@ -152,35 +104,8 @@ def _clear_previous_fit(output_dir: Path) -> None:
     (output_dir / METADATA_FILE).unlink(missing_ok=True)
 
 
-def factor_arguments(config: FitConfig) -> FactorArguments:
-    return FactorArguments(
-        strategy=config.strategy,
-        use_empirical_fisher=config.fisher == "empirical",
-        covariance_max_examples=None,
-        lambda_max_examples=None,
-        covariance_module_partitions=config.module_partitions,
-        lambda_module_partitions=config.module_partitions,
-        eigendecomposition_dtype=EIGENDECOMPOSITION_DTYPES[config.eigendecomposition_dtype],
-    )
-
-
-def make_analyzer(directory: Path, model: torch.nn.Module, task: CompletionLossTask, quiet: bool) -> Analyzer:
-    """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian``."""
-    check_launch()
-    directory = directory.resolve()
-    return Analyzer(
-        analysis_name=directory.name,
-        model=model,
-        task=task,
-        output_dir=str(directory.parent),
-        log_level=logging.WARNING,
-        disable_tqdm=quiet,
-    )
-
-
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
-    config.validate()
     output_dir = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model, config.revision)
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length)
@@ -206,9 +131,9 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         len(modules), len({m.layer for m in modules}), sizes.human(),
     )
     model = make_trackable(model, modules)
-    task = CompletionLossTask([m.name for m in modules], seed=config.seed)
-    model = prepare_model(model, task)
-    analyzer = make_analyzer(output_dir, model, task, quiet)
+    task = kron.CompletionLossTask([m.name for m in modules], seed=config.seed)
+    model = kron.prepare(model, task)
+    analyzer = kron.make_analyzer(output_dir, model, task, quiet)
 
     metadata = {
         "status": STATUS_FITTING,
@@ -230,15 +155,13 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
 
     # Sorting by length keeps padding low; covariances and lambdas are sums, so order is irrelevant.
     ordered = sorted(examples, key=len)
-    loader_kwargs = DataLoaderKwargs(collate_fn=Collator(tokenizer.pad_token_id))
-    arguments = factor_arguments(config)
+    collate = Collator(tokenizer.pad_token_id)
+    arguments = kron.factor_arguments(config)
     stages = (
-        ("covariance", lambda: analyzer.fit_covariance_matrices(
-            FACTORS_NAME, ordered, per_device_batch_size=config.factor_batch_size,
-            dataloader_kwargs=loader_kwargs, factor_args=arguments)),
-        ("eigendecomposition", lambda: analyzer.perform_eigendecomposition(FACTORS_NAME, factor_args=arguments)),
+        ("covariance", lambda: kron.fit_covariances(analyzer, ordered, config.factor_batch_size, collate, arguments)),
+        ("eigendecomposition", lambda: kron.fit_eigendecomposition(analyzer, arguments)),
         ("lambda", lambda: fit_lambda_matrices(  # if-query's lambda, in Kronfluence's files (lambda_stage.py)
-            analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, loader_kwargs.collate_fn,
+            analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, collate,
             arguments, seed=config.seed, quiet=quiet)),
     )
     for name, run_stage in stages:

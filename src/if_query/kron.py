@@ -1,8 +1,13 @@
-"""Kronfluence's factor files, and the conventions if-query's own scoring relies on.
+"""The one module that imports Kronfluence: its task, analyzer, factor files and streaming scorer,
+and the conventions if-query's own scoring relies on.
 
-Kronfluence 1.0.1 (pinned) fits the covariances and their eigendecomposition; if-query fits lambda itself
-(:mod:`if_query.lambda_stage`) into Kronfluence's files. The files are read, and lambda's written, here and
-nowhere else.
+Kronfluence 1.0.1 (pinned) fits the covariances and their eigendecomposition (:func:`fit_covariances`,
+:func:`fit_eigendecomposition`); if-query fits lambda itself (:mod:`if_query.lambda_stage`) into
+Kronfluence's files. The files are read, and lambda's written, here and nowhere else. Kronfluence's own
+pairwise and self-influence scorers (:class:`StreamingScorer`) are the ``--engine kronfluence``
+cross-check. Private Kronfluence methods are called in three places, each marked ``# private:`` with its
+reason, and ``tests/test_kron_adapter.py`` fails if their signatures change.
+
 The conventions, each checked against Kronfluence's source (``factor/config.py``,
 ``module/linear.py``, ``module/tracker/factor.py``) and by tests that compare scores:
 
@@ -48,18 +53,29 @@ what Kronfluence's ``fit_lambda_matrices`` would, so ``load_all_factors`` and sc
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.factor.eigen import eigendecomposition_exist, lambda_matrices_exist, lambda_matrices_save_path
 from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.module.utils import get_tracked_module_names, make_modules_partition
+from kronfluence.score.pairwise import compute_pairwise_scores_with_loaders
+from kronfluence.score.self import compute_self_scores_with_loaders
+from kronfluence.task import Task
 from kronfluence.utils.constants import (
     ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
+    ALL_MODULE_NAME,
     FACTOR_ARGUMENTS_NAME,
     FACTOR_SAVE_PREFIX,
     GRADIENT_EIGENVALUES_NAME,
@@ -68,15 +84,24 @@ from kronfluence.utils.constants import (
     LAMBDA_MATRIX_NAME,
     NUM_LAMBDA_PROCESSED,
 )
+from kronfluence.utils.dataset import DataLoaderKwargs
+from kronfluence.utils.exceptions import FactorsNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils import data
 
 from if_query.atomic import staged_files
+from if_query.config import STRATEGIES, FitConfig, QueryConfig
+from if_query.distributed import check_launch
 from if_query.errors import InputError, RunError
+from if_query.loss import sample_labels, shifted_logits_and_labels, summed_token_losses
 from if_query.metadata import FACTORS_NAME
+from if_query.tokenization import Collator, TokenizedExample
 
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+# Kronfluence 1.0.1 uses torch.cuda.amp.GradScaler, deprecated in recent torch: not the user's concern.
+warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
+EIGENDECOMPOSITION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _FILES = {
     "ekfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED),
     "kfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, ACTIVATION_EIGENVALUES_NAME,
@@ -222,7 +247,8 @@ def prepare_lambda_stage(analyzer, factors_name: str, factor_args, dataset) -> P
     directory.mkdir(parents=True, exist_ok=True)
     if lambda_files_exist(directory):
         return None
-    analyzer._configure_and_save_factor_args(  # noqa: SLF001 - Kronfluence 1.0.1 (pinned)
+    # private: Kronfluence's lambda stage saves (or checks) its arguments this way; ours must too.
+    analyzer._configure_and_save_factor_args(  # noqa: SLF001
         factor_args=factor_args, factors_output_dir=directory, overwrite_output_dir=False)
     strategy = lambda_strategy(factor_args.strategy)
     if not strategy.fitted:
@@ -230,6 +256,7 @@ def prepare_lambda_stage(analyzer, factors_name: str, factor_args, dataset) -> P
     if factor_args.lambda_data_partitions != 1:
         raise RunError("if-query's lambda stage does not support Kronfluence's data partitions")
     if analyzer.state.is_main_process:
+        # private: the lambda dataset's metadata file, as Kronfluence's own stage writes it.
         analyzer._save_dataset_metadata(  # noqa: SLF001
             dataset_name=LAMBDA_DATASET_NAME, dataset=dataset, output_dir=directory, overwrite_output_dir=False)
     if strategy.rotated and not eigendecomposition_exist(output_dir=directory):
@@ -280,3 +307,248 @@ def aggregate_lambda_matrices(directory: Path, groups: int) -> None:
                                                               partition=_partition(group))))
         files[lambda_matrices_save_path(output_dir=directory, factor_name=factor)] = merged
     _save_atomic(directory, files, None)
+
+
+# --- Kronfluence's extension point: the task, the prepared model and the analyzer ---
+
+class CompletionLossTask(Task):
+    """Training loss and measurement are both the summed cross-entropy over completion tokens.
+
+    For the true Fisher (``sample=True``) the labels come from :func:`sample_labels` under the current
+    ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
+    """
+
+    def __init__(self, tracked_modules: list[str], seed: int = 0):
+        self.tracked_modules = list(tracked_modules)
+        self.seed = seed
+        self.stage = "covariance"
+
+    def set_stage(self, stage: str) -> None:
+        self.stage = stage
+
+    def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        logits, labels = shifted_logits_and_labels(batch, model)
+        if sample:
+            labels = sample_labels(logits, labels, batch, self.stage, self.seed)
+        return summed_token_losses(logits, labels).sum()
+
+    def compute_measurement(self, batch: dict, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model, sample=False)
+
+    def get_influence_tracked_modules(self) -> list[str]:
+        return self.tracked_modules
+
+    def get_attention_mask(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"]
+
+
+def prepare(model: nn.Module, task: CompletionLossTask) -> nn.Module:
+    """The model with Kronfluence's tracked wrappers around ``task``'s modules (``nn.Linear`` only)."""
+    return prepare_model(model, task)
+
+
+def make_analyzer(directory: Path, model: nn.Module, task: CompletionLossTask, quiet: bool) -> Analyzer:
+    """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian``."""
+    check_launch()
+    directory = directory.resolve()
+    return Analyzer(
+        analysis_name=directory.name,
+        model=model,
+        task=task,
+        output_dir=str(directory.parent),
+        log_level=logging.WARNING,
+        disable_tqdm=quiet,
+    )
+
+
+def factor_arguments(config: FitConfig) -> FactorArguments:
+    """Kronfluence's factor arguments of a fit (the same for every stage)."""
+    return FactorArguments(
+        strategy=config.strategy,
+        use_empirical_fisher=config.fisher == "empirical",
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        covariance_module_partitions=config.module_partitions,
+        lambda_module_partitions=config.module_partitions,
+        eigendecomposition_dtype=EIGENDECOMPOSITION_DTYPES[config.eigendecomposition_dtype],
+    )
+
+
+def fit_covariances(analyzer: Analyzer, examples: Sequence[TokenizedExample], batch_size: int,
+                    collate: Collator, arguments: FactorArguments) -> None:
+    """Kronfluence's covariance stage over ``examples`` (skipped when its files exist)."""
+    analyzer.fit_covariance_matrices(FACTORS_NAME, list(examples), per_device_batch_size=batch_size,
+                                     dataloader_kwargs=DataLoaderKwargs(collate_fn=collate), factor_args=arguments)
+
+
+def fit_eigendecomposition(analyzer: Analyzer, arguments: FactorArguments) -> None:
+    """Kronfluence's eigendecomposition stage (skipped when its files exist)."""
+    analyzer.perform_eigendecomposition(FACTORS_NAME, factor_args=arguments)
+
+
+# --- Kronfluence's streaming scorer (--engine kronfluence) ---
+
+
+@dataclass
+class PairwiseScores:
+    scores: torch.Tensor  # (num_queries, num_train)
+    per_token: list[list[torch.Tensor]] | None  # [query][train] -> (train length,)
+
+
+def _length_order(examples: Sequence[TokenizedExample]) -> list[int]:
+    """Indices sorted by length (stable), so batches carry little padding."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i]))
+
+
+def _inverse(order: list[int]) -> torch.Tensor:
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return inverse
+
+
+def load_dataloader(analyzer: Analyzer, examples: Sequence[TokenizedExample], batch_size: int, collate: Collator,
+                    stack: bool) -> data.DataLoader:
+    """A loader over ``examples`` with the samplers of Kronfluence's own scoring (its distributed sampler
+    under torchrun, every example once otherwise)."""
+    # private: the public score methods take datasets, not loaders; the *_with_loaders functions need
+    # loaders built exactly as Kronfluence builds them (checked in tests/test_kron_adapter.py).
+    return analyzer._get_dataloader(  # noqa: SLF001
+        dataset=list(examples), per_device_batch_size=batch_size,
+        dataloader_params=DataLoaderKwargs(collate_fn=collate).to_dict(), allow_duplicates=True, stack=stack,
+    )
+
+
+class StreamingScorer:
+    """Kronfluence's pairwise and self-influence scorers on a prepared model and loaded factors.
+
+    On the non-main ranks of a torchrun launch every method returns None (they take part in the
+    passes; rank 0 holds the result)."""
+
+    def __init__(self, model: nn.Module, module_names: list[str], config: QueryConfig, pad_token_id: int,
+                 quiet: bool = False):
+        self.task = CompletionLossTask(module_names)
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.quiet = quiet
+        self.analyzer = make_analyzer(Path(config.factors_dir), prepare(model, self.task), self.task, quiet)
+        self.factor_args = self.analyzer.load_factor_args(FACTORS_NAME)
+        if self.factor_args is None:
+            raise InputError(f"--factors-dir {config.factors_dir}: no Kronfluence factors found (incomplete fit?)")
+        try:
+            self.factors = self.analyzer.load_all_factors(FACTORS_NAME)
+        except (FactorsNotFoundError, FileNotFoundError) as exc:
+            raise InputError(f"--factors-dir {config.factors_dir}: incomplete factors ({exc})") from exc
+        clamp_kfac_eigenvalues(self.factors)
+        self.score_args = ScoreArguments(
+            damping_factor=config.damping_value,
+            compute_per_token_scores=config.per_token_scores,
+            query_gradient_low_rank=config.query_rank,
+        )
+        self.module_groups = make_modules_partition(get_tracked_module_names(self.model), config.module_partitions)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.analyzer.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.analyzer.state.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.analyzer.state.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.analyzer.state.use_distributed
+
+    def _loader(self, examples: Sequence[TokenizedExample], batch_size: int, pad_to: int | None = None,
+                stack: bool = True) -> data.DataLoader:
+        return load_dataloader(self.analyzer, examples, batch_size, Collator(self.pad_token_id, pad_to), stack)
+
+    def pairwise(self, queries: Sequence[TokenizedExample], train: Sequence[TokenizedExample]
+                 ) -> PairwiseScores | None:
+        """Scores of every (query, train) pair; train gradients are computed once per pass over the
+        train set, and one pass holds all queries unless ``queries_per_pass`` limits it."""
+        query_order, train_order = _length_order(queries), _length_order(train)
+        sorted_queries = [queries[i] for i in query_order]
+        sorted_train = [train[i] for i in train_order]
+        per_token = self.config.per_token_scores
+        pad_to = max(len(t) for t in train) if per_token else None
+        query_size, train_size = self.config.batch_sizes()
+        batches = math.ceil(len(queries) / query_size)
+        per_pass = self.config.queries_per_pass or len(queries)
+        self.score_args.query_gradient_accumulation_steps = max(1, min(batches, math.ceil(per_pass / query_size)))
+        total = None
+        for modules in self.module_groups:
+            result = compute_pairwise_scores_with_loaders(
+                loaded_factors=self.factors, model=self.model, state=self.analyzer.state, task=self.task,
+                query_loader=self._loader(sorted_queries, query_size, stack=False),
+                per_device_query_batch_size=query_size,
+                train_loader=self._loader(sorted_train, train_size, pad_to=pad_to),
+                score_args=self.score_args, factor_args=self.factor_args,
+                tracked_module_names=modules, disable_tqdm=self.quiet,
+            )
+            if self.is_main_process:
+                scores = result[ALL_MODULE_NAME]
+                total = scores if total is None else total + scores
+        if not self.is_main_process:
+            return None
+        total = total[_inverse(query_order)][:, _inverse(train_order)]
+        if not per_token:
+            return PairwiseScores(total, None)
+        tokens = [[total[q, t, : len(train[t])].clone() for t in range(len(train))] for q in range(len(queries))]
+        return PairwiseScores(total.sum(dim=-1), tokens)
+
+    def self_scores(self, examples: Sequence[TokenizedExample]) -> torch.Tensor | None:
+        """``g^T (G + damping)^-1 g`` of each example (exact, never low-rank), (examples,)."""
+        if not examples:
+            return torch.empty(0) if self.is_main_process else None
+        order = _length_order(examples)
+        arguments = ScoreArguments(damping_factor=self.config.damping_value)
+        total = None
+        for modules in self.module_groups:
+            result = compute_self_scores_with_loaders(
+                loaded_factors=self.factors, model=self.model, state=self.analyzer.state, task=self.task,
+                train_loader=self._loader([examples[i] for i in order], self.config.batch_sizes()[1]),
+                score_args=arguments,
+                factor_args=self.factor_args, tracked_module_names=modules, disable_tqdm=self.quiet,
+            )
+            if self.is_main_process:
+                scores = result[ALL_MODULE_NAME]
+                total = scores if total is None else total + scores
+        if not self.is_main_process:
+            return None
+        return total[_inverse(order)]
+
+    @torch.no_grad()
+    def completion_losses(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
+        """Summed cross-entropy over completion tokens (EOS included), (examples,) float64."""
+        order = _length_order(examples)
+        collate = Collator(self.pad_token_id)
+        sums = torch.empty(len(examples), dtype=torch.float64)
+        size = self.config.batch_sizes()[0]  # the queries' losses
+        for start in range(0, len(order), size):
+            indices = order[start : start + size]
+            batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices]).items()}
+            logits, labels = shifted_logits_and_labels(batch, self.model)
+            sums[indices] = summed_token_losses(logits, labels).double().cpu()
+        return sums
+
+
+PRIVATE_API = {  # the private Kronfluence methods called above, and the parameters passed to them
+    "_get_dataloader": ("dataset", "per_device_batch_size", "dataloader_params", "allow_duplicates", "stack"),
+    "_configure_and_save_factor_args": ("factor_args", "factors_output_dir", "overwrite_output_dir"),
+    "_save_dataset_metadata": ("dataset_name", "dataset", "output_dir", "overwrite_output_dir"),
+}
+
+
+def private_api_changes() -> list[str]:
+    """The private Kronfluence methods whose parameters no longer include what this module passes."""
+    changed = []
+    for method, passed in PRIVATE_API.items():
+        function = getattr(Analyzer, method, None)
+        parameters = inspect.signature(function).parameters if function is not None else {}
+        if function is None or any(name not in parameters for name in passed):
+            changed.append(method)
+    return changed

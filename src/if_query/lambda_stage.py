@@ -11,7 +11,7 @@ What stays as Kronfluence's stage did it:
 
 - one forward and backward pass per batch (weights frozen: activation gradients only) over the
   fitting examples in the same order and batches; the true Fisher's labels are drawn by
-  :func:`if_query.task.sample_labels` under stage ``"lambda"`` and the fit's seed, exactly what
+  :func:`if_query.loss.sample_labels` under stage ``"lambda"`` and the fit's seed, exactly what
   ``CompletionLossTask.compute_train_loss(..., sample=True)`` draws there; ``--fisher empirical``
   uses the data's labels;
 - float32 accumulation on the device (token vectors cast from the model's dtype, as Kronfluence's
@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from if_query import kron
-from if_query import task as task_module
+from if_query import loss as loss_module
 from if_query.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.errors import RunError
 from if_query.tokenization import TokenizedExample
@@ -55,8 +55,8 @@ def sampled_loss(seed: int) -> Callable:
     """Per-example summed cross-entropy against labels drawn from the model (true Fisher, stage "lambda")."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
-        drawn = task_module.sample_labels(logits, labels, batch, STAGE, seed)
-        return task_module.summed_token_losses(logits, drawn)
+        drawn = loss_module.sample_labels(logits, labels, batch, STAGE, seed)
+        return loss_module.summed_token_losses(logits, drawn)
 
     return loss
 
@@ -128,29 +128,31 @@ def accumulate_lambda(model: nn.Module, modules: dict[str, nn.Linear],
     return {name: accumulator.value for name, accumulator in accumulators.items()}
 
 
-def reduce_to_main(lambdas: dict[str, torch.Tensor], state) -> None:
-    """Sum every rank's lambdas onto rank 0 (in place; other ranks' values are then meaningless)."""
+def reduce_to_main(lambdas: dict[str, torch.Tensor], state) -> dict[str, torch.Tensor] | None:
+    """Every rank's lambdas summed onto rank 0 (in place), which gets them back; other ranks get None."""
     if state.use_distributed:
         for value in lambdas.values():
             dist.reduce(value, dst=0, op=dist.ReduceOp.SUM)
+    return lambdas if state.process_index == 0 else None
 
 
-def _check_finite(lambdas: dict[str, torch.Tensor], state) -> None:
+def _check_finite(lambdas: dict[str, torch.Tensor] | None, state) -> None:
     """Every rank raises if rank 0's summed lambdas are not all finite (no rank is left waiting)."""
-    bad = [name for name, value in lambdas.items() if not bool(torch.isfinite(value).all())]
+    bad = [name for name, value in (lambdas or {}).items() if not bool(torch.isfinite(value).all())]
     flag = torch.tensor([len(bad)], device=state.device)
     if state.use_distributed:
         dist.broadcast(flag, src=0)
     if int(flag.item()):
-        where = f" for module {bad[0]}" if bad and state.is_main_process else ""
+        where = f" for module {bad[0]}" if bad else ""
         raise RunError(f"non-finite lambda{where} (overflow in the model's dtype? try --dtype float32)")
 
 
 def lambda_group(model: nn.Module, modules: dict[str, nn.Linear], directory: Path | None, rotated: bool,
                  examples: Sequence[TokenizedExample], batch_size: int, collate: Callable, state,
                  loss: Callable | None = None, progress: Callable[[int], None] | None = None,
-                 ) -> dict[str, torch.Tensor]:
-    """One group of modules: this rank's share of ``examples``, summed over ranks onto rank 0 (``state``:
+                 ) -> dict[str, torch.Tensor] | None:
+    """One group of modules: this rank's share of ``examples``, summed over ranks onto rank 0, which
+    gets {name: (out, in') float32}; other ranks get None (``state``:
     Kronfluence's State, or anything with its ``process_index``, ``num_processes``, ``use_distributed``
     and ``device``). Eigenvectors are read from ``directory`` when ``rotated``."""
     eigenvectors = ({name: kron.read_eigenvectors(directory, name, state.device) for name in modules}
@@ -158,8 +160,7 @@ def lambda_group(model: nn.Module, modules: dict[str, nn.Linear], directory: Pat
     mine = shard(examples, state.process_index, state.num_processes)
     lambdas = accumulate_lambda(model, modules, eigenvectors, mine, batch_size, collate, state.device, loss, progress)
     del eigenvectors
-    reduce_to_main(lambdas, state)
-    return lambdas
+    return reduce_to_main(lambdas, state)
 
 
 def fit_lambda_matrices(analyzer, model: nn.Module, factors_name: str, examples: Sequence[TokenizedExample],
@@ -188,7 +189,7 @@ def fit_lambda_matrices(analyzer, model: nn.Module, factors_name: str, examples:
             lambdas = lambda_group(model, group, directory, strategy.rotated, examples, batch_size, collate, state,
                                    loss, bar.update)
             _check_finite(lambdas, state)
-            if state.is_main_process:
+            if lambdas is not None:  # rank 0
                 kron.write_lambda_matrices(directory, {name: value.cpu() for name, value in lambdas.items()},
                                            {name: counts[name] for name in group}, factor_args,
                                            number if partitioned else None)

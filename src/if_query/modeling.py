@@ -12,8 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from if_query.errors import InputError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --dtype (config.py)
 
 # Names of MLP projections in the common families: GPT-2 (c_fc, c_proj), Llama / OLMo / OLMo-2 /
 # Qwen2 / Mistral (gate_proj, up_proj, down_proj), GPT-NeoX / Pythia (dense_h_to_4h, dense_4h_to_h),
@@ -34,8 +33,6 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     if name == "auto":
         device = device or default_device()
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise InputError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[name]
 
 
@@ -61,8 +58,9 @@ def _first_line(exc: Exception) -> str:
 
 
 @dataclass(frozen=True)
-class TrackedModule:
-    """A tracked Linear module: its name in the model and its weight shape (out, in)."""
+class MlpProjection:
+    """An MLP projection whose Hessian is approximated: its name in the model, its block, its weight
+    shape (out, in) and whether it has a bias (the bias column of :mod:`if_query.kron`)."""
 
     name: str
     layer: int
@@ -87,13 +85,11 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def find_mlp_modules(model: nn.Module, layer_stride: int = 1) -> list[TrackedModule]:
+def find_mlp_modules(model: nn.Module, layer_stride: int = 1) -> list[MlpProjection]:
     """The MLP projection modules of blocks 0, N, 2N, ... (N = ``layer_stride``).
 
     Never the LM head, the embeddings or attention projections.
     """
-    if layer_stride < 1:
-        raise InputError(f"--layer-stride must be at least 1, got {layer_stride}")
     found = []
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in MLP_PROJECTION_NAMES:
@@ -107,7 +103,7 @@ def find_mlp_modules(model: nn.Module, layer_stride: int = 1) -> list[TrackedMod
             in_features, out_features = module.weight.shape
         else:
             out_features, in_features = module.weight.shape
-        found.append(TrackedModule(name, layer, out_features, in_features, module.bias is not None))
+        found.append(MlpProjection(name, layer, out_features, in_features, module.bias is not None))
     if not found:
         raise InputError(
             f"no MLP modules found in {type(model).__name__}: if-query knows the MLP projections of GPT-2, "
@@ -126,7 +122,7 @@ def conv1d_to_linear(module: Conv1D) -> nn.Linear:
     return linear
 
 
-def make_trackable(model: nn.Module, modules: list[TrackedModule]) -> nn.Module:
+def make_trackable(model: nn.Module, modules: list[MlpProjection]) -> nn.Module:
     """Replace tracked ``Conv1D`` modules by ``nn.Linear`` so Kronfluence can wrap them."""
     for tracked in modules:
         module = model.get_submodule(tracked.name)
@@ -140,7 +136,7 @@ class _ProbeDone(Exception):
     """Raised by the probe's hooks once every tracked module has been seen (skips the rest)."""
 
 
-def check_token_shaped(model: nn.Module, modules: list[TrackedModule]) -> None:
+def check_token_shaped(model: nn.Module, modules: list[MlpProjection]) -> None:
     """Refuse a model whose tracked modules do not see (batch, tokens, features) inputs.
 
     Some families (OPT: its decoder layer reshapes hidden states to (batch * tokens, hidden) before

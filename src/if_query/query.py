@@ -6,15 +6,12 @@ the model loads, scored, and its CSVs written atomically. Identical token sequen
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-import torch
-
 from if_query import distributed
+from if_query.config import QueryConfig
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
 from if_query.metadata import METADATA_FILE, describe_mismatch, load_complete_metadata, model_identity
@@ -29,9 +26,9 @@ from if_query.modeling import (
 )
 from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
-from if_query.results import RESULT_FILES, QueryResults, examples_frame, read_results, write_results
+from if_query.report import header_from_run, write_report
+from if_query.results import RESULT_FILES, QueryResults, make_results, read_results, write_results
 from if_query.scorer import EngineScorer, KronfluenceScorer
-from if_query.scoring import ScoreConfig
 from if_query.tokenization import ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -74,15 +71,11 @@ class JobOutcome:
         return self.error is None
 
 
-@dataclass
-class QueryConfig:
-    model: str
-    factors_dir: str
-    revision: str | None = None
-    dtype: str = "auto"
-    max_length: int = 512
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    command: list[str] | None = None  # the command line recorded in run.json (None: sys.argv)
+def query_jobs(config: QueryConfig) -> list[QueryJob]:
+    """The jobs a config names: one per query folder, or the single-run mode's one."""
+    if config.folders:
+        return [QueryJob.from_folder(folder) for folder in config.folders]
+    return [QueryJob("query", config.query_json, config.train_json, config.output_dir)]
 
 
 def _unique(sequences: list[TokenizedExample]) -> tuple[list[TokenizedExample], list[int]]:
@@ -93,22 +86,10 @@ def _unique(sequences: list[TokenizedExample]) -> tuple[list[TokenizedExample], 
     return list(index), [index[s] for s in sequences]
 
 
-def _non_finite(values: torch.Tensor, ids: list[str]) -> list[str]:
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    return [ids[i] for i in bad]
-
-
-def _non_finite_error(what: str, ids: list[str]) -> RunError:
-    shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-    return RunError(f"non-finite {what} for {shown}; try --dtype float32 (or bfloat16 instead of float16)"
-                    + (", or a larger --damping" if what != "loss" else ""))
-
-
 class QueryRunner:
     """Loads the model and factors once, then scores any number of jobs."""
 
     def __init__(self, config: QueryConfig, quiet: bool = False):
-        config.score.validate()
         self.config = config
         self.quiet = quiet
         self.metadata = load_complete_metadata(config.factors_dir)
@@ -143,13 +124,11 @@ class QueryRunner:
         check_token_shaped(model, modules)
         self._check_factors({"tracked_modules": [[m.name, m.shape] for m in modules]})
         model = make_trackable(model, modules)
-        score = self.config.score
-        if score.engine == "kronfluence":
-            self.scorer = KronfluenceScorer(model, modules, self.config.factors_dir, self.tokenizer.pad_token_id,
-                                            score, self.quiet)
+        if self.config.engine == "kronfluence":
+            self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
         else:
-            self.scorer = EngineScorer(model, modules, self.config.factors_dir, self.tokenizer.pad_token_id,
-                                       score, self.device, self.quiet)
+            self.scorer = EngineScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.device,
+                                       self.quiet)
         return self.scorer
 
     def _check_factors(self, found: dict) -> None:
@@ -165,62 +144,29 @@ class QueryRunner:
             )
 
     def score(self, prepared: PreparedJob) -> QueryResults | None:
-        """Scores, cosines and losses of one job (None on non-main ranks of Kronfluence's torchrun path)."""
-        scorer = self.load_scorer()
+        """One job's results (None on the non-main ranks of Kronfluence's torchrun path). Identical
+        token sequences are scored once and their scores copied to every record that has them."""
         unique_queries, query_index = _unique(prepared.query_tokens)
         unique_train, train_index = _unique(prepared.train_tokens)
-        scored = scorer.score(unique_queries, unique_train)
+        scored = self.load_scorer().score(unique_queries, unique_train)
         if scored is None:
             return None
-        query_ids = [e.pair_id for e in prepared.queries]
-        train_ids = [e.pair_id for e in prepared.train]
-        counts = torch.tensor([sequence.num_labelled for sequence in unique_queries], dtype=torch.float64)
-
-        losses = scored.query_losses[query_index]
-        if bad := _non_finite(losses, query_ids):
-            raise _non_finite_error("loss", bad)
-        scores = scored.scores[query_index][:, train_index].double()
-        if bad := _non_finite(scores.flatten(), [f"{q}/{t}" for q in query_ids for t in train_ids]):
-            raise _non_finite_error("influence score", bad)
-        query_self = scored.query_self[query_index].double()
-        train_self = scored.train_self[train_index].double()
-        cosine = scores / torch.sqrt(query_self.clamp_min(0)[:, None] * train_self.clamp_min(0)[None, :])
-        cosine = torch.nan_to_num(cosine, nan=0.0).clamp(-1.0, 1.0)
-
-        influences = {
-            "query_id": [q for q in query_ids for _ in train_ids],
-            "train_id": [t for _ in query_ids for t in train_ids],
-            "influence_score": scores.flatten().tolist(),
-            "influence_cosine": cosine.flatten().tolist(),
-        }
-        train_columns: dict[str, list] = {}
-        if scored.per_token is not None:
-            influences["per_token_scores"] = [
-                json.dumps(scored.per_token[query_index[q]][train_index[t]].tolist())
-                for q in range(len(query_ids)) for t in range(len(train_ids))
-            ]
-            train_columns["tokens"] = [
-                json.dumps(self.example_tokenizer.token_strings(tokens), ensure_ascii=False)
-                for tokens in prepared.train_tokens
-            ]
-        return QueryResults(
-            queries=examples_frame(prepared.queries, "query_id", {
-                "loss": (losses / counts[query_index]).tolist(),
-                "loss_sum": losses.tolist(),
-            }),
-            train=examples_frame(prepared.train, "train_id", train_columns),
-            influences=pd.DataFrame(influences),
-        )
+        scored = scored.select(query_index, train_index)
+        scored.check_finite([e.pair_id for e in prepared.queries], [e.pair_id for e in prepared.train])
+        tokens = ([self.example_tokenizer.token_strings(t) for t in prepared.train_tokens]
+                  if scored.per_token is not None else None)
+        return make_results(prepared.queries, prepared.train, scored,
+                            [t.num_labelled for t in prepared.query_tokens], tokens)
 
     def provenance(self, job: QueryJob) -> dict:
         """The run.json written with a job's results (see :mod:`if_query.provenance`)."""
         config = self.config
         return run_provenance(
             command=config.command, model=config.model, revision=config.revision, factors_dir=config.factors_dir,
-            metadata=self.metadata, damping=config.score.damping,
+            metadata=self.metadata, damping=config.damping_value,
             resolved_damping=self.scorer.resolved_damping,
             dtype=str(self.dtype).removeprefix("torch."), max_length=config.max_length,
-            per_token_scores=config.score.per_token, query_json=job.query_json, train_json=job.train_json,
+            per_token_scores=config.per_token_scores, query_json=job.query_json, train_json=job.train_json,
         )
 
     def is_done(self, job: QueryJob) -> bool:
@@ -233,12 +179,17 @@ class QueryRunner:
         except OSError:
             return False
 
-    def run(self, jobs: list[QueryJob], stop_on_error: bool = True, skip_done: bool = False) -> list[JobOutcome]:
-        """Validate every job, load the model once, then score and write each valid job.
+    def run(self, jobs: list[QueryJob] | None = None) -> list[JobOutcome]:
+        """Validate every job (default: the config's), load the model once, then score and write each
+        valid job (with report.html under ``--report``).
 
-        Under torchrun with the default engine each rank scores its share of the jobs; every rank
-        returns the outcomes of all jobs (others' results read back from their files)."""
-        sharded = distributed.world_size() > 1 and self.config.score.engine != "kronfluence"
+        A single run stops at its first error (raised); with query folders a folder's error is kept in
+        its outcome and the others go on. Under torchrun with the default engine each rank scores its
+        share of the jobs; every rank returns the outcomes of all jobs (others' results read back from
+        their files)."""
+        jobs = query_jobs(self.config) if jobs is None else jobs
+        stop_on_error = not self.config.folders
+        sharded = distributed.world_size() > 1 and self.config.engine != "kronfluence"
         if sharded:
             distributed.start_folder_sharding()
         mine = set(distributed.folder_shard(len(jobs))) if sharded else set(range(len(jobs)))
@@ -247,7 +198,7 @@ class QueryRunner:
         for index, outcome in enumerate(outcomes):
             if index not in mine:
                 continue
-            if skip_done and self.is_done(outcome.job):
+            if self.config.skip_done and self.is_done(outcome.job):
                 logger.info("Skipping %s: results are complete and newer than its inputs and factors",
                             outcome.job.name)
                 outcome.skipped = True
@@ -267,7 +218,7 @@ class QueryRunner:
                 outcome.results = self.score(job)
                 if outcome.results is not None:
                     outcome.results.provenance = self.provenance(job.job)
-                    outcome.files = write_results(outcome.results, job.job.output_dir)
+                    outcome.files = self.write(outcome.results, job.job.output_dir)
             except IfQueryError as exc:
                 if stop_on_error and not sharded:
                     raise
@@ -277,6 +228,13 @@ class QueryRunner:
             if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):
                 raise failed[0].error
         return outcomes
+
+    def write(self, results: QueryResults, output_dir: Path) -> list[Path]:
+        """The CSVs and run.json (atomically), then report.html under ``--report``."""
+        files = write_results(results, output_dir)
+        if self.config.report:
+            files.append(write_report(output_dir, header_from_run(results.provenance), self.config.top_k))
+        return files
 
     @staticmethod
     def _collect(outcomes: list[JobOutcome], mine: set[int]) -> None:

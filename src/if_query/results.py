@@ -6,13 +6,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from if_query.atomic import staged_files
 from if_query.provenance import RUN_FILE
 from if_query.records import Example
+
+if TYPE_CHECKING:
+    from if_query.scorer import ScoredSet
 
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
 RESULT_FILES = (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)  # everything write_results writes
@@ -55,6 +58,34 @@ def examples_frame(examples: Sequence[Example], id_column: str, columns: dict[st
             name = f"extra_{name}"
         frame[name] = [_cell(e.extra.get(key)) for e in examples]
     return pd.DataFrame(frame)
+
+
+def make_results(queries: Sequence[Example], train: Sequence[Example], scored: ScoredSet,
+                 labelled_counts: Sequence[int], train_tokens: Sequence[list[str]] | None) -> QueryResults:
+    """The three tables of one job: ``scored`` holds one row per query record and one column per train
+    record (:meth:`ScoredSet.select`), ``labelled_counts`` each query's number of labelled (predicted)
+    tokens, ``train_tokens`` each train record's token strings (with per-token scores only)."""
+    query_ids = [e.pair_id for e in queries]
+    train_ids = [e.pair_id for e in train]
+    losses = scored.query_losses.tolist()
+    influences = {
+        "query_id": [q for q in query_ids for _ in train_ids],
+        "train_id": [t for _ in query_ids for t in train_ids],
+        "influence_score": scored.scores.flatten().tolist(),
+        "influence_cosine": scored.cosine().flatten().tolist(),
+    }
+    train_columns: dict[str, list] = {}
+    if scored.per_token is not None:
+        influences["per_token_scores"] = [json.dumps(values.tolist()) for row in scored.per_token for values in row]
+        train_columns["tokens"] = [json.dumps(tokens, ensure_ascii=False) for tokens in train_tokens]
+    return QueryResults(
+        queries=examples_frame(queries, "query_id", {
+            "loss": [loss / count for loss, count in zip(losses, labelled_counts, strict=True)],
+            "loss_sum": losses,
+        }),
+        train=examples_frame(train, "train_id", train_columns),
+        influences=pd.DataFrame(influences),
+    )
 
 
 def write_results(results: QueryResults, output_dir: str | Path) -> list[Path]:

@@ -25,11 +25,11 @@ from if_query.capture import (
     host_memory_available,
     return_freed_memory_to_the_os,
 )
-from if_query.kron import FactorReader, clamp_kfac_eigenvalues
-from if_query.modeling import TrackedModule
-from if_query.scoring import InfluenceScorer, ScoreConfig, gradient_batches
+from if_query.config import QueryConfig
+from if_query.errors import RunError
+from if_query.kron import FactorReader, StreamingScorer
+from if_query.modeling import MlpProjection
 from if_query.sizes import human_bytes
-from if_query.task import CompletionLossTask
 from if_query.tokenization import TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ MIN_WORKSPACE_BYTES = 64 * 1024**2
 
 @dataclass
 class ScoredSet:
-    """Scores of distinct queries against distinct train sequences (float64, on the host)."""
+    """Scores of queries against train sequences (float64, on the host); both scorers return one."""
 
     scores: torch.Tensor  # (queries, train)
     query_self: torch.Tensor  # (queries,)
@@ -46,6 +46,49 @@ class ScoredSet:
     query_losses: torch.Tensor  # (queries,) summed completion loss
     per_token: list[list[torch.Tensor]] | None  # [query][train] -> (train length,)
     damping: dict[str, float | None] | None  # resolved damping per module (None: not known)
+
+    def select(self, queries: Sequence[int], train: Sequence[int]) -> ScoredSet:
+        """The rows ``queries`` and columns ``train`` (indices into this set; repeats allowed)."""
+        per_token = (None if self.per_token is None
+                     else [[self.per_token[q][t] for t in train] for q in queries])
+        return ScoredSet(self.scores[queries][:, train].double(), self.query_self[queries].double(),
+                         self.train_self[train].double(), self.query_losses[queries], per_token, self.damping)
+
+    def cosine(self) -> torch.Tensor:
+        """``influence_cosine``: each score over the geometric mean of the two self-influences, in [-1, 1]
+        (0 where a self-influence is 0), (queries, train)."""
+        norms = torch.sqrt(self.query_self.clamp_min(0)[:, None] * self.train_self.clamp_min(0)[None, :])
+        return torch.nan_to_num(self.scores / norms, nan=0.0).clamp(-1.0, 1.0)
+
+    def check_finite(self, query_ids: Sequence[str], train_ids: Sequence[str]) -> None:
+        """Raise :class:`RunError` naming the first records whose loss or scores are not finite."""
+        if bad := _non_finite(self.query_losses, query_ids):
+            raise _non_finite_error("loss", bad)
+        if bad := _non_finite(self.scores.flatten(), [f"{q}/{t}" for q in query_ids for t in train_ids]):
+            raise _non_finite_error("influence score", bad)
+
+
+def _non_finite(values: torch.Tensor, ids: Sequence[str]) -> list[str]:
+    return [ids[i] for i in (~torch.isfinite(values)).nonzero().flatten().tolist()]
+
+
+def _non_finite_error(what: str, ids: list[str]) -> RunError:
+    shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return RunError(f"non-finite {what} for {shown}; try --dtype float32 (or bfloat16 instead of float16)"
+                    + (", or a larger --damping" if what != "loss" else ""))
+
+
+def gradient_batches(lengths: Sequence[int], num_queries: int, config: QueryConfig) -> list[list[int]]:
+    """Index batches for one gradient per distinct example, where the first ``num_queries`` examples
+    are the queries (some may also be train examples) and the rest train-only: queries in batches of
+    the query batch size, then train-only examples in batches of the train batch size, each group
+    sorted by length (little padding)."""
+    query_size, train_size = config.batch_sizes()
+    batches = []
+    for indices, size in ((range(num_queries), query_size), (range(num_queries, len(lengths)), train_size)):
+        order = sorted(indices, key=lambda i: lengths[i])
+        batches += [order[start : start + size] for start in range(0, len(order), size)]
+    return batches
 
 
 def _workspace_default(device: torch.device, reserved: int) -> int:
@@ -59,13 +102,13 @@ def _workspace_default(device: torch.device, reserved: int) -> int:
 class EngineScorer:
     """Token factors captured once per distinct sequence, scored exactly module by module."""
 
-    def __init__(self, model: nn.Module, modules: list[TrackedModule], factors_dir: str | Path, pad_token_id: int,
-                 config: ScoreConfig, device: torch.device, quiet: bool = False):
+    def __init__(self, model: nn.Module, modules: list[MlpProjection], config: QueryConfig, pad_token_id: int,
+                 device: torch.device, quiet: bool = False):
         return_freed_memory_to_the_os()
         self.model = model.to(device).eval()
         self.tracked = modules
         self.linears = {m.name: model.get_submodule(m.name) for m in modules}
-        self.factors = FactorReader(factors_dir)
+        self.factors = FactorReader(config.factors_dir)
         self.pad_token_id = pad_token_id
         self.config = config
         self.device = device
@@ -115,8 +158,8 @@ class EngineScorer:
         with tqdm(total=len(self.tracked), desc="scores", unit="module", disable=self.quiet) as bar:
             result = engine.score(
                 store, self.factors, {m.name: m.bias for m in self.tracked},
-                [position[q] for q in queries], [position[t] for t in train], config.damping,
-                config.per_token, workspace, self.device, progress=lambda name: bar.update(1),
+                [position[q] for q in queries], [position[t] for t in train], config.damping_value,
+                config.per_token_scores, workspace, self.device, progress=lambda name: bar.update(1),
             )
         self.resolved_damping = result.damping
         return ScoredSet(result.pairwise, result.query_self, result.train_self,
@@ -126,19 +169,11 @@ class EngineScorer:
 class KronfluenceScorer:
     """Kronfluence's streaming scorers (pairwise, then self-influences), as a cross-check."""
 
-    def __init__(self, model: nn.Module, modules: list[TrackedModule], factors_dir: str | Path, pad_token_id: int,
-                 config: ScoreConfig, quiet: bool = False):
-        from kronfluence.analyzer import prepare_model
-
-        task = CompletionLossTask([m.name for m in modules])
-        self.scorer = InfluenceScorer(prepare_model(model, task), task, factors_dir, pad_token_id, config, quiet)
-        clamp_kfac_eigenvalues(self.scorer.factors)
+    def __init__(self, model: nn.Module, modules: list[MlpProjection], config: QueryConfig, pad_token_id: int,
+                 quiet: bool = False):
+        self.scorer = StreamingScorer(model, [m.name for m in modules], config, pad_token_id, quiet)
         self.config = config
         self.resolved_damping = None  # resolved inside Kronfluence, not reported
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.scorer.is_main_process
 
     def score(self, queries: Sequence[TokenizedExample], train: Sequence[TokenizedExample]) -> ScoredSet | None:
         """None on non-main ranks of a torchrun launch."""
@@ -147,17 +182,17 @@ class KronfluenceScorer:
         # A sequence that is both a query and a train example: its self-influence is read off the
         # exact pairwise diagonal (not with low-rank queries, and not across processes, where every
         # rank must run the same passes).
-        reuse = self.config.query_rank is None and not scorer.analyzer.state.use_distributed
+        reuse = self.config.query_rank is None and not scorer.distributed
         train_position = {sequence: j for j, sequence in enumerate(train)}
         known: dict[TokenizedExample, float] = {}
-        if reuse and scorer.is_main_process:
+        if reuse and pairwise is not None:
             for i, sequence in enumerate(queries):
                 if sequence in train_position:
                     known[sequence] = float(pairwise.scores[i, train_position[sequence]])
         missing = [s for s in dict.fromkeys([*queries, *train]) if s not in known]
         computed = scorer.self_scores(missing)
         losses = scorer.completion_losses(queries)
-        if not scorer.is_main_process:
+        if pairwise is None or computed is None:
             return None
         known.update({s: float(v) for s, v in zip(missing, computed.tolist(), strict=True)})
         return ScoredSet(

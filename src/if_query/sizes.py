@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from if_query.modeling import TrackedModule
+from if_query.modeling import MlpProjection
 
 BYTES_PER_FLOAT = 4
 
@@ -31,7 +31,7 @@ class FactorSizes:
         return human_bytes(self.total_bytes)
 
 
-def estimate_factor_sizes(modules: list[TrackedModule], strategy: str) -> FactorSizes:
+def estimate_factor_sizes(modules: list[MlpProjection], strategy: str) -> FactorSizes:
     """Bytes of the factors Kronfluence stores for ``strategy`` (the bias adds one input column)."""
     covariance = eigen = lambdas = 0
     for module in modules:

@@ -1,4 +1,8 @@
-"""The Kronfluence task: summed cross-entropy of the labelled (completion) tokens.
+"""The loss being attributed, and the true Fisher's sampled labels.
+
+The loss of an example is the summed cross-entropy of its labelled (completion) tokens; the same function
+is the training loss, the measurement and the score's gradient (Kronfluence's task, :class:`if_query.kron.
+CompletionLossTask`, calls these functions; :mod:`if_query.capture` and :mod:`if_query.lambda_stage` too).
 
 True-Fisher label sampling (``LABEL_SAMPLING``): when a fitting stage asks for sampled labels, the
 label at each labelled position is drawn from the model's softmax there, by inverse-CDF sampling
@@ -26,7 +30,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kronfluence.task import Task
 from torch import nn
 
 from if_query.tokenization import IGNORE_INDEX
@@ -152,34 +155,3 @@ def sample_labels(logits: torch.Tensor, labels: torch.Tensor, batch: dict, stage
     drawn = labels.clone()
     drawn[row, column] = _inverse_cdf(logits[row, column].detach().float(), uniform)
     return drawn
-
-
-class CompletionLossTask(Task):
-    """Training loss and measurement are both the summed cross-entropy over completion tokens.
-
-    For the true Fisher (``sample=True``) the labels come from :func:`sample_labels` under the current
-    ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
-    """
-
-    def __init__(self, tracked_modules: list[str], seed: int = 0):
-        self.tracked_modules = list(tracked_modules)
-        self.seed = seed
-        self.stage = "covariance"
-
-    def set_stage(self, stage: str) -> None:
-        self.stage = stage
-
-    def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        logits, labels = shifted_logits_and_labels(batch, model)
-        if sample:
-            labels = sample_labels(logits, labels, batch, self.stage, self.seed)
-        return summed_token_losses(logits, labels).sum()
-
-    def compute_measurement(self, batch: dict, model: nn.Module) -> torch.Tensor:
-        return self.compute_train_loss(batch, model, sample=False)
-
-    def get_influence_tracked_modules(self) -> list[str]:
-        return self.tracked_modules
-
-    def get_attention_mask(self, batch: dict) -> torch.Tensor:
-        return batch["attention_mask"]

@@ -1,0 +1,274 @@
+"""Every option of every command, declared once: its default, its help text and its checks.
+
+Each command has one config dataclass. A field made with :func:`option` is a command-line option:
+``--field-name`` (or the ``flags`` it names), with the field's default and ``help`` as its help text;
+the class docstring is the command's help (``cli.py`` builds the Typer commands from these classes
+and nothing else). Fields made with plain ``field`` are set by library callers only.
+
+Checks run once, when a config is made (``__post_init__``): the per-field ``minimum`` and
+``choices`` declared with the option, then the command's own cross-field checks. A failed check
+raises :class:`~if_query.errors.InputError` naming the option, so the CLI prints one line and
+exits with 2.
+
+This module imports no torch, transformers or Kronfluence, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from if_query.errors import InputError
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # Kronfluence's names (kron.py checks them)
+FISHER_TYPES = ("true", "empirical")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+EIGENDECOMPOSITION_DTYPES = ("float64", "float32")
+ENGINES = ("if-query", "kronfluence")
+KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
+GIGABYTE = 1024**3
+
+
+def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), minimum: float | None = None,
+           choices: tuple[str, ...] | None = None, argument: bool = False, show_default: bool = True,
+           compare: bool = True) -> Any:
+    """A config field that is also a command-line option (see the module docstring).
+
+    ``minimum``/``choices`` are checked when the config is made (``None`` always passes); ``argument``
+    makes it positional; ``compare=False`` leaves it out of equality (options that do not change results).
+    """
+    metadata = {"help": help, "flags": flags, "minimum": minimum, "choices": choices, "argument": argument,
+                "show_default": show_default}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, compare=compare)
+    return field(default=default, metadata=metadata, compare=compare)
+
+
+def cli_fields(config_class: type) -> list:
+    """The fields of ``config_class`` that are command-line options, in declaration order."""
+    return [f for f in fields(config_class) if "help" in f.metadata]
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_declared(config: Any) -> None:
+    for spec in cli_fields(type(config)):
+        value = getattr(config, spec.name)
+        name = spec.metadata["flags"][0] if spec.metadata["flags"] else option_name(spec.name)
+        minimum, choices = spec.metadata["minimum"], spec.metadata["choices"]
+        if minimum is not None and value is not None and value < minimum:
+            qualifier = "at least" if isinstance(minimum, int) and minimum > 0 else ">="
+            raise InputError(f"{name} must be {qualifier} {minimum}, got {value}")
+        if choices is not None and value not in choices:
+            raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+# --- options that several commands share (each default written once, here) ---
+
+def model_option() -> Any:
+    return option(help="HuggingFace hub name or local directory of a causal LM.")
+
+
+def revision_option() -> Any:
+    return option(None, help="Model revision (branch, tag or commit) on the hub. With a local model directory it "
+                             "is not used to load anything, but is recorded and must match the factors' revision.")
+
+
+def dtype_option() -> Any:
+    return option("auto", choices=DTYPE_CHOICES,
+                  help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
+
+
+def max_length_option(help: str) -> Any:
+    return option(512, minimum=1, help=help)
+
+
+def top_k_option(default: int = 5) -> Any:
+    return option(default, minimum=1, compare=False, help="Helpful and harmful training examples shown per query.")
+
+
+@dataclass
+class FitConfig:
+    """Fit Hessian factors (EK-FAC, K-FAC, diagonal or identity) on a model's MLP modules.
+
+    Rerun with the same arguments to resume an interrupted fit from its last complete stage.
+    """
+
+    model: str = model_option()
+    hessian_dataset: str = option(
+        help="Fitting data: a dataset dir saved with datasets' save_to_disk (input_ids, optional attention_mask "
+             "and labels), or a .json/.jsonl file of prompt/completion records.")
+    output_dir: str = option(help="Where the factors and metadata.json are written.")
+    revision: str | None = revision_option()
+    factor_batch_size: int = option(8, minimum=1, help="Batch size for the covariance pass.")
+    lambda_batch_size: int = option(4, minimum=1, help="Batch size for the eigenvalue-correction pass.")
+    strategy: str = option("ekfac", choices=STRATEGIES,
+                           help="Hessian approximation: ekfac, kfac, diagonal or identity.")
+    layer_stride: int = option(1, minimum=1, help="Track the MLP of every Nth transformer block (0, N, 2N...).")
+    dtype: str = dtype_option()
+    max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).")
+    max_length: int = max_length_option("Token limit for .json/.jsonl records (prompt cut from the left).")
+    fisher: str = option("true", choices=FISHER_TYPES,
+                         help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.")
+    module_partitions: int = option(1, minimum=1, help="Fit the factors in N groups of modules to lower peak memory.")
+    seed: int = option(0, help="Seed of the label sampling (true Fisher).")
+    eigendecomposition_dtype: str = option(
+        "float64", choices=EIGENDECOMPOSITION_DTYPES,
+        help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are stored "
+             "in float32 either way).")
+    overwrite: bool = option(False, compare=False, help="Replace factors fitted with other arguments.")
+    # Library callers only: replace factors fitted with other arguments or weights, but resume identical
+    # ones (the demo's cache).
+    refit_if_changed: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
+
+
+@dataclass
+class QueryConfig:
+    """Score every (query, train) pair and write query.csv, train.csv and influences.csv.
+
+    Give query folders, or --train-json, --query-json and --output-dir for one pair of files.
+    Prints each query's most helpful and harmful training examples unless --quiet.
+    """
+
+    model: str = model_option()
+    factors_dir: str = option(help="Output directory of fit-hessians.")
+    folders: list[Path] | None = option(
+        None, argument=True, show_default=False,
+        help="Query folders, each with train.json and query.json; results go to FOLDER/results/.")
+    train_json: Path | None = option(None, help="Training examples (single-run mode).")
+    query_json: Path | None = option(None, help="Query examples (single-run mode).")
+    output_dir: Path | None = option(None, help="Where the CSVs go (single-run mode).")
+    revision: str | None = revision_option()
+    per_token_scores: bool = option(False, flags=("--per-token-scores",),
+                                    help="Add per-token scores aligned with each train example's tokens.")
+    score_batch_size: int = option(
+        8, minimum=1,
+        help="Batch size for gradients while scoring: the default of --query-batch-size and --train-batch-size.")
+    query_batch_size: int | None = option(
+        None, minimum=1, show_default=False,
+        help="Batch size for query gradients (default: --score-batch-size). Default engine: the queries (an "
+             "example that is also a train example counts as a query) go through the model in batches of at most "
+             "this many; Kronfluence engine: its query batch size (and the query-loss pass).")
+    train_batch_size: int | None = option(
+        None, minimum=1, show_default=False,
+        help="Batch size for train gradients (default: --score-batch-size). Default engine: the train examples "
+             "that are not queries go through the model in batches of at most this many; Kronfluence engine: its "
+             "train batch size (pairwise and self-influence passes).")
+    damping: str = option(
+        "auto",
+        help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")
+    dtype: str = dtype_option()
+    max_length: int = max_length_option("Token limit per example; prompts are cut from the left.")
+    engine: str = option(
+        "if-query", choices=ENGINES,
+        help="if-query: exact scores from one forward/backward pass per distinct sequence, in bounded memory "
+             "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.")
+    workspace_gb: float | None = option(
+        None, minimum=0, compare=False,
+        help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU); default: half the free "
+             "GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")
+    host_memory_gb: float | None = option(
+        None, minimum=0, compare=False,
+        help="RAM for the token factors (layer inputs and output gradients) of a folder; beyond it they are "
+             "spilled to a memory-mapped file in --spill-dir. Default: half the free RAM.")
+    spill_dir: str | None = option(
+        None, compare=False,
+        help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")
+    skip_done: bool = option(
+        False, flags=("--skip-done",), compare=False,
+        help="Skip folders whose results are complete and newer than their inputs and factors (resume an "
+             "interrupted batch of folders).")
+    query_rank: int | None = option(
+        None, minimum=1, help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).")
+    queries_per_pass: int | None = option(
+        None, minimum=1,
+        help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).")
+    module_partitions: int = option(
+        1, minimum=1, help="--engine kronfluence only: score in N groups of modules to lower memory.")
+    report: bool = option(
+        False, flags=("--report",), compare=False,
+        help="Also write report.html (heatmap, top influences, token colours) into each results dir.")
+    top_k: int = top_k_option()
+    # Library callers only: the command line recorded in run.json (None: sys.argv).
+    command: list[str] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
+        single = (self.train_json, self.query_json, self.output_dir)
+        if self.folders and any(value is not None for value in single):
+            raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
+        if not self.folders and any(value is None for value in single):
+            raise InputError("give query folders, or all of --train-json, --query-json and --output-dir")
+        if self.engine != "kronfluence":
+            defaults = {spec.name: spec.default for spec in fields(self)}
+            used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) != defaults[name]]
+            if used:
+                raise InputError(
+                    f"{option_name(used[0])} applies only to --engine kronfluence (the default engine scores "
+                    "exactly, one module at a time, in bounded memory)"
+                )
+        self.damping_value  # noqa: B018 - checks --damping
+
+    @property
+    def damping_value(self) -> float | None:
+        """The damping as a number; None for ``auto`` (Kronfluence's heuristic, resolved per module)."""
+        if self.damping.strip().lower() == "auto":
+            return None
+        try:
+            value = float(self.damping)
+        except ValueError:
+            raise InputError(f"--damping must be a number or 'auto', got {self.damping!r}") from None
+        if value < 0 or not math.isfinite(value):
+            raise InputError(f"--damping must be a finite number >= 0 or 'auto', got {self.damping}")
+        return value
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        return None if self.workspace_gb is None else int(self.workspace_gb * GIGABYTE)
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        return None if self.host_memory_gb is None else int(self.host_memory_gb * GIGABYTE)
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """The effective (query, train) batch sizes, each defaulting to ``score_batch_size``. The default
+        engine passes a query (an example that is also a train example counts as a query) through the
+        model in a batch of at most the query batch size, a train-only example in a batch of at most the
+        train batch size; Kronfluence's streaming scorer uses them as its query and train batch sizes."""
+        return (self.query_batch_size or self.score_batch_size, self.train_batch_size or self.score_batch_size)
+
+
+@dataclass
+class ReportConfig:
+    """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""
+
+    results_dir: Path = option(argument=True, show_default=False,
+                               help="A run-query results directory (query.csv, train.csv, influences.csv).")
+    top_k: int = top_k_option()
+    factors_dir: Path | None = option(
+        None, help="The fit-hessians directory used, for the page's header (model, revision, strategy); by "
+                   "default the header comes from the results' run.json.")
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
+
+
+@dataclass
+class DemoConfig:
+    """Fit factors on the bundled tiny GPT-2 and score its demo query folder, printing the top influences."""
+
+    output_dir: Path = option(
+        Path("if-query-demo"),
+        help="Where the demo writes its factors (a cache, reused while unchanged) and a copy of the query "
+             "folder with its results.")
+    top_k: int = top_k_option(3)
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
