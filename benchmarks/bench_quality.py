@@ -37,8 +37,8 @@ Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's m
     if-query-old       if-query with the label sampling it used before (one generator restarted at every stage: the
                        covariance and lambda stages draw the same labels), emulated by patching sample_labels.
     if-query-empirical --fisher empirical (the data's own labels).
-    if-query-noeos     if-query with the EOS label removed from the scored queries and train records (a
-                       benchmark-only emulation: run-query's tokenization is patched; the fit keeps EOS).
+    if-query-noeos     if-query scored with run-query's --no-eos-in-loss (the EOS token out of the scored
+                       queries and train records, so out of both gradients; the fit keeps EOS).
     if-query-mixed     if-query fitted on the training records plus the queries (a "mixed", task-specific Hessian
                        as in TrackStar, Chang et al. 2024; with run-query this is a --hessian-dataset JSON holding
                        both files' records, so one fit per query folder).
@@ -191,30 +191,18 @@ def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = 
 
 
 def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False):
-    """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: the EOS
-    label is removed from the tokenized queries and train records (so from both gradients; not from the fit)."""
+    """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: run-query's
+    --no-eos-in-loss (EOS out of both gradients; the fit keeps it)."""
     from if_query.config import QueryConfig
     from if_query.query import QueryRunner, query_jobs
-    from if_query.tokenization import IGNORE_INDEX, TokenizedExample
 
     config = QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir),
                          query_json=built["query_json"], train_json=built["train_json"],
-                         output_dir=built["work"] / "out",
+                         output_dir=built["work"] / "out", eos_in_loss=not without_eos,
                          damping="auto" if damping is None else str(damping), score_batch_size=SCORE_BATCH)
     runner = QueryRunner(config, quiet=True)
     [job] = query_jobs(config)
-    if without_eos:
-        tokenize_all, patched = runner.example_tokenizer.tokenize_all, []
-
-        def tokenize_without_eos(examples, source=""):
-            patched.append(source)
-            tokenized = tokenize_all(examples, source)
-            return [TokenizedExample(t.input_ids, (*t.labels[:-1], IGNORE_INDEX)) for t in tokenized]
-
-        runner.example_tokenizer.tokenize_all = tokenize_without_eos
     prepared = runner.prepare(job)
-    if without_eos:
-        assert len(patched) == 2, "the tokenization was not patched"
     influences = runner.score(prepared).influences
     shape = (len(built["query_ids"]), len(built["train_ids"]))
     assert list(influences["query_id"][:: shape[1]]) == built["query_ids"]

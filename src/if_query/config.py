@@ -166,6 +166,12 @@ class QueryConfig:
         help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")
     dtype: str = dtype_option()
     max_length: int = max_length_option("Token limit per example; prompts are cut from the left.")
+    eos_in_loss: bool = option(
+        True, flags=("--eos-in-loss/--no-eos-in-loss",),
+        help="Whether the EOS token that ends each completion is part of the loss being attributed (and of "
+             "`loss`). --no-eos-in-loss leaves it out of both gradients: for base models, which are not trained "
+             "to stop after a statement, EOS's uncertain prediction can dominate raw scores. The factors are "
+             "fitted with EOS either way.")
     engine: str = option(
         "if-query", choices=ENGINES,
         help="if-query: exact scores from one forward/backward pass per distinct sequence, in bounded memory "

@@ -523,7 +523,7 @@ class StreamingScorer:
 
     @torch.no_grad()
     def completion_losses(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
-        """Summed cross-entropy over completion tokens (EOS included), (examples,) float64."""
+        """Summed cross-entropy over the labelled tokens, (examples,) float64."""
         order = _length_order(examples)
         collate = Collator(self.pad_token_id)
         sums = torch.empty(len(examples), dtype=torch.float64)

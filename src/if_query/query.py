@@ -95,7 +95,7 @@ class QueryRunner:
         self.metadata = load_complete_metadata(config.factors_dir)
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = load_tokenizer(config.model, config.revision)
-        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length)
+        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss)
         self.scorer: EngineScorer | KronfluenceScorer | None = None
         self.device = default_device()
 
@@ -165,7 +165,7 @@ class QueryRunner:
             command=config.command, model=config.model, revision=config.revision, factors_dir=config.factors_dir,
             metadata=self.metadata, damping=config.damping_value,
             resolved_damping=self.scorer.resolved_damping,
-            dtype=str(self.dtype).removeprefix("torch."), max_length=config.max_length,
+            dtype=str(self.dtype).removeprefix("torch."), max_length=config.max_length, eos_in_loss=config.eos_in_loss,
             per_token_scores=config.per_token_scores, query_json=job.query_json, train_json=job.train_json,
         )
 

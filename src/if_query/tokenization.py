@@ -2,7 +2,8 @@
 
 Prompt and completion are tokenized separately (no special tokens) and concatenated. Prompt
 tokens get label -100; completion tokens and the end-of-sequence token are labelled, so the
-loss (and the influence measurement) covers exactly the completion. Every labelled token is
+loss (and the influence measurement) covers exactly the completion. Without the EOS
+(``eos_in_loss=False``, run-query's ``--no-eos-in-loss``) the sequence ends with the completion. Every labelled token is
 predicted from a token before it: the tokenizer's BOS when it adds one, else the prompt's last
 token, else (empty prompt, no BOS: GPT-2 and friends) the EOS token as a start token, as GPT-2
 does. Batches are padded on the right to their own longest sequence, padding positions labelled
@@ -64,11 +65,10 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 class ExampleTokenizer:
     """Tokenizes examples the same way for fitting, scoring and loss measurement."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
-        if max_length < 1:
-            raise InputError(f"--max-length must be at least 1, got {max_length}")
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, eos_in_loss: bool = True):
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.max_length = max_length
+        self.eos_in_loss = eos_in_loss
         self.bos = bos_prefix(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
@@ -76,14 +76,18 @@ class ExampleTokenizer:
 
     def __call__(self, example: Example, source: str = "") -> TokenizedExample:
         prompt = self._ids(example.prompt)
-        completion = self._ids(example.completion) + [self.tokenizer.eos_token_id]
+        completion = self._ids(example.completion) + ([self.tokenizer.eos_token_id] if self.eos_in_loss else [])
+        where = f"{source}: " if source else ""
+        if not completion:
+            raise InputError(f"{where}pair_id {example.pair_id!r}: the completion has no tokens, and without "
+                             "the EOS token (--no-eos-in-loss) nothing would be scored")
         # One token must precede the completion so that its first token is predicted: the BOS, or the
         # prompt's last token, or (empty prompt, no BOS) the EOS token as a start token.
         budget = self.max_length - len(self.bos) - len(completion)
-        where = f"{source}: " if source else ""
         if budget < (0 if self.bos else 1):
             raise InputError(
-                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens with EOS and needs "
+                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens"
+                f"{' with EOS' if self.eos_in_loss else ''} and needs "
                 f"one token before it ({'BOS' if self.bos else 'the last prompt token or a start token'}): "
                 f"{len(completion) + 1} tokens, longer than --max-length {self.max_length}"
             )
