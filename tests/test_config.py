@@ -1,0 +1,95 @@
+"""config.py declares every option once; cli.py's commands are built from it and check nothing else."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from if_query import cli, config
+from if_query.errors import InputError
+
+COMMANDS = {
+    "fit-hessians": config.FitConfig,
+    "run-query": config.QueryConfig,
+    "report": config.ReportConfig,
+    "demo": config.DemoConfig,
+}
+COMMON = {"quiet", "verbose", "help"}
+
+
+def _default(spec: dataclasses.Field):
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return dataclasses.MISSING
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_option_is_a_config_field_with_its_default_and_help(name):
+    command = typer.main.get_command(cli.app).commands[name]
+    params = {p.name: p for p in command.params if p.name not in COMMON}
+    specs = {spec.name: spec for spec in config.cli_fields(COMMANDS[name])}
+    assert set(params) == set(specs)
+    for field_name, spec in specs.items():
+        param, default = params[field_name], _default(spec)
+        assert param.required == (default is dataclasses.MISSING), field_name
+        if default is not dataclasses.MISSING:
+            assert param.default == default or str(param.default) == str(default), field_name
+        if hasattr(param, "help"):  # options (arguments' help is rendered by Typer elsewhere)
+            assert param.help == spec.metadata["help"], field_name
+    assert command.help.strip().startswith(COMMANDS[name].__doc__.strip().splitlines()[0])
+
+
+def test_the_standalone_scripts_have_the_same_options():
+    """fit-hessians and run-query (console scripts, ``typer.run``) serve the same options as the subcommands."""
+    for script, name in ((cli.fit_hessians_command, "fit-hessians"), (cli.run_query_command, "run-query")):
+        app = typer.Typer()
+        app.command()(script)  # what typer.run(script) builds
+        completion = {"install_completion", "show_completion"}  # typer.run's own
+        standalone = {p.name: p.opts for p in typer.main.get_command(app).params if p.name not in completion}
+        subcommand = {p.name: p.opts for p in typer.main.get_command(cli.app).commands[name].params}
+        assert standalone == subcommand
+        assert set(standalone) - COMMON == {spec.name for spec in config.cli_fields(COMMANDS[name])}
+
+
+FIT = {"model": "m", "hessian_dataset": "d.json", "output_dir": "out"}
+QUERY = {"model": "m", "factors_dir": "f", "folders": [Path("folder")]}
+
+
+@pytest.mark.parametrize(("config_class", "given", "change", "message"), [
+    (config.FitConfig, FIT, {"strategy": "kfc"}, "unknown --strategy 'kfc'; choose one of ekfac, kfac"),
+    (config.FitConfig, FIT, {"layer_stride": 0}, "--layer-stride must be at least 1, got 0"),
+    (config.FitConfig, FIT, {"max_examples": 0}, "--max-examples must be at least 1, got 0"),
+    (config.FitConfig, FIT, {"dtype": "fp8"}, "unknown --dtype 'fp8'"),
+    (config.FitConfig, FIT, {"eigendecomposition_dtype": "half"}, "unknown --eigendecomposition-dtype"),
+    (config.QueryConfig, QUERY, {"max_length": 0}, "--max-length must be at least 1, got 0"),
+    (config.QueryConfig, QUERY, {"workspace_gb": -1.0}, "--workspace-gb must be >= 0, got -1.0"),
+    (config.QueryConfig, QUERY, {"damping": "-1"}, "--damping must be a finite number >= 0"),
+    (config.QueryConfig, QUERY, {"damping": "lots"}, "--damping must be a number or 'auto'"),
+    (config.QueryConfig, QUERY, {"query_rank": 8}, "--query-rank applies only to --engine kronfluence"),
+    (config.QueryConfig, QUERY, {"module_partitions": 2}, "--module-partitions applies only to --engine kronfluence"),
+    (config.QueryConfig, QUERY, {"output_dir": Path("o")}, "give either query folders or"),
+    (config.QueryConfig, QUERY, {"folders": None}, "give query folders, or all of"),
+    (config.ReportConfig, {"results_dir": Path("r")}, {"top_k": 0}, "--top-k must be at least 1, got 0"),
+])
+def test_a_bad_value_is_refused_when_the_config_is_made(config_class, given, change, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_class(**{**given, **change})
+
+
+def test_valid_values_pass_and_convert():
+    query = config.QueryConfig(**QUERY, damping="0.5", workspace_gb=0.5, engine="kronfluence", query_rank=8,
+                               score_batch_size=6, train_batch_size=2)
+    assert query.damping_value == 0.5 and query.workspace_bytes == 2**29 and query.host_memory_bytes is None
+    assert query.batch_sizes() == (6, 2)
+    assert config.QueryConfig(**QUERY).damping_value is None  # auto
+
+
+def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
+    result = CliRunner().invoke(cli.app, ["run-query", "--model", "m", "--factors-dir", "f", "--engine", "fast",
+                                          str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: unknown --engine 'fast'; choose one of if-query, kronfluence"
