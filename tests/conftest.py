@@ -1,4 +1,5 @@
-import json
+"""Fixtures and environment set-up only; shared helpers and data live in helpers.py."""
+
 import os
 from pathlib import Path
 
@@ -6,26 +7,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a stray hub lookup fails fast instead of h
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
-from models import save_tiny_model  # noqa: E402
+from helpers import QUERIES, TRAIN, save_tiny_model, write_json  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
-
-TRAIN = [
-    {"pair_id": "t1", "prompt": "Alice lives in", "completion": " Paris.", "topic": "city"},
-    {"pair_id": "t2", "prompt": "Bob works as a", "completion": " doctor.", "topic": "job", "meta": {"k": [1, 2]}},
-    {"pair_id": "t3", "prompt": "Carol plays the", "completion": " violin and drum.", "topic": "music"},
-    {"pair_id": "t4", "prompt": "Dave", "completion": " lives in Rome, and is a pilot."},
-]
-QUERIES = [
-    {"pair_id": "q1", "prompt": "where Alice lives is", "completion": " Paris.", "kind": "city"},
-    {"pair_id": "q2", "prompt": "Bob works as a", "completion": " doctor.", "kind": "job"},
-    {"pair_id": "q3", "prompt": "the colour of Carol is", "completion": " blue and green!", "kind": "colour"},
-]
-
-
-def write_json(path: Path, value) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")

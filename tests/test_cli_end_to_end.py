@@ -6,7 +6,7 @@ import math
 import datasets
 import pandas as pd
 import pytest
-from conftest import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, save_tiny_model, write_json
 
 from if_query.metadata import METADATA_FILE
 
@@ -39,8 +39,6 @@ def test_fit_then_query_writes_complete_csvs(cli, tiny_gpt2, fitted, query_files
 
 
 def test_layer_stride_two_tracks_layers_zero_and_two(cli, tmp_path, query_files):
-    from models import save_tiny_model
-
     model = save_tiny_model(tmp_path / "m3", "llama", layers=3, bos=True)
     cli("fit-hessians", "--model", model, "--hessian-dataset", query_files["train"], "--output-dir", tmp_path / "f",
         "--strategy", "ekfac", "--layer-stride", "2", "--factor-batch-size", "8", "--lambda-batch-size", "4",

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from brute_force import Reference, reference_tokens
-from conftest import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, Reference, reference_tokens, write_json
 
 from if_query.scoring import ScoreConfig, gradient_batches
 

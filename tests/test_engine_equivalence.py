@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUERIES, TRAIN, write_json
-from models import save_tiny_model
+from helpers import QUERIES, TRAIN, save_tiny_model, write_json
 
 STRATEGIES = ["ekfac", "kfac", "diagonal", "identity"]
 

@@ -9,10 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TRAIN, write_json
-from models import save_tiny_model
-from safetensors.torch import load_file
-from test_reliability import assert_one_line_error, tree
+from helpers import TRAIN, assert_one_line_error, factors, save_tiny_model, tree, write_json
 
 from if_query import fingerprint as fp
 from if_query.errors import InputError
@@ -37,10 +34,6 @@ def fit_args(model, data, out, *extra):
 def query_args(model, factors_dir, query_files, out):
     return ["run-query", "--model", model, "--factors-dir", factors_dir, "--train-json", query_files["train"],
             "--query-json", query_files["query"], "--output-dir", out]
-
-
-def factors(directory):
-    return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
 
 
 def same_factors(a, b):

@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 import torch
-from models import make_tokenizer, save_tiny_model, tiny_config
-from test_reliability import assert_one_line_error
+from helpers import assert_one_line_error, make_tokenizer, save_tiny_model, tiny_config
 from torch import nn
 from transformers import AutoModelForCausalLM
 

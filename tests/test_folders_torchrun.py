@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, write_json
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

@@ -5,9 +5,7 @@ import random
 
 import pytest
 import torch
-from models import make_tokenizer
-from safetensors.torch import load_file
-from test_reliability import assert_one_line_error
+from helpers import assert_one_line_error, factors, make_tokenizer
 
 from if_query.hessian_data import load_hessian_examples
 from if_query.tokenization import IGNORE_INDEX, TokenizedExample
@@ -75,10 +73,6 @@ def test_rows_without_attended_tokens_are_dropped(tmp_path):
     data.insert(1, {"input_ids": [PAD] * WIDTH, "attention_mask": [0] * WIDTH, "labels": [PAD] * WIDTH})
     loaded = load(save(data, tmp_path / "d"))
     assert loaded == [TokenizedExample(tuple(ids), tuple(labels)) for ids, labels in sequences]
-
-
-def factors(directory):
-    return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
 
 
 def fit(cli, model, data, out):

@@ -8,17 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from models import save_tiny_model
+from helpers import fit_args, save_tiny_model
 from safetensors import safe_open
 
 from if_query import lambda_stage
 
 LAMBDA_FILE = "lambda_matrix.safetensors"
-
-
-def fit_args(model, data, out, *extra):
-    return ["fit-hessians", "--model", model, "--hessian-dataset", data, "--output-dir", out,
-            "--factor-batch-size", "2", "--lambda-batch-size", "3", "--quiet", *extra]
 
 
 def lambda_files(directory: Path) -> dict[str, tuple[dict, dict]]:

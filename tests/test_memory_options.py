@@ -4,8 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import QUERIES, TRAIN
-from test_scores import run_query, score_matrix
+from helpers import QUERIES, TRAIN, run_query, score_matrix, write_json
 
 from if_query.metadata import METADATA_FILE
 
@@ -15,8 +14,6 @@ T = [t["pair_id"] for t in TRAIN]
 
 @pytest.fixture(scope="module")
 def exact(cli, tiny_gpt2, fitted, tmp_path_factory):
-    from conftest import write_json
-
     root = tmp_path_factory.mktemp("exact")
     files = {"train": write_json(root / "t.json", TRAIN), "query": write_json(root / "q.json", QUERIES)}
     return files, score_matrix(run_query(cli, tiny_gpt2, fitted["ekfac"], files, root / "out"), Q, T)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from models import make_tokenizer, tiny_config
+from helpers import make_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 

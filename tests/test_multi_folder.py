@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from conftest import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, write_json
 
 
 def make_folder(root: Path, name: str, train, queries) -> Path:

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from brute_force import Reference, per_position_contributions
-from conftest import write_json
+from helpers import Reference, per_position_contributions, write_json
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "tiny-gpt2"
 TRAIN = [  # the model learned Drellport and mireblue

@@ -6,23 +6,9 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from conftest import QUERIES, TRAIN, write_json
-from safetensors.torch import load_file
+from helpers import QUERIES, TRAIN, assert_one_line_error, factors, fit_args, save_tiny_model, tree, write_json
 
 from if_query.metadata import METADATA_FILE
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    assert "Traceback" not in result.stdout + result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
-
-
-def tree(path):
-    return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else None
 
 
 @pytest.fixture
@@ -127,8 +113,6 @@ def test_factors_dir_missing_without_metadata_or_unfinished(cli, query_args, fit
 
 
 def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
-    from models import save_tiny_model
-
     other = save_tiny_model(tmp_path / "other", "gpt2", layers=3)
     result = cli(*replace(query_args, "--model", other), expect=None)
     assert_one_line_error(result, 2, "fitted for another model", "model:")  # refused before the model loads
@@ -177,15 +161,6 @@ def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp
                  "--dtype", "float16", "--quiet", expect=None)
     assert_one_line_error(result, 1, "non-finite", "--dtype float32")
     assert not (tmp_path / "out").exists()
-
-
-def fit_args(model, data, out, *extra):
-    return ["fit-hessians", "--model", model, "--hessian-dataset", data, "--output-dir", out,
-            "--factor-batch-size", "2", "--lambda-batch-size", "3", "--quiet", *extra]
-
-
-def factors(directory):
-    return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
 
 
 def test_interrupted_fit_resumes_to_the_same_factors(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):

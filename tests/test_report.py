@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
-from conftest import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, write_json
 
 from if_query.report import MAX_HEATMAP_SIDE, write_report
 

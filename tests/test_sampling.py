@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import factors
 
 import if_query.task as task_module
 from if_query.metadata import METADATA_FILE
@@ -14,10 +14,6 @@ from if_query.tokenization import IGNORE_INDEX, collate
 def fit_args(model, data, out, *extra):
     return ["fit-hessians", "--model", model, "--hessian-dataset", data, "--output-dir", out, "--fisher", "true",
             "--quiet", *extra]
-
-
-def factors(directory):
-    return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
 
 
 def assert_same_factors(a, b, exact=True):

@@ -5,19 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from brute_force import Reference
-from conftest import QUERIES, TRAIN, write_json
-
-
-def run_query(cli, model, factors, files, out, *extra):
-    cli("run-query", "--model", model, "--factors-dir", factors, "--train-json", files["train"],
-        "--query-json", files["query"], "--output-dir", out, "--quiet", *extra)
-    return pd.read_csv(out / "influences.csv")
-
-
-def score_matrix(frame, query_ids, train_ids, column="influence_score"):
-    table = frame.pivot(index="query_id", columns="train_id", values=column)
-    return table.loc[query_ids, train_ids].to_numpy()
+from helpers import QUERIES, TRAIN, Reference, run_query, score_matrix, write_json
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from brute_force import Reference, reference_tokens
-from conftest import write_json
-from models import make_tokenizer
+from helpers import Reference, make_tokenizer, reference_tokens, write_json
 
 from if_query.errors import InputError
 from if_query.records import Example
