@@ -331,7 +331,6 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
 
 
 def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
-    from if_query import kron
     from if_query import loss as loss_module
 
     with tempfile.TemporaryDirectory(prefix=f"bench-quality-{world}-{seed}-") as tmp:
@@ -363,12 +362,11 @@ def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
                 default_factors = fit_if_query(built, method, seed=seed)
                 record(method, score_if_query(built, default_factors), t)
             elif method == "if-query-old":
-                original = loss_module.sample_labels  # drawn by kron's task (covariance) and lambda_stage
-                kron.sample_labels = loss_module.sample_labels = OldSampling()
+                original, loss_module.sample_labels = loss_module.sample_labels, OldSampling()
                 try:
                     factors = fit_if_query(built, method, seed=seed)
                 finally:
-                    kron.sample_labels = loss_module.sample_labels = original
+                    loss_module.sample_labels = original
                 record(method, score_if_query(built, factors), t)
             elif method == "if-query-empirical":
                 record(method, score_if_query(built, fit_if_query(built, method, fisher="empirical")), t)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from helpers import QUERIES, TRAIN, Reference, reference_tokens, write_json
 
-from if_query.scoring import ScoreConfig, gradient_batches
+from if_query.config import QueryConfig
+from if_query.scorer import gradient_batches
 
 BIN = Path(sys.executable).parent
 REVISION = "v1-client"
@@ -161,15 +162,19 @@ def test_half_precision_dtypes_on_cpu_are_close_to_float32(cli, tiny_gpt2, fitte
 # ---- --query-batch-size / --train-batch-size
 
 
+def _config(**options) -> QueryConfig:
+    return QueryConfig(model="m", factors_dir="f", folders=[Path("folder")], **options)
+
+
 def test_batch_sizes_default_to_score_batch_size():
-    assert ScoreConfig(score_batch_size=5).batch_sizes() == (5, 5)
-    assert ScoreConfig(score_batch_size=5, query_batch_size=4, train_batch_size=2).batch_sizes() == (4, 2)
-    assert ScoreConfig(score_batch_size=5, train_batch_size=3).batch_sizes() == (5, 3)
+    assert _config(score_batch_size=5).batch_sizes() == (5, 5)
+    assert _config(score_batch_size=5, query_batch_size=4, train_batch_size=2).batch_sizes() == (4, 2)
+    assert _config(score_batch_size=5, train_batch_size=3).batch_sizes() == (5, 3)
 
 
 def test_gradient_batches_split_queries_and_train_only_examples():
     lengths = [7, 3, 5, 9, 1, 4, 8, 2, 6]
-    config = ScoreConfig(query_batch_size=2, train_batch_size=3)
+    config = _config(query_batch_size=2, train_batch_size=3)
     batches = gradient_batches(lengths, 4, config)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))  # each example once
     queries = [b for b in batches if set(b) <= {0, 1, 2, 3}]
@@ -191,10 +196,10 @@ def test_bad_batch_sizes_are_one_line_errors(cli, tiny_gpt2, fitted, query_files
 
 def test_kronfluence_engine_uses_query_and_train_batch_sizes(cli, tiny_gpt2, fitted, query_files, tmp_path,
                                                             monkeypatch):
-    import if_query.scoring as scoring
+    import if_query.kron as kron
 
     seen = {"query": set(), "train": set(), "self": set()}
-    pairwise, self_scores = scoring.compute_pairwise_scores_with_loaders, scoring.compute_self_scores_with_loaders
+    pairwise, self_scores = kron.compute_pairwise_scores_with_loaders, kron.compute_self_scores_with_loaders
 
     def spy_pairwise(**kwargs):
         seen["query"] |= {len(batch["input_ids"]) for batch in kwargs["query_loader"]}
@@ -206,8 +211,8 @@ def test_kronfluence_engine_uses_query_and_train_batch_sizes(cli, tiny_gpt2, fit
         seen["self"] |= {len(batch["input_ids"]) for batch in kwargs["train_loader"]}
         return self_scores(**kwargs)
 
-    monkeypatch.setattr(scoring, "compute_pairwise_scores_with_loaders", spy_pairwise)
-    monkeypatch.setattr(scoring, "compute_self_scores_with_loaders", spy_self)
+    monkeypatch.setattr(kron, "compute_pairwise_scores_with_loaders", spy_pairwise)
+    monkeypatch.setattr(kron, "compute_self_scores_with_loaders", spy_self)
     args = ["run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json", query_files["train"],
             "--query-json", query_files["query"], "--quiet"]
     cli(*args, "--output-dir", tmp_path / "kronfluence", "--engine", "kronfluence", "--query-batch-size", 1,

@@ -153,7 +153,8 @@ def test_factors_without_a_fingerprint_warn_but_score(cli, model_dir, data, quer
 
 
 def test_demo_cache_refits_after_the_model_changes(model_dir, data, tmp_path):
-    from if_query.fitting import FitConfig, fit_hessians
+    from if_query.config import FitConfig
+    from if_query.fitting import fit_hessians
 
     def demo_fit():
         return fit_hessians(FitConfig(model=str(model_dir), hessian_dataset=str(data), output_dir=str(tmp_path / "c"),

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from if_query.errors import InputError
 from if_query.fingerprint import weights_fingerprint
 from if_query.metadata import METADATA_FILE, model_identity
-from if_query.modeling import TrackedModule, check_token_shaped, find_mlp_modules
+from if_query.modeling import MlpProjection, check_token_shaped, find_mlp_modules
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "olmo2", "gpt_neox", "qwen2"])
@@ -43,7 +43,7 @@ class Toy(nn.Module):
 
 
 def test_the_probe_sees_the_real_input_shape():
-    tracked = [TrackedModule("fc1", 0, 4, 4, True)]
+    tracked = [MlpProjection("fc1", 0, 4, 4, True)]
     check_token_shaped(Toy(flatten=False), tracked)
     with pytest.raises(InputError, match=r"fc1: \[4, 4\] for 2 sequences of 2 tokens"):
         check_token_shaped(Toy(flatten=True), tracked)

@@ -29,14 +29,13 @@ def lambda_files(directory: Path) -> dict[str, tuple[dict, dict]]:
 def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, args: list[str]) -> Path:
     """Kronfluence's own lambda stage (its ``fit_lambda_matrices``) on ``fitted``'s covariances and
     eigenvectors, with the model, task, data order and factor arguments fit-hessians uses."""
-    from kronfluence.analyzer import prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from if_query.fitting import FitConfig, factor_arguments, make_analyzer
+    from if_query.config import FitConfig
     from if_query.hessian_data import load_hessian_examples
+    from if_query.kron import CompletionLossTask, factor_arguments, make_analyzer, prepare
     from if_query.metadata import FACTORS_NAME
     from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.task import CompletionLossTask
     from if_query.tokenization import Collator, ExampleTokenizer
 
     shutil.copytree(fitted, out)
@@ -55,7 +54,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=config.seed)
     task.set_stage("lambda")
-    model = prepare_model(model, task)
+    model = prepare(model, task)
     analyzer = make_analyzer(out, model, task, quiet=True)
     analyzer.fit_lambda_matrices(FACTORS_NAME, examples, per_device_batch_size=3,
                                  dataloader_kwargs=DataLoaderKwargs(collate_fn=Collator(tokenizer.pad_token_id)),

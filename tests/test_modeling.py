@@ -43,11 +43,6 @@ def test_layer_stride_keeps_every_nth_block(family):
     assert sorted({m.layer for m in modules}) == [0, 2, 4]
 
 
-def test_layer_stride_below_one_is_rejected():
-    with pytest.raises(InputError, match="layer-stride"):
-        find_mlp_modules(build("gpt2"), layer_stride=0)
-
-
 def test_no_mlp_modules_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(InputError, match="no MLP modules"):

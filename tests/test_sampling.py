@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import factors
 
-import if_query.task as task_module
+import if_query.loss as loss_module
 from if_query.metadata import METADATA_FILE
 from if_query.tokenization import IGNORE_INDEX, collate
 
@@ -31,7 +31,7 @@ def assert_same_factors(a, b, exact=True):
 def recorded_labels(monkeypatch):
     """Every label drawn through sample_labels: {(stage, unpadded token ids): labels at labelled positions}."""
     drawn: dict = {}
-    original = task_module.sample_labels
+    original = loss_module.sample_labels
 
     def recording(logits, labels, batch, stage, seed):
         out = original(logits, labels, batch, stage, seed)
@@ -43,7 +43,7 @@ def recorded_labels(monkeypatch):
             drawn[key] = value
         return out
 
-    monkeypatch.setattr(task_module, "sample_labels", recording)
+    monkeypatch.setattr(loss_module, "sample_labels", recording)
     return drawn
 
 
@@ -106,7 +106,7 @@ def test_factors_of_another_sampling_scheme_are_refused(cli, tiny_gpt2, fitted, 
     out = tmp_path / "f"
     cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "diagonal"))
     metadata = json.loads((out / METADATA_FILE).read_text())
-    assert metadata["fit"]["label_sampling"] == task_module.LABEL_SAMPLING
+    assert metadata["fit"]["label_sampling"] == loss_module.LABEL_SAMPLING
     del metadata["fit"]["label_sampling"]  # as written before the scheme was recorded
     (out / METADATA_FILE).write_text(json.dumps(metadata))
     result = cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "diagonal"), expect=None)
@@ -137,7 +137,7 @@ def test_sampled_labels_follow_the_model_softmax(tiny_gpt2):
         labels = batch["labels"][:, 1:]
         batch_logits = torch.zeros(labels.shape + logits.shape)
         batch_logits[:, len(prompt) - 1] = logits
-        drawn = task_module.sample_labels(batch_logits, labels, batch, "covariance", seed=0)
+        drawn = loss_module.sample_labels(batch_logits, labels, batch, "covariance", seed=0)
         assert (drawn == IGNORE_INDEX).equal(labels == IGNORE_INDEX)
         counts += torch.bincount(drawn[:, len(prompt) - 1], minlength=len(expected)).double()
     likely = expected * n >= 5
@@ -162,7 +162,7 @@ def test_labels_do_not_depend_on_the_batch_or_padding():
     logits_row = torch.randn(len(example) - 1, vocab)
 
     def draw(batch, rows_logits):
-        return task_module.sample_labels(rows_logits, batch["labels"][:, 1:], batch, "lambda", seed=3)
+        return loss_module.sample_labels(rows_logits, batch["labels"][:, 1:], batch, "lambda", seed=3)
 
     alone = {"input_ids": torch.tensor([example]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
              "labels": torch.tensor([labels])}
@@ -183,8 +183,8 @@ def test_labels_do_not_depend_on_the_batch_or_padding():
     again = draw(dict(alone, fisher_sample=torch.tensor([1])), logits_row[None])[0]
     assert not again.equal(reference) and (again == IGNORE_INDEX).equal(reference == IGNORE_INDEX)
     # Logits kept only at the batch's labelled columns (the logits_to_keep path): the same labels.
-    columns = task_module.labelled_columns(right)
+    columns = loss_module.labelled_columns(right)
     assert columns.numel() < 7
-    kept = task_module.sample_labels(right_logits[:, columns], right["labels"][:, 1:][:, columns], right, "lambda",
+    kept = loss_module.sample_labels(right_logits[:, columns], right["labels"][:, 1:][:, columns], right, "lambda",
                                      seed=3)
     assert kept[0][columns < 5].equal(reference[columns[columns < 5]])

@@ -91,11 +91,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils import data
 
+from if_query import loss
 from if_query.atomic import staged_files
 from if_query.config import STRATEGIES, FitConfig, QueryConfig
 from if_query.distributed import check_launch
 from if_query.errors import InputError, RunError
-from if_query.loss import sample_labels, shifted_logits_and_labels, summed_token_losses
 from if_query.metadata import FACTORS_NAME
 from if_query.tokenization import Collator, TokenizedExample
 
@@ -314,7 +314,7 @@ def aggregate_lambda_matrices(directory: Path, groups: int) -> None:
 class CompletionLossTask(Task):
     """Training loss and measurement are both the summed cross-entropy over completion tokens.
 
-    For the true Fisher (``sample=True``) the labels come from :func:`sample_labels` under the current
+    For the true Fisher (``sample=True``) the labels come from :func:`if_query.loss.sample_labels` under the current
     ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
     """
 
@@ -327,10 +327,10 @@ class CompletionLossTask(Task):
         self.stage = stage
 
     def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        logits, labels = shifted_logits_and_labels(batch, model)
+        logits, labels = loss.shifted_logits_and_labels(batch, model)
         if sample:
-            labels = sample_labels(logits, labels, batch, self.stage, self.seed)
-        return summed_token_losses(logits, labels).sum()
+            labels = loss.sample_labels(logits, labels, batch, self.stage, self.seed)
+        return loss.summed_token_losses(logits, labels).sum()
 
     def compute_measurement(self, batch: dict, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model, sample=False)
@@ -531,8 +531,8 @@ class StreamingScorer:
         for start in range(0, len(order), size):
             indices = order[start : start + size]
             batch = {k: v.to(self.device) for k, v in collate([examples[i] for i in indices]).items()}
-            logits, labels = shifted_logits_and_labels(batch, self.model)
-            sums[indices] = summed_token_losses(logits, labels).double().cpu()
+            logits, labels = loss.shifted_logits_and_labels(batch, self.model)
+            sums[indices] = loss.summed_token_losses(logits, labels).double().cpu()
         return sums
 
 
