@@ -45,3 +45,35 @@ def test_scale_is_kronfluence_inverse_curvature(fitted, strategy, damping):
 def test_identity_has_no_preconditioner(fitted):
     pre = FactorReader(fitted["identity"]).preconditioner("transformer.h.0.mlp.c_fc", None, torch.device("cpu"))
     assert pre.scale is None and pre.q_a is None and pre.damping is None
+
+
+def test_kron_is_the_only_module_that_imports_kronfluence():
+    import ast
+    from pathlib import Path
+
+    import if_query
+
+    importers = set()
+    for path in Path(if_query.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] == "kronfluence" for name in names):
+                importers.add(path.name)
+    assert importers == {"kron.py"}
+
+
+def test_the_private_kronfluence_methods_kron_calls_still_take_what_it_passes(monkeypatch):
+    from kronfluence.analyzer import Analyzer
+
+    from if_query import kron
+
+    assert kron.private_api_changes() == []
+    monkeypatch.setattr(Analyzer, "_get_dataloader", lambda self, dataset, batch_size: None)  # a changed signature
+    assert kron.private_api_changes() == ["_get_dataloader"]
+
+
+def test_if_query_strategies_are_kronfluences():
+    from if_query.config import STRATEGIES
+
+    assert set(STRATEGIES) == set(FactorConfig.CONFIGS)

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import QUERIES, TRAIN, Reference, run_query, score_matrix, write_json
+import torch
+from helpers import QUERIES, TRAIN, Reference, reference_tokens, run_query, score_matrix, write_json
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,30 @@ def test_losses_equal_independent_computation(cli, tiny_gpt2, fitted, query_file
     np.testing.assert_allclose(queries["loss"], expected, rtol=1e-5)
     counts = queries["loss_sum"] / queries["loss"]
     assert np.allclose(counts, np.round(counts))  # loss = loss_sum / number of completion tokens (with EOS)
+
+
+@pytest.mark.parametrize("engine", ["if-query", "kronfluence"])
+def test_without_eos_in_loss_scores_and_losses_leave_the_eos_token_out(cli, tiny_gpt2, fitted, query_files, tmp_path,
+                                                                       reference, engine):
+    def without_eos(record) -> tuple[torch.Tensor, float, int]:
+        """(gradient, summed loss, predicted tokens) with the EOS token unlabelled."""
+        _, labels = reference_tokens(reference.tokenizer, record["prompt"], record["completion"])
+        labels = labels[:-1] + [-100]
+        loss = reference.loss(record, labels_override=labels)
+        gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss, reference.params)])
+        return gradient, float(loss.detach()), sum(label != -100 for label in labels[1:])
+
+    frame = run_query(cli, tiny_gpt2, fitted["identity"], query_files, tmp_path / "out", "--no-eos-in-loss",
+                      "--engine", engine)
+    queries, train = [without_eos(q) for q in QUERIES], [without_eos(t) for t in TRAIN]
+    expected = (torch.stack([q[0] for q in queries]) @ torch.stack([t[0] for t in train]).T).numpy()
+    got = score_matrix(frame, [q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    with_eos = (reference.gradients(QUERIES) @ reference.gradients(TRAIN).T).numpy()
+    assert np.abs(got - with_eos).max() > 1e-2 * np.abs(with_eos).max()  # EOS does contribute by default
+    written = pd.read_csv(tmp_path / "out" / "query.csv")
+    np.testing.assert_allclose(written["loss_sum"], [q[1] for q in queries], rtol=1e-5)
+    np.testing.assert_allclose(written["loss"], [q[1] / q[2] for q in queries], rtol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])

@@ -136,3 +136,15 @@ def test_empty_and_truncated_prompts_against_brute_force(cli, tiny_gpt2, fitted,
     got = got.loc[[q["pair_id"] for q in EDGE_QUERIES], [t["pair_id"] for t in EDGE_TRAIN]].to_numpy()
     expected = (reference.gradients(EDGE_QUERIES, MAX_LENGTH) @ reference.gradients(EDGE_TRAIN, MAX_LENGTH).T).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_without_eos_the_sequence_ends_with_the_completion():
+    tokenizer = make_tokenizer()
+    example = Example("p1", "Alice lives in", " Paris.", {})
+    with_eos = ExampleTokenizer(tokenizer, 512)(example)
+    without = ExampleTokenizer(tokenizer, 512, eos_in_loss=False)(example)
+    assert with_eos.input_ids[-1] == tokenizer.eos_token_id
+    assert without.input_ids == with_eos.input_ids[:-1] and without.labels == with_eos.labels[:-1]
+    assert without.num_labelled == with_eos.num_labelled - 1
+    with pytest.raises(InputError, match="completion has no tokens"):
+        ExampleTokenizer(tokenizer, 512, eos_in_loss=False)(Example("p2", "Alice", "", {}))
