@@ -93,3 +93,17 @@ def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
                                           str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == "error: unknown --engine 'fast'; choose one of if-query, kronfluence"
+
+
+def test_the_readme_code_map_lists_every_module():
+    """README's code map names each module of src/if_query once (and nothing else)."""
+    import re
+
+    import if_query
+
+    package = Path(if_query.__file__).parent
+    readme = (package.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+\.py)` \|", section, flags=re.MULTILINE)
+    modules = sorted(path.name for path in package.glob("*.py") if path.name != "__init__.py")
+    assert sorted(listed) == modules and len(set(listed)) == len(listed)
