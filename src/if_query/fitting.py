@@ -28,14 +28,7 @@ from if_query.metadata import (
     read_metadata,
     write_json_atomic,
 )
-from if_query.modeling import (
-    check_token_shaped,
-    find_mlp_modules,
-    load_model,
-    load_tokenizer,
-    make_trackable,
-    resolve_dtype,
-)
+from if_query.modeling import load_model, load_tokenizer, resolve_dtype, track_mlp_modules
 from if_query.sizes import estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
@@ -123,14 +116,12 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
 
     if model is None:
         model = load_model(config.model, config.revision, dtype)
-    modules = find_mlp_modules(model, config.layer_stride)
-    check_token_shaped(model, modules)
+    model, modules = track_mlp_modules(model, config.layer_stride)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
         "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
         len(modules), len({m.layer for m in modules}), sizes.human(),
     )
-    model = make_trackable(model, modules)
     task = kron.CompletionLossTask([m.name for m in modules], seed=config.seed)
     model = kron.prepare(model, task)
     analyzer = kron.make_analyzer(output_dir, model, task, quiet)

@@ -175,3 +175,11 @@ def check_token_shaped(model: nn.Module, modules: list[MlpProjection]) -> None:
             f"flattened to (batch * tokens, features) (e.g. {flat[0]}: {list(seen[flat[0]])} for {batch} "
             f"sequences of {tokens} tokens), so Kronfluence would take every token for an example"
         )
+
+
+def track_mlp_modules(model: nn.Module, layer_stride: int) -> tuple[nn.Module, list[MlpProjection]]:
+    """The model ready for tracking (Conv1D swapped) and its MLP projections of every ``layer_stride``-th
+    block, after checking that they see (batch, tokens, features) inputs."""
+    modules = find_mlp_modules(model, layer_stride)
+    check_token_shaped(model, modules)
+    return make_trackable(model, modules), modules

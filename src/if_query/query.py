@@ -15,15 +15,7 @@ from if_query.config import QueryConfig
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
 from if_query.metadata import METADATA_FILE, describe_mismatch, load_complete_metadata, model_identity
-from if_query.modeling import (
-    check_token_shaped,
-    default_device,
-    find_mlp_modules,
-    load_model,
-    load_tokenizer,
-    make_trackable,
-    resolve_dtype,
-)
+from if_query.modeling import default_device, load_model, load_tokenizer, resolve_dtype, track_mlp_modules
 from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
 from if_query.report import header_from_run, write_report
@@ -120,10 +112,8 @@ class QueryRunner:
         model = load_model(self.config.model, self.config.revision, self.dtype)
         if not checked:  # a hub model not cached before load_model downloaded it
             check_fingerprint(*identity, loaded=True)
-        modules = find_mlp_modules(model, fit["layer_stride"])
-        check_token_shaped(model, modules)
+        model, modules = track_mlp_modules(model, fit["layer_stride"])
         self._check_factors({"tracked_modules": [[m.name, m.shape] for m in modules]})
-        model = make_trackable(model, modules)
         if self.config.engine == "kronfluence":
             self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
         else:
