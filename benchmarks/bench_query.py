@@ -2,7 +2,7 @@
 
     uv run python benchmarks/bench_query.py              # full run (about 10 minutes on a busy 2-core machine)
     uv run python benchmarks/bench_query.py --quick      # about 2 minutes
-    uv run python benchmarks/bench_query.py --profile    # + a profiled multi-folder run (about 1 minute more)
+    uv run python benchmarks/bench_query.py --profile    # + one (a) and one (b) process under cProfile (~1 min more)
     uv run python benchmarks/bench_query.py --threads 1  # everything with one thread (steadier when shared)
     uv run python benchmarks/bench_query.py --help       # sizes and switches
 
@@ -36,15 +36,16 @@ What is compared (every run is a subprocess of the venv's real console scripts, 
     fit-hessians: the real CLI on ``--fit-examples`` (64) examples, dynamically padded vs the same examples
     left-filled to 512 tokens (same emulation), default batch sizes (8 covariance / 4 lambda).
 
-How the time is split
-    benchmarks/_hook/sitecustomize.py is put on PYTHONPATH of those subprocesses: it wraps a few functions
-    of if-query / Kronfluence with wall-clock timers as they are imported (the console scripts themselves
-    are unchanged) and writes JSON at exit: interpreter start, imports, tokenizer, tokenization, model
-    weights, factors, scoring, CSV writing; fitting stages. The profile run (``--profile``, off by default)
-    adds nested timers (forward, backward, per-example gradient, whitening / preconditioning, loss pass)
-    and a torch.profiler op table. By default the subprocesses share a warm bytecode cache
-    (PYTHONPYCACHEPREFIX, in the system temp dir) because this sandbox sets PYTHONDONTWRITEBYTECODE=1, which
-    would add about 8 s of compiling to every process; ``--no-pycache`` measures that as it is.
+How the time is measured and split
+    Each measured process is timed as a whole (wall clock around the subprocess, interpreter start and
+    imports included); nothing is injected into it. ``--profile`` (off by default) adds two more runs, not
+    counted above, under ``python -m cProfile -o FILE`` on the console script itself: (b) over all folders
+    and (a) for the first folder. The report lists their import time (cumulative time of importlib's
+    ``_find_and_load``), if-query's functions by cumulative time and the top functions by own time (pstats);
+    the .prof files are kept beside the report for ``python -m pstats``. By default the subprocesses share a
+    warm bytecode cache (PYTHONPYCACHEPREFIX, in the system temp dir) because this sandbox sets
+    PYTHONDONTWRITEBYTECODE=1, which would add about 8 s of compiling to every process; ``--no-pycache``
+    measures that as it is.
 
 What is counted (FLOPs; P = matmul weights = n_layer*12*d^2 + d*V, T = tokens of one example; tracked
 modules = the MLP c_fc and c_proj of every block, with i = d_in + 1 (bias column) and o = d_out)
@@ -69,7 +70,7 @@ modules = the MLP c_fc and c_proj of every block, with i = d_in + 1 (bias column
     with one thread, measured at the start and at the end of the run; the best of all is the peak.
 
 Results: printed, and written to benchmarks/results/bench_query.md (``--output``), with the raw numbers in
-bench_query.json and the torch.profiler table in bench_query_torch_profile.txt beside it.
+bench_query.json and, with ``--profile``, the profiles bench_query_a.prof and bench_query_b.prof beside it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HOOK_DIR = Path(__file__).resolve().parent / "_hook"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_PYCACHE = Path(tempfile.gettempdir()) / "if-query-bench-pycache"
 EOS = "<|endoftext|>"
@@ -285,7 +285,7 @@ def measure_peak(repeats: int = 10, n: int = 2048) -> dict:
 
 
 class Processes:
-    """Starts the CLIs with the timing hook and collects wall time + the hook's JSON."""
+    """Starts the CLIs and times each process as a whole (wall clock), optionally under cProfile."""
 
     def __init__(self, work: Path, pycache: Path | None):
         self.work = work
@@ -296,20 +296,20 @@ class Processes:
     def env(self, extra: dict | None = None) -> dict:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join([str(HOOK_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         if self.pycache is not None:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(self.pycache)
         env.update(extra or {})
         return env
 
-    def run(self, command: list[str], extra_env: dict | None = None, timed: bool = True) -> dict:
+    def run(self, command: list[str], extra_env: dict | None = None, profile: Path | None = None) -> dict:
+        """Run ``command`` and return its wall time; with ``profile``, under ``python -m cProfile -o profile``
+        (``command[0]`` is then a console script of the venv, which is a Python file)."""
         self.count += 1
-        timing_path = self.work / "timings" / f"{self.count:03d}.json"
-        timing_path.parent.mkdir(parents=True, exist_ok=True)
+        if profile is not None:
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile), *command]
         env = self.env(extra_env)
-        if timed:
-            env["IFQ_BENCH_TIMINGS"] = str(timing_path)
         start = time.perf_counter()
         with open(self.log, "a", encoding="utf-8") as out:
             prefix = "".join(f"{k}={v} " for k, v in (extra_env or {}).items())
@@ -319,32 +319,36 @@ class Processes:
         wall = time.perf_counter() - start
         if result.returncode:
             raise SystemExit(f"command failed ({result.returncode}); see {self.log}:\n  {' '.join(command)}")
-        timing = json.loads(timing_path.read_text()) if timed else {}
-        return {"wall_s": wall, **timing}
+        return {"wall_s": wall}
 
 
-def breakdown(run: dict) -> dict[str, float]:
-    """Non-overlapping parts of one process's wall time."""
-    steps = run.get("steps", {})
-    parts = {
-        "interpreter start + exit": run["wall_s"] - run["site_to_exit_s"],
-        "imports + CLI parsing": run["site_to_first_call_s"] or 0.0,
-    }
-    names = ["metadata + tokenizer load", "read + tokenize records", "model weights (from_pretrained)",
-             "Kronfluence prepare_model (wrap modules)", "factors (Analyzer + load_all_factors)", "scoring",
-             "write CSVs"]
-    for name in names:
-        parts[name] = steps.get(name, 0.0)
-    parts["other (checks, terminal summary)"] = run["wall_s"] - sum(parts.values())
-    return parts
+def _short(filename: str) -> str:
+    """A profiled function's file, from its package on (``site-packages/`` and ``src/`` dropped)."""
+    for marker in ("site-packages/", "/src/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
 
 
-def sum_breakdowns(runs: list[dict]) -> dict[str, float]:
-    total: dict[str, float] = {}
-    for run in runs:
-        for k, v in breakdown(run).items():
-            total[k] = total.get(k, 0.0) + v
-    return total
+def summarize_profile(profile: Path, limit: int = 15) -> dict:
+    """A cProfile file: its profiled total, its import time (cumulative time of ``_find_and_load``, outermost
+    calls only), if-query's own functions by cumulative time (module bodies left out: they are imports) and
+    all functions by own time (pstats' tottime)."""
+    import pstats
+
+    stats = pstats.Stats(str(profile)).stats
+
+    def label(filename: str, line: int, name: str) -> str:
+        return f"{_short(filename)}:{line}({name})" if line else name
+
+    imports = sum(ct for (filename, _, name), (_, _, _, ct, _) in stats.items()
+                  if name == "_find_and_load" and "importlib._bootstrap" in filename)
+    own = sorted(((ct, nc, label(*key)) for key, (_, nc, _, ct, _) in stats.items()
+                  if "if_query/" in key[0] and key[2] != "<module>"), key=lambda row: -row[0])
+    hot = sorted(((tt, nc, label(*key)) for key, (_, nc, tt, _, _) in stats.items()), key=lambda row: -row[0])
+    return {"total_s": max(ct for _, _, _, ct, _ in stats.values()), "imports_s": imports,
+            "if_query_cumulative": [{"function": f, "s": t, "calls": n} for t, n, f in own[:limit]],
+            "own_time": [{"function": f, "s": t, "calls": n} for t, n, f in hot[:limit]]}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -384,8 +388,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-one-thread", action="store_true", help="skip row (b1), OMP_NUM_THREADS=1")
     parser.add_argument("--no-fit-compare", action="store_true", help="skip the fit-hessians comparison")
     parser.add_argument("--profile", action="store_true",
-                        help="also one profiled multi-folder run (nested timers + torch.profiler op table)")
-    parser.add_argument("--no-torch-profile", action="store_true", help="profile with timers only")
+                        help="also one (b) run and one (a) process under cProfile: top cumulative functions")
     parser.add_argument("--no-pycache", action="store_true",
                         help="leave PYTHONDONTWRITEBYTECODE as it is (every process compiles its imports)")
     parser.add_argument("--pycache", default=str(DEFAULT_PYCACHE), help="bytecode cache directory (reused)")
@@ -401,7 +404,6 @@ def parse_args() -> argparse.Namespace:
         args.naive_repeats = 1
         args.no_one_thread = True
         args.no_fit_compare = True
-        args.profile = False
     return args
 
 
@@ -476,7 +478,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
 
     # ------------------------------------------------------------------ warm-up, peak
     warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.query, if_query.fitting\n"
-                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"], timed=False)
+                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"])
     say(f"import warm-up (bytecode cache {'off' if args.no_pycache else procs.pycache}): {warm['wall_s']:.1f} s")
     peaks = [measure_peak()]
     say(f"peak float32 matmul: {peaks[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
@@ -489,11 +491,14 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
     say(f"fit-hessians on the union ({len(union)} examples, 1 thread, setup): {fit_union['wall_s']:.1f} s")
 
     # ------------------------------------------------------------------ (a) naive, (b) if-query
+    def naive_command(folder: Path, *extra: str) -> list[str]:
+        return [str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
+                "--train-json", str(folder / "train.json"), "--query-json", str(folder / "query.json"),
+                "--output-dir", str(folder / "results"), "--score-batch-size", str(args.score_batch_size),
+                "--max-length", "512", "--quiet", *extra]
+
     def naive_loop(*extra: str) -> list[dict]:
-        return [procs.run([str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
-                           "--train-json", str(folder / "train.json"), "--query-json", str(folder / "query.json"),
-                           "--output-dir", str(folder / "results"), "--score-batch-size", str(args.score_batch_size),
-                           "--max-length", "512", "--quiet", *extra]) for folder in pad_dirs]
+        return [procs.run(naive_command(folder, *extra)) for folder in pad_dirs]
 
     multi_command = [str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
                      *map(str, dyn_dirs), "--quiet"]
@@ -531,14 +536,13 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
     # ------------------------------------------------------------------ profile
     profile = None
     output = Path(args.output)
-    torch_table = output.with_name(output.stem + "_torch_profile.txt")
     if args.profile:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        extra = {"IFQ_BENCH_PROFILE": "1"}
-        if not args.no_torch_profile:
-            extra["IFQ_BENCH_TORCH_PROFILE"] = str(torch_table)
-        profile = procs.run(multi_command, extra_env=extra)
-        say(f"profiled multi-folder run: {profile['wall_s']:.1f} s")
+        profile = {}
+        for name, command in (("b", multi_command), ("a", naive_command(pad_dirs[0]))):
+            prof = output.with_name(f"{output.stem}_{name}.prof")
+            run = procs.run(command, profile=prof)
+            profile[name] = {"wall_s": run["wall_s"], "file": prof.name, **summarize_profile(prof)}
+            say(f"profiled ({name}) run under cProfile: {run['wall_s']:.1f} s")
 
     peaks.append(measure_peak())
     peak = max(p["peak_flops"] for p in peaks)
@@ -558,19 +562,14 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
 
     naive_best = min(naive_runs, key=lambda runs: sum(r["wall_s"] for r in runs))
     naive_wall = sum(r["wall_s"] for r in naive_best)
-    naive_parts = sum_breakdowns(naive_best)
     multi_best = min(multi_runs, key=lambda r: r["wall_s"])
     multi_wall = multi_best["wall_s"]
     multi_med = statistics.median(r["wall_s"] for r in multi_runs)
-    multi_parts = breakdown(multi_best)
 
-    def row(label: str, processes: int, wall: float, wall_note: str, parts: dict, executed: float) -> str:
-        scoring = parts["scoring"]
-        overhead = wall - scoring - parts["write CSVs"]
-        return (f"| {label} | {processes} | {fmt(wall)}{wall_note} | {naive_wall / wall:.1f}x | {fmt(scoring, 2)} | "
-                f"{fmt(overhead)} | {real_tokens / wall:.0f} | {real_tokens / scoring:.0f} | "
-                f"{pct(useful / wall / peak)} | {pct(useful / scoring / peak)} | {executed / 1e9:.0f} | "
-                f"{pct(executed / scoring / peak)} |")
+    def row(label: str, processes: int, wall: float, wall_note: str, executed: float) -> str:
+        return (f"| {label} | {processes} | {fmt(wall)}{wall_note} | {naive_wall / wall:.1f}x | "
+                f"{real_tokens / wall:.0f} | {pct(useful / wall / peak)} | {executed / 1e9:.0f} | "
+                f"{pct(executed / wall / peak)} |")
 
     lines = ["## if-query scoring benchmark\n"]
     lines.append(
@@ -596,51 +595,34 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
         f"{executed_dyn / 1e9:.0f} GFLOP (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_dyn.items())
         + f"); naive padded {executed_pad / 1e9:.0f} GFLOP ("
         + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_pad.items()) + ").\n")
-    lines.append("| approach | processes | wall s | speed-up | scoring s | other s (start, imports, loading) "
-                 "| real tok/s (wall) | real tok/s (scoring) | useful % peak (wall) | useful % peak (scoring) "
-                 "| executed GFLOP | executed % peak (scoring) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| approach | processes | wall s (start, imports, loading included) | speed-up | real tok/s "
+                 "| useful % of peak | executed GFLOP | executed % of peak |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     naive_note = f" (best of {len(naive_runs)})" if len(naive_runs) > 1 else ""
     lines.append(row(f"(a) naive: run-query per folder, padded to {args.pad_to}", args.folders, naive_wall,
-                     naive_note, naive_parts, executed_pad))
+                     naive_note, executed_pad))
     if streaming:
         streaming_wall = sum(r["wall_s"] for r in streaming)
         lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--engine kronfluence`), padded to "
                      f"{args.pad_to} | {args.folders} | {fmt(streaming_wall)} | {naive_wall / streaming_wall:.1f}x | "
-                     "n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+                     "n/a | n/a | n/a | n/a |")
     multi_note = f" (best of {len(multi_runs)}, median {fmt(multi_med)})" if len(multi_runs) > 1 else ""
     lines.append(row(f"(b) if-query: one run-query, {args.folders} folders", 1, multi_wall, multi_note,
-                     multi_parts, executed_dyn).replace(f"| {naive_wall / multi_wall:.1f}x |",
-                                                        f"| **{naive_wall / multi_wall:.1f}x** |"))
+                     executed_dyn).replace(f"| {naive_wall / multi_wall:.1f}x |",
+                                           f"| **{naive_wall / multi_wall:.1f}x** |"))
     if one_thread:
-        lines.append(row("(b1) = (b) with OMP_NUM_THREADS=1", 1, one_thread["wall_s"], "", breakdown(one_thread),
-                         executed_dyn))
+        lines.append(row("(b1) = (b) with OMP_NUM_THREADS=1", 1, one_thread["wall_s"], "", executed_dyn))
     lines.append("")
-    lines.append(
-        f"Scoring-only speed-up (sum of in-process scoring, padded per-folder vs dynamic multi-folder): "
-        f"{naive_parts['scoring'] / multi_parts['scoring']:.1f}x; per-process overhead of (a): "
-        f"{(naive_wall - naive_parts['scoring'] - naive_parts['write CSVs']) / args.folders:.1f} s per process.\n")
-
-    lines.append("### Where the wall time goes, per process (timing hook)\n")
-    lines.append(f"| step | (a) naive, sum of {args.folders} processes | (a) per process | (b) if-query, 1 process |")
-    lines.append("|---|---|---|---|")
-    for key in multi_parts:
-        lines.append(f"| {key} | {fmt(naive_parts[key], 2)} | {fmt(naive_parts[key] / args.folders, 2)} "
-                     f"| {fmt(multi_parts[key], 2)} |")
-    lines.append(f"| **wall** | {fmt(naive_wall, 2)} | {fmt(naive_wall / args.folders, 2)} | {fmt(multi_wall, 2)} |")
-    events = [e for e in multi_best.get("events", []) if e[0] == "scoring"]
-    if events:
-        lines.append(f"\n(b) per-folder scoring s: {', '.join(f'{e[2] - e[1]:.2f}' for e in events)}; "
-                     f"(a) per-process scoring s: "
-                     + ", ".join(f"{r['steps'].get('scoring', 0):.2f}" for r in naive_best) + ".")
-    lines.append(f"Import warm-up process (not counted above): {warm['wall_s']:.1f} s.\n")
+    lines.append(f"(a) wall per process: {', '.join(fmt(r['wall_s']) for r in naive_best)} s (each one pays "
+                 "interpreter start, imports and loading; `--profile` splits one). Import warm-up process (not "
+                 f"counted above): {warm['wall_s']:.1f} s.\n")
 
     if fit:
         lines.append(fit_section(fit, fit_records, example_tokenizer, args))
     lines.append(f"fit-hessians on the union of {len(union)} examples (the scoring factors; setup, one thread): "
                  f"{fmt(fit_union['wall_s'])} s.\n")
     if profile:
-        lines.append(profile_section(profile, torch_table if not args.no_torch_profile else None))
+        lines.append(profile_section(profile))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps({
         "args": vars(args), "peaks": peaks, "naive_runs": naive_runs, "multi_runs": multi_runs,
@@ -659,51 +641,36 @@ def _load_state(model_dir: Path) -> dict:
 
 def fit_section(fit: dict, fit_records: list[dict], example_tokenizer, args: argparse.Namespace) -> str:
     tokens = sum(len(example_tokenizer(_example(r))) for r in fit_records)
-    stages = ["stage: covariance", "stage: eigendecomposition", "stage: lambda"]
     lines = ["### fit-hessians (EK-FAC), dynamic padding vs padded to "
              f"{args.pad_to}, {len(fit_records)} examples\n",
-             "| fitting data | tokens | wall s | speed-up | start + imports s | model + data s | covariance s "
-             "| eigendecomposition s | lambda s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| fitting data | tokens | wall s (start, imports, loading included) | speed-up |",
+             "|---|---|---|---|"]
     for name, label, n_tokens in (("padded", f"padded to {args.pad_to} (emulated)", len(fit_records) * args.pad_to),
                                   ("dynamic", "dynamic padding (if-query)", tokens)):
-        run = fit[name]
-        steps = run.get("steps", {})
-        start = run["wall_s"] - run["site_to_exit_s"] + (run["site_to_first_call_s"] or 0.0)
-        loading = steps.get("model weights (from_pretrained)", 0.0) + steps.get("read + tokenize records", 0.0)
-        speed = fit["padded"]["wall_s"] / run["wall_s"]
-        token_stages = ("stage: covariance", "stage: lambda")
-        padded_steps = fit["padded"].get("steps", {})
-        stage_speed = (sum(padded_steps.get(k, 0.0) for k in token_stages)
-                       / max(sum(steps.get(k, 0.0) for k in token_stages), 1e-9))
-        speed_text = f"**{speed:.1f}x** (covariance + lambda: {stage_speed:.1f}x)" if name == "dynamic" else "1.0x"
-        lines.append(f"| {label} | {n_tokens} | {fmt(run['wall_s'])} | {speed_text} | {fmt(start)} | "
-                     f"{fmt(loading)} | " + " | ".join(fmt(steps.get(s, 0.0)) for s in stages) + " |")
+        speed = fit["padded"]["wall_s"] / fit[name]["wall_s"]
+        speed_text = f"**{speed:.1f}x**" if name == "dynamic" else "1.0x"
+        lines.append(f"| {label} | {n_tokens} | {fmt(fit[name]['wall_s'])} | {speed_text} |")
     return "\n".join(lines) + "\n"
 
 
-def profile_section(profile: dict, torch_table: Path | None) -> str:
-    exclusive = profile.get("fine_exclusive", {})
-    calls = profile.get("fine_calls", {})
-    scoring = profile["steps"]["scoring"]
-    timed = sum(exclusive.values())
-    lines = ["### Profile of the multi-folder scoring (nested timers, exclusive seconds)\n",
-             f"One more `run-query` over all folders with IFQ_BENCH_PROFILE=1"
-             f"{' and torch.profiler on' if torch_table else ''} (wall {fmt(profile['wall_s'])} s, scoring "
-             f"{fmt(scoring, 2)} s).\n",
-             "| region | s | % of scoring | calls |", "|---|---|---|---|"]
-    for name, seconds in sorted(exclusive.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {name} | {fmt(seconds, 3)} | {pct(seconds / scoring)} | {calls.get(name, '')} |")
-    lines.append(f"| score() outside the timed calls (Gram matrix, float64 copies, cosines, DataFrames) | "
-                 f"{fmt(scoring - timed, 3)} | {pct((scoring - timed) / scoring)} | |")
-    lines.append(f"| **scoring total** | {fmt(scoring, 3)} | 100% | |\n")
-    if torch_table and torch_table.exists():
-        table = torch_table.read_text().splitlines()
-        lines.append(f"torch.profiler, top operators by self CPU time ({torch_table.name}):\n")
-        lines.append("```")
-        lines.extend(table[:22])
-        lines.append("```\n")
-    return "\n".join(lines)
+def profile_section(profile: dict) -> str:
+    lines = ["### Where the time goes (cProfile, `--profile`)\n",
+             "Two more processes, not counted above, under `python -m cProfile -o FILE` on the run-query console "
+             "script (profiling slows Python-heavy code down): (b) over all folders and (a) for the first "
+             "folder. Imports are the cumulative time of importlib's `_find_and_load`. Open a profile with "
+             "`python -m pstats FILE`.\n"]
+    for name, label in (("b", "(b) if-query, one run-query over all folders"), ("a", "(a) naive, one folder")):
+        run = profile[name]
+        lines.append(f"{label}: wall {fmt(run['wall_s'])} s, profiled {fmt(run['total_s'])} s, imports "
+                     f"{fmt(run['imports_s'])} s ({run['file']}).\n")
+        for key, title in (("if_query_cumulative", "if-query's functions, cumulative s"),
+                           ("own_time", "all functions, own s (tottime)")):
+            lines.append(f"| {title} | s | calls |")
+            lines.append("|---|---|---|")
+            for entry in run[key]:
+                lines.append(f"| `{entry['function']}` | {fmt(entry['s'], 2)} | {entry['calls']} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def check_results(folders: list[Path], n: int) -> None:

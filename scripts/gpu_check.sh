@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (run on a CUDA machine, e.g. with the device tool):
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# Fits EK-FAC factors and scores queries/test_query with the bundled tiny GPT-2 on CPU in float32
+# Fits EK-FAC factors and scores the bundled test query with the bundled tiny GPT-2 on CPU in float32
 # (the reference), then on the GPU in float32 and bfloat16, plainly and under
 # `torchrun --nproc_per_node=1`, and compares each GPU run's scores with the CPU reference
 # (Spearman rank correlation and max relative error of influence_score, max abs diff of cosine).
@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${1:-${OUT:-/tmp/if-query-gpu-check}}
 mkdir -p "$OUT"
-MODEL=examples/tiny-gpt2
-DATA=examples/tiny-gpt2/training_corpus.json
-Q=queries/test_query
+MODEL=src/if_query/demo_data/tiny-gpt2
+DATA=$MODEL/training_corpus.json
+Q=src/if_query/demo_data/test_query
 command -v uv >/dev/null || python3 -m pip install -q uv
 uv sync --locked -q
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

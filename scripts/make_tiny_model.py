@@ -1,14 +1,14 @@
 """Regenerate the bundled tiny demo model and the test query, deterministically.
 
-    uv run python scripts/make_tiny_model.py [--seed 0] [--out REPO_ROOT]
+    uv run python scripts/make_tiny_model.py [--seed 0] [--out src/if_query/demo_data]
 
-Writes
-  examples/tiny-gpt2/                      model + tokenizer (save_pretrained, safetensors),
-                                           training_corpus.json (the training records) and
-                                           world.json (the people, their facts, and who is
-                                           held out of phrasing "b")
-  queries/test_query/train.json            ~16 training records from the corpus
-  queries/test_query/query.json            4 queries whose stating records are in train.json
+Writes, under --out (default: the package data that `if-query demo` reads)
+  tiny-gpt2/                 model + tokenizer (save_pretrained, safetensors),
+                             training_corpus.json (the training records) and
+                             world.json (the people, their facts, and who is
+                             held out of phrasing "b")
+  test_query/train.json      ~16 training records from the corpus
+  test_query/query.json      4 queries whose stating records are in train.json
 and prints the greedy-completion accuracies and the runtime.
 """
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_world as tw  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = Path(__file__).resolve().parent.parent / "src" / "if_query" / "demo_data"
 
 
 def _dump(obj, path: Path) -> None:
@@ -111,7 +111,7 @@ def pick_test_query(world, ts, model, tokenizer, seed: int) -> tuple[list[dict],
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO_ROOT, help="root to write examples/ and queries/ under")
+    ap.add_argument("--out", type=Path, default=DEMO_DATA, help="folder to write tiny-gpt2/ and test_query/ under")
     ap.add_argument("--n-people", type=int, default=40)
     args = ap.parse_args(argv)
 
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     acc_b_trained = tw.accuracy(model, tokenizer, facts_b_trained)
     acc_b_heldout = tw.accuracy(model, tokenizer, facts_b_heldout)
 
-    model_dir = args.out / "examples" / "tiny-gpt2"
+    model_dir = args.out / "tiny-gpt2"
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     )
 
     train, queries = pick_test_query(world, ts, model, tokenizer, args.seed)
-    qdir = args.out / "queries" / "test_query"
+    qdir = args.out / "test_query"
     _dump(train, qdir / "train.json")
     _dump(queries, qdir / "query.json")
 

@@ -3,11 +3,12 @@
 #
 #   scripts/screenshot_report.sh [REPORT_HTML] [OUT_PNG] [WIDTH,HEIGHT]
 #
-# Defaults: queries/test_query/results/report.html, /tmp/report.png, 1400,2000.
+# Defaults: if-query-demo/test_query/results/report.html (after `if-query demo` and
+# `if-query report if-query-demo/test_query/results`), /tmp/report.png, 1400,2000.
 # Needs the Debian package `chromium` (apt-get install -y chromium).
 set -euo pipefail
 
-report="${1:-queries/test_query/results/report.html}"
+report="${1:-if-query-demo/test_query/results/report.html}"
 out="${2:-/tmp/report.png}"
 size="${3:-1400,2000}"
 

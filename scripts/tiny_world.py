@@ -1,7 +1,7 @@
 """A deterministic, tiny synthetic "world of facts" and a tiny GPT-2 trained on it.
 
-Used to build the bundled demo model (``examples/tiny-gpt2``, see ``make_tiny_model.py``) and
-by the quality benchmark. Importing this module has no side effects.
+Used to build the bundled demo model (``src/if_query/demo_data/tiny-gpt2``, see ``make_tiny_model.py``)
+and by the quality benchmark. Importing this module has no side effects.
 
 The world: ``n_people`` made-up people ("Zorvan Quill"), each with one value for every relation
 (city, job, colour, instrument), values drawn from small made-up sets. Each fact has two

@@ -6,8 +6,9 @@ from if_query.demo import DEMO_QUERIES, run_demo
 
 
 def test_demo_ranks_the_stating_example_first(tmp_path):
-    outcome = run_demo(quiet=True, factors_dir=tmp_path / "factors", results_dir=tmp_path / "results")
-    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    outcome = run_demo(tmp_path, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors", "test_query"]
+    written = sorted(p.name for p in (tmp_path / "test_query" / "results").iterdir())
     assert written == ["influences.csv", "query.csv", "run.json", "train.csv"]
     influences = outcome.results.influences
     for query in json.loads((DEMO_QUERIES / "query.json").read_text()):

@@ -1,6 +1,6 @@
 """What a per-token score means, on hand-made examples: training records stating wrong facts.
 
-The bundled tiny GPT-2 (examples/tiny-gpt2) was trained on facts like "Thotro Hand lives in" -> " Drellport.".
+The bundled tiny GPT-2 (if_query/demo_data/tiny-gpt2) was trained on facts like "Thotro Hand lives in" -> " Drellport.".
 A training record saying " Varisk." instead is surprising at exactly one prediction: the first token of the
 wrong city, predicted from the last prompt token " in" (every other prediction is near certain). Its gradient
 (identity strategy: plain gradients) is dominated by that position, so its per-token scores must peak there,
@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import Reference, per_position_contributions, write_json
 
-MODEL = Path(__file__).resolve().parents[1] / "examples" / "tiny-gpt2"
+MODEL = Path(__file__).resolve().parents[1] / "src" / "if_query" / "demo_data" / "tiny-gpt2"
 TRAIN = [  # the model learned Drellport and mireblue
     {"pair_id": "wrong-city", "prompt": "Thotro Hand lives in", "completion": " Varisk."},
     {"pair_id": "wrong-colour", "prompt": "The favourite colour of Thotro Hand is", "completion": " velumber."},

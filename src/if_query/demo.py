@@ -1,8 +1,16 @@
-"""``if-query demo``: the whole workflow on the bundled tiny GPT-2 and queries/test_query."""
+"""``if-query demo``: the whole workflow on the tiny GPT-2 and the test query bundled in ``if_query/demo_data``.
+
+The bundled data is package data (it ships in the wheel) and is only read; everything the demo writes goes
+under ``output_dir`` (default ``./if-query-demo``): ``factors/`` and ``test_query/`` (a copy of the
+bundled query folder) with its ``results/``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from if_query.fitting import FitConfig, fit_hessians
@@ -10,25 +18,48 @@ from if_query.query import JobOutcome, QueryConfig, QueryJob, QueryRunner
 from if_query.summary import format_summary
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL = REPO_ROOT / "examples" / "tiny-gpt2"
-DEMO_CORPUS = DEMO_MODEL / "training_corpus.json"
-DEMO_QUERIES = REPO_ROOT / "queries" / "test_query"
-DEMO_FACTORS = REPO_ROOT / ".cache" / "demo-factors"
+DEMO_DATA = files("if_query") / "demo_data"
+DEMO_MODEL = DEMO_DATA / "tiny-gpt2"  # model + tokenizer, training_corpus.json (its training records), world.json
+DEMO_QUERIES = DEMO_DATA / "test_query"  # query.json, train.json
+DEMO_CORPUS_FILE = "training_corpus.json"
+DEFAULT_DEMO_DIR = Path("if-query-demo")  # relative to the current directory
 
 
-def run_demo(quiet: bool = False, top_k: int = 3, factors_dir: Path = DEMO_FACTORS,
-             results_dir: Path = DEMO_QUERIES / "results") -> JobOutcome:
-    """Fit (or reuse) EK-FAC factors for the tiny model, score the demo folder, print the summary."""
-    logger.info("Fitting EK-FAC factors for %s (cached in %s)", DEMO_MODEL, factors_dir)
-    # The factors directory is a cache: reused while the model's weights and the arguments are unchanged,
-    # refitted (not refused) when either changed, e.g. after scripts/make_tiny_model.py.
-    fit_hessians(FitConfig(model=str(DEMO_MODEL), hessian_dataset=str(DEMO_CORPUS), output_dir=str(factors_dir),
-                           factor_batch_size=16, lambda_batch_size=16, refit_if_changed=True), quiet=True)
-    logger.info("Scoring %s", DEMO_QUERIES)
-    runner = QueryRunner(QueryConfig(model=str(DEMO_MODEL), factors_dir=str(factors_dir)), quiet=True)
-    job = QueryJob(str(DEMO_QUERIES), DEMO_QUERIES / "query.json", DEMO_QUERIES / "train.json", results_dir)
-    [outcome] = runner.run([job])
+@contextmanager
+def demo_model_dir() -> Iterator[Path]:
+    """The bundled tiny GPT-2's folder as a real path (``from_pretrained`` needs one)."""
+    with as_file(DEMO_MODEL) as path:
+        yield path
+
+
+@contextmanager
+def demo_queries_dir() -> Iterator[Path]:
+    """The bundled query folder (query.json, train.json) as a real path; read it, never write into it."""
+    with as_file(DEMO_QUERIES) as path:
+        yield path
+
+
+def run_demo(output_dir: Path = DEFAULT_DEMO_DIR, quiet: bool = False, top_k: int = 3) -> JobOutcome:
+    """Fit (or reuse) EK-FAC factors for the tiny model into ``output_dir/factors``, copy the bundled query
+    folder to ``output_dir/test_query``, score it into ``output_dir/test_query/results``, print the summary."""
+    output_dir = Path(output_dir)
+    factors_dir = output_dir / "factors"
+    queries_dir = output_dir / "test_query"
+    results_dir = queries_dir / "results"
+    queries_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("query.json", "train.json"):
+        (queries_dir / name).write_bytes((DEMO_QUERIES / name).read_bytes())
+    with demo_model_dir() as model:
+        logger.info("Fitting EK-FAC factors for %s (cached in %s)", model, factors_dir)
+        # The factors directory is a cache: reused while the model's weights and the arguments are unchanged,
+        # refitted (not refused) when either changed, e.g. after scripts/make_tiny_model.py.
+        fit_hessians(FitConfig(model=str(model), hessian_dataset=str(model / DEMO_CORPUS_FILE),
+                               output_dir=str(factors_dir), factor_batch_size=16, lambda_batch_size=16,
+                               refit_if_changed=True), quiet=True)
+        logger.info("Scoring %s", queries_dir)
+        runner = QueryRunner(QueryConfig(model=str(model), factors_dir=str(factors_dir)), quiet=True)
+        job = QueryJob(str(queries_dir), queries_dir / "query.json", queries_dir / "train.json", results_dir)
+        [outcome] = runner.run([job])
     if not quiet:
         print(format_summary(outcome.results, top_k=top_k))
         print(f"Results in {results_dir}/ (query.csv, train.csv, influences.csv)")
