@@ -2,11 +2,12 @@
 
 import json
 
+from if_query.config import DemoConfig
 from if_query.demo import DEMO_QUERIES, run_demo
 
 
 def test_demo_ranks_the_stating_example_first(tmp_path):
-    outcome = run_demo(tmp_path, quiet=True)
+    outcome = run_demo(DemoConfig(output_dir=tmp_path), quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["factors", "test_query"]
     written = sorted(p.name for p in (tmp_path / "test_query" / "results").iterdir())
     assert written == ["influences.csv", "query.csv", "run.json", "train.csv"]

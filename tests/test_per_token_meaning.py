@@ -16,7 +16,9 @@ import pytest
 import torch
 from helpers import Reference, per_position_contributions, write_json
 
-MODEL = Path(__file__).resolve().parents[1] / "src" / "if_query" / "demo_data" / "tiny-gpt2"
+from if_query.demo import DEMO_MODEL
+
+MODEL = Path(str(DEMO_MODEL))  # package data on disk (editable or wheel install)
 TRAIN = [  # the model learned Drellport and mireblue
     {"pair_id": "wrong-city", "prompt": "Thotro Hand lives in", "completion": " Varisk."},
     {"pair_id": "wrong-colour", "prompt": "The favourite colour of Thotro Hand is", "completion": " velumber."},

@@ -172,7 +172,7 @@ def report(config: ReportConfig, quiet: bool) -> None:
 def demo(config: DemoConfig, quiet: bool) -> None:
     from if_query.demo import run_demo
 
-    run_demo(config.output_dir, quiet=quiet, top_k=config.top_k)
+    run_demo(config, quiet=quiet)
 
 
 fit_hessians_command = app.command("fit-hessians")(config_command(FitConfig, fit))

@@ -268,12 +268,12 @@ class ReportConfig:
 
 @dataclass
 class DemoConfig:
-    """Fit factors on the bundled tiny GPT-2 and score its demo query folder, printing the top influences."""
+    """Fit factors on the bundled tiny GPT-2 and score its test query, printing the top influences."""
 
     output_dir: Path = option(
         Path("if-query-demo"),
-        help="Where the demo writes its factors (a cache, reused while unchanged) and a copy of the query "
-             "folder with its results.")
+        help="Folder the demo writes into (created if missing): factors/ (a cache, reused while the model is "
+             "unchanged) and test_query/ (the bundled query.json and train.json, scored into test_query/results/).")
     top_k: int = top_k_option(3)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """``if-query demo``: the whole workflow on the tiny GPT-2 and the test query bundled in ``if_query/demo_data``.
 
 The bundled data is package data (it ships in the wheel) and is only read; everything the demo writes goes
-under ``output_dir`` (default ``./if-query-demo``): ``factors/`` and ``test_query/`` (a copy of the
+under ``output_dir`` (``--output-dir``, default ``./if-query-demo``): ``factors/`` and ``test_query/`` (a copy of the
 bundled query folder) with its ``results/``.
 """
 
@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from importlib.resources import as_file, files
 from pathlib import Path
 
-from if_query.fitting import FitConfig, fit_hessians
-from if_query.query import JobOutcome, QueryConfig, QueryJob, QueryRunner
+from if_query.config import DemoConfig, FitConfig, QueryConfig
+from if_query.fitting import fit_hessians
+from if_query.query import JobOutcome, QueryRunner
 from if_query.summary import format_summary
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ DEMO_DATA = files("if_query") / "demo_data"
 DEMO_MODEL = DEMO_DATA / "tiny-gpt2"  # model + tokenizer, training_corpus.json (its training records), world.json
 DEMO_QUERIES = DEMO_DATA / "test_query"  # query.json, train.json
 DEMO_CORPUS_FILE = "training_corpus.json"
-DEFAULT_DEMO_DIR = Path("if-query-demo")  # relative to the current directory
 
 
 @contextmanager
@@ -39,13 +39,12 @@ def demo_queries_dir() -> Iterator[Path]:
         yield path
 
 
-def run_demo(output_dir: Path = DEFAULT_DEMO_DIR, quiet: bool = False, top_k: int = 3) -> JobOutcome:
+def run_demo(config: DemoConfig, quiet: bool = False) -> JobOutcome:
     """Fit (or reuse) EK-FAC factors for the tiny model into ``output_dir/factors``, copy the bundled query
     folder to ``output_dir/test_query``, score it into ``output_dir/test_query/results``, print the summary."""
-    output_dir = Path(output_dir)
+    output_dir = Path(config.output_dir)
     factors_dir = output_dir / "factors"
     queries_dir = output_dir / "test_query"
-    results_dir = queries_dir / "results"
     queries_dir.mkdir(parents=True, exist_ok=True)
     for name in ("query.json", "train.json"):
         (queries_dir / name).write_bytes((DEMO_QUERIES / name).read_bytes())
@@ -57,10 +56,11 @@ def run_demo(output_dir: Path = DEFAULT_DEMO_DIR, quiet: bool = False, top_k: in
                                output_dir=str(factors_dir), factor_batch_size=16, lambda_batch_size=16,
                                refit_if_changed=True), quiet=True)
         logger.info("Scoring %s", queries_dir)
-        runner = QueryRunner(QueryConfig(model=str(model), factors_dir=str(factors_dir)), quiet=True)
-        job = QueryJob(str(queries_dir), queries_dir / "query.json", queries_dir / "train.json", results_dir)
-        [outcome] = runner.run([job])
+        [outcome] = QueryRunner(QueryConfig(model=str(model), factors_dir=str(factors_dir), folders=[queries_dir]),
+                                quiet=True).run()
+    if outcome.error is not None:
+        raise outcome.error
     if not quiet:
-        print(format_summary(outcome.results, top_k=top_k))
-        print(f"Results in {results_dir}/ (query.csv, train.csv, influences.csv)")
+        print(format_summary(outcome.results, top_k=config.top_k))
+        print(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
     return outcome
