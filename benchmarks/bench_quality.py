@@ -39,6 +39,9 @@ Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's m
     if-query-empirical --fisher empirical (the data's own labels).
     if-query-noeos     if-query scored with run-query's --no-eos-in-loss (the EOS token out of the scored
                        queries and train records, so out of both gradients; the fit keeps EOS).
+    if-query-wholeseq  if-query with a train-side loss over the whole sequence (prompt and completion, as for
+                       pretraining documents; emulated by relabelling the train records after tokenization): the
+                       queries keep the completion loss, the cosine uses each side's own self-influence.
     if-query-mixed     if-query fitted on the training records plus the queries (a "mixed", task-specific Hessian
                        as in TrackStar, Chang et al. 2024; with run-query this is a --hessian-dataset JSON holding
                        both files' records, so one fit per query folder).
@@ -100,7 +103,7 @@ WORLDS = {
     "readme": WorldSpec(relations=tuple(r.name for r in tw.RELATIONS), b_fraction=0.5, steps=600),
 }
 METHODS = ("identity", "kronfluence", "kronfluence-x4", "kronfluence-noeos", "if-query", "if-query-old",
-           "if-query-empirical", "if-query-noeos", "if-query-mixed")
+           "if-query-empirical", "if-query-noeos", "if-query-wholeseq", "if-query-mixed")
 QUICK_METHODS = ("kronfluence", "if-query", "if-query-old", "if-query-mixed")
 DEFAULT_WORLDS = ("facts2", "facts2-early")
 DEFAULT_RELATIVE = (0.01, 1.0, 10.0)
@@ -190,9 +193,12 @@ def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = 
     return factors_dir
 
 
-def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False):
+def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False,
+                   train_whole_sequence: bool = False):
     """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: run-query's
-    --no-eos-in-loss (EOS out of both gradients; the fit keeps it)."""
+    --no-eos-in-loss (EOS out of both gradients; the fit keeps it). ``train_whole_sequence``: the train records'
+    loss (so their gradients and self-influences) covers every token, prompt included (emulated: their labels
+    are replaced after tokenization); the queries' covers the completion, and the fit is unchanged."""
     from if_query.config import QueryConfig
     from if_query.query import QueryRunner, query_jobs
 
@@ -203,6 +209,10 @@ def score_if_query(built: dict, factors_dir: Path, damping: float | None = None,
     runner = QueryRunner(config, quiet=True)
     [job] = query_jobs(config)
     prepared = runner.prepare(job)
+    if train_whole_sequence:
+        from if_query.tokenization import TokenizedExample
+
+        prepared.train_tokens = [TokenizedExample(t.input_ids, t.input_ids) for t in prepared.train_tokens]
     influences = runner.score(prepared).influences
     shape = (len(built["query_ids"]), len(built["train_ids"]))
     assert list(influences["query_id"][:: shape[1]]) == built["query_ids"]
@@ -374,6 +384,9 @@ def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
                 mixed = built["work"] / "mixed.json"
                 dump(built["train_records"] + built["queries"], mixed)
                 record(method, score_if_query(built, fit_if_query(built, method, seed=seed, hessian_dataset=mixed)), t)
+            elif method == "if-query-wholeseq":
+                default_factors = default_factors or fit_if_query(built, "if-query", seed=seed)
+                record(method, score_if_query(built, default_factors, train_whole_sequence=True), t)
             elif method == "if-query-noeos":
                 default_factors = default_factors or fit_if_query(built, "if-query", seed=seed)
                 record(method, score_if_query(built, default_factors, without_eos=True), t)
