@@ -93,7 +93,7 @@ from torch.utils import data
 
 from if_query import loss
 from if_query.atomic import staged_files
-from if_query.config import STRATEGIES, FitConfig, QueryConfig
+from if_query.config import EIGENDECOMPOSITION_DTYPES, STRATEGIES, FitConfig, QueryConfig
 from if_query.distributed import check_launch
 from if_query.errors import InputError, RunError
 from if_query.metadata import FACTORS_NAME
@@ -101,7 +101,7 @@ from if_query.tokenization import Collator, TokenizedExample
 
 # Kronfluence 1.0.1 uses torch.cuda.amp.GradScaler, deprecated in recent torch: not the user's concern.
 warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
-EIGENDECOMPOSITION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+EIGENDECOMPOSITION_TORCH_DTYPES = {name: getattr(torch, name) for name in EIGENDECOMPOSITION_DTYPES}
 _FILES = {
     "ekfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED),
     "kfac": (ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, ACTIVATION_EIGENVALUES_NAME,
@@ -109,6 +109,9 @@ _FILES = {
     "diagonal": (LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED),
     "identity": (),
 }
+
+
+# --- The factor files, read one module at a time for if-query's engine (conventions: module docstring) ---
 
 
 def factors_path(factors_dir: str | Path) -> Path:
@@ -370,7 +373,7 @@ def factor_arguments(config: FitConfig) -> FactorArguments:
         lambda_max_examples=None,
         covariance_module_partitions=config.module_partitions,
         lambda_module_partitions=config.module_partitions,
-        eigendecomposition_dtype=EIGENDECOMPOSITION_DTYPES[config.eigendecomposition_dtype],
+        eigendecomposition_dtype=EIGENDECOMPOSITION_TORCH_DTYPES[config.eigendecomposition_dtype],
     )
 
 

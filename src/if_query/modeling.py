@@ -10,9 +10,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from if_query.config import DTYPE_CHOICES
 from if_query.errors import InputError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --dtype (config.py)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # --dtype
 
 # Names of MLP projections in the common families: GPT-2 (c_fc, c_proj), Llama / OLMo / OLMo-2 /
 # Qwen2 / Mistral (gate_proj, up_proj, down_proj), GPT-NeoX / Pythia (dense_h_to_4h, dense_4h_to_h),
