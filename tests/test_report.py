@@ -248,7 +248,7 @@ def test_large_runs_leave_the_heatmap_out_and_say_so(tmp_path):
     influences = [{"query_id": "q", "train_id": f"t{i}", "influence_score": i - 100.5, "influence_cosine": 0.0}
                   for i in range(n_train)]
     write_csvs(tmp_path, queries, train, influences)
-    html = write_report(tmp_path, top_k=3).read_text(encoding="utf-8")
+    html = write_report(tmp_path, None, top_k=3).read_text(encoding="utf-8")
     assert "Heatmap left out" in html and f"{n_train} training examples" in html
     assert 'class="heat' not in html
     report = parse(tmp_path / "report.html")

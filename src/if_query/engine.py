@@ -34,8 +34,7 @@ import torch
 
 from if_query.capture import TokenFactorStore
 from if_query.kron import FactorReader, Preconditioner
-
-FLOAT32_BYTES = 4
+from if_query.sizes import BYTES_PER_FLOAT
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Scores:
 def whitened_bytes(store: TokenFactorStore, module: str) -> int:
     """Bytes of one example's W for ``module`` (float32, bias column included)."""
     out, inp = store.shapes[module]
-    return out * (inp + 1) * FLOAT32_BYTES
+    return out * (inp + 1) * BYTES_PER_FLOAT
 
 
 class _Module:

@@ -88,8 +88,6 @@ def load_hessian_examples(
 ) -> list[TokenizedExample]:
     """Load and check the fitting data: at least one example and at least one labelled token."""
     path = Path(path)
-    if max_examples is not None and max_examples < 1:
-        raise InputError(f"--max-examples must be at least 1, got {max_examples}")
     if path.suffix in (".json", ".jsonl"):
         examples = load_examples(path)[:max_examples]
         tokenized = example_tokenizer.tokenize_all(examples, str(path))

@@ -569,10 +569,9 @@ class _Page:
         )
 
 
-def write_report(results_dir: str | Path, header: dict | None = None, top_k: int = 5) -> Path:
-    """Read a results directory's CSVs and write ``report.html`` into it (atomically); returns its path."""
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
+def write_report(results_dir: str | Path, header: dict | None, top_k: int) -> Path:
+    """Read a results directory's CSVs and write ``report.html`` into it (atomically); returns its path.
+    ``top_k`` (>= 1, checked by the command's config): helpful and harmful examples listed per query."""
     results_dir = Path(results_dir)
     page = _Page(_Results(results_dir), results_dir, dict(header or {}), top_k).html()
     path = write_text_atomic(results_dir / REPORT_FILE, lambda file: file.write(page))

@@ -29,7 +29,7 @@ from if_query.config import QueryConfig
 from if_query.errors import RunError
 from if_query.kron import FactorReader, StreamingScorer
 from if_query.modeling import MlpProjection
-from if_query.sizes import human_bytes
+from if_query.sizes import BYTES_PER_FLOAT, human_bytes
 from if_query.tokenization import TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class EngineScorer:
         workspace = self.config.workspace_bytes
         if workspace is None:
             workspace = _workspace_default(self.device, 0 if store.spilled else store.nbytes)
-        factor_bytes = 4 * (largest.out_features**2 + (largest.in_features + 1) ** 2
+        factor_bytes = BYTES_PER_FLOAT * (largest.out_features**2 + (largest.in_features + 1) ** 2
                             + 2 * largest.out_features * (largest.in_features + 1))
         at_once = workspace // per_example
         logger.info(

@@ -12,7 +12,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def format_summary(results: QueryResults, top_k: int = 5, width: int | None = None) -> str:
+def format_summary(results: QueryResults, top_k: int, width: int | None = None) -> str:
     """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query."""
     width = width or shutil.get_terminal_size((100, 20)).columns
     train = results.train.set_index("train_id")
