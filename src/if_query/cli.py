@@ -22,7 +22,7 @@ import typer
 
 from if_query.config import DemoConfig, FitConfig, QueryConfig, ReportConfig, cli_fields
 from if_query.distributed import is_main_rank
-from if_query.errors import IfQueryError, InputError
+from if_query.errors import IfQueryError
 
 app = typer.Typer(
     help="Which training examples made the model say this? Influence scores for HuggingFace causal LMs.",
@@ -154,17 +154,9 @@ def query(config: QueryConfig, quiet: bool) -> None:
 
 
 def report(config: ReportConfig, quiet: bool) -> None:
-    from if_query.metadata import read_metadata
-    from if_query.provenance import read_run
-    from if_query.report import header_from_metadata, header_from_run, results_date, write_report
+    from if_query.report import report_results_dir
 
-    results_dir = config.results_dir
-    if not results_dir.is_dir():
-        raise InputError(f"{results_dir}: results directory not found (run run-query first)")
-    header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
-    if config.factors_dir is not None:  # named explicitly: its model, revision and strategy win
-        header.update(header_from_metadata(read_metadata(config.factors_dir), config.factors_dir))
-    path = write_report(results_dir, {k: v for k, v in header.items() if v is not None}, config.top_k)
+    path = report_results_dir(config.results_dir, config.factors_dir, config.top_k)
     if not quiet:
         typer.echo(f"Wrote {path}")
 

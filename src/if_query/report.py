@@ -21,7 +21,8 @@ import pandas as pd
 
 from if_query.atomic import write_text_atomic
 from if_query.errors import InputError
-from if_query.provenance import describe_damping
+from if_query.metadata import read_metadata
+from if_query.provenance import describe_damping, read_run
 from if_query.results import INFLUENCES_FILE, QUERY_FILE, TRAIN_FILE
 
 REPORT_FILE = "report.html"
@@ -576,3 +577,14 @@ def write_report(results_dir: str | Path, header: dict | None, top_k: int) -> Pa
     page = _Page(_Results(results_dir), results_dir, dict(header or {}), top_k).html()
     path = write_text_atomic(results_dir / REPORT_FILE, lambda file: file.write(page))
     return path
+
+
+def report_results_dir(results_dir: Path, factors_dir: Path | None, top_k: int) -> Path:
+    """``if-query report``: the page of an existing results directory, its header from the results' run.json
+    and, when ``factors_dir`` is given, that fit's model, revision and strategy (which win)."""
+    if not results_dir.is_dir():
+        raise InputError(f"{results_dir}: results directory not found (run run-query first)")
+    header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
+    if factors_dir is not None:
+        header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))
+    return write_report(results_dir, {k: v for k, v in header.items() if v is not None}, top_k)
