@@ -69,7 +69,8 @@ def dense_scores(store: TokenFactorStore, factors: RandomFactors, queries, train
     return total, self_scores, per_token
 
 
-@pytest.mark.parametrize("workspace", [10**9, 1], ids=["all-at-once", "blocks-of-one"])
+# 1600 bytes: every W at once, per-token scores 2 queries at a time for module a (1 for b).
+@pytest.mark.parametrize("workspace", [10**9, 1, 1600], ids=["all-at-once", "blocks-of-one", "per-token-chunks"])
 @pytest.mark.parametrize("spill", [False, True], ids=["ram", "spill-file"])
 def test_engine_equals_dense_gradients(tmp_path, workspace, spill):
     store = filled_store(0 if spill else 10**9, tmp_path)

@@ -19,6 +19,8 @@ contribution of train position s to score(q, t) is ``ĝ_sᵀ (S ⊙ W_q) â_s`` 
 Memory: one module's factors on the device at a time; W of at most ``workspace_bytes`` worth of
 examples at a time (all examples at once when they fit, else blocks of queries against streamed
 blocks of columns, forming a column block's W again for each query block: exact, but slower).
+With per-token scores a quarter of the workspace is set aside for them: the preconditioned W and the
+mapped output gradients (T, in') of as many queries as fit there (at least one) at a time.
 
 Cost per example and module: rotations 2 T (in'² + out²) FLOPs, W 2 T out in' FLOPs, products
 2 out in' per pair. When T is large enough that rotating the summed gradient
@@ -108,12 +110,20 @@ def _chunks(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+def per_token_bytes(store: TokenFactorStore, module: str) -> int:
+    """Scratch for one query's per-token scores against one train example of ``module``: its preconditioned
+    W (out, in') and the mapped output gradients (T, in') of the longest example, float32."""
+    out, inp = store.shapes[module]
+    return whitened_bytes(store, module) + max(store.lengths) * (inp + 1) * BYTES_PER_FLOAT
+
+
 def _add_per_token(token_scores: list[list[torch.Tensor]], module: _Module, rows: range, query_w: torch.Tensor,
-                   train: Sequence[int]) -> None:
+                   train: Sequence[int], queries_at_once: int) -> None:
     for j, example in enumerate(train):
-        contributions = module.per_token(query_w, example).double().cpu()  # (len(rows), T)
-        for k, query in enumerate(rows):
-            token_scores[query][j] += contributions[k]
+        for chunk in _chunks(len(rows), queries_at_once):
+            contributions = module.per_token(query_w[chunk.start : chunk.stop], example).double().cpu()  # (c, T)
+            for k in chunk:
+                token_scores[rows[k]][j] += contributions[k - chunk.start]
 
 
 @torch.no_grad()
@@ -139,13 +149,16 @@ def score(store: TokenFactorStore, factors: FactorReader, modules: dict[str, boo
         pre = factors.preconditioner(name, damping, device)
         resolved[name] = pre.damping
         module = _Module(store, name, bias, pre, device)
-        capacity = max(2, workspace_bytes // whitened_bytes(store, name))
+        # With per-token scores a quarter of the workspace is their scratch (queries taken in chunks).
+        scratch = workspace_bytes // 4 if token_scores is not None else 0
+        queries_at_once = max(1, scratch // per_token_bytes(store, name))
+        capacity = max(2, (workspace_bytes - scratch) // whitened_bytes(store, name))
         if capacity >= len(distinct):  # every W of this module at once: each formed once
             every_w = module.whitened(distinct)
             products += (every_w[:n_queries] @ every_w.T).double().cpu()
             self_scores += every_w.square().sum(dim=1).double().cpu()
             if token_scores is not None:
-                _add_per_token(token_scores, module, range(n_queries), every_w[:n_queries], train)
+                _add_per_token(token_scores, module, range(n_queries), every_w[:n_queries], train, queries_at_once)
             del every_w
         else:  # blocks of queries against streamed blocks of columns
             block = capacity // 2
@@ -159,7 +172,7 @@ def score(store: TokenFactorStore, factors: FactorReader, modules: dict[str, boo
                         self_scores[columns.start : columns.stop] += column_w.square().sum(dim=1).double().cpu()
                     del column_w
                 if token_scores is not None:
-                    _add_per_token(token_scores, module, rows, query_w, train)
+                    _add_per_token(token_scores, module, rows, query_w, train, queries_at_once)
                 del query_w
         del pre, module
     return Scores(
