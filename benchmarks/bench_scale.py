@@ -177,7 +177,7 @@ def main() -> None:
     if not (factors / "metadata.json").exists() or '"complete"' not in (factors / "metadata.json").read_text():
         print("[bench_scale] fitting EK-FAC factors (once; cached in the workdir)", file=sys.stderr, flush=True)
         fit_start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("fit-hessians")), "--model", str(model),
+        subprocess.run([sys.executable, "-m", "if_query.cli", "fit-hessians", "--model", str(model),
                         "--hessian-dataset", str(fit_data), "--output-dir", str(factors), "--layer-stride",
                         str(args.layer_stride), "--factor-batch-size", "4", "--lambda-batch-size", "4", "--quiet",
                         "--overwrite"], check=True)
