@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,21 @@ def fit_args(model, data, out, *extra):
 def factors(directory):
     """{file name: {module: tensor}} of every safetensors file in a factors folder."""
     return {p.name: load_file(p) for p in sorted((directory / "factors_hessian").glob("*.safetensors"))}
+
+
+def assert_close_to_largest(got, expected, rel: float = 1e-4) -> None:
+    """``max |got - expected| <= rel * max |expected|``, over the whole set.
+
+    The tolerance every float comparison of scores uses. Float32 sums taken in another order (other BLAS
+    kernels, processors, thread counts, batch shapes) move each score by a few ulps of the *largest* terms it
+    sums, not of itself: a score near 0 can change by far more than ``rel`` of its own size while every score
+    stays within ``rel`` of the largest. Elementwise ``rtol`` would make such a test pass or fail by processor.
+    """
+    got, expected = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (got, expected))
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    scale = float(expected.abs().max())
+    error = float((got - expected).abs().max()) if got.numel() else 0.0
+    assert error <= rel * scale, f"max |difference| {error:.3g} > {rel:g} x max |expected| {scale:.3g}"
 
 
 def assert_one_line_error(result, code, *fragments):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import QUERIES, TRAIN, Reference, reference_tokens, write_json
+from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, reference_tokens, write_json
 
 from if_query.config import QueryConfig
 from if_query.scorer import gradient_batches
@@ -123,11 +123,13 @@ def test_per_token_scores_as_clients_read_them(client, tiny_gpt2):
         assert json.loads(train[record["pair_id"]]["tokens"]) == [tokenizer.decode([i]) for i in ids]
     influences = read_rows(out / "influences.csv")
     assert len(influences) == len(QUERIES) * len(TRAIN)
+    sums = []
     for row in influences:
         values = json.loads(row["per_token_scores"])
         assert len(values) == len(json.loads(train[row["train_id"]]["tokens"]))
         assert all(isinstance(v, float) and math.isfinite(v) for v in values)
-        assert sum(values) == pytest.approx(float(row["influence_score"]), rel=1e-4, abs=1e-6)
+        sums.append(sum(values))
+    assert_close_to_largest(sums, [float(row["influence_score"]) for row in influences], 1e-4)
     queries = read_rows(out / "query.csv")
     reference = Reference(tiny_gpt2)
     np.testing.assert_allclose([float(r["loss"]) for r in queries], [reference.mean_loss(q) for q in QUERIES],
@@ -221,4 +223,4 @@ def test_kronfluence_engine_uses_query_and_train_batch_sizes(cli, tiny_gpt2, fit
     cli(*args, "--output-dir", tmp_path / "default")
     scores = [[float(r["influence_score"]) for r in read_rows(tmp_path / name / "influences.csv")]
               for name in ("kronfluence", "default")]
-    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-4, atol=1e-6)
+    assert_close_to_largest(scores[0], scores[1], 2e-4)

@@ -58,20 +58,31 @@ def test_default_engine_equals_kronfluence(cli, tiny_gpt2, fitted, olmo2_fitted,
 
 
 def test_kfac_with_tiny_damping_is_the_same_for_both_engines(cli, tiny_gpt2, fitted, tmp_path):
-    """K-FAC eigenvalues come out slightly negative in floating point; both scorers clamp them at 0,
-    so a damping smaller than the negative curvature still gives the same finite scores."""
-    import torch
-    from safetensors.torch import load_file
+    """K-FAC eigenvalues can come out slightly negative in floating point (how negative depends on the
+    processor's LAPACK); both scorers clamp them at 0, so a damping smaller than the negative curvature still
+    gives the same finite scores. The premise is built: one activation eigenvalue of a copy of the fitted
+    factors is set negative, so some curvature + damping is negative unless it is clamped."""
+    import shutil
 
-    damping = 1e-9
-    directory = fitted["kfac"] / "factors_hessian"
-    eigen_a = load_file(directory / "activation_eigenvalues.safetensors")
-    eigen_g = load_file(directory / "gradient_eigenvalues.safetensors")
-    most_negative = min(float(torch.outer(eigen_g[k].double(), eigen_a[k].double()).min()) for k in eigen_a)
-    assert most_negative < -damping  # without the clamp, some curvature + damping would be negative
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    factors_dir = tmp_path / "kfac"
+    shutil.copytree(fitted["kfac"], factors_dir)
+    path = factors_dir / "factors_hessian" / "activation_eigenvalues.safetensors"
+    with safe_open(str(path), framework="pt") as file:
+        metadata, eigen_a = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    module = sorted(eigen_a)[0]
+    eigen_a[module][0] = -1e-3 * float(eigen_a[module].abs().max())  # a negative eigenvalue, far below rounding
+    save_file(eigen_a, str(path), metadata=metadata)
+    with safe_open(str(factors_dir / "factors_hessian" / "gradient_eigenvalues.safetensors"), framework="pt") as file:
+        largest_g = float(file.get_tensor(module).max())
+    most_negative = float(eigen_a[module][0]) * largest_g
+    damping = 1e-3 * -most_negative
+    assert largest_g > 0 and most_negative + damping < 0  # without the clamp, curvature + damping < 0 somewhere
     files = {"train": write_json(tmp_path / "t.json", TRAIN), "query": write_json(tmp_path / "q.json", QUERIES)}
-    ours = _scores(cli, tiny_gpt2, fitted["kfac"], files, tmp_path / "ours", "--damping", damping)
-    theirs = _scores(cli, tiny_gpt2, fitted["kfac"], files, tmp_path / "theirs", "--damping", damping,
+    ours = _scores(cli, tiny_gpt2, factors_dir, files, tmp_path / "ours", "--damping", damping)
+    theirs = _scores(cli, tiny_gpt2, factors_dir, files, tmp_path / "theirs", "--damping", damping,
                      "--engine", "kronfluence")
     assert np.isfinite(ours["influence_score"]).all()
     _assert_close(ours["influence_score"].to_numpy(), theirs["influence_score"].to_numpy())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, assert_close_to_largest, write_json
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -33,14 +33,17 @@ def test_torchrun_shards_folders_and_rank0_prints_all(tiny_gpt2, fitted, tmp_pat
     for folder in folders:
         assert folder.name in result.stdout  # rank 0's combined summary names every folder
     assert "3 of 3 folders scored" in result.stdout
-    # Each folder's scores equal a plain single-process run's.
+    # Each folder's scores equal a plain single-process run's (which runs with another thread count, so float32
+    # sums in another order: equal within a tolerance relative to the largest score).
     for folder in folders:
         single = tmp_path / "single" / folder.name
         cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json",
             folder / "train.json", "--query-json", folder / "query.json", "--output-dir", single, "--quiet")
         a = pd.read_csv(folder / "results" / "influences.csv")
         b = pd.read_csv(single / "influences.csv")
-        pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+        assert (a[["query_id", "train_id"]] == b[["query_id", "train_id"]]).all().all()
+        assert_close_to_largest(a["influence_score"], b["influence_score"], 1e-5)
+        assert float((a["influence_cosine"] - b["influence_cosine"]).abs().max()) <= 1e-5
 
 
 def test_skip_done_skips_complete_folders_only(tiny_gpt2, fitted, tmp_path, cli):

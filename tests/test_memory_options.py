@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from helpers import QUERIES, TRAIN, run_query, score_matrix, write_json
+import torch
+from helpers import QUERIES, TRAIN, assert_close_to_largest, run_query, score_matrix, write_json
 
 from if_query.metadata import METADATA_FILE
 
@@ -28,7 +29,7 @@ def exact(cli, tiny_gpt2, fitted, tmp_path_factory):
 def test_streaming_options_equal_exact_scores(cli, tiny_gpt2, fitted, exact, tmp_path, options):
     files, expected = exact
     frame = run_query(cli, tiny_gpt2, fitted["ekfac"], files, tmp_path / "out", "--engine", "kronfluence", *options)
-    np.testing.assert_allclose(score_matrix(frame, Q, T), expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+    assert_close_to_largest(score_matrix(frame, Q, T), expected, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_engine_memory_limits_give_the_same_scores(cli, tiny_gpt2, fitted, exact
     import pandas as pd
 
     frame = pd.read_csv(tmp_path / "out" / "influences.csv")
-    np.testing.assert_allclose(score_matrix(frame, Q, T), expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    assert_close_to_largest(score_matrix(frame, Q, T), expected, 1e-5)
     assert not list(tmp_path.rglob(".if-query-token-factors.*"))
 
 
@@ -78,12 +79,15 @@ def test_fit_in_module_partitions_equals_single_fit(cli, tiny_gpt2, fitted, tmp_
     cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", fitted["data"], "--output-dir", tmp_path / "f",
         "--strategy", "ekfac", "--fisher", "empirical", "--factor-batch-size", "3", "--lambda-batch-size", "2",
         "--module-partitions", "2", "--quiet")
-    for name in ("lambda_matrix", "activation_eigenvectors", "gradient_covariance"):
+    # Each module's covariances come from the same batches and operations with or without partitions (only which
+    # modules are tracked in a pass differs), so they are bitwise equal; then so are their eigendecompositions and,
+    # from the same batches again, the lambdas.
+    for name in ("activation_covariance", "gradient_covariance", "activation_eigenvectors", "lambda_matrix"):
         a = load_file(tmp_path / "f" / "factors_hessian" / f"{name}.safetensors")
         b = load_file(fitted["ekfac"] / "factors_hessian" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         for key in a:
-            np.testing.assert_allclose(a[key].abs().numpy(), b[key].abs().numpy(), rtol=1e-4, atol=1e-6)
+            assert torch.equal(a[key], b[key]), (name, key)
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import make_tokenizer, tiny_config
+from helpers import assert_close_to_largest, make_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -59,4 +59,4 @@ def test_conv1d_swap_is_numerically_identical():
         after = model(ids).logits
     assert all(isinstance(model.get_submodule(m.name), torch.nn.Linear) for m in modules)
     assert isinstance(model.get_submodule("transformer.h.0.attn.c_proj"), Conv1D)  # attention untouched
-    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+    assert_close_to_largest(after, before, 1e-5)  # another kernel (addmm of a transpose): float32 rounding only

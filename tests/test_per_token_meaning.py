@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import Reference, per_position_contributions, write_json
+from helpers import Reference, assert_close_to_largest, per_position_contributions, write_json
 
 from if_query.demo import DEMO_MODEL
 
@@ -54,6 +54,7 @@ def test_per_token_scores_are_per_position_contributions(cli, identity_factors, 
     # The last prompt token (" in", " is"): its computation predicts the wrong answer's first token.
     surprising = {t["pair_id"]: len(tokenizer(t["prompt"], add_special_tokens=False)["input_ids"]) - 1 for t in TRAIN}
 
+    sums = []
     for query in QUERIES:
         for record in TRAIN:
             row = influences[(influences.query_id == query["pair_id"]) & (influences.train_id == record["pair_id"])]
@@ -64,7 +65,7 @@ def test_per_token_scores_are_per_position_contributions(cli, identity_factors, 
             assert len(got) == len(expected) == len(tokens)
             # float32 model against float64 autograd: confident predictions have tiny, relatively imprecise gradients
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())
-            assert got.sum() == pytest.approx(row.influence_score.item(), rel=1e-5)
+            sums.append((got.sum(), row.influence_score.item()))
             assert tokens[-1] == tokenizer.eos_token and got[-1] == 0  # the final EOS predicts nothing
 
             if MATCHING[query["pair_id"]] == record["pair_id"]:  # a query about the same relation
@@ -73,6 +74,8 @@ def test_per_token_scores_are_per_position_contributions(cli, identity_factors, 
                 assert np.argmax(np.abs(got)) == position
                 assert magnitude[-1] > 5 * magnitude[-2]  # one position clearly dominates
                 assert np.sign(got[position]) == np.sign(row.influence_score.item())
+    # per-token scores sum to the pair's score
+    assert_close_to_largest([s for s, _ in sums], [score for _, score in sums], 1e-5)
     score = influences.set_index(["query_id", "train_id"])["influence_score"]
     assert score["varisk", "wrong-city"] > 0  # training on "lives in Varisk" makes " Varisk." more likely
     assert score["drellport", "wrong-city"] < 0  # ... and another city less likely

@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import QUERIES, TRAIN, Reference, reference_tokens, run_query, score_matrix, write_json
+from helpers import (
+    QUERIES,
+    TRAIN,
+    Reference,
+    assert_close_to_largest,
+    reference_tokens,
+    run_query,
+    score_matrix,
+    write_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +30,7 @@ def test_identity_scores_equal_gradient_dot_products(cli, tiny_gpt2, fitted, que
                       "--score-batch-size", batch_size)
     expected = (reference.gradients(QUERIES) @ reference.gradients(TRAIN).T).numpy()
     got = score_matrix(frame, [q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN])
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert_close_to_largest(got, expected, 1e-4)
 
 
 def test_diagonal_scores_equal_independent_computation(cli, tiny_gpt2, fitted, query_files, tmp_path, reference):
@@ -31,7 +40,7 @@ def test_diagonal_scores_equal_independent_computation(cli, tiny_gpt2, fitted, q
     fisher = (reference.gradients(fit_records) ** 2).mean(dim=0)
     expected = ((reference.gradients(QUERIES) / (fisher + damping)) @ reference.gradients(TRAIN).T).numpy()
     got = score_matrix(frame, [q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN])
-    np.testing.assert_allclose(got, expected, rtol=2e-4)
+    assert_close_to_largest(got, expected, 2e-4)
 
 
 @pytest.mark.parametrize("engine", ["if-query", "kronfluence"])
@@ -60,7 +69,7 @@ def test_without_eos_in_loss_scores_and_losses_leave_the_eos_token_out(cli, tiny
     queries, train = [without_eos(q) for q in QUERIES], [without_eos(t) for t in TRAIN]
     expected = (torch.stack([q[0] for q in queries]) @ torch.stack([t[0] for t in train]).T).numpy()
     got = score_matrix(frame, [q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN])
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert_close_to_largest(got, expected, 1e-4)
     with_eos = (reference.gradients(QUERIES) @ reference.gradients(TRAIN).T).numpy()
     assert np.abs(got - with_eos).max() > 1e-2 * np.abs(with_eos).max()  # EOS does contribute by default
     written = pd.read_csv(tmp_path / "out" / "query.csv")
@@ -72,10 +81,12 @@ def test_without_eos_in_loss_scores_and_losses_leave_the_eos_token_out(cli, tiny
 def test_per_token_scores_sum_to_pair_score(cli, tiny_gpt2, fitted, query_files, tmp_path, strategy):
     frame = run_query(cli, tiny_gpt2, fitted[strategy], query_files, tmp_path / "out", "--per-token-scores")
     train = pd.read_csv(tmp_path / "out" / "train.csv").set_index("train_id")
+    sums = []
     for row in frame.itertuples():
         per_token = json.loads(row.per_token_scores)
         assert len(per_token) == len(json.loads(train.loc[row.train_id, "tokens"]))
-        assert sum(per_token) == pytest.approx(row.influence_score, rel=1e-4, abs=1e-6)
+        sums.append(sum(per_token))
+    assert_close_to_largest(sums, frame["influence_score"], 1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "identity"])
@@ -87,12 +98,12 @@ def test_cosine_uses_self_influence_from_a_pairwise_run(cli, tiny_gpt2, fitted, 
     scores = score_matrix(frame, ids, ids)
     diagonal = np.diag(scores)
     np.testing.assert_allclose(score_matrix(frame, ids, ids, "influence_cosine"),
-                               scores / np.sqrt(np.outer(diagonal, diagonal)), rtol=1e-6)
+                               scores / np.sqrt(np.outer(diagonal, diagonal)), rtol=1e-5, atol=1e-6)
     # Cosines computed with separately computed self-influences agree with the pairwise diagonal.
     mixed = {"train": files["train"], "query": write_json(tmp_path / "q2.json", TRAIN[:2] + QUERIES[:1])}
     other = run_query(cli, tiny_gpt2, fitted[strategy], mixed, tmp_path / "mixed")
     np.testing.assert_allclose(score_matrix(other, ids[:2], ids, "influence_cosine"),
-                               score_matrix(frame, ids[:2], ids, "influence_cosine"), rtol=1e-4, atol=1e-6)
+                               score_matrix(frame, ids[:2], ids, "influence_cosine"), rtol=0, atol=1e-5)
 
 
 def test_scores_invariant_to_batch_size_and_order(cli, tiny_gpt2, fitted, tmp_path):
@@ -102,7 +113,7 @@ def test_scores_invariant_to_batch_size_and_order(cli, tiny_gpt2, fitted, tmp_pa
     a = run_query(cli, tiny_gpt2, fitted["ekfac"], forward, tmp_path / "a", "--score-batch-size", 1)
     b = run_query(cli, tiny_gpt2, fitted["ekfac"], backward, tmp_path / "b", "--score-batch-size", 4)
     q, t = [x["pair_id"] for x in QUERIES], [x["pair_id"] for x in TRAIN]
-    np.testing.assert_allclose(score_matrix(a, q, t), score_matrix(b, q, t), rtol=1e-4)
+    assert_close_to_largest(score_matrix(a, q, t), score_matrix(b, q, t), 1e-4)
     assert list(b["query_id"].unique()) == q[::-1]  # outputs keep the JSON order
 
 
