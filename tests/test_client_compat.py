@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,18 @@ def test_kronfluence_engine_uses_query_and_train_batch_sizes(cli, tiny_gpt2, fit
     scores = [[float(r["influence_score"]) for r in read_rows(tmp_path / name / "influences.csv")]
               for name in ("kronfluence", "default")]
     assert_close_to_largest(scores[0], scores[1], 2e-4)
+
+
+# ---- `uv run run-query ...` as the earlier tool's clients launch it
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
+def test_uv_run_adds_nothing_to_stderr():
+    """Clients show a failed run's stderr: `uv run` itself must add nothing to it (no "Bytecode compiled
+    12356 files" from uv's compile-bytecode setting, which it printed on every run)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UV_")}
+    result = subprocess.run(["uv", "run", "--frozen", "python", "-c", "pass"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
