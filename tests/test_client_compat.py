@@ -143,9 +143,23 @@ def test_revision_must_match_the_factors_in_one_line(client, tiny_gpt2):
                  cwd=client)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()  # progress first (loading the model), then one error line
-    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "revision" in lines[-1]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert (f"fitted with revision {REVISION!r}, this run passes revision 'other'; pass --revision {REVISION}, "
+            "or refit with --revision other") in lines[-1]
     assert "Traceback" not in result.stderr
     assert not (client / "run" / "other").exists()
+
+
+@pytest.mark.parametrize(("fitted", "given", "words"), [
+    (None, "main", "fitted with no revision, this run passes revision 'main'; drop --revision from this run, "
+                   "or refit with --revision main"),
+    ("v1", None, "fitted with revision 'v1', this run passes no revision; add --revision v1 to this run"),
+])
+def test_a_revision_mismatch_says_what_to_do(fitted, given, words):
+    from if_query.metadata import describe_model_mismatch
+
+    assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": given}).endswith(words)
+    assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": fitted}) == ""
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -115,7 +115,8 @@ def test_factors_dir_missing_without_metadata_or_unfinished(cli, query_args, fit
 def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
     other = save_tiny_model(tmp_path / "other", "gpt2", layers=3)
     result = cli(*replace(query_args, "--model", other), expect=None)
-    assert_one_line_error(result, 2, "fitted for another model", "model:")  # refused before the model loads
+    assert_one_line_error(result, 2, "does not fit this model", "were fitted for the model",
+                          f"this run passes {str(other)!r}")  # refused before the model loads
     assert not (tmp_path / "out").exists()
 
 

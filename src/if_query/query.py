@@ -14,7 +14,7 @@ from if_query import distributed
 from if_query.config import QueryConfig
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
-from if_query.metadata import METADATA_FILE, describe_mismatch, load_complete_metadata, model_identity
+from if_query.metadata import METADATA_FILE, describe_model_mismatch, load_complete_metadata, model_identity
 from if_query.modeling import default_device, load_model, load_tokenizer, resolve_dtype, track_mlp_modules
 from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
@@ -124,14 +124,10 @@ class QueryRunner:
     def _check_factors(self, found: dict) -> None:
         """Refuse factors fitted for another model, revision or set of tracked modules (``found``'s keys)."""
         fit = self.metadata["fit"]
-        expected = {"model": fit["model"], "revision": fit["revision"],
-                    "tracked_modules": [[m["name"], m["shape"]] for m in self.metadata["tracked_modules"]]}
-        expected = {key: expected[key] for key in found}
-        if found != expected:
-            raise InputError(
-                f"--factors-dir {self.config.factors_dir} was fitted for another model "
-                f"({describe_mismatch(expected, found)})"
-            )
+        fitted = {"model": fit["model"], "revision": fit["revision"],
+                  "tracked_modules": [[m["name"], m["shape"]] for m in self.metadata["tracked_modules"]]}
+        if reasons := describe_model_mismatch(fitted, found):
+            raise InputError(f"--factors-dir {self.config.factors_dir} does not fit this model: {reasons}")
 
     def score(self, prepared: PreparedJob) -> QueryResults | None:
         """One job's results (None on the non-main ranks of Kronfluence's torchrun path). Identical
