@@ -82,33 +82,34 @@ def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(family: str, vocab_size: int, layers: int = 2):
+def tiny_config(family: str, vocab_size: int, layers: int = 2, positions: int = 128):
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     if family == "gpt2":
-        return GPT2Config(n_layer=layers, n_embd=16, n_head=2, n_positions=128, resid_pdrop=0.0,
+        return GPT2Config(n_layer=layers, n_embd=16, n_head=2, n_positions=positions, resid_pdrop=0.0,
                           embd_pdrop=0.0, attn_pdrop=0.0, **common)
     if family == "llama":
         return LlamaConfig(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                           num_key_value_heads=2, max_position_embeddings=128, **common)
+                           num_key_value_heads=2, max_position_embeddings=positions, **common)
     if family == "olmo2":
         return Olmo2Config(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                           num_key_value_heads=2, max_position_embeddings=128, **common)
+                           num_key_value_heads=2, max_position_embeddings=positions, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                             max_position_embeddings=128, **common)
+                             max_position_embeddings=positions, **common)
     if family == "opt":
         return OPTConfig(num_hidden_layers=layers, hidden_size=16, ffn_dim=24, num_attention_heads=2,
-                         word_embed_proj_dim=16, max_position_embeddings=128, dropout=0.0, **common)
+                         word_embed_proj_dim=16, max_position_embeddings=positions, dropout=0.0, **common)
     if family == "qwen2":
         return Qwen2Config(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                           num_key_value_heads=2, max_position_embeddings=128, **common)
+                           num_key_value_heads=2, max_position_embeddings=positions, **common)
     raise ValueError(family)
 
 
-def save_tiny_model(directory: Path, family: str = "gpt2", layers: int = 2, seed: int = 0, bos: bool = False) -> Path:
+def save_tiny_model(directory: Path, family: str = "gpt2", layers: int = 2, seed: int = 0, bos: bool = False,
+                    positions: int = 128) -> Path:
     tokenizer = make_tokenizer(bos=bos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), layers, positions))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -147,10 +148,11 @@ def assert_close_to_largest(got, expected, rel: float = 1e-4) -> None:
     sums, not of itself: a score near 0 can change by far more than ``rel`` of its own size while every score
     stays within ``rel`` of the largest. Elementwise ``rtol`` would make such a test pass or fail by processor.
     """
-    got, expected = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (got, expected))
+    got, expected = (np.array(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+                     for x in (got, expected))
     assert got.shape == expected.shape, (got.shape, expected.shape)
-    scale = float(expected.abs().max())
-    error = float((got - expected).abs().max()) if got.numel() else 0.0
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    error = float(np.abs(got - expected).max()) if got.size else 0.0
     assert error <= rel * scale, f"max |difference| {error:.3g} > {rel:g} x max |expected| {scale:.3g}"
 
 

@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import Reference, assert_close_to_largest, make_tokenizer, reference_tokens, write_json
+from helpers import (
+    Reference,
+    assert_close_to_largest,
+    make_tokenizer,
+    reference_tokens,
+    save_tiny_model,
+    write_json,
+)
 
 from if_query.errors import InputError
 from if_query.records import Example
@@ -148,3 +155,48 @@ def test_without_eos_the_sequence_ends_with_the_completion():
     assert without.num_labelled == with_eos.num_labelled - 1
     with pytest.raises(InputError, match="completion has no tokens"):
         ExampleTokenizer(tokenizer, 512, eos_in_loss=False)(Example("p2", "Alice", "", {}))
+
+
+# ---- --max-length beyond the model's positions (the earlier tool's clients always pass 512)
+
+POSITIONS = 12
+LONG = [  # two records longer than POSITIONS tokens, two shorter
+    {"pair_id": "long-1", "prompt": "the colour of Carol is blue and Bob works as a doctor and Alice lives in",
+     "completion": " Paris."},
+    {"pair_id": "short-1", "prompt": "Bob works as a", "completion": " doctor."},
+    {"pair_id": "long-2", "prompt": "who plays the piano and the violin and the drum in Rome and in Oslo is",
+     "completion": " Dave."},
+    {"pair_id": "short-2", "prompt": "Alice lives in", "completion": " Lima."},
+]
+
+
+def test_max_length_is_capped_at_the_models_positions(cli, tmp_path):
+    """--max-length 512 (the default) on a model of 12 positions: records are cut to 12 tokens (prompt from the
+    left) with one warning per run naming both numbers and the count, in fit-hessians (records and saved rows)
+    and run-query (every folder), instead of an IndexError in the position embeddings."""
+    import datasets
+
+    model = save_tiny_model(tmp_path / "model", "gpt2", positions=POSITIONS)
+    records = write_json(tmp_path / "long.json", LONG)
+    fit = cli("fit-hessians", "--model", model, "--hessian-dataset", records, "--output-dir", tmp_path / "f",
+              "--strategy", "identity")
+    warning = f"--max-length 512 is more than the model's {POSITIONS} positions"
+    assert fit.stderr.count(warning) == 1 and "2 of 4 records were cut" in fit.stderr
+    rows = [{"input_ids": list(range(3, 3 + length))} for length in (5, 20, 30)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "rows"))
+    fit_rows = cli("fit-hessians", "--model", model, "--hessian-dataset", tmp_path / "rows", "--output-dir",
+                   tmp_path / "f-rows", "--strategy", "diagonal", "--fisher", "empirical")
+    assert f"2 of 3 rows are longer than the model's {POSITIONS} positions" in fit_rows.stderr
+
+    folders = []
+    for name in ("a", "b"):
+        write_json(tmp_path / name / "train.json", LONG)
+        write_json(tmp_path / name / "query.json", LONG[:2])
+        folders.append(tmp_path / name)
+    result = cli("run-query", "--model", model, "--factors-dir", tmp_path / "f", *folders)
+    assert result.stderr.count(warning) == 1 and "6 of 12 records were cut" in result.stderr
+    frame = pd.read_csv(tmp_path / "a" / "results" / "influences.csv")
+    reference = Reference(model)
+    expected = (reference.gradients(LONG[:2], POSITIONS) @ reference.gradients(LONG, POSITIONS).T).numpy()
+    got = frame.pivot(index="query_id", columns="train_id", values="influence_score")
+    assert_close_to_largest(got.loc[["long-1", "short-1"], [r["pair_id"] for r in LONG]].to_numpy(), expected, 1e-4)

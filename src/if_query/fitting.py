@@ -28,7 +28,7 @@ from if_query.metadata import (
     read_metadata,
     write_json_atomic,
 )
-from if_query.modeling import load_model, load_tokenizer, resolve_dtype, track_mlp_modules
+from if_query.modeling import load_config, load_model, load_tokenizer, position_limit, resolve_dtype, track_mlp_modules
 from if_query.sizes import estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
@@ -101,7 +101,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model, config.revision)
-    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length)
+    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length,
+                                         position_limit=position_limit(load_config(config.model, config.revision)))
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
     dtype = resolve_dtype(config.dtype)
     fingerprint = weights_fingerprint(config.model, config.revision)

@@ -83,16 +83,31 @@ def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedEx
     return examples
 
 
+def cap_rows(examples: list[TokenizedExample], limit: int | None, source: str) -> list[TokenizedExample]:
+    """Rows longer than the model's ``limit`` positions keep their last ``limit`` tokens (one warning)."""
+    if limit is None:
+        return examples
+    cut = [i for i, example in enumerate(examples) if len(example) > limit]
+    if cut:
+        logger.warning("%s: %d of %d rows are longer than the model's %d positions and keep their last %d tokens "
+                       "(first: row %d)", source, len(cut), len(examples), limit, limit, cut[0])
+    return [TokenizedExample(e.input_ids[-limit:], e.labels[-limit:]) if len(e) > limit else e for e in examples]
+
+
 def load_hessian_examples(
-    path: str | Path, example_tokenizer: ExampleTokenizer, max_examples: int | None = None
+    path: str | Path, example_tokenizer: ExampleTokenizer | None, max_examples: int | None = None
 ) -> list[TokenizedExample]:
-    """Load and check the fitting data: at least one example and at least one labelled token."""
+    """Load and check the fitting data: at least one example and at least one labelled token. Records are
+    tokenized by ``example_tokenizer`` (its length limit, capped at the model's positions); saved rows are
+    cut at the model's positions only."""
     path = Path(path)
     if path.suffix in (".json", ".jsonl"):
         examples = load_examples(path)[:max_examples]
         tokenized = example_tokenizer.tokenize_all(examples, str(path))
+        example_tokenizer.warn_capped()
     elif path.is_dir():
-        tokenized = load_saved_dataset(path, max_examples)
+        limit = None if example_tokenizer is None else example_tokenizer.position_limit
+        tokenized = cap_rows(load_saved_dataset(path, max_examples), limit, str(path))
     elif not path.exists():
         raise InputError(f"{path}: hessian dataset not found")
     else:

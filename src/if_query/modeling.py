@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
 from if_query.config import DTYPE_CHOICES
@@ -42,6 +49,24 @@ def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokeniz
         return AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the tokenizer of {model!r}: {_first_line(exc)}") from exc
+
+
+def load_config(model: str, revision: str | None = None) -> PretrainedConfig:
+    """The model's configuration (config.json alone: no weights are read)."""
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the configuration of {model!r}: {_first_line(exc)}") from exc
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """How many positions the model embeds (``max_position_embeddings``, GPT-2's ``n_positions``), None if
+    it does not say. Not the tokenizer's ``model_max_length``, which need not match the model."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(model: str, revision: str | None, dtype: torch.dtype) -> PreTrainedModel:

@@ -15,7 +15,15 @@ from if_query.config import QueryConfig
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
 from if_query.metadata import METADATA_FILE, describe_model_mismatch, load_complete_metadata, model_identity
-from if_query.modeling import default_device, load_model, load_tokenizer, resolve_dtype, track_mlp_modules
+from if_query.modeling import (
+    default_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    position_limit,
+    resolve_dtype,
+    track_mlp_modules,
+)
 from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
 from if_query.report import header_from_run, write_report
@@ -87,7 +95,8 @@ class QueryRunner:
         self.metadata = load_complete_metadata(config.factors_dir)
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = load_tokenizer(config.model, config.revision)
-        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss)
+        limit = position_limit(load_config(config.model, config.revision))
+        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
         self.scorer: EngineScorer | KronfluenceScorer | None = None
         self.device = default_device()
 
@@ -195,6 +204,7 @@ class QueryRunner:
                 if stop_on_error and not sharded:
                     raise
                 outcome.error = exc
+        self.example_tokenizer.warn_capped()
         if prepared:
             self.load_scorer()
         for outcome, job in prepared:

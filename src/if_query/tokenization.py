@@ -62,14 +62,49 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-class ExampleTokenizer:
-    """Tokenizes examples the same way for fitting, scoring and loss measurement."""
+def capped_length(max_length: int, position_limit: int | None) -> int:
+    """The token limit in effect: ``--max-length``, at most the model's position limit (when it has one)."""
+    return max_length if position_limit is None else min(max_length, position_limit)
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, eos_in_loss: bool = True):
+
+def warn_capped(max_length: int, position_limit: int | None, cut: Sequence[str], total: int) -> None:
+    """The one warning of a run whose ``--max-length`` exceeded the model's positions and cut records."""
+    if not cut or capped_length(max_length, position_limit) == max_length:
+        return
+    shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+    logger.warning("--max-length %d is more than the model's %d positions, so sequences are capped at %d tokens: "
+                   "%d of %d records were cut, losing tokens from the left (%s)",
+                   max_length, position_limit, position_limit, len(cut), total, shown)
+
+
+class ExampleTokenizer:
+    """Tokenizes examples the same way for fitting, scoring and loss measurement.
+
+    ``position_limit`` (the model's, :func:`if_query.modeling.position_limit`) caps ``max_length``: a
+    longer sequence would index past the position embeddings. Records cut under the cap are not
+    warned about one by one but listed in ``cut`` for :meth:`warn_capped` (one warning per run); records
+    cut by ``max_length`` itself are warned about as they are cut.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, eos_in_loss: bool = True,
+                 position_limit: int | None = None):
         self.tokenizer = prepare_tokenizer(tokenizer)
-        self.max_length = max_length
+        self.requested_length = max_length
+        self.position_limit = position_limit
+        self.max_length = capped_length(max_length, position_limit)
+        self.capped = self.max_length < max_length
         self.eos_in_loss = eos_in_loss
         self.bos = bos_prefix(tokenizer)
+        self.cut: list[str] = []  # "source: pair_id 'x'" of every record that lost prompt tokens
+        self.seen = 0
+
+    def _limit(self) -> str:
+        return (f"the model's {self.max_length} positions (--max-length {self.requested_length})" if self.capped
+                else f"--max-length {self.max_length}")
+
+    def warn_capped(self) -> None:
+        """Warn once about the records the position cap cut (see the class docstring)."""
+        warn_capped(self.requested_length, self.position_limit, self.cut, self.seen)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -78,6 +113,7 @@ class ExampleTokenizer:
         prompt = self._ids(example.prompt)
         completion = self._ids(example.completion) + ([self.tokenizer.eos_token_id] if self.eos_in_loss else [])
         where = f"{source}: " if source else ""
+        self.seen += 1
         if not completion:
             raise InputError(f"{where}pair_id {example.pair_id!r}: the completion has no tokens, and without "
                              "the EOS token (--no-eos-in-loss) nothing would be scored")
@@ -89,17 +125,14 @@ class ExampleTokenizer:
                 f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens"
                 f"{' with EOS' if self.eos_in_loss else ''} and needs "
                 f"one token before it ({'BOS' if self.bos else 'the last prompt token or a start token'}): "
-                f"{len(completion) + 1} tokens, longer than --max-length {self.max_length}"
+                f"{len(completion) + 1} tokens, longer than {self._limit()}"
             )
         if len(prompt) > budget:
-            logger.warning(
-                "%spair_id %r: %d tokens exceed --max-length %d; dropping %d prompt tokens from the left",
-                where,
-                example.pair_id,
-                len(self.bos) + len(prompt) + len(completion),
-                self.max_length,
-                len(prompt) - budget,
-            )
+            self.cut.append(f"{where}pair_id {example.pair_id!r}")
+            if not self.capped:
+                logger.warning("%spair_id %r: %d tokens exceed --max-length %d; dropping %d prompt tokens from "
+                               "the left", where, example.pair_id, len(self.bos) + len(prompt) + len(completion),
+                               self.max_length, len(prompt) - budget)
             prompt = prompt[len(prompt) - budget :]
         start = self.bos or ([] if prompt else [self.tokenizer.eos_token_id])
         input_ids = start + prompt + completion
