@@ -148,7 +148,7 @@ def assert_close_to_largest(got, expected, rel: float = 1e-4) -> None:
     sums, not of itself: a score near 0 can change by far more than ``rel`` of its own size while every score
     stays within ``rel`` of the largest. Elementwise ``rtol`` would make such a test pass or fail by processor.
     """
-    got, expected = (np.array(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    got, expected = (x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.array(x, dtype=np.float64)
                      for x in (got, expected))
     assert got.shape == expected.shape, (got.shape, expected.shape)
     scale = float(np.abs(expected).max()) if expected.size else 0.0
