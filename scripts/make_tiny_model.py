@@ -9,7 +9,8 @@ Writes, under --out (default: the package data that `if-query demo` reads)
                              held out of phrasing "b")
   test_query/train.json      ~16 training records from the corpus
   test_query/query.json      4 queries whose stating records are in train.json
-and prints the greedy-completion accuracies and the runtime.
+(with the default --out, also queries/test_query/{train,query}.json: the same files, in the checkout's
+layout that the README's run-query example reads) and prints the greedy-completion accuracies and the runtime.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_world as tw  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "src" / "if_query" / "demo_data"
+QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries" / "test_query"
 
 
 def _dump(obj, path: Path) -> None:
@@ -156,8 +158,11 @@ def main(argv=None) -> None:
 
     train, queries = pick_test_query(world, ts, model, tokenizer, args.seed)
     qdir = args.out / "test_query"
-    _dump(train, qdir / "train.json")
-    _dump(queries, qdir / "query.json")
+    # The same two files in the package (the demo's) and in the checkout's queries/test_query (the README's
+    # run-query example, the seed's layout); tests/test_demo.py keeps them equal.
+    for folder in (qdir, QUERIES_DIR) if args.out.resolve() == DEMO_DATA else (qdir,):
+        _dump(train, folder / "train.json")
+        _dump(queries, folder / "query.json")
 
     n_params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in model_dir.iterdir())
