@@ -104,38 +104,6 @@ def forward_backward(model: nn.Module, batch: dict, loss: Callable | None = None
     return losses.detach()
 
 
-def host_memory_available() -> int:
-    """Bytes of memory available to new allocations (MemAvailable), or physical memory if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def return_freed_memory_to_the_os() -> None:
-    """Keep glibc from holding freed tensor buffers in its heap.
-
-    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
-    tensors of that size come from the heap and freed ones stay in the process: peak RSS grew by
-    about a third on the scale benchmark. Fixing the threshold at 128 KB (its initial value) maps
-    every large tensor separately and unmaps it when freed (measured: peak RSS 3.5 -> 2.7 GB on
-    bench_scale --quick, wall time within noise). No effect off glibc.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 class TokenFactorStore:
     """Layer inputs and output gradients of every example and tracked module.
 

@@ -1,11 +1,18 @@
-"""torchrun support.
+"""torchrun support: which rank this is, its device, its share of the host, and the process groups.
 
 - fit-hessians (Kronfluence's covariance stage, if-query's lambda stage) and ``run-query --engine
   kronfluence`` are data parallel (NCCL, CUDA only): each rank takes its share of the examples, sums
-  are reduced onto rank 0, which writes and prints.
+  are reduced onto rank 0, which writes and prints. :func:`start_data_parallel` starts the NCCL group
+  before Kronfluence's ``State`` would (it reuses an initialised group): with the rank's GPU set, its
+  ``device_id`` bound and a long timeout, because in the eigendecomposition stage rank 0 alone works
+  (every ``eigh`` and about 52 GB of files at 13B, stride 2) while the others wait in a barrier, and
+  NCCL's default 10 minutes would abort them, and with them the fit.
 - ``run-query`` with the default engine shards *folders*: rank r scores folders r, r + N, ...,
   each on its own device, and writes their results itself; a single folder is scored by rank 0
   alone. Ranks exchange nothing but a final summary of outcomes (gloo, so this also runs on CPU).
+
+torchrun stops every rank as soon as one fails, so a long timeout never keeps a crashed run alive: it
+only stops cutting off ranks that wait for a slow one.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import torch.distributed as dist
 from if_query.errors import InputError
 
 logger = logging.getLogger(__name__)
-# Ranks meet only at the end; one may wait there for hours while another scores its last folder.
-GATHER_TIMEOUT = timedelta(days=7)
+# How long a rank may wait for the others: folder-sharding ranks meet only at the end (one may wait there for
+# hours while another scores its last folder); data-parallel ranks wait while rank 0 eigendecomposes and writes.
+PROCESS_GROUP_TIMEOUT = timedelta(days=7)
 
 
 def world_size() -> int:
@@ -32,8 +40,33 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Ranks on this host (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def is_main_rank() -> bool:
     return rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's device: its own GPU (``cuda:LOCAL_RANK``) when there is CUDA, else the CPU."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def start_data_parallel() -> None:
+    """Under torchrun on CUDA: pin this rank to its GPU and start the NCCL group Kronfluence will use, with
+    ``PROCESS_GROUP_TIMEOUT`` instead of NCCL's 10 minutes (see the module docstring). A no-op otherwise
+    (one process, CPU, or a group already started)."""
+    if world_size() == 1 or dist.is_initialized() or not torch.cuda.is_available():
+        return
+    gpu = device()
+    torch.cuda.set_device(gpu)
+    dist.init_process_group(backend="nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=gpu)
 
 
 def check_launch() -> None:
@@ -61,8 +94,8 @@ def start_folder_sharding() -> None:
     if world_size() == 1 or dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
+        torch.cuda.set_device(device())
+    dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def gather(value: object) -> list[object]:

@@ -94,7 +94,7 @@ from torch.utils import data
 from if_query import loss
 from if_query.atomic import staged_files
 from if_query.config import EIGENDECOMPOSITION_DTYPES, STRATEGIES, FitConfig, QueryConfig
-from if_query.distributed import check_launch
+from if_query.distributed import check_launch, start_data_parallel
 from if_query.errors import InputError, RunError
 from if_query.metadata import FACTORS_NAME
 from if_query.tokenization import Collator, TokenizedExample
@@ -351,8 +351,10 @@ def prepare(model: nn.Module, task: CompletionLossTask) -> nn.Module:
 
 
 def make_analyzer(directory: Path, model: nn.Module, task: CompletionLossTask, quiet: bool) -> Analyzer:
-    """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian``."""
+    """A Kronfluence Analyzer whose factors live in ``directory/factors_hessian`` (under torchrun, on the NCCL
+    group :func:`~if_query.distributed.start_data_parallel` starts, which its State then reuses)."""
     check_launch()
+    start_data_parallel()
     directory = directory.resolve()
     return Analyzer(
         analysis_name=directory.name,

@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from if_query import distributed
 from if_query.config import DTYPE_CHOICES
 from if_query.errors import InputError
 
@@ -32,14 +33,10 @@ MLP_PROJECTION_NAMES = frozenset(
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """``auto`` is bfloat16 on CUDA and float32 on CPU."""
     if name == "auto":
-        device = device or default_device()
+        device = device or distributed.device()
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
 
@@ -69,9 +66,14 @@ def position_limit(config: PretrainedConfig) -> int | None:
     return None
 
 
-def load_model(model: str, revision: str | None, dtype: torch.dtype) -> PreTrainedModel:
+def load_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | None = None
+               ) -> PreTrainedModel:
+    """The model in ``dtype``, loaded straight onto ``device`` (default: this rank's, see
+    :func:`if_query.distributed.device`): under torchrun each rank's weights go to its own GPU, never all of
+    them into host RAM at once."""
+    device = device or distributed.device()
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype, device_map={"": device})
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the model {model!r}: {_first_line(exc)}") from exc
     loaded.eval()

@@ -14,9 +14,9 @@ from if_query import distributed
 from if_query.config import QueryConfig
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
+from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
 from if_query.metadata import METADATA_FILE, describe_model_mismatch, load_complete_metadata, model_identity
 from if_query.modeling import (
-    default_device,
     load_config,
     load_model,
     load_tokenizer,
@@ -98,7 +98,7 @@ class QueryRunner:
         limit = position_limit(load_config(config.model, config.revision))
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
         self.scorer: EngineScorer | KronfluenceScorer | None = None
-        self.device = default_device()
+        self.device = distributed.device()
 
     def prepare(self, job: QueryJob) -> PreparedJob:
         """Read, validate and tokenize a job's files (raises InputError; loads no model)."""
@@ -210,20 +210,36 @@ class QueryRunner:
         for outcome, job in prepared:
             logger.info("Scoring %s: %d queries x %d train examples",
                         job.job.name, len(job.queries), len(job.train))
-            try:
-                outcome.results = self.score(job)
-                if outcome.results is not None:
-                    outcome.results.provenance = self.provenance(job.job)
-                    outcome.files = self.write(outcome.results, job.job.output_dir)
-            except IfQueryError as exc:
+            error = self._score_and_write(outcome, job)
+            if error is not None:
                 if stop_on_error and not sharded:
-                    raise
-                outcome.error = exc
+                    raise error
+                outcome.error = error
         if sharded:
             self._collect(outcomes, mine)
             if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):
                 raise failed[0].error
         return outcomes
+
+    def _score_and_write(self, outcome: JobOutcome, job: PreparedJob) -> IfQueryError | None:
+        """Score and write one job into ``outcome``; its error, if it failed. Running out of memory is that
+        job's failure (with a hint), not the run's: the memory is released and the next job can go on."""
+        try:
+            outcome.results = self.score(job)
+            if outcome.results is not None:
+                outcome.results.provenance = self.provenance(job.job)
+                outcome.files = self.write(outcome.results, job.job.output_dir)
+            return None
+        except IfQueryError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is turned into the job's failure
+            if not is_out_of_memory(exc):
+                raise
+            error = RunError(f"out of memory on {self.device} ({describe_out_of_memory(exc)}); {OUT_OF_MEMORY_HINT}")
+        # The exception (and the frames holding its tensors) is gone here: the memory can really be released.
+        outcome.results = None
+        release_memory(self.device)
+        return error
 
     def write(self, results: QueryResults, output_dir: Path) -> list[Path]:
         """The CSVs and run.json (atomically), then report.html under ``--report``."""

@@ -18,16 +18,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from if_query import engine
-from if_query.capture import (
-    TokenFactorStore,
-    capture_token_factors,
-    host_memory_available,
-    return_freed_memory_to_the_os,
-)
+from if_query import distributed, engine
+from if_query.capture import TokenFactorStore, capture_token_factors
 from if_query.config import QueryConfig
 from if_query.errors import RunError
 from if_query.kron import FactorReader, StreamingScorer
+from if_query.memory import (
+    device_memory_free,
+    host_memory_available,
+    host_share,
+    ram_filesystem,
+    return_freed_memory_to_the_os,
+)
 from if_query.modeling import MlpProjection
 from if_query.sizes import BYTES_PER_FLOAT, human_bytes
 from if_query.tokenization import TokenizedExample
@@ -91,12 +93,17 @@ def gradient_batches(lengths: Sequence[int], num_queries: int, config: QueryConf
     return batches
 
 
+HOST_SHARE = 0.5  # default --host-memory-gb: this fraction of the available RAM, divided among the host's ranks
+DEVICE_WORKSPACE_SHARE = 0.5  # default --workspace-gb on CUDA: this fraction of the free device memory
+HOST_WORKSPACE_SHARE = 0.25  # ... on CPU: this fraction of the available RAM after the token factors
+
+
 def _workspace_default(device: torch.device, reserved: int) -> int:
-    """W blocks: half of the free device memory (CUDA), a quarter of the host's after ``reserved``."""
+    """W blocks: half of the free device memory (CUDA; cached blocks count as free, so every folder of one
+    size gets the same plan), a quarter of the host's after ``reserved`` (this rank's share)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(MIN_WORKSPACE_BYTES, free // 2)
-    return max(MIN_WORKSPACE_BYTES, (host_memory_available() - reserved) // 4)
+        return max(MIN_WORKSPACE_BYTES, int(device_memory_free(device) * DEVICE_WORKSPACE_SHARE))
+    return max(MIN_WORKSPACE_BYTES, host_share(HOST_WORKSPACE_SHARE, host_memory_available() - reserved))
 
 
 class EngineScorer:
@@ -122,8 +129,11 @@ class EngineScorer:
         shapes = {m.name: (m.out_features, m.in_features) for m in self.tracked}
         budget = self.config.host_memory_bytes
         if budget is None:
-            budget = host_memory_available() // 2
+            budget = host_share(HOST_SHARE)
         store = TokenFactorStore(shapes, lengths, self.dtype, budget, self.config.spill_dir)
+        if store.spilled and (kind := ram_filesystem(Path(store.spill_path).parent)):
+            logger.warning("The spill file is on %s, which is held in RAM: spilling there saves no memory; give "
+                           "--spill-dir a directory on a disk", kind)
         largest = max(self.tracked, key=lambda m: m.out_features * (m.in_features + 1))
         per_example = engine.whitened_bytes(store, largest.name)
         workspace = self.config.workspace_bytes
@@ -137,7 +147,9 @@ class EngineScorer:
             "workspace %s (%s)",
             len(examples), store.tokens, human_bytes(store.nbytes),
             f"spilled to a memory-mapped file in {Path(store.spill_path).parent}" if store.spilled
-            else f"in RAM (budget {human_bytes(budget)})",
+            else f"in RAM (budget {human_bytes(budget)}"
+                 + (f", this rank's share of the host's, {distributed.local_world_size()} ranks" 
+                    if distributed.local_world_size() > 1 else "") + ")",
             human_bytes(factor_bytes), human_bytes(workspace),
             "every gradient of a module at once" if at_once >= len(examples)
             else f"blocks of {max(1, at_once // 2)} gradients, columns formed again per block",

@@ -1,0 +1,72 @@
+"""distributed.py under a torchrun that is emulated: CUDA calls recorded instead of made (no GPU here)."""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from if_query import distributed, kron, modeling
+
+
+@pytest.fixture
+def rank_3_of_8(monkeypatch):
+    """The environment of torchrun's rank 3 of 8 on a CUDA host; records set_device and init_process_group."""
+    calls = []
+    for key, value in {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(("init_process_group", kwargs)))
+    return calls
+
+
+def test_the_nccl_group_is_started_on_the_ranks_gpu_with_a_long_timeout(rank_3_of_8):
+    gpu = torch.device("cuda", 3)
+    assert distributed.device() == gpu
+    distributed.start_data_parallel()
+    assert rank_3_of_8 == [("set_device", gpu), ("init_process_group", {
+        "backend": "nccl", "timeout": distributed.PROCESS_GROUP_TIMEOUT, "device_id": gpu})]
+    # rank 0 alone eigendecomposes 120 matrices (up to 13824²) and writes ~52 GB while the others wait
+    assert distributed.PROCESS_GROUP_TIMEOUT >= timedelta(days=1)
+
+
+def test_the_analyzer_is_made_after_the_group_is_started(rank_3_of_8, monkeypatch, tmp_path):
+    order = []
+    monkeypatch.setattr(kron, "start_data_parallel", lambda: order.append("group"))
+    monkeypatch.setattr(kron, "Analyzer", lambda **kwargs: order.append("analyzer"))
+    kron.make_analyzer(tmp_path / "factors", torch.nn.Linear(2, 2), None, quiet=True)
+    assert order == ["group", "analyzer"]
+
+
+def test_kronfluences_state_reuses_an_initialised_group(monkeypatch, tmp_path):
+    """What start_data_parallel relies on: Kronfluence's State starts no group of its own when one exists."""
+    from kronfluence.utils.state import State
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    State._reset_state()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("a second process group"))
+            state = State()
+        assert state.num_processes == 1 and state.device == torch.device("cuda", 0)
+    finally:
+        State._reset_state()
+        dist.destroy_process_group()
+
+
+def test_each_rank_loads_its_model_straight_onto_its_gpu(rank_3_of_8, monkeypatch):
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    modeling.load_model("some/model", None, torch.bfloat16)
+    assert seen["device_map"] == {"": torch.device("cuda", 3)} and seen["dtype"] == torch.bfloat16
