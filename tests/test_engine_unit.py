@@ -1,12 +1,17 @@
 """The engine and the token-factor store on random token factors, against dense per-example gradients."""
 
+import weakref
+
 import pytest
 import torch
 from helpers import assert_close_to_largest
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from if_query import engine
 from if_query.capture import TokenFactorStore
 from if_query.kron import Preconditioner
+from if_query.transfer import Transfers
 
 SHAPES = {"a": (5, 4), "b": (3, 6)}  # name -> (out, in)
 BIAS = {"a": True, "b": False}
@@ -14,16 +19,19 @@ LENGTHS = [3, 1, 4, 2, 5]
 
 
 class RandomFactors:
-    """Stands in for FactorReader: random orthogonal eigenbases and positive curvature per module."""
+    """Stands in for FactorReader: random orthogonal eigenbases and positive curvature per module; the modules
+    of ``same_inputs`` ({module: other}) get the other's activation eigenvectors (as gate_proj and up_proj)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, shapes=SHAPES, bias=BIAS, same_inputs=None):
         generator = torch.Generator().manual_seed(seed)
         self.modules = {}
-        for name, (out, inp) in SHAPES.items():
-            width = inp + int(BIAS[name])
+        for name, (out, inp) in shapes.items():
+            width = inp + int(bias[name])
             q_a, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
             q_g, _ = torch.linalg.qr(torch.randn(out, out, generator=generator, dtype=torch.float64))
             curvature = torch.rand(out, width, generator=generator, dtype=torch.float64) + 0.1
+            if same_inputs and name in same_inputs:
+                q_a = self.modules[same_inputs[name]][0]
             self.modules[name] = (q_a, q_g, curvature)
 
     def preconditioner(self, name, damping, device):
@@ -31,33 +39,37 @@ class RandomFactors:
         damping = 0.5 if damping is None else damping
         return Preconditioner(q_a.float(), q_g.float(), (curvature + damping).rsqrt().float(), damping)
 
+    def same_activation_eigenvectors(self, name, other):
+        return torch.equal(self.modules[name][0], self.modules[other][0])
 
-def filled_store(host_budget: int, tmp_path) -> TokenFactorStore:
-    store = TokenFactorStore(SHAPES, LENGTHS, torch.float32, host_budget, tmp_path)
+
+def filled_store(host_budget: int, tmp_path, shapes=SHAPES, shared_inputs=None, lengths=LENGTHS) -> TokenFactorStore:
+    store = TokenFactorStore(shapes, lengths, torch.float32, host_budget, tmp_path, shared_inputs)
     generator = torch.Generator().manual_seed(1)
-    for name, (out, inp) in SHAPES.items():
-        store._inputs[name].copy_(torch.randn(store.tokens, inp, generator=generator))
-        store._output_grads[name].copy_(torch.randn(store.tokens, out, generator=generator))
+    for name, (out, inp) in shapes.items():
+        if name in store.input_groups:
+            store.module_inputs(name).copy_(torch.randn(store.tokens, inp, generator=generator))
+        store.module_output_grads(name).copy_(torch.randn(store.tokens, out, generator=generator))
     return store
 
 
-def dense_scores(store: TokenFactorStore, factors: RandomFactors, queries, train):
+def dense_scores(store: TokenFactorStore, factors: RandomFactors, queries, train, bias=BIAS):
     """score(q, t) = sum_modules sum_ij R_q R_t / C with R = Q_g^T (sum_t g_t a_t^T) Q_a, in float64."""
     total = torch.zeros(len(queries), len(train), dtype=torch.float64)
-    self_scores = torch.zeros(len(LENGTHS), dtype=torch.float64)
-    per_token = [[torch.zeros(LENGTHS[t], dtype=torch.float64) for t in train] for _ in queries]
-    for name in SHAPES:
+    self_scores = torch.zeros(len(store.lengths), dtype=torch.float64)
+    per_token = [[torch.zeros(store.lengths[t], dtype=torch.float64) for t in train] for _ in queries]
+    for name in store.shapes:
         q_a, q_g, curvature = factors.modules[name]
         inverse = 1 / (curvature + 0.5)
 
         def tokens(i, name=name):
             a = store.inputs(name, i).double()
-            if BIAS[name]:
+            if bias[name]:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=torch.float64)], dim=1)
             return a, store.output_grads(name, i).double()
 
         rotated = {}
-        for i in range(len(LENGTHS)):
+        for i in range(len(store.lengths)):
             a, g = tokens(i)
             rotated[i] = q_g.T @ (g.T @ a) @ q_a
             self_scores[i] += (rotated[i] ** 2 * inverse).sum()
@@ -102,8 +114,101 @@ def test_engine_without_queries_gives_train_self_influences(tmp_path):
 def test_store_rows_and_spill_file_leave_nothing_behind(tmp_path):
     store = TokenFactorStore(SHAPES, LENGTHS, torch.bfloat16, 0, tmp_path)
     assert store.spilled and not list(tmp_path.iterdir())  # the file is unlinked at once, the mapping lives on
-    store._inputs["a"][store.rows(2)] = 1.5
+    store.module_inputs("a")[store.rows(2)] = 1.5
     assert store.inputs("a", 2).shape == (4, 4) and bool((store.inputs("a", 2) == 1.5).all())
     assert not bool((store.inputs("a", 1) == 1.5).any())
     bytes_per_row = sum(out + inp for out, inp in SHAPES.values()) * 2
     assert store.nbytes == sum(LENGTHS) * bytes_per_row
+
+
+# ---- modules that share an input (gate_proj and up_proj): one slab, one rotation
+
+GATED = {"gate": (5, 4), "up": (6, 4), "down": (4, 6)}  # name -> (out, in); up sees gate's input
+GATED_BIAS = {"gate": False, "up": False, "down": False}
+
+
+@pytest.mark.parametrize("same_eigenvectors", [True, False])
+def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, same_eigenvectors):
+    # at most 4 tokens each: every module rotates token vectors (not the summed gradient) for every example
+    store = filled_store(10**9, tmp_path, GATED, {"up": "gate"}, lengths=[3, 1, 4, 2, 3])
+    assert store.input_groups == ["gate", "down"]
+    assert store.inputs("up", 2).data_ptr() == store.inputs("gate", 2).data_ptr()
+    assert store.nbytes == 13 * (5 + 4 + 6 + 4 + 6) * 4  # the shared input counted once
+    factors = RandomFactors(shapes=GATED, bias=GATED_BIAS, same_inputs={"up": "gate"} if same_eigenvectors else None)
+    queries, train = [3, 0], [1, 3, 2, 0, 4]
+    result = engine.score(store, factors, GATED_BIAS, queries, train, None, True, 10**9, torch.device("cpu"))
+    expected, self_scores, per_token = dense_scores(store, factors, queries, train, GATED_BIAS)
+    assert_close_to_largest(result.pairwise, expected, 1e-5)
+    assert_close_to_largest(result.train_self, self_scores[train], 1e-5)
+    assert_close_to_largest(torch.cat([t for row in result.per_token for t in row]),
+                            torch.cat([t for row in per_token for t in row]), 1e-5)
+    rotations = []
+    rotate = Preconditioner.rotate_inputs
+    monkeypatch.setattr(Preconditioner, "rotate_inputs", lambda self, x, mm=torch.matmul: rotations.append(x.shape)
+                        or rotate(self, x, mm))
+    engine.score(store, factors, GATED_BIAS, queries, train, None, False, 10**9, torch.device("cpu"))
+    # gate and down rotate each example's inputs once; up reuses gate's rotations when the eigenvectors match
+    assert len(rotations) == len(set(queries + train)) * (2 if same_eigenvectors else 3)
+
+
+def test_token_factors_reach_the_device_through_staging_buffers_unchanged():
+    """The staging path (run here on the CPU with unpinned buffers): chunks of 100 bytes, two buffers."""
+    transfers = Transfers(torch.device("cpu"), staging_bytes=100, staged=True)
+    host = torch.randn(37, 11).to(torch.bfloat16)  # 814 bytes: 9 chunks
+    moved = transfers.to_device(host)
+    assert moved.dtype == torch.bfloat16 and torch.equal(moved, host) and moved.data_ptr() != host.data_ptr()
+    assert transfers.to_device_bytes == 814
+    back = transfers.to_host({"a": moved[:, :5], "b": torch.arange(7.0)})  # a strided view, then float32
+    assert torch.equal(back["a"], host[:, :5]) and torch.equal(back["b"], torch.arange(7.0))
+    assert transfers.to_host_bytes == 37 * 5 * 2 + 7 * 4
+    assert Transfers(torch.device("cpu")).to_device(host) is host  # CPU: read in place, nothing moved
+
+
+class Allocations(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while it is active (each alive while a tensor views it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.holders, self.total, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            self.total -= self.bytes.pop(key)
+            del self.holders[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.untyped_storage().data_ptr()
+            if key not in self.bytes:
+                if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == key
+                       for a in tree_leaves((args, kwargs))):
+                    continue  # a view or in-place result of a tensor from before: not an allocation
+                self.bytes[key], self.holders[key] = tensor.untyped_storage().nbytes(), 0
+                self.total += self.bytes[key]
+                self.peak = max(self.peak, self.total)
+            self.holders[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+@pytest.mark.parametrize("at_once", [24, 16], ids=["every-W-at-once", "blocks-of-8"])
+def test_the_engine_allocates_no_hidden_copy_of_the_whitened_gradients(tmp_path, at_once):
+    """With a workspace of exactly ``at_once`` W's, the engine's allocations peak at that workspace plus one
+    module's factors and per-example temporaries: no second tensor the size of W (a .square() of it, say)."""
+    shapes, bias, lengths = {"big": (64, 48)}, {"big": True}, [5] * 24
+    store = filled_store(10**9, tmp_path, shapes, lengths=lengths)
+    factors = RandomFactors(shapes=shapes, bias=bias)
+    workspace = at_once * engine.whitened_bytes(store, "big")
+    width = 48 + 1
+    factor_bytes = 4 * (width**2 + 64**2 + 64 * width)  # Q_a, Q_g, S (float32)
+    per_example = 4 * (5 * width * 2 + 5 * 64 * 2 + 2 * 64 * width)  # [A, 1], Â, G, Ĝ, Ĝᵀ Â and its copy in W
+    small = 8 * 24 * 24 * 4  # products and self-influences, float32 and float64
+    with Allocations() as allocations:
+        engine.score(store, factors, bias, list(range(8)), list(range(24)), None, False, workspace,
+                     torch.device("cpu"))
+    assert allocations.peak <= workspace + factor_bytes + per_example + small, allocations.peak
+    assert allocations.peak >= workspace  # the premise: the W's were formed in the workspace

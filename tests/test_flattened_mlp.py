@@ -13,19 +13,19 @@ from transformers import AutoModelForCausalLM
 from if_query.errors import InputError
 from if_query.fingerprint import weights_fingerprint
 from if_query.metadata import METADATA_FILE, model_identity
-from if_query.modeling import MlpProjection, check_token_shaped, find_mlp_modules
+from if_query.modeling import MlpProjection, find_mlp_modules, probe_inputs
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "olmo2", "gpt_neox", "qwen2"])
 def test_token_shaped_families_pass(family):
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(make_tokenizer()))).eval()
-    check_token_shaped(model, find_mlp_modules(model))
+    probe_inputs(model, find_mlp_modules(model))
 
 
 def test_opt_is_refused():
     model = AutoModelForCausalLM.from_config(tiny_config("opt", len(make_tokenizer()))).eval()
     with pytest.raises(InputError, match=r"OPTForCausalLM \(model type 'opt'\) is not supported.*flattened"):
-        check_token_shaped(model, find_mlp_modules(model))
+        probe_inputs(model, find_mlp_modules(model))
 
 
 class Toy(nn.Module):
@@ -44,12 +44,12 @@ class Toy(nn.Module):
 
 def test_the_probe_sees_the_real_input_shape():
     tracked = [MlpProjection("fc1", 0, 4, 4, True)]
-    check_token_shaped(Toy(flatten=False), tracked)
+    probe_inputs(Toy(flatten=False), tracked)
     with pytest.raises(InputError, match=r"fc1: \[4, 4\] for 2 sequences of 2 tokens"):
-        check_token_shaped(Toy(flatten=True), tracked)
+        probe_inputs(Toy(flatten=True), tracked)
     model = Toy(flatten=True)
     with pytest.raises(InputError):
-        check_token_shaped(model, tracked)
+        probe_inputs(model, tracked)
     assert not model.fc1._forward_pre_hooks  # hooks removed after the probe
     assert torch.equal(model(torch.tensor([[1, 2]])), model.fc1(model.embed(torch.tensor([1, 2]))))
 

@@ -60,3 +60,17 @@ def test_conv1d_swap_is_numerically_identical():
     assert all(isinstance(model.get_submodule(m.name), torch.nn.Linear) for m in modules)
     assert isinstance(model.get_submodule("transformer.h.0.attn.c_proj"), Conv1D)  # attention untouched
     assert_close_to_largest(after, before, 1e-5)  # another kernel (addmm of a transpose): float32 rounding only
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "gpt2"])
+def test_modules_that_see_one_input_are_found(family):
+    """gate_proj and up_proj see the very same tensor (their token factors are kept once); nothing else does,
+    even though the probe's freed activations could reuse each other's memory."""
+    from if_query.modeling import track_mlp_modules
+
+    _, modules = track_mlp_modules(build(family, layers=3), 1)
+    shared = {m.name: m.input_from for m in modules if m.input_from}
+    if family == "gpt2":
+        assert shared == {}
+    else:
+        assert shared == {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in range(3)}

@@ -30,6 +30,7 @@ from torch import nn
 from if_query.errors import RunError
 from if_query.loss import shifted_logits_and_labels, summed_token_losses
 from if_query.tokenization import Collator, TokenizedExample
+from if_query.transfer import Transfers
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +109,25 @@ class TokenFactorStore:
     """Layer inputs and output gradients of every example and tracked module.
 
     For module ``m`` and example ``i`` (of ``lengths[i]`` tokens), ``inputs(m, i)`` is (T_i, in) and
-    ``output_grads(m, i)`` is (T_i, out), in ``dtype``. Each module's rows are contiguous (one
-    module is read at a time while scoring). Stored in RAM when they fit ``host_budget`` bytes,
-    otherwise in a memory-mapped file in ``spill_dir`` (deleted at once: nothing is left behind).
+    ``output_grads(m, i)`` is (T_i, out), in ``dtype``. Each module's rows are contiguous: its slabs
+    ``module_inputs(m)`` (tokens, in) and ``module_output_grads(m)`` (tokens, out) are what the engine copies
+    to the device, one module at a time. Modules that see the same input tensor (``shared_inputs``: {module:
+    the earlier module whose input it sees}, e.g. up_proj -> gate_proj) share one inputs slab. Stored in RAM
+    when they fit ``host_budget`` bytes, otherwise in a memory-mapped file in ``spill_dir`` (deleted at
+    once: nothing is left behind).
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], lengths: Sequence[int], dtype: torch.dtype,
-                 host_budget: int, spill_dir: str | Path | None = None):
+                 host_budget: int, spill_dir: str | Path | None = None, shared_inputs: dict[str, str] | None = None):
         self.shapes = dict(shapes)  # name -> (out, in)
+        self.input_of = {name: (shared_inputs or {}).get(name, name) for name in self.shapes}  # whose slab
         self.lengths = list(lengths)
         self.offsets = [0]
         for length in self.lengths[:-1]:
             self.offsets.append(self.offsets[-1] + length)
         self.tokens = sum(self.lengths)
         self.dtype = dtype
-        row = sum(out + inp for out, inp in self.shapes.values())
+        row = sum(out + (inp if self.input_of[name] == name else 0) for name, (out, inp) in self.shapes.items())
         self.nbytes = self.tokens * row * torch.empty(0, dtype=dtype).element_size()
         self.spilled = self.nbytes > host_budget
         if self.spilled:
@@ -143,43 +148,63 @@ class TokenFactorStore:
         self._output_grads: dict[str, torch.Tensor] = {}
         start = 0
         for name, (out, inp) in self.shapes.items():
-            self._inputs[name] = flat[start : start + self.tokens * inp].view(self.tokens, inp)  # (tokens, in)
-            start += self.tokens * inp
+            if self.input_of[name] == name:
+                self._inputs[name] = flat[start : start + self.tokens * inp].view(self.tokens, inp)  # (tokens, in)
+                start += self.tokens * inp
             self._output_grads[name] = flat[start : start + self.tokens * out].view(self.tokens, out)  # (tokens, out)
             start += self.tokens * out
+
+    @property
+    def input_groups(self) -> list[str]:
+        """The modules that own an inputs slab (the others read one of these)."""
+        return list(self._inputs)
 
     def rows(self, example: int) -> slice:
         return slice(self.offsets[example], self.offsets[example] + self.lengths[example])
 
+    def module_inputs(self, module: str) -> torch.Tensor:
+        return self._inputs[self.input_of[module]]
+
+    def module_output_grads(self, module: str) -> torch.Tensor:
+        return self._output_grads[module]
+
     def inputs(self, module: str, example: int) -> torch.Tensor:
-        return self._inputs[module][self.rows(example)]
+        return self.module_inputs(module)[self.rows(example)]
 
     def output_grads(self, module: str, example: int) -> torch.Tensor:
         return self._output_grads[module][self.rows(example)]
 
-    def put(self, example: int, recorder: LayerRecorder, row: int) -> None:
-        """Copy batch row ``row`` of the recorder's last batch (its first T_i positions)."""
+    def put(self, example: int, landed: dict[str, torch.Tensor], row: int) -> None:
+        """Copy batch row ``row`` (its first T_i positions) of a batch's host copies: ``landed`` holds
+        ``"inputs:<group>"`` (batch, tokens, in) and ``"output_grads:<module>"`` (batch, tokens, out)."""
         rows, length = self.rows(example), self.lengths[example]
+        for name in self._inputs:
+            self._inputs[name][rows] = landed[f"inputs:{name}"][row, :length]
         for name in self.shapes:
-            self._inputs[name][rows] = recorder.inputs[name][row, :length]
-            self._output_grads[name][rows] = recorder.output_grads[name][row, :length]
+            self._output_grads[name][rows] = landed[f"output_grads:{name}"][row, :length]
 
 
 def capture_token_factors(model: nn.Module, modules: dict[str, nn.Linear], examples: Sequence[TokenizedExample],
                           store: TokenFactorStore, batches: Sequence[Sequence[int]], pad_token_id: int,
-                          device: torch.device, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                          device: torch.device, progress: Callable[[int], None] | None = None,
+                          transfers: Transfers | None = None) -> torch.Tensor:
     """Fill ``store`` with the token factors of ``examples`` (store example i = ``examples[i]``), one
     forward/backward pass per batch of indices in ``batches`` (each index once), and return each
-    example's summed completion loss, (num_examples,) float64."""
+    example's summed completion loss, (num_examples,) float64. A batch's factors leave the device in one
+    go (:class:`~if_query.transfer.Transfers`: non-blocking copies into pinned memory, one synchronisation),
+    in the model's dtype."""
     collate = Collator(pad_token_id)
+    transfers = transfers or Transfers(device)
     losses = torch.empty(len(examples), dtype=torch.float64)
     with frozen_weights(model), LayerRecorder(modules) as recorder:
         for indices in batches:
             indices = list(indices)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
             losses[indices] = forward_backward(model, batch).double().cpu()
+            landed = transfers.to_host({**{f"inputs:{name}": recorder.inputs[name] for name in store.input_groups},
+                                        **{f"output_grads:{name}": recorder.output_grads[name] for name in modules}})
             for row, example in enumerate(indices):
-                store.put(example, recorder, row)
+                store.put(example, landed, row)
             recorder.clear()
             if progress is not None:
                 progress(len(indices))

@@ -139,11 +139,11 @@ class Preconditioner:
     scale: torch.Tensor | None  # (out, in') float32
     damping: float | None  # resolved damping (None for identity)
 
-    def rotate_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs if self.q_a is None else inputs @ self.q_a
+    def rotate_inputs(self, inputs: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
+        return inputs if self.q_a is None else matmul(inputs, self.q_a)
 
-    def rotate_output_grads(self, output_grads: torch.Tensor) -> torch.Tensor:
-        return output_grads if self.q_g is None else output_grads @ self.q_g
+    def rotate_output_grads(self, output_grads: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
+        return output_grads if self.q_g is None else matmul(output_grads, self.q_g)
 
     @property
     def nbytes(self) -> int:
@@ -163,6 +163,7 @@ class FactorReader:
             raise InputError(f"--factors-dir {factors_dir}: no readable Kronfluence factor arguments ({exc})") from exc
         if self.strategy not in STRATEGIES:
             raise InputError(f"--factors-dir {factors_dir}: unknown strategy {self.strategy!r}")
+        self._same: dict[tuple[str, str], bool] = {}
         self._files = {}
         for name in _FILES[self.strategy]:
             path = self.directory / f"{name}.safetensors"
@@ -176,30 +177,43 @@ class FactorReader:
         except Exception as exc:  # safetensors raises its own error type for a missing key
             raise InputError(f"factors have no {factor} for module {module!r} (fitted for other modules?)") from exc
 
-    def curvature(self, module: str) -> torch.Tensor | None:
-        """The module's curvature in its eigenbasis, (out, in') float64; None for identity."""
+    def curvature(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The module's curvature in its eigenbasis, (out, in') float64 on ``device``; None for identity."""
         if self.strategy == "identity":
             return None
         if self.strategy == "kfac":
-            eigen_a = self._tensor(ACTIVATION_EIGENVALUES_NAME, module).double().clamp_min(0)
-            eigen_g = self._tensor(GRADIENT_EIGENVALUES_NAME, module).double().clamp_min(0)
+            eigen_a = self._tensor(ACTIVATION_EIGENVALUES_NAME, module).to(device).double().clamp_min(0)
+            eigen_g = self._tensor(GRADIENT_EIGENVALUES_NAME, module).to(device).double().clamp_min(0)
             return torch.outer(eigen_g, eigen_a)
-        count = self._tensor(NUM_LAMBDA_PROCESSED, module).double()
-        return self._tensor(LAMBDA_MATRIX_NAME, module).double() / count
+        count = self._tensor(NUM_LAMBDA_PROCESSED, module).to(device).double()
+        return self._tensor(LAMBDA_MATRIX_NAME, module).to(device).double().div_(count)
 
     def preconditioner(self, module: str, damping: float | None, device: torch.device) -> Preconditioner:
-        """Factors of ``module`` on ``device``; ``damping`` None means the heuristic (0.1 x mean curvature)."""
-        curvature = self.curvature(module)
+        """Factors of ``module`` on ``device``, prepared there (the float64 curvature, its mean, the damping and
+        the rsqrt: no host work per module); ``damping`` None means the heuristic (0.1 x mean curvature)."""
+        curvature = self.curvature(module, device)
         if curvature is None:
             return Preconditioner(None, None, None, None)
         if damping is None:
             damping = HEURISTIC_DAMPING_SCALE * float(curvature.mean())
-        scale = (curvature + damping).rsqrt().to(device, torch.float32)
+        scale = curvature.add_(damping).rsqrt_().float()  # (out, in')
+        del curvature
         q_a = q_g = None
         if self.strategy in ("kfac", "ekfac"):
             q_a = self._tensor(ACTIVATION_EIGENVECTORS_NAME, module).to(device, torch.float32)
             q_g = self._tensor(GRADIENT_EIGENVECTORS_NAME, module).to(device, torch.float32)
         return Preconditioner(q_a, q_g, scale, float(damping))
+
+    def same_activation_eigenvectors(self, module: str, other: str) -> bool:
+        """Whether two modules' activation eigenvectors are identical (read on the host, from the mapped file;
+        False for strategies without eigenvectors)."""
+        if self.strategy not in ("kfac", "ekfac"):
+            return False
+        key = (module, other)
+        if key not in self._same:
+            self._same[key] = torch.equal(self._tensor(ACTIVATION_EIGENVECTORS_NAME, module),
+                                          self._tensor(ACTIVATION_EIGENVECTORS_NAME, other))
+        return self._same[key]
 
 
 # --- The lambda stage (see the module docstring): what if-query needs to write Kronfluence's lambda files ---

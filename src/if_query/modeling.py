@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -95,6 +95,7 @@ class MlpProjection:
     out_features: int
     in_features: int
     bias: bool
+    input_from: str | None = None  # the earlier tracked module whose very input tensor this one sees, if any
 
     @property
     def shape(self) -> list[int]:
@@ -164,22 +165,29 @@ class _ProbeDone(Exception):
     """Raised by the probe's hooks once every tracked module has been seen (skips the rest)."""
 
 
-def check_token_shaped(model: nn.Module, modules: list[MlpProjection]) -> None:
-    """Refuse a model whose tracked modules do not see (batch, tokens, features) inputs.
+def probe_inputs(model: nn.Module, modules: list[MlpProjection]) -> list[MlpProjection]:
+    """Refuse a model whose tracked modules do not see (batch, tokens, features) inputs, and note which
+    modules see the very input tensor of an earlier one (``input_from``: Llama's up_proj that of gate_proj).
 
     Some families (OPT: its decoder layer reshapes hidden states to (batch * tokens, hidden) before
     fc1/fc2) feed the MLP flattened tokens; Kronfluence would then treat every token as an example
     (per-token, not per-example, gradients) and scoring fails. A forward pass on 2 sequences of 2
-    tokens, with hooks on the tracked modules, shows the shape each one really sees.
+    tokens, with hooks on the tracked modules, shows the shape each one really sees, and where it lives
+    (the same storage, offset, shape and strides are the same tensor: its token factors are kept once).
     """
     batch, tokens = 2, 2
     seen: dict[str, tuple[int, ...] | None] = {}
+    where: dict[str, tuple] = {}
+    kept: dict[str, torch.Tensor] = {}
     names = [m.name for m in modules]
 
     def hook(name):
         def record(_module, args, kwargs):
             tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
             seen[name] = tuple(tensors[0].shape) if tensors else None
+            if tensors:  # the tensor is kept alive until the probe ends, so no other can reuse its memory
+                kept[name] = tensors[0]
+                where[name] = (tensors[0].data_ptr(), tensors[0].shape, tensors[0].stride(), tensors[0].dtype)
             if len(seen) == len(names):
                 raise _ProbeDone
 
@@ -203,11 +211,17 @@ def check_token_shaped(model: nn.Module, modules: list[MlpProjection]) -> None:
             f"flattened to (batch * tokens, features) (e.g. {flat[0]}: {list(seen[flat[0]])} for {batch} "
             f"sequences of {tokens} tokens), so Kronfluence would take every token for an example"
         )
+    first_seen: dict[tuple, str] = {}
+    probed = []
+    for module in modules:
+        key = where.get(module.name)
+        source = first_seen.setdefault(key, module.name) if key is not None else module.name
+        probed.append(replace(module, input_from=source if source != module.name else None))
+    return probed
 
 
 def track_mlp_modules(model: nn.Module, layer_stride: int) -> tuple[nn.Module, list[MlpProjection]]:
     """The model ready for tracking (Conv1D swapped) and its MLP projections of every ``layer_stride``-th
-    block, after checking that they see (batch, tokens, features) inputs."""
-    modules = find_mlp_modules(model, layer_stride)
-    check_token_shaped(model, modules)
+    block, after checking that they see (batch, tokens, features) inputs (and which share one)."""
+    modules = probe_inputs(model, find_mlp_modules(model, layer_stride))
     return make_trackable(model, modules), modules

@@ -33,6 +33,7 @@ from if_query.memory import (
 from if_query.modeling import MlpProjection
 from if_query.sizes import BYTES_PER_FLOAT, human_bytes
 from if_query.tokenization import TokenizedExample
+from if_query.transfer import Transfers
 
 logger = logging.getLogger(__name__)
 MIN_WORKSPACE_BYTES = 64 * 1024**2
@@ -121,6 +122,7 @@ class EngineScorer:
         self.device = device
         self.quiet = quiet
         self.dtype = next(model.parameters()).dtype
+        self.transfers = Transfers(device)  # its pinned buffers serve every folder
         self.resolved_damping: dict[str, float | None] | None = None  # of the last scored set (for run.json)
 
     def plan(self, examples: Sequence[TokenizedExample]) -> tuple[TokenFactorStore, int]:
@@ -130,7 +132,8 @@ class EngineScorer:
         budget = self.config.host_memory_bytes
         if budget is None:
             budget = host_share(HOST_SHARE)
-        store = TokenFactorStore(shapes, lengths, self.dtype, budget, self.config.spill_dir)
+        shared = {m.name: m.input_from for m in self.tracked if m.input_from is not None}
+        store = TokenFactorStore(shapes, lengths, self.dtype, budget, self.config.spill_dir, shared)
         if store.spilled and (kind := ram_filesystem(Path(store.spill_path).parent)):
             logger.warning("The spill file is on %s, which is held in RAM: spilling there saves no memory; give "
                            "--spill-dir a directory on a disk", kind)
@@ -163,16 +166,21 @@ class EngineScorer:
         distinct = list(position)
         store, workspace = self.plan(distinct)
         config = self.config
+        moved = (self.transfers.to_host_bytes, self.transfers.to_device_bytes)
         with tqdm(total=len(distinct), desc="gradients", unit="seq", disable=self.quiet) as bar:
             batches = gradient_batches([len(s) for s in distinct], len(queries), config)
             losses = capture_token_factors(self.model, self.linears, distinct, store, batches, self.pad_token_id,
-                                           self.device, progress=bar.update)
+                                           self.device, progress=bar.update, transfers=self.transfers)
         with tqdm(total=len(self.tracked), desc="scores", unit="module", disable=self.quiet) as bar:
             result = engine.score(
                 store, self.factors, {m.name: m.bias for m in self.tracked},
                 [position[q] for q in queries], [position[t] for t in train], config.damping_value,
                 config.per_token_scores, workspace, self.device, progress=lambda name: bar.update(1),
+                transfers=self.transfers,
             )
+        logger.debug("Token factors moved: %s from the device while capturing, %s to it while scoring",
+                     human_bytes(self.transfers.to_host_bytes - moved[0]),
+                     human_bytes(self.transfers.to_device_bytes - moved[1]))
         self.resolved_damping = result.damping
         return ScoredSet(result.pairwise, result.query_self, result.train_self,
                          losses[[position[q] for q in queries]], result.per_token, result.damping)
