@@ -74,3 +74,21 @@ def test_modules_that_see_one_input_are_found(family):
         assert shared == {}
     else:
         assert shared == {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in range(3)}
+
+
+def test_matmul_precision_is_set_explicitly_whatever_was_set_before(monkeypatch):
+    from if_query.modeling import CUDA_MATMUL_PRECISION, resolve_matmul_precision, set_matmul_precision
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # a caller (or a library) enabled TF32
+        set_matmul_precision("ieee")
+        assert matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+        set_matmul_precision("tf32")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+    assert resolve_matmul_precision("auto", torch.device("cpu")) == "ieee"  # the CPU has no TF32
+    assert resolve_matmul_precision("auto", torch.device("cuda", 0)) == CUDA_MATMUL_PRECISION
+    assert resolve_matmul_precision("tf32", torch.device("cpu")) == "tf32"

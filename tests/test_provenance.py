@@ -42,6 +42,7 @@ def test_run_query_records_what_produced_the_results(cli, tiny_gpt2, fitted, que
     assert run["model"] == str(tiny_gpt2) and run["revision"] is None
     assert run["factors_dir"] == str(fitted["kfac"].resolve()) and run["strategy"] == "kfac"
     assert run["damping"] == 0.01 and run["dtype"] == "float32" and run["max_length"] == 100
+    assert run["matmul_precision"] == "ieee" and metadata["fit"]["matmul_precision"] == "ieee"  # auto, on CPU
     assert run["weights_fingerprint"] == metadata["fit"].get("weights_fingerprint")
     assert run["damping_per_module"] is None or set(run["damping_per_module"]) == {
         m["name"] for m in metadata["tracked_modules"]}

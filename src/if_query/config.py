@@ -27,6 +27,7 @@ FISHER_TYPES = ("true", "empirical")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EIGENDECOMPOSITION_DTYPES = ("float64", "float32")
 ENGINES = ("if-query", "kronfluence")
+MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see modeling.CUDA_MATMUL_PRECISION
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
 GIGABYTE = 1024**3
 
@@ -83,6 +84,14 @@ def dtype_option() -> Any:
                   help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
 
 
+def matmul_precision_option() -> Any:
+    return option(
+        "auto", choices=MATMUL_PRECISIONS,
+        help="Float32 matrix products on CUDA: ieee (full float32) or tf32 (TensorFloat-32: inputs rounded to 10 "
+             "mantissa bits, several times faster on tensor cores); auto = the measured default on CUDA (see the "
+             "README), ieee on CPU, which has no TF32. Set explicitly whatever the caller had set, and recorded.")
+
+
 def max_length_option(help: str) -> Any:
     return option(512, minimum=1, help=help)
 
@@ -116,6 +125,7 @@ class FitConfig:
                          help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.")
     module_partitions: int = option(1, minimum=1, help="Fit the factors in N groups of modules to lower peak memory.")
     seed: int = option(0, help="Seed of the label sampling (true Fisher).")
+    matmul_precision: str = matmul_precision_option()
     eigendecomposition_dtype: str = option(
         "float64", choices=EIGENDECOMPOSITION_DTYPES,
         help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are stored "
@@ -165,6 +175,7 @@ class QueryConfig:
         "auto",
         help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")
     dtype: str = dtype_option()
+    matmul_precision: str = matmul_precision_option()
     max_length: int = max_length_option("Token limit per example; prompts are cut from the left.")
     eos_in_loss: bool = option(
         True, flags=("--eos-in-loss/--no-eos-in-loss",),

@@ -32,9 +32,8 @@ they fit in an eighth of the workspace.
 
 Cost per example and module: rotations 2 T (in'² + out²) FLOPs, W 2 T out in' FLOPs, products
 2 out in' per pair. When T is large enough that rotating the summed gradient
-(2 out in' (out + in')) is cheaper than rotating tokens, that order is used instead. Every matrix
-product goes through :func:`matmul` (``benchmarks/bench_precision.py`` rounds its operands there to
-emulate TF32).
+(2 out in' (out + in')) is cheaper than rotating tokens, that order is used instead. The products are
+float32; on CUDA, ``--matmul-precision`` says whether they may use TF32.
 """
 
 from __future__ import annotations
@@ -50,11 +49,6 @@ from if_query.sizes import BYTES_PER_FLOAT
 from if_query.transfer import Transfers
 
 ROTATION_CACHE_SHARE = 8  # kept rotated inputs may take up to 1/8 of the workspace
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The engine's one matrix product (float32 operands; TF32 or not as ``--matmul-precision`` set it)."""
-    return torch.matmul(a, b)
 
 
 @dataclass
@@ -100,12 +94,12 @@ class _Module:
     def rotated(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Â (T, in'), Ĝ (T, out)) in float32 on the device."""
         if self.rotations is not None and example in self.rotations:
-            return self.rotations[example], self.pre.rotate_output_grads(self._tokens(example)[1], matmul)
+            return self.rotations[example], self.pre.rotate_output_grads(self._tokens(example)[1])
         inputs, output_grads = self._tokens(example)
-        rotated_inputs = self.pre.rotate_inputs(inputs, matmul)
+        rotated_inputs = self.pre.rotate_inputs(inputs)
         if self.rotations is not None:
             self.rotations[example] = rotated_inputs
-        return rotated_inputs, self.pre.rotate_output_grads(output_grads, matmul)
+        return rotated_inputs, self.pre.rotate_output_grads(output_grads)
 
     def _rotated_gradient(self, example: int) -> torch.Tensor:
         """Q_gᵀ (Gᵀ [A, 1]) Q_a (out, in'), in whichever order costs fewer FLOPs."""
@@ -114,9 +108,9 @@ class _Module:
         rotate_gradient = self.out * self.width * (self.out + self.width)
         if self.pre.q_a is None or rotate_tokens <= rotate_gradient:
             inputs, output_grads = self.rotated(example)
-            return matmul(output_grads.T, inputs)
+            return output_grads.T @ inputs
         inputs, output_grads = self._tokens(example)
-        return matmul(matmul(self.pre.q_g.T, matmul(output_grads.T, inputs)), self.pre.q_a)
+        return self.pre.q_g.T @ (output_grads.T @ inputs) @ self.pre.q_a
 
     def whitened(self, examples: Sequence[int]) -> torch.Tensor:
         """W of ``examples``, (len(examples), out * in') float32."""
@@ -134,7 +128,7 @@ class _Module:
         if self.pre.scale is not None:
             preconditioned = preconditioned * self.pre.scale
         inputs, output_grads = self.rotated(example)  # (T, in'), (T, out)
-        mapped = matmul(output_grads, preconditioned)  # (queries, T, in')
+        mapped = torch.matmul(output_grads, preconditioned)  # (queries, T, in')
         return mapped.mul_(inputs).sum(dim=-1)
 
 
@@ -225,7 +219,7 @@ def score(store: TokenFactorStore, factors: FactorReader, modules: dict[str, boo
         capacity = max(2, (workspace_bytes - reserved) // whitened_bytes(store, name))
         if capacity >= len(distinct):  # every W of this module at once: each formed once
             every_w = module.whitened(distinct)
-            products += matmul(every_w[:n_queries], every_w.T).double().cpu()
+            products += (every_w[:n_queries] @ every_w.T).double().cpu()
             self_scores += _squared_norms(every_w).double().cpu()
             if token_scores is not None:
                 _add_per_token(token_scores, module, range(n_queries), every_w[:n_queries], train, queries_at_once)
@@ -255,7 +249,7 @@ def _score_in_blocks(module: _Module, distinct: list[int], n_queries: int, block
         query_w = module.whitened([distinct[i] for i in rows])
         for columns in _chunks(len(distinct), block):
             column_w = query_w if columns == rows else module.whitened([distinct[i] for i in columns])
-            products[rows.start : rows.stop, columns.start : columns.stop] += matmul(query_w, column_w.T).double().cpu()
+            products[rows.start : rows.stop, columns.start : columns.stop] += (query_w @ column_w.T).double().cpu()
             if number == 0:  # the first pass over the columns also gives every self-influence
                 self_scores[columns.start : columns.stop] += _squared_norms(column_w).double().cpu()
             del column_w

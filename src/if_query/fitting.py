@@ -28,7 +28,16 @@ from if_query.metadata import (
     read_metadata,
     write_json_atomic,
 )
-from if_query.modeling import load_config, load_model, load_tokenizer, position_limit, resolve_dtype, track_mlp_modules
+from if_query.modeling import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    position_limit,
+    resolve_dtype,
+    resolve_matmul_precision,
+    set_matmul_precision,
+    track_mlp_modules,
+)
 from if_query.sizes import estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
@@ -42,8 +51,12 @@ def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Entries of a fit's identity that fits recorded before they existed, with the value those fits used.
+IDENTITY_BEFORE = {"matmul_precision": "ieee"}
+
+
 def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
-                 fingerprint: dict) -> dict:
+                 fingerprint: dict, matmul_precision: str = "ieee") -> dict:
     """The arguments (and weights) that decide the factors; compared on rerun."""
     return {
         "model": model_identity(config.model),
@@ -62,6 +75,7 @@ def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[Tokenized
         "label_sampling": LABEL_SAMPLING if config.fisher == "true" else None,  # sampled labels' scheme
         "module_partitions": config.module_partitions,
         "eigendecomposition_dtype": config.eigendecomposition_dtype,
+        "matmul_precision": matmul_precision,
     }
 
 
@@ -80,7 +94,7 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
         logger.info("Replacing the factors in %s (--overwrite)", output_dir)
         return True
     previous = read_metadata(output_dir)
-    differences = describe_mismatch(identity, previous.get("fit", {}))
+    differences = describe_mismatch(identity, {**IDENTITY_BEFORE, **previous.get("fit", {})})
     if not differences:
         return False
     if not refit_if_changed:
@@ -105,6 +119,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
                                          position_limit=position_limit(load_config(config.model, config.revision)))
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
     dtype = resolve_dtype(config.dtype)
+    precision = resolve_matmul_precision(config.matmul_precision)
+    set_matmul_precision(precision)
     fingerprint = weights_fingerprint(config.model, config.revision)
     model = None
     if fingerprint is None:  # a hub model whose weights are not in the local cache yet: load (download) first
@@ -112,7 +128,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         fingerprint = weights_fingerprint(config.model, config.revision)
         if fingerprint is None:
             raise RunError(f"cannot find the weight files of {config.model!r} in the HuggingFace cache")
-    identity = fit_identity(config, dtype, examples, fingerprint)
+    identity = fit_identity(config, dtype, examples, fingerprint, precision)
     clear = _check_previous_fit(output_dir, identity, config.overwrite, config.refit_if_changed)
 
     if model is None:

@@ -139,11 +139,11 @@ class Preconditioner:
     scale: torch.Tensor | None  # (out, in') float32
     damping: float | None  # resolved damping (None for identity)
 
-    def rotate_inputs(self, inputs: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
-        return inputs if self.q_a is None else matmul(inputs, self.q_a)
+    def rotate_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs if self.q_a is None else inputs @ self.q_a
 
-    def rotate_output_grads(self, output_grads: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
-        return output_grads if self.q_g is None else matmul(output_grads, self.q_g)
+    def rotate_output_grads(self, output_grads: torch.Tensor) -> torch.Tensor:
+        return output_grads if self.q_g is None else output_grads @ self.q_g
 
     @property
     def nbytes(self) -> int:

@@ -41,6 +41,29 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
+CUDA_MATMUL_PRECISION = "ieee"  # --matmul-precision auto on CUDA (measured: README, "Matrix-product precision")
+
+
+def resolve_matmul_precision(name: str, device: torch.device | None = None) -> str:
+    """``auto`` is ``CUDA_MATMUL_PRECISION`` on CUDA and ``ieee`` on CPU (which has no TF32)."""
+    if name != "auto":
+        return name
+    return CUDA_MATMUL_PRECISION if (device or distributed.device()).type == "cuda" else "ieee"
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Whether CUDA's float32 matrix products (cuBLAS, cuDNN) may use TF32: set explicitly, so that a caller
+    (or a library) that enabled TF32 cannot silently change the "exact" scores."""
+    tf32 = precision == "tf32"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the per-backend API (never mixed with the legacy one)
+        matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision)

@@ -36,7 +36,8 @@ def _float_or_none(value: Any) -> float | None:
 
 def run_provenance(*, command: list[str] | None, model: str, revision: str | None, factors_dir: str | Path,
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
-                   dtype: str, max_length: int, eos_in_loss: bool, per_token_scores: bool, query_json: str | Path,
+                   dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
+                   query_json: str | Path,
                    train_json: str | Path, date: str | None = None) -> dict[str, Any]:
     """The ``run.json`` of one results directory.
 
@@ -61,6 +62,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "damping": "auto" if damping is None else damping,
         "damping_per_module": per_module,
         "dtype": dtype,
+        "matmul_precision": matmul_precision,
         "max_length": max_length,
         "eos_in_loss": eos_in_loss,
         "per_token_scores": per_token_scores,

@@ -22,6 +22,8 @@ from if_query.modeling import (
     load_tokenizer,
     position_limit,
     resolve_dtype,
+    resolve_matmul_precision,
+    set_matmul_precision,
     track_mlp_modules,
 )
 from if_query.provenance import RUN_FILE, run_provenance
@@ -99,6 +101,8 @@ class QueryRunner:
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
         self.scorer: EngineScorer | KronfluenceScorer | None = None
         self.device = distributed.device()
+        self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
+        set_matmul_precision(self.matmul_precision)
 
     def prepare(self, job: QueryJob) -> PreparedJob:
         """Read, validate and tokenize a job's files (raises InputError; loads no model)."""
@@ -160,7 +164,8 @@ class QueryRunner:
             command=config.command, model=config.model, revision=config.revision, factors_dir=config.factors_dir,
             metadata=self.metadata, damping=config.damping_value,
             resolved_damping=self.scorer.resolved_damping,
-            dtype=str(self.dtype).removeprefix("torch."), max_length=config.max_length, eos_in_loss=config.eos_in_loss,
+            dtype=str(self.dtype).removeprefix("torch."), matmul_precision=self.matmul_precision,
+            max_length=config.max_length, eos_in_loss=config.eos_in_loss,
             per_token_scores=config.per_token_scores, query_json=job.query_json, train_json=job.train_json,
         )
 
