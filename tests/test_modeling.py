@@ -92,3 +92,11 @@ def test_matmul_precision_is_set_explicitly_whatever_was_set_before(monkeypatch)
     assert resolve_matmul_precision("auto", torch.device("cpu")) == "ieee"  # the CPU has no TF32
     assert resolve_matmul_precision("auto", torch.device("cuda", 0)) == CUDA_MATMUL_PRECISION
     assert resolve_matmul_precision("tf32", torch.device("cpu")) == "tf32"
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "qwen2", "gpt2", "gpt_neox"])
+def test_the_plans_name_rule_agrees_with_the_probe(family):
+    from if_query.modeling import find_mlp_modules, shared_inputs_by_name, track_mlp_modules
+
+    _, probed = track_mlp_modules(build(family, layers=2), 1)
+    assert shared_inputs_by_name(find_mlp_modules(build(family, layers=2))) == probed

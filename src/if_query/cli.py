@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from if_query.config import DemoConfig, FitConfig, QueryConfig, ReportConfig, cli_fields
+from if_query.config import DemoConfig, FitConfig, PlanConfig, QueryConfig, ReportConfig, cli_fields
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError
 
@@ -161,6 +161,12 @@ def report(config: ReportConfig, quiet: bool) -> None:
         typer.echo(f"Wrote {path}")
 
 
+def plan(config: PlanConfig, quiet: bool) -> None:
+    from if_query.plan import run_plan
+
+    typer.echo(run_plan(config), nl=False)
+
+
 def demo(config: DemoConfig, quiet: bool) -> None:
     from if_query.demo import run_demo
 
@@ -170,6 +176,7 @@ def demo(config: DemoConfig, quiet: bool) -> None:
 fit_hessians_command = app.command("fit-hessians")(config_command(FitConfig, fit))
 run_query_command = app.command("run-query")(config_command(QueryConfig, query))
 report_command = app.command("report")(config_command(ReportConfig, report))
+plan_command = app.command("plan")(config_command(PlanConfig, plan))
 demo_command = app.command("demo")(config_command(DemoConfig, demo))
 
 

@@ -262,6 +262,70 @@ class QueryConfig:
         return (self.query_batch_size or self.score_batch_size, self.train_batch_size or self.score_batch_size)
 
 
+def same_option(config_class: type, name: str, help: str | None = None) -> Any:
+    """``config_class``'s option ``name`` again, with its default and checks (declared once), and its help
+    unless another is given."""
+    spec = next(f for f in fields(config_class) if f.name == name)
+    metadata = dict(spec.metadata, **({"help": help} if help else {}))
+    if spec.default_factory is not MISSING:
+        return field(default_factory=spec.default_factory, metadata=metadata, compare=spec.compare)
+    return field(default=spec.default, metadata=metadata, compare=spec.compare)
+
+
+DEVICES = ("cuda", "cpu")
+# Dense datasheet peaks of an H100 or H200 SXM (the same compute), FLOP/s: the plan's stated times.
+H100_BF16_TFLOPS, H100_TF32_TFLOPS, H100_FP32_TFLOPS = 989.4, 494.7, 66.9
+
+
+@dataclass
+class PlanConfig:
+    """Estimate the memory and time of fit-hessians and run-query from a model's config.json alone.
+
+    The model is built on the meta device: no weights are read, nothing is downloaded when the config is local,
+    no GPU is needed, and a directory holding only config.json will do (folders also need its tokenizer). Prints
+    the factor sizes, each stage's peak memory per GPU (device and host) and its FLOPs with a time at stated
+    peaks. Give query folders or --sequences and --tokens. Exits 0 even when the plan does not fit, saying what
+    does not and what to change. Estimates computed from the shapes, not measurements.
+    """
+
+    model: str = same_option(FitConfig, "model")
+    folders: list[Path] | None = same_option(
+        QueryConfig, "folders", help="Query folders to plan run-query for (train.json and query.json, tokenized).")
+    sequences: int | None = option(
+        None, minimum=1, help="Without folders: distinct sequences in a folder (train = query counts once).")
+    tokens: int = option(512, minimum=1, help="Tokens per sequence (--sequences; also the fitting sequences).")
+    revision: str | None = same_option(FitConfig, "revision")
+    strategy: str = same_option(FitConfig, "strategy")
+    layer_stride: int = same_option(FitConfig, "layer_stride")
+    dtype: str = same_option(FitConfig, "dtype", help="Model weights dtype, as in the other commands; the plan is "
+                             "for a GPU, so auto is bfloat16 (float32 with --device cpu).")
+    matmul_precision: str = same_option(FitConfig, "matmul_precision")
+    factor_batch_size: int = same_option(FitConfig, "factor_batch_size")
+    lambda_batch_size: int = same_option(FitConfig, "lambda_batch_size")
+    module_partitions: int = same_option(FitConfig, "module_partitions")
+    fit_sequences: int = option(10000, minimum=1, help="Fitting sequences (of --tokens tokens), for fit-hessians' "
+                                                       "time.")
+    max_length: int = same_option(QueryConfig, "max_length")
+    score_batch_size: int = same_option(QueryConfig, "score_batch_size")
+    per_token_scores: bool = same_option(QueryConfig, "per_token_scores")
+    workspace_gb: float | None = same_option(QueryConfig, "workspace_gb", help="As for run-query; default: half of "
+                                             "the GPU's memory left by the model (CPU: a quarter of the free RAM).")
+    host_memory_gb: float | None = same_option(QueryConfig, "host_memory_gb", help="As for run-query; default: "
+                                               "half of --host-ram-gb, divided among --gpus ranks.")
+    gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB (10^9 bytes).")
+    gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
+                                          "shared out, host memory is divided among the ranks.")
+    host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB (stated, not measured).")
+    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.")
+    bf16_tflops: float = option(H100_BF16_TFLOPS, minimum=0,
+                                help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).")
+    tf32_tflops: float = option(H100_TF32_TFLOPS, minimum=0, help="Peak of float32 work under tf32, TFLOP/s.")
+    fp32_tflops: float = option(H100_FP32_TFLOPS, minimum=0, help="Peak of float32 work under ieee, TFLOP/s.")
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
+
+
 @dataclass
 class ReportConfig:
     """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""

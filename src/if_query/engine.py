@@ -45,7 +45,7 @@ import torch
 
 from if_query.capture import TokenFactorStore
 from if_query.kron import FactorReader, Preconditioner
-from if_query.sizes import BYTES_PER_FLOAT
+from if_query.sizes import BYTES_PER_FLOAT, rotate_tokens
 from if_query.transfer import Transfers
 
 ROTATION_CACHE_SHARE = 8  # kept rotated inputs may take up to 1/8 of the workspace
@@ -103,10 +103,7 @@ class _Module:
 
     def _rotated_gradient(self, example: int) -> torch.Tensor:
         """Q_gᵀ (Gᵀ [A, 1]) Q_a (out, in'), in whichever order costs fewer FLOPs."""
-        tokens = self.store.lengths[example]
-        rotate_tokens = tokens * (self.out**2 + self.width**2)
-        rotate_gradient = self.out * self.width * (self.out + self.width)
-        if self.pre.q_a is None or rotate_tokens <= rotate_gradient:
+        if self.pre.q_a is None or rotate_tokens(self.store.lengths[example], self.out, self.width):
             inputs, output_grads = self.rotated(example)
             return output_grads.T @ inputs
         inputs, output_grads = self._tokens(example)

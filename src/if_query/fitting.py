@@ -38,7 +38,8 @@ from if_query.modeling import (
     set_matmul_precision,
     track_mlp_modules,
 )
-from if_query.sizes import estimate_factor_sizes
+from if_query.plan import DEFAULT_PEAKS, plan_fit
+from if_query.sizes import ModelShape, Shape, estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,20 @@ def _clear_previous_fit(output_dir: Path) -> None:
     (output_dir / METADATA_FILE).unlink(missing_ok=True)
 
 
+def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dtype, lengths: list[int]) -> None:
+    """Warn, before fitting on CUDA, about each stage whose planned device memory (:func:`if_query.plan.plan_fit`,
+    as ``if-query plan`` computes it) exceeds the GPU's."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return
+    fit = plan_fit([Shape.of(m) for m in modules], ModelShape.of(model, model.config), config.strategy,
+                   dtype.itemsize, config.factor_batch_size, config.lambda_batch_size, config.module_partitions,
+                   lengths, DEFAULT_PEAKS, "ieee", torch.cuda.get_device_properties(device).total_memory)
+    for peak in fit.peaks():
+        if not peak.fits:
+            logger.warning("The plan does not fit: %s", peak.describe())
+
+
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
@@ -139,6 +154,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
         len(modules), len({m.layer for m in modules}), sizes.human(),
     )
+    warn_if_fit_does_not_fit(model, modules, config, dtype, [len(e) for e in examples])
     task = kron.CompletionLossTask([m.name for m in modules], seed=config.seed)
     model = kron.prepare(model, task)
     analyzer = kron.make_analyzer(output_dir, model, task, quiet)

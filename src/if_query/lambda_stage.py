@@ -39,6 +39,7 @@ from if_query import kron
 from if_query import loss as loss_module
 from if_query.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.errors import RunError
+from if_query.sizes import rotate_tokens, rotation_flops
 from if_query.tokenization import TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,7 @@ def lambda_flops(tokens: int, out: int, width: int, rotated: bool) -> tuple[int,
     gradient = 2 * tokens * out * width
     if not rotated:
         return gradient, gradient
-    rotation = 2 * out * width * (out + width)
-    return gradient + min(2 * tokens * (out * out + width * width), rotation), gradient + rotation
+    return rotation_flops(tokens, out, width), gradient + 2 * out * width * (out + width)
 
 
 class _Accumulator:
@@ -91,16 +91,15 @@ class _Accumulator:
         if self.bias:
             inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:-1], 1)], dim=-1)  # (B, T, in')
         output_grads = output_grads[:, :tokens].float()
-        rotate_tokens = self.q_a is not None and (
-            tokens * (self.out**2 + self.width**2) <= self.out * self.width * (self.out + self.width))
-        if rotate_tokens:  # the whole batch's token vectors in two matmuls
+        tokens_rotated = self.q_a is not None and rotate_tokens(tokens, self.out, self.width)
+        if tokens_rotated:  # the whole batch's token vectors in two matmuls
             inputs = inputs @ self.q_a
             output_grads = output_grads @ self.q_g
         rows = max(1, CHUNK_BYTES // (self.out * self.width * 4))  # examples whose gradients are formed at once
         for start in range(0, len(lengths), rows):
             gradients = torch.bmm(output_grads[start : start + rows].transpose(1, 2),
                                   inputs[start : start + rows])  # (rows, out, in')
-            if self.q_a is not None and not rotate_tokens:
+            if self.q_a is not None and not tokens_rotated:
                 gradients = self.q_g.T @ gradients @ self.q_a
             self.value.add_(gradients.square_().sum(dim=0))
 

@@ -31,6 +31,9 @@ MLP_PROJECTION_NAMES = frozenset(
      "fc1", "fc2", "fc_in", "fc_out"}
 )
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+# Where a forward pass cannot run (a meta-device model for the plan): the projection that reads the very input
+# of another in the same MLP, as the probe finds it in every family that has both (tests/test_modeling.py).
+SHARED_INPUT_BY_NAME = {"up_proj": "gate_proj"}
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -87,6 +90,16 @@ def position_limit(config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model of ``config`` on the meta device: its modules and shapes, no memory, no weights read."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError) as exc:
+            raise InputError(f"cannot build a causal LM of model type {config.model_type!r}: {_first_line(exc)}") \
+                from exc
 
 
 def load_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | None = None
@@ -241,6 +254,17 @@ def probe_inputs(model: nn.Module, modules: list[MlpProjection]) -> list[MlpProj
         source = first_seen.setdefault(key, module.name) if key is not None else module.name
         probed.append(replace(module, input_from=source if source != module.name else None))
     return probed
+
+
+def shared_inputs_by_name(modules: list[MlpProjection]) -> list[MlpProjection]:
+    """``input_from`` from the names alone (SHARED_INPUT_BY_NAME), for a model that cannot run a probe."""
+    names = {m.name for m in modules}
+    result = []
+    for module in modules:
+        parent, _, leaf = module.name.rpartition(".")
+        source = f"{parent}.{SHARED_INPUT_BY_NAME[leaf]}" if leaf in SHARED_INPUT_BY_NAME else None
+        result.append(replace(module, input_from=source if source in names else None))
+    return result
 
 
 def track_mlp_modules(model: nn.Module, layer_stride: int) -> tuple[nn.Module, list[MlpProjection]]:

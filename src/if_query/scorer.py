@@ -30,8 +30,9 @@ from if_query.memory import (
     ram_filesystem,
     return_freed_memory_to_the_os,
 )
-from if_query.modeling import MlpProjection
-from if_query.sizes import BYTES_PER_FLOAT, human_bytes
+from if_query.modeling import MlpProjection, resolve_matmul_precision
+from if_query.plan import DEFAULT_PEAKS, plan_scoring
+from if_query.sizes import ModelShape, Shape, human_bytes
 from if_query.tokenization import TokenizedExample
 from if_query.transfer import Transfers
 
@@ -122,41 +123,39 @@ class EngineScorer:
         self.device = device
         self.quiet = quiet
         self.dtype = next(model.parameters()).dtype
+        self.model_shape = ModelShape.of(model, model.config)
+        self.matmul_precision = resolve_matmul_precision(config.matmul_precision, device)
         self.transfers = Transfers(device)  # its pinned buffers serve every folder
         self.resolved_damping: dict[str, float | None] | None = None  # of the last scored set (for run.json)
 
     def plan(self, examples: Sequence[TokenizedExample]) -> tuple[TokenFactorStore, int]:
-        """Allocate the token factors (RAM or spill file) and choose the workspace; log both."""
+        """Allocate the token factors (RAM or spill file) and choose the workspace; log the plan
+        (:func:`if_query.plan.plan_scoring`, as ``if-query plan`` computes it) and warn if it will not fit."""
         lengths = [len(e) for e in examples]
-        shapes = {m.name: (m.out_features, m.in_features) for m in self.tracked}
         budget = self.config.host_memory_bytes
         if budget is None:
             budget = host_share(HOST_SHARE)
         shared = {m.name: m.input_from for m in self.tracked if m.input_from is not None}
-        store = TokenFactorStore(shapes, lengths, self.dtype, budget, self.config.spill_dir, shared)
+        store = TokenFactorStore({m.name: (m.out_features, m.in_features) for m in self.tracked}, lengths,
+                                 self.dtype, budget, self.config.spill_dir, shared)
         if store.spilled and (kind := ram_filesystem(Path(store.spill_path).parent)):
             logger.warning("The spill file is on %s, which is held in RAM: spilling there saves no memory; give "
                            "--spill-dir a directory on a disk", kind)
-        largest = max(self.tracked, key=lambda m: m.out_features * (m.in_features + 1))
-        per_example = engine.whitened_bytes(store, largest.name)
         workspace = self.config.workspace_bytes
         if workspace is None:
             workspace = _workspace_default(self.device, 0 if store.spilled else store.nbytes)
-        factor_bytes = BYTES_PER_FLOAT * (largest.out_features**2 + (largest.in_features + 1) ** 2
-                            + 2 * largest.out_features * (largest.in_features + 1))
-        at_once = workspace // per_example
-        logger.info(
-            "Plan: %d sequences, %d tokens; token factors %s %s; one module's factors up to %s; "
-            "workspace %s (%s)",
-            len(examples), store.tokens, human_bytes(store.nbytes),
-            f"spilled to a memory-mapped file in {Path(store.spill_path).parent}" if store.spilled
-            else f"in RAM (budget {human_bytes(budget)}"
-                 + (f", this rank's share of the host's, {distributed.local_world_size()} ranks" 
-                    if distributed.local_world_size() > 1 else "") + ")",
-            human_bytes(factor_bytes), human_bytes(workspace),
-            "every gradient of a module at once" if at_once >= len(examples)
-            else f"blocks of {max(1, at_once // 2)} gradients, columns formed again per block",
-        )
+        cuda = self.device.type == "cuda"
+        plan = plan_scoring(
+            [Shape.of(m) for m in self.tracked], self.model_shape, lengths, self.factors.strategy,
+            self.dtype.itemsize, max(self.config.batch_sizes()), workspace, budget, self.config.per_token_scores,
+            self.device.type, DEFAULT_PEAKS, self.matmul_precision,
+            torch.cuda.get_device_properties(self.device).total_memory if cuda else None,
+            labelled=[e.num_labelled + 1 for e in examples])
+        ranks = distributed.local_world_size()
+        logger.info("%s%s", plan.line(), f"; the host budget is this rank's share ({ranks} ranks)" if ranks > 1 else "")
+        for peak in plan.peaks():
+            if not peak.fits:
+                logger.warning("The plan does not fit: %s", peak.describe())
         return store, workspace
 
     def score(self, queries: Sequence[TokenizedExample], train: Sequence[TokenizedExample]) -> ScoredSet:
