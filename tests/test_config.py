@@ -15,6 +15,7 @@ COMMANDS = {
     "run-query": config.QueryConfig,
     "report": config.ReportConfig,
     "demo": config.DemoConfig,
+    "plan": config.PlanConfig,
 }
 COMMON = {"quiet", "verbose", "help"}
 

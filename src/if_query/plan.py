@@ -293,8 +293,18 @@ def _folder_lengths(config, limit: int | None) -> list[tuple[str, list[int]]]:
     return folders
 
 
-def run_plan(config) -> str:
-    """``if-query plan``: the text it prints (see the module docstring and :class:`~if_query.config.PlanConfig`)."""
+@dataclass
+class Plans:
+    """Everything ``if-query plan`` prints."""
+
+    header: list[str]
+    fit: FitPlan
+    folders: list[tuple[str, ScorePlan]]
+    gpus: int
+
+
+def make_plans(config) -> Plans:
+    """The fit and folder plans of a :class:`~if_query.config.PlanConfig`."""
     import torch
 
     from if_query.errors import InputError
@@ -321,7 +331,8 @@ def run_plan(config) -> str:
     limit = position_limit(hf_config)
     tokens = min(config.tokens, limit) if limit else config.tokens
     device_limit = int(config.gpu_memory_gb * GB) if cuda else None
-    host_per_rank = int(config.host_ram_gb * GB) // (config.gpus if cuda else 1)
+    gpus = config.gpus if cuda else 1
+    host_per_rank = int(config.host_ram_gb * GB) // gpus
     model_bytes = shape.parameters * dtype_bytes
     if config.folders:
         folders = _folder_lengths(config, limit)
@@ -329,7 +340,7 @@ def run_plan(config) -> str:
         folders = [(f"a folder of {config.sequences} sequences of {tokens} tokens", [tokens] * config.sequences)]
     else:
         raise InputError("give query folders, or --sequences (and --tokens) for the folders to plan")
-    lines = [
+    header = [
         f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
         f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
         f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
@@ -338,23 +349,13 @@ def run_plan(config) -> str:
         f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
         f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
         f"{human_bytes(host_per_rank)} of host RAM"
-        + (f" (the host's {config.host_ram_gb:g} GB shared by {config.gpus} ranks)" if cuda and config.gpus > 1
-           else "") + "; times at "
+        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "") + "; times at "
         f"{peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 work "
-        f"({precision}), a tenth of float32's for the eigendecomposition",
+        f"({precision}), a tenth of float32's for the eigendecompositions",
     ]
     fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
                    config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit)
-    lines += ["", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {tokens} tokens, "
-              f"--module-partitions {config.module_partitions}):",
-              f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
-              f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)});"
-              f" largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
-    lines += [f"  {peak.describe()}" for peak in fit.peaks()]
-    gpus = config.gpus if cuda else 1
-    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / gpus:,.0f} s on {gpus} GPUs)" if gpus > 1
-                                                else ""))
-    failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
+    planned = []
     for name, lengths in folders:
         host_budget = (int(config.host_memory_gb * GB) if config.host_memory_gb is not None
                        else host_per_rank // 2)
@@ -362,13 +363,31 @@ def run_plan(config) -> str:
         workspace = (int(config.workspace_gb * GB) if config.workspace_gb is not None
                      else (device_limit - model_bytes) // 2 if cuda
                      else max(0, host_per_rank - model_bytes - min(token_factors, host_budget)) // 4)
-        plan = plan_scoring(shapes, shape, lengths, config.strategy, dtype_bytes, config.score_batch_size, workspace,
-                            host_budget, config.per_token_scores, config.device, peaks, precision, device_limit,
-                            host_per_rank)
+        planned.append((name, plan_scoring(shapes, shape, lengths, config.strategy, dtype_bytes,
+                                           config.score_batch_size, workspace, host_budget, config.per_token_scores,
+                                           config.device, peaks, precision, device_limit, host_per_rank)))
+    return Plans(header, fit, planned, gpus)
+
+
+def run_plan(config) -> str:
+    """``if-query plan``: the text it prints (see the module docstring and :class:`~if_query.config.PlanConfig`)."""
+    plans = make_plans(config)
+    fit = plans.fit
+    lines = plans.header + [
+        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {config.tokens} tokens, "
+        f"--module-partitions {config.module_partitions}):",
+        f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
+        f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
+        f"largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
+    lines += [f"  {peak.describe()}" for peak in fit.peaks()]
+    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)"
+                                                if plans.gpus > 1 else ""))
+    failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
+    for name, plan in plans.folders:
         lines += ["", f"run-query, {name} ({plan.sequences} distinct sequences, {plan.tokens} tokens):",
                   f"  token factors {human_bytes(plan.token_factor_bytes)}: "
-                  + ("spilled to --spill-dir (over the host budget "
-                     f"{human_bytes(host_budget)})" if plan.spilled else f"in RAM (budget {human_bytes(host_budget)})"),
+                  + (f"spilled to --spill-dir (over the host budget {human_bytes(plan.host_budget)})" if plan.spilled
+                     else f"in RAM (budget {human_bytes(plan.host_budget)})"),
                   f"  workspace {human_bytes(plan.workspace_used)} used of {human_bytes(plan.workspace_budget)}: "
                   + ("every gradient of a module at once" if plan.at_once
                      else f"blocks of {plan.block} gradients (exact; columns formed again per block)")]
