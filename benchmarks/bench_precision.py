@@ -148,7 +148,7 @@ def report(results: dict, args) -> str:
         safe = results["safe"].get(name, "(the noise)")
         lines.append(f"| {name} | {d['max_rel_error']:.2e} | {d['spearman_mean']:.5f}, {d['spearman_min']:.5f} | "
                      f"{d['top5_overlap']:.3f} | {safe} |")
-    lines += ["", f"Products rounded: {results['products']}; wall {results['wall_s']:.0f} s."]
+    lines += ["", f"Matrix products seen under the emulation: {results['products']}; wall {results['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 

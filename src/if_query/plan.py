@@ -182,8 +182,8 @@ def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[i
                  Part("its token factors", sizes.slab_bytes(shape, tokens, dtype_bytes) if on_device else 0),
                  Part("whitened gradients", module_used)]
         if per_token:
-            parts.append(Part("per-token scratch", min(scratch, max(1, scratch // sizes.per_token_scratch_bytes(
-                shape, longest))) * sizes.per_token_scratch_bytes(shape, longest)))
+            one = sizes.per_token_scratch_bytes(shape, longest)
+            parts.append(Part("per-token scratch", min(count, max(1, scratch // one)) * one))
         total = sum(p.bytes for p in parts)
         if total > worst_total:
             worst, worst_total = parts, total
