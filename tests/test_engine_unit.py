@@ -136,7 +136,10 @@ def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, sam
     assert store.nbytes == 13 * (5 + 4 + 6 + 4 + 6) * 4  # the shared input counted once
     factors = RandomFactors(shapes=GATED, bias=GATED_BIAS, same_inputs={"up": "gate"} if same_eigenvectors else None)
     queries, train = [3, 0], [1, 3, 2, 0, 4]
-    result = engine.score(store, factors, GATED_BIAS, queries, train, None, True, 10**9, torch.device("cpu"))
+    staged = Transfers(torch.device("cpu"), staging_bytes=64, staged=True)  # the device path, on the CPU
+    result = engine.score(store, factors, GATED_BIAS, queries, train, None, True, 10**9, torch.device("cpu"),
+                          transfers=staged)
+    assert result.bytes_to_device == store.nbytes  # every slab moved once, the shared input once
     expected, self_scores, per_token = dense_scores(store, factors, queries, train, GATED_BIAS)
     assert_close_to_largest(result.pairwise, expected, 1e-5)
     assert_close_to_largest(result.train_self, self_scores[train], 1e-5)
