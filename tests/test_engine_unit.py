@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_leaves
 from if_query import engine
 from if_query.capture import TokenFactorStore
 from if_query.kron import Preconditioner
+from if_query.sizes import Shape
 from if_query.transfer import Transfers
 
 SHAPES = {"a": (5, 4), "b": (3, 6)}  # name -> (out, in)
@@ -53,6 +54,13 @@ def filled_store(host_budget: int, tmp_path, shapes=SHAPES, shared_inputs=None, 
     return store
 
 
+def run_engine(store, factors, bias, queries, train, per_token, workspace, shared=(), **options):
+    """engine.score with both sides in ``store``; ``shared``: the modules that read an earlier one's input."""
+    shapes = [Shape(name, out, inp, bias[name], name in shared) for name, (out, inp) in store.shapes.items()]
+    return engine.score(engine.Side(store, queries), engine.Side(store, train), factors, shapes, None, per_token,
+                        workspace, torch.device("cpu"), **options)
+
+
 def dense_scores(store: TokenFactorStore, factors: RandomFactors, queries, train, bias=BIAS):
     """score(q, t) = sum_modules sum_ij R_q R_t / C with R = Q_g^T (sum_t g_t a_t^T) Q_a, in float64."""
     total = torch.zeros(len(queries), len(train), dtype=torch.float64)
@@ -90,7 +98,7 @@ def test_engine_equals_dense_gradients(tmp_path, workspace, spill):
     assert store.spilled == spill
     factors = RandomFactors()
     queries, train = [3, 0, 4], [1, 3, 2, 0]  # two examples are both query and train
-    result = engine.score(store, factors, BIAS, queries, train, None, True, workspace, torch.device("cpu"))
+    result = run_engine(store, factors, BIAS, queries, train, True, workspace)
     expected, self_scores, per_token = dense_scores(store, factors, queries, train)
     assert_close_to_largest(result.pairwise, expected, 1e-5)
     assert_close_to_largest(result.query_self, self_scores[queries], 1e-5)
@@ -105,7 +113,7 @@ def test_engine_equals_dense_gradients(tmp_path, workspace, spill):
 def test_engine_without_queries_gives_train_self_influences(tmp_path):
     store = filled_store(10**9, tmp_path)
     factors = RandomFactors()
-    result = engine.score(store, factors, BIAS, [], [2, 4], None, False, 1, torch.device("cpu"))
+    result = run_engine(store, factors, BIAS, [], [2, 4], False, 1)
     _, self_scores, _ = dense_scores(store, factors, [], [2, 4])
     assert result.pairwise.shape == (0, 2)
     assert_close_to_largest(result.train_self, self_scores[[2, 4]], 1e-5)
@@ -137,8 +145,7 @@ def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, sam
     factors = RandomFactors(shapes=GATED, bias=GATED_BIAS, same_inputs={"up": "gate"} if same_eigenvectors else None)
     queries, train = [3, 0], [1, 3, 2, 0, 4]
     staged = Transfers(torch.device("cpu"), staging_bytes=64, staged=True)  # the device path, on the CPU
-    result = engine.score(store, factors, GATED_BIAS, queries, train, None, True, 10**9, torch.device("cpu"),
-                          transfers=staged)
+    result = run_engine(store, factors, GATED_BIAS, queries, train, True, 10**9, {"up"}, transfers=staged)
     assert result.bytes_to_device == store.nbytes  # every slab moved once, the shared input once
     expected, self_scores, per_token = dense_scores(store, factors, queries, train, GATED_BIAS)
     assert_close_to_largest(result.pairwise, expected, 1e-5)
@@ -148,7 +155,7 @@ def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, sam
     rotations = []
     rotate = Preconditioner.rotate_inputs
     monkeypatch.setattr(Preconditioner, "rotate_inputs", lambda self, x: rotations.append(x.shape) or rotate(self, x))
-    engine.score(store, factors, GATED_BIAS, queries, train, None, False, 10**9, torch.device("cpu"))
+    run_engine(store, factors, GATED_BIAS, queries, train, False, 10**9, {"up"})
     # gate and down rotate each example's inputs once; up reuses gate's rotations when the eigenvectors match
     assert len(rotations) == len(set(queries + train)) * (2 if same_eigenvectors else 3)
 
@@ -204,13 +211,46 @@ def test_the_engine_allocates_no_hidden_copy_of_the_whitened_gradients(tmp_path,
     shapes, bias, lengths = {"big": (64, 48)}, {"big": True}, [5] * 24
     store = filled_store(10**9, tmp_path, shapes, lengths=lengths)
     factors = RandomFactors(shapes=shapes, bias=bias)
-    workspace = at_once * engine.whitened_bytes(store, "big")
+    workspace = at_once * 64 * 49 * 4  # W of `at_once` examples (out 64, in' 49, float32)
     width = 48 + 1
     factor_bytes = 4 * (width**2 + 64**2 + 64 * width)  # Q_a, Q_g, S (float32)
     per_example = 4 * (5 * width * 2 + 5 * 64 * 2 + 2 * 64 * width)  # [A, 1], Â, G, Ĝ, Ĝᵀ Â and its copy in W
     small = 8 * 24 * 24 * 4  # products and self-influences, float32 and float64
     with Allocations() as allocations:
-        engine.score(store, factors, bias, list(range(8)), list(range(24)), None, False, workspace,
-                     torch.device("cpu"))
+        run_engine(store, factors, bias, list(range(8)), list(range(24)), False, workspace)
     assert allocations.peak <= workspace + factor_bytes + per_example + small, allocations.peak
     assert allocations.peak >= workspace  # the premise: the W's were formed in the workspace
+
+
+def substore(store: TokenFactorStore, examples, tmp_path) -> TokenFactorStore:
+    """A store holding ``examples`` of ``store`` (in that order): a query store, or one chunk of train examples."""
+    part = TokenFactorStore(store.shapes, [store.lengths[x] for x in examples], store.dtype, 10**9, tmp_path)
+    for name in store.shapes:
+        for row, x in enumerate(examples):
+            part.module_inputs(name)[part.rows(row)] = store.inputs(name, x)
+            part.module_output_grads(name)[part.rows(row)] = store.output_grads(name, x)
+    return part
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "no-cosine"])
+@pytest.mark.parametrize("workspace", [10**9, 1], ids=["all-at-once", "blocks-of-one"])
+def test_queries_and_a_train_chunk_in_two_stores(tmp_path, cosine, workspace):
+    """A corpus chunk: the queries' token factors in one store, the chunk's in another. Without the cosine no
+    self-influence is computed, and a module whose queries are cheaper to rotate back than its train examples
+    are to rotate is scored as <P_q, G_tᵀ A_t> (module b here: 6 train tokens of 5 x 7 against 2 queries)."""
+    store = filled_store(10**9, tmp_path)
+    factors = RandomFactors()
+    queries, train = [3, 0], [1, 2, 4, 0]
+    shapes = [Shape(name, out, inp, BIAS[name]) for name, (out, inp) in SHAPES.items()]
+    result = engine.score(engine.Side(substore(store, queries, tmp_path), [0, 1]),
+                          engine.Side(substore(store, train, tmp_path), [0, 1, 2, 3]), factors, shapes, None, False,
+                          workspace, torch.device("cpu"), cosine=cosine)
+    expected, self_scores, _ = dense_scores(store, factors, queries, train)
+    assert_close_to_largest(result.pairwise, expected, 1e-5)
+    if cosine:
+        assert_close_to_largest(result.query_self, self_scores[queries], 1e-5)
+        assert_close_to_largest(result.train_self, self_scores[train], 1e-5)
+        assert result.unrotated_modules == 0
+    else:
+        assert result.query_self is None and result.train_self is None
+        assert result.unrotated_modules >= 1  # the premise: the unrotated form ran

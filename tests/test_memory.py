@@ -50,11 +50,11 @@ def test_running_out_of_memory_fails_that_folder_only(cli, tiny_gpt2, fitted, tm
         folders.append(tmp_path / name)
     score, released = EngineScorer.score, []
 
-    def score_or_run_out(self, queries, train):
+    def score_or_run_out(self, queries, train, *args, **kwargs):
         if len(queries) == 1:  # folder b
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                          "capacity of 79.10 GiB of which 3.12 GiB is free.")
-        return score(self, queries, train)
+        return score(self, queries, train, *args, **kwargs)
 
     monkeypatch.setattr(EngineScorer, "score", score_or_run_out)
     monkeypatch.setattr("if_query.query.release_memory", lambda device: released.append(device))

@@ -3,19 +3,23 @@
 import json
 import re
 
-import pandas as pd
 import pytest
+import torch
 
 from if_query.metadata import METADATA_FILE
 from if_query.provenance import RUN_FILE, describe_damping, read_run
-from if_query.results import QueryResults, write_results
+from if_query.records import Example
+from if_query.results import ResultTable, TrainSide, write_results
+from if_query.scorer import ScoredSet
 
 RESULT_NAMES = ["influences.csv", "query.csv", "run.json", "train.csv"]
 
 
-def results(provenance) -> QueryResults:
-    frame = pd.DataFrame({"query_id": ["q"], "train_id": ["t"], "influence_score": [1.0]})
-    return QueryResults(queries=frame, train=frame, influences=frame, provenance=provenance)
+def results(provenance) -> ResultTable:
+    example = Example("q", "a", " b")
+    scored = ScoredSet(torch.ones(1, 1, dtype=torch.float64), None, None, torch.ones(1, dtype=torch.float64), None,
+                       None)
+    return ResultTable([example], [1], TrainSide.of_records([example]), scored, provenance=provenance)
 
 
 @pytest.mark.parametrize("existing", [False, True])

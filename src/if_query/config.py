@@ -153,6 +153,13 @@ class QueryConfig:
         None, argument=True, show_default=False,
         help="Query folders, each with train.json and query.json; results go to FOLDER/results/.")
     train_json: Path | None = option(None, help="Training examples (single-run mode).")
+    train_dataset: Path | None = option(
+        None,
+        help="A training corpus as the train side, instead of train.json (in single-run mode, and for every "
+             "folder): a save_to_disk dataset (input_ids, optional attention_mask and labels; no labels: every "
+             "token), a .jsonl or .parquet file of {\"text\": ...} documents (optional \"id\" and extra fields), or "
+             "a flat .npy token array (uint16/uint32). Documents longer than --max-length are cut into consecutive "
+             "windows (train_id ID#k).")
     query_json: Path | None = option(None, help="Query examples (single-run mode).")
     output_dir: Path | None = option(None, help="Where the CSVs go (single-run mode).")
     revision: str | None = revision_option()
@@ -209,6 +216,14 @@ class QueryConfig:
         help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).")
     module_partitions: int = option(
         1, minimum=1, help="--engine kronfluence only: score in N groups of modules to lower memory.")
+    top_train: int | None = option(
+        None, minimum=1,
+        help="Keep only each query's K most helpful and K most harmful train examples (by influence_score; ties "
+             "by train_id) in influences.csv, and only the train examples that appear in train.csv.")
+    cosine: bool = option(
+        True, flags=("--cosine/--no-cosine",),
+        help="Compute influence_cosine, which needs every train example's self-influence (its gradient rotated "
+             "into the eigenbasis: several times the model's own pass at 13B). --no-cosine drops the column.")
     report: bool = option(
         False, flags=("--report",), compare=False,
         help="Also write report.html (heatmap, top influences, token colours) into each results dir.")
@@ -221,8 +236,18 @@ class QueryConfig:
         single = (self.train_json, self.query_json, self.output_dir)
         if self.folders and any(value is not None for value in single):
             raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
-        if not self.folders and any(value is None for value in single):
-            raise InputError("give query folders, or all of --train-json, --query-json and --output-dir")
+        train = self.train_json if self.train_dataset is None else self.train_dataset
+        if not self.folders and any(value is None for value in (train, self.query_json, self.output_dir)):
+            raise InputError("give query folders, or all of --train-json (or --train-dataset), --query-json and "
+                             "--output-dir")
+        if self.train_json is not None and self.train_dataset is not None:
+            raise InputError("give --train-json or --train-dataset, not both")
+        if self.train_dataset is not None and self.per_token_scores and self.top_train is None:
+            raise InputError("--per-token-scores with --train-dataset needs --top-train (per-token scores of every "
+                             "pair of a corpus would not fit anywhere)")
+        if self.engine == "kronfluence" and (self.train_dataset is not None or self.top_train is not None
+                                             or not self.cosine):
+            raise InputError("--train-dataset, --top-train and --no-cosine need the default engine")
         if self.engine != "kronfluence":
             defaults = {spec.name: spec.default for spec in fields(self)}
             used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) != defaults[name]]

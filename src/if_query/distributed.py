@@ -105,3 +105,12 @@ def gather(value: object) -> list[object]:
     values: list[object] = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank (just ``value`` without torchrun)."""
+    if world_size() == 1:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]

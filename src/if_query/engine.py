@@ -43,28 +43,37 @@ from dataclasses import dataclass
 
 import torch
 
+from if_query import sizes
 from if_query.capture import TokenFactorStore
 from if_query.kron import FactorReader, Preconditioner
-from if_query.sizes import BYTES_PER_FLOAT, rotate_tokens
+from if_query.sizes import BYTES_PER_FLOAT, Shape, rotate_tokens
 from if_query.transfer import Transfers
 
 ROTATION_CACHE_SHARE = 8  # kept rotated inputs may take up to 1/8 of the workspace
 
 
+@dataclass(frozen=True)
+class Side:
+    """One side of the scores: examples ``indices`` of ``store``. The query and train sides may share a store
+    (a folder that fits at once: an example that is both is formed once) or not (a chunk of a corpus)."""
+
+    store: TokenFactorStore
+    indices: Sequence[int]
+
+
 @dataclass
 class Scores:
     pairwise: torch.Tensor  # (queries, train) float64
-    query_self: torch.Tensor  # (queries,) float64
-    train_self: torch.Tensor  # (train,) float64
+    query_self: torch.Tensor | None  # (queries,) float64; None without the cosine
+    train_self: torch.Tensor | None  # (train,) float64; None without the cosine
     per_token: list[list[torch.Tensor]] | None  # [query][train] -> (T_train,) float64
     damping: dict[str, float | None]  # resolved damping of each module
     bytes_to_device: int = 0  # token factors copied to the device (0 on the CPU: read in place)
+    unrotated_modules: int = 0  # modules scored as <P_q, G_tᵀ A_t> (no train rotation)
 
 
-def whitened_bytes(store: TokenFactorStore, module: str) -> int:
-    """Bytes of one example's W for ``module`` (float32, bias column included)."""
-    out, inp = store.shapes[module]
-    return out * (inp + 1) * BYTES_PER_FLOAT
+def whitened_bytes(shape: Shape) -> int:
+    return sizes.whitened_bytes(shape)
 
 
 def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -73,21 +82,20 @@ def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _Module:
-    """One module's token factors on the device (its slabs of the store), rotated and whitened on demand."""
+    """One module's token factors of one store on the device (its slabs), rotated and whitened on demand."""
 
-    def __init__(self, store: TokenFactorStore, name: str, bias: bool, preconditioner: Preconditioner,
+    def __init__(self, store: TokenFactorStore, shape: Shape, preconditioner: Preconditioner,
                  inputs: torch.Tensor, output_grads: torch.Tensor, rotations: dict[int, torch.Tensor] | None):
-        self.store, self.name, self.bias, self.pre = store, name, bias, preconditioner
+        self.store, self.shape, self.pre = store, shape, preconditioner
         self.inputs, self.output_grads = inputs, output_grads  # (tokens, in), (tokens, out), model dtype
         self.rotations = rotations  # example -> Â, shared with the next module of the same inputs; None: off
-        self.out, inp = store.shapes[name]
-        self.width = inp + int(bias)
+        self.out, self.width = shape.out, shape.width
 
     def _tokens(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([A, 1] (T, in'), G (T, out)) in float32 on the device (upcast there, not on the host)."""
         rows = self.store.rows(example)
         inputs = self.inputs[rows].float()
-        if self.bias:
+        if self.shape.bias:
             inputs = torch.cat([inputs, inputs.new_ones(inputs.shape[0], 1)], dim=1)  # (T, in')
         return inputs, self.output_grads[rows].float()
 
@@ -101,56 +109,66 @@ class _Module:
             self.rotations[example] = rotated_inputs
         return rotated_inputs, self.pre.rotate_output_grads(output_grads)
 
+    def gradient(self, example: int) -> torch.Tensor:
+        """The plain per-example gradient Gᵀ [A, 1] (out, in')."""
+        inputs, output_grads = self._tokens(example)
+        return output_grads.T @ inputs
+
     def _rotated_gradient(self, example: int) -> torch.Tensor:
         """Q_gᵀ (Gᵀ [A, 1]) Q_a (out, in'), in whichever order costs fewer FLOPs."""
         if self.pre.q_a is None or rotate_tokens(self.store.lengths[example], self.out, self.width):
             inputs, output_grads = self.rotated(example)
             return output_grads.T @ inputs
-        inputs, output_grads = self._tokens(example)
-        return self.pre.q_g.T @ (output_grads.T @ inputs) @ self.pre.q_a
+        return self.pre.q_g.T @ self.gradient(example) @ self.pre.q_a
 
-    def whitened(self, examples: Sequence[int]) -> torch.Tensor:
-        """W of ``examples``, (len(examples), out * in') float32."""
-        result = torch.empty(len(examples), self.out, self.width, dtype=torch.float32, device=self.inputs.device)
-        for row, example in enumerate(examples):
-            result[row] = self._rotated_gradient(example)
-        if self.pre.scale is not None:
-            result.mul_(self.pre.scale)
-        return result.view(len(examples), -1)  # (examples, out * in')
 
-    def per_token(self, query_whitened: torch.Tensor, example: int) -> torch.Tensor:
-        """Contribution of each position of ``example`` to its score with each query:
-        ``ĝ_sᵀ (S ⊙ W_q) â_s``, (queries, T) float32."""
-        preconditioned = query_whitened.view(-1, self.out, self.width)  # (queries, out, in')
-        if self.pre.scale is not None:
-            preconditioned = preconditioned * self.pre.scale
-        inputs, output_grads = self.rotated(example)  # (T, in'), (T, out)
-        mapped = torch.matmul(output_grads, preconditioned)  # (queries, T, in')
-        return mapped.mul_(inputs).sum(dim=-1)
+def _form(columns: Sequence[tuple[_Module, int]], kind: str) -> torch.Tensor:
+    """(len(columns), out * in') float32 on the device, for (module view, example) pairs: ``whitened`` W =
+    S ⊙ R, ``gradient`` D = Gᵀ [A, 1] (unrotated), or ``preconditioned`` P = Q_g (S ⊙ W) Q_aᵀ (the dense query
+    form: score = <P_q, D_t>)."""
+    first = columns[0][0] if columns else None
+    if first is None:
+        return torch.empty(0, 0)
+    result = torch.empty(len(columns), first.out, first.width, dtype=torch.float32, device=first.inputs.device)
+    pre = first.pre
+    for row, (view, example) in enumerate(columns):
+        result[row] = view.gradient(example) if kind == "gradient" else view._rotated_gradient(example)
+    if kind != "gradient" and pre.scale is not None:
+        result.mul_(pre.scale)
+        if kind == "preconditioned":
+            result.mul_(pre.scale)  # S² ⊙ R
+    if kind == "preconditioned" and pre.q_a is not None:
+        for row in range(len(columns)):
+            result[row] = pre.q_g @ result[row] @ pre.q_a.T  # back to the weights' basis
+    return result.view(len(columns), -1)  # (columns, out * in')
+
+
+def _per_token(view: _Module, query_whitened: torch.Tensor, example: int) -> torch.Tensor:
+    """Contribution of each position of ``example`` to its score with each query:
+    ``ĝ_sᵀ (S ⊙ W_q) â_s``, (queries, T) float32."""
+    preconditioned = query_whitened.view(-1, view.out, view.width)  # (queries, out, in')
+    if view.pre.scale is not None:
+        preconditioned = preconditioned * view.pre.scale
+    inputs, output_grads = view.rotated(example)  # (T, in'), (T, out)
+    mapped = torch.matmul(output_grads, preconditioned)  # (queries, T, in')
+    return mapped.mul_(inputs).sum(dim=-1)
 
 
 def _chunks(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def per_token_bytes(store: TokenFactorStore, module: str) -> int:
-    """Scratch for one query's per-token scores against one train example of ``module``: its preconditioned
-    W (out, in') and the mapped output gradients (T, in') of the longest example, float32."""
-    out, inp = store.shapes[module]
-    return whitened_bytes(store, module) + max(store.lengths) * (inp + 1) * BYTES_PER_FLOAT
-
-
-def _add_per_token(token_scores: list[list[torch.Tensor]], module: _Module, rows: range, query_w: torch.Tensor,
-                   train: Sequence[int], queries_at_once: int) -> None:
-    for j, example in enumerate(train):
+def _add_per_token(token_scores: list[list[torch.Tensor]], rows: range, query_w: torch.Tensor,
+                   train: Sequence[tuple[_Module, int]], queries_at_once: int) -> None:
+    for j, (view, example) in enumerate(train):
         for chunk in _chunks(len(rows), queries_at_once):
-            contributions = module.per_token(query_w[chunk.start : chunk.stop], example).double().cpu()  # (c, T)
+            contributions = _per_token(view, query_w[chunk.start : chunk.stop], example).double().cpu()  # (c, T)
             for k in chunk:
                 token_scores[rows[k]][j] += contributions[k - chunk.start]
 
 
 class _Slabs:
-    """The device copies of the store's slabs for the module being scored: its output gradients, and the
+    """The device copies of a store's slabs for the module being scored: its output gradients, and the
     inputs of its input group, kept while consecutive modules read them (gate_proj then up_proj)."""
 
     def __init__(self, store: TokenFactorStore, transfers: Transfers):
@@ -176,80 +194,124 @@ def _shares_rotations(store: TokenFactorStore, factors: FactorReader, names: lis
             and factors.same_activation_eigenvectors(this, following))
 
 
-@torch.no_grad()
-def score(store: TokenFactorStore, factors: FactorReader, modules: dict[str, bool], queries: Sequence[int],
-          train: Sequence[int], damping: float | None, per_token: bool, workspace_bytes: int,
-          device: torch.device, progress: Callable[[str], None] | None = None,
-          transfers: Transfers | None = None) -> Scores:
-    """Exact scores of every (query, train) pair, summed over ``modules`` ({name: has bias}).
+def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: int) -> bool:
+    """Without self-influences: whether <P_q, D_t> (each query's W rotated back once, no train rotation) costs
+    fewer FLOPs than W_q . W_t (every train example's tokens or gradient rotated)."""
+    out, width = shape.out, shape.width
+    rotated = sum(sizes.rotation_flops(t, out, width) for t in train_lengths)
+    unrotated = sum(2 * t * out * width for t in train_lengths) + queries * 2 * out * width * (out + width)
+    return unrotated < rotated
 
-    ``queries`` and ``train`` are store indices; queries must be distinct, and so must train examples.
+
+@torch.no_grad()
+def score(queries: Side, train: Side, factors: FactorReader, shapes: Sequence[Shape], damping: float | None,
+          per_token: bool, workspace_bytes: int, device: torch.device, cosine: bool = True,
+          progress: Callable[[str], None] | None = None, transfers: Transfers | None = None) -> Scores:
+    """Exact scores of every (query, train) pair, summed over the modules of ``shapes``.
+
+    Queries must be distinct, and so must train examples. Without ``cosine`` no self-influence is computed,
+    and a module whose queries are cheaper to rotate back than its train examples are to rotate is scored as
+    <P_q, D_t> (never with per-token scores).
     """
     transfers = transfers or Transfers(device)
     moved_before = transfers.to_device_bytes
-    distinct = list(dict.fromkeys([*queries, *train]))  # queries first, then train-only examples
-    column = {example: i for i, example in enumerate(distinct)}
-    train_columns = torch.tensor([column[t] for t in train], dtype=torch.long)
-    n_queries = len(queries)
-    products = torch.zeros(n_queries, len(distinct), dtype=torch.float64)  # <W_q, W_x> summed over modules
-    self_scores = torch.zeros(len(distinct), dtype=torch.float64)
-    token_scores = ([[torch.zeros(store.lengths[t], dtype=torch.float64) for t in train] for _ in queries]
-                    if per_token else None)
+    same = train.store is queries.store
+    n_queries = len(queries.indices)
+    # Columns: every query, then the train examples that are not queries (a shared store forms those once).
+    column_of = {("q", x): i for i, x in enumerate(queries.indices)}
+    for x in train.indices:
+        column_of.setdefault(("q" if same else "t", x), len(column_of))
+    keys = list(column_of)
+    train_columns = torch.tensor([column_of["q" if same else "t", x] for x in train.indices], dtype=torch.long)
+    products = torch.zeros(n_queries, len(keys), dtype=torch.float64)  # <W_q, W_x> summed over modules
+    self_scores = torch.zeros(len(keys), dtype=torch.float64) if cosine else None
+    token_scores = ([[torch.zeros(train.store.lengths[t], dtype=torch.float64) for t in train.indices]
+                     for _ in queries.indices] if per_token else None)
     resolved: dict[str, float | None] = {}
-    slabs, rotations = _Slabs(store, transfers), None
-    names = list(modules)
-    for index, (name, bias) in enumerate(modules.items()):
+    stores = {"q": queries.store, "t": train.store}
+    slabs = {key: _Slabs(store, transfers) for key, store in stores.items() if key == "q" or not same}
+    rotations: dict[str, dict | None] = {key: None for key in slabs}
+    names = [s.name for s in shapes]
+    unrotated_modules = 0
+    for index, shape in enumerate(shapes):
         if progress is not None:
-            progress(name)
-        pre = factors.preconditioner(name, damping, device)
-        resolved[name] = pre.damping
-        out, inp = store.shapes[name]
-        cache_bytes = sum(store.lengths[x] for x in distinct) * (inp + int(bias)) * BYTES_PER_FLOAT
-        shares = _shares_rotations(store, factors, names, index)
-        if rotations is None and shares and cache_bytes <= workspace_bytes // ROTATION_CACHE_SHARE:
-            rotations = {}  # filled by this module, read by the next
-        module = _Module(store, name, bias, pre, *slabs.load(name), rotations)
+            progress(shape.name)
+        pre = factors.preconditioner(shape.name, damping, device)
+        resolved[shape.name] = pre.damping
+        # Kept rotations of shared inputs (gate_proj's for up_proj), each store its own, within an eighth.
+        cache = {key: sum(stores[key].lengths[x] for (k, x) in keys if k == key) * shape.width * BYTES_PER_FLOAT
+                 for key in slabs}
+        shares = {key: _shares_rotations(stores[key], factors, names, index) for key in slabs}
+        for key in slabs:
+            if rotations[key] is None and shares[key] and cache[key] <= workspace_bytes // ROTATION_CACHE_SHARE:
+                rotations[key] = {}  # filled by this module, read by the next
+        views = {key: _Module(stores[key], shape, pre, *slabs[key].load(shape.name), rotations[key]) for key in slabs}
+        columns = [(views[k], x) for k, x in keys]
+        train_pairs = [(views["q" if same else "t"], x) for x in train.indices]
         # With per-token scores a quarter of the workspace is their scratch (queries taken in chunks).
         scratch = workspace_bytes // 4 if token_scores is not None else 0
-        queries_at_once = max(1, scratch // per_token_bytes(store, name))
-        reserved = scratch + (cache_bytes if rotations is not None else 0)
-        capacity = max(2, (workspace_bytes - reserved) // whitened_bytes(store, name))
-        if capacity >= len(distinct):  # every W of this module at once: each formed once
-            every_w = module.whitened(distinct)
+        longest = max(train.store.lengths[x] for x in train.indices) if len(train.indices) else 1
+        queries_at_once = max(1, scratch // sizes.per_token_scratch_bytes(shape, longest))
+        reserved = scratch + sum(cache[key] for key in slabs if rotations[key] is not None)
+        capacity = max(2, (workspace_bytes - reserved) // whitened_bytes(shape))
+        if not cosine and not per_token and pre.q_a is not None and _unrotated_is_cheaper(
+                shape, [stores[k].lengths[x] for k, x in keys[n_queries:]], n_queries):
+            _score_unrotated(columns, n_queries, capacity, products)
+            unrotated_modules += 1
+        elif capacity >= len(keys):  # every W of this module at once: each formed once
+            every_w = _form(columns, "whitened")
             products += (every_w[:n_queries] @ every_w.T).double().cpu()
-            self_scores += _squared_norms(every_w).double().cpu()
+            if self_scores is not None:
+                self_scores += _squared_norms(every_w).double().cpu()
             if token_scores is not None:
-                _add_per_token(token_scores, module, range(n_queries), every_w[:n_queries], train, queries_at_once)
+                _add_per_token(token_scores, range(n_queries), every_w[:n_queries], train_pairs, queries_at_once)
             del every_w
         else:  # blocks of queries against streamed blocks of columns
-            _score_in_blocks(module, distinct, n_queries, capacity // 2, products, self_scores, token_scores, train,
+            _score_in_blocks(columns, n_queries, capacity // 2, products, self_scores, token_scores, train_pairs,
                              queries_at_once)
-        if not shares:
-            rotations = None  # the next module reads other inputs or eigenvectors
-        del pre, module
+        for key in slabs:
+            if not shares[key]:
+                rotations[key] = None  # the next module reads other inputs or eigenvectors
+        del pre, views, columns, train_pairs
     return Scores(
         pairwise=products[:, train_columns],
-        query_self=self_scores[:n_queries],
-        train_self=self_scores[train_columns],
+        query_self=None if self_scores is None else self_scores[:n_queries],
+        train_self=None if self_scores is None else self_scores[train_columns],
         per_token=token_scores,
         damping=resolved,
         bytes_to_device=transfers.to_device_bytes - moved_before,
+        unrotated_modules=unrotated_modules,
     )
 
 
-def _score_in_blocks(module: _Module, distinct: list[int], n_queries: int, block: int, products: torch.Tensor,
-                     self_scores: torch.Tensor, token_scores: list | None, train: Sequence[int],
+def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: int, products: torch.Tensor,
+                     self_scores: torch.Tensor | None, token_scores: list | None, train: list[tuple[_Module, int]],
                      queries_at_once: int) -> None:
     """Blocks of ``block`` queries against streamed blocks of ``block`` columns (each column block's W formed
     again for every query block)."""
     for number, rows in enumerate(_chunks(n_queries, block) or [range(0)]):
-        query_w = module.whitened([distinct[i] for i in rows])
-        for columns in _chunks(len(distinct), block):
-            column_w = query_w if columns == rows else module.whitened([distinct[i] for i in columns])
-            products[rows.start : rows.stop, columns.start : columns.stop] += (query_w @ column_w.T).double().cpu()
-            if number == 0:  # the first pass over the columns also gives every self-influence
-                self_scores[columns.start : columns.stop] += _squared_norms(column_w).double().cpu()
+        query_w = _form([columns[i] for i in rows], "whitened")
+        for part in _chunks(len(columns), block):
+            column_w = query_w if part == rows else _form([columns[i] for i in part], "whitened")
+            if len(rows):
+                products[rows.start : rows.stop, part.start : part.stop] += (query_w @ column_w.T).double().cpu()
+            if number == 0 and self_scores is not None:  # the first pass over the columns gives self-influences
+                self_scores[part.start : part.stop] += _squared_norms(column_w).double().cpu()
             del column_w
         if token_scores is not None:
-            _add_per_token(token_scores, module, rows, query_w, train, queries_at_once)
+            _add_per_token(token_scores, rows, query_w, train, queries_at_once)
         del query_w
+
+
+def _score_unrotated(columns: list[tuple[_Module, int]], n_queries: int, capacity: int,
+                     products: torch.Tensor) -> None:
+    """Scores as <P_q, D_t>: the queries' preconditioned gradients P_q (blocks of them) against the train
+    examples' plain gradients D_t (streamed blocks); a train column that is a query is its own D."""
+    block = max(1, capacity // 2)
+    for rows in _chunks(n_queries, block):
+        query_p = _form([columns[i] for i in rows], "preconditioned")
+        for part in _chunks(len(columns), block):
+            column_d = _form([columns[i] for i in part], "gradient")
+            products[rows.start : rows.stop, part.start : part.stop] += (query_p @ column_d.T).double().cpu()
+            del column_d
+        del query_p

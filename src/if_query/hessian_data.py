@@ -25,7 +25,7 @@ from if_query.tokenization import ExampleTokenizer, TokenizedExample
 logger = logging.getLogger(__name__)
 
 
-def _from_row(row: dict, index: int, source: str) -> TokenizedExample:
+def tokens_of_row(row: dict, index: int, source: str) -> TokenizedExample:
     """The real tokens of one saved row: the attended block of ``attention_mask`` (padding stripped,
     on whichever side it is), with the row's labels at those positions (``input_ids`` where the
     dataset has no ``labels``). A row with no attended token gives an empty example."""
@@ -77,7 +77,7 @@ def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedEx
     for batch in dataset.iter(batch_size=1024):
         for offset in range(len(batch["input_ids"])):
             row = {name: batch[name][offset] for name in columns}
-            examples.append(_from_row(row, len(examples), str(path)))
+            examples.append(tokens_of_row(row, len(examples), str(path)))
     if skipped := sum(not len(example) for example in examples):
         logger.warning("%s: skipped %d rows with no attended token (attention_mask all 0 or empty)", path, skipped)
     return examples

@@ -23,6 +23,7 @@ from if_query.atomic import write_text_atomic
 from if_query.errors import InputError
 from if_query.metadata import read_metadata
 from if_query.provenance import describe_damping, read_run
+from if_query.ranking import ranked_rows
 from if_query.results import INFLUENCES_FILE, QUERY_FILE, TRAIN_FILE
 
 REPORT_FILE = "report.html"
@@ -343,14 +344,7 @@ class _Page:
         self.tokens: dict[str, list[str] | None] = {}
         self.tokens_drawn = 0
         self.tokens_left_out = 0
-        influences = results.influences
-        positive = influences[influences["influence_score"] > 0]
-        ordered = positive.sort_values("influence_score", ascending=False, kind="stable")
-        self.helpful = {q: g for q, g in ordered.groupby("query_id", sort=False).head(top_k).groupby(
-            "query_id", sort=False)}
-        negative = influences[influences["influence_score"] < 0].sort_values("influence_score", kind="stable")
-        self.harmful = {q: g for q, g in negative.groupby("query_id", sort=False).head(top_k).groupby(
-            "query_id", sort=False)}
+        self.helpful, self.harmful = ranked_rows(results.influences, top_k)
         drawn = set(self.anchor)
         pairs = {(q, t) for table in (self.helpful, self.harmful) for q, g in table.items() if q in drawn
                  for t in g["train_id"]}

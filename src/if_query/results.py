@@ -1,15 +1,27 @@
-"""Scores -> the three normalized CSVs and run.json, written completely or not at all."""
+"""Scores -> the three CSVs and run.json, streamed and written completely or not at all.
+
+:class:`ResultTable` is one job's results before they are written: the query records and their losses, the
+train side (records or a corpus, read row by row), the scores (queries, train) with the self-influences behind
+``influence_cosine``, and with ``--top-train`` the train examples kept for each query. :func:`write_results`
+streams ``query.csv``, ``train.csv`` and ``influences.csv`` (query-major, one row per written pair; no frame of
+every pair is ever built) into temporary files beside their names and moves them, then ``run.json``, into place
+only when all are written. :meth:`ResultTable.summary` is what the terminal summary reads; :func:`read_results`
+reads written results back (frames: folder-sized results).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
+from if_query import ranking
 from if_query.atomic import staged_files
 from if_query.provenance import RUN_FILE
 from if_query.records import Example
@@ -19,11 +31,12 @@ if TYPE_CHECKING:
 
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
 RESULT_FILES = (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)  # everything write_results writes
+TRAIN_COLUMNS = ("train_id", "prompt", "completion")
 
 
 @dataclass
 class QueryResults:
-    """Everything run-query writes for one (query set, train set)."""
+    """Results as frames: what the terminal summary and the report read (folder-sized, or a summary's rows)."""
 
     queries: pd.DataFrame
     train: pd.DataFrame
@@ -40,65 +53,154 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def examples_frame(examples: Sequence[Example], id_column: str, columns: dict[str, list]) -> pd.DataFrame:
-    """``id, prompt, completion, *columns, *extra``; an extra field named like a standard column is
-    written as ``extra_<name>``."""
-    frame: dict[str, list] = {
-        id_column: [e.pair_id for e in examples],
-        "prompt": [e.prompt for e in examples],
-        "completion": [e.completion for e in examples],
-        **columns,
-    }
-    extra_keys: list[str] = []
-    for example in examples:
-        extra_keys.extend(key for key in example.extra if key not in extra_keys)
-    for key in extra_keys:
-        name = key if key not in frame else f"extra_{key}"
-        while name in frame:
+def extra_columns(standard: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
+    """{extra field: its column}: an extra field named like a standard column is written as ``extra_<name>``."""
+    taken, columns = set(standard), {}
+    for key in keys:
+        name = key
+        while name in taken:
             name = f"extra_{name}"
-        frame[name] = [_cell(e.extra.get(key)) for e in examples]
-    return pd.DataFrame(frame)
+        taken.add(name)
+        columns[key] = name
+    return columns
 
 
-def make_results(queries: Sequence[Example], train: Sequence[Example], scored: ScoredSet,
-                 labelled_counts: Sequence[int], train_tokens: Sequence[list[str]] | None) -> QueryResults:
-    """The three tables of one job: ``scored`` holds one row per query record and one column per train
-    record (:meth:`ScoredSet.select`), ``labelled_counts`` each query's number of labelled (predicted)
-    tokens, ``train_tokens`` each train record's token strings (with per-token scores only)."""
-    query_ids = [e.pair_id for e in queries]
-    train_ids = [e.pair_id for e in train]
-    losses = scored.query_losses.tolist()
-    influences = {
-        "query_id": [q for q in query_ids for _ in train_ids],
-        "train_id": [t for _ in query_ids for t in train_ids],
-        "influence_score": scored.scores.flatten().tolist(),
-        "influence_cosine": scored.cosine().flatten().tolist(),
-    }
-    train_columns: dict[str, list] = {}
-    if scored.per_token is not None:
-        influences["per_token_scores"] = [json.dumps(values.tolist()) for row in scored.per_token for values in row]
-        train_columns["tokens"] = [json.dumps(tokens, ensure_ascii=False) for tokens in train_tokens]
-    return QueryResults(
-        queries=examples_frame(queries, "query_id", {
-            "loss": [loss / count for loss, count in zip(losses, labelled_counts, strict=True)],
-            "loss_sum": losses,
-        }),
-        train=examples_frame(train, "train_id", train_columns),
-        influences=pd.DataFrame(influences),
-    )
+def extra_keys(examples: Iterable[Example]) -> list[str]:
+    keys: list[str] = []
+    for example in examples:
+        keys.extend(key for key in example.extra if key not in keys)
+    return keys
 
 
-def write_results(results: QueryResults, output_dir: str | Path) -> list[Path]:
+@dataclass
+class TrainSide:
+    """The train examples as train.csv writes them: ids, and rows read on demand (records or a corpus)."""
+
+    ids: list[str]
+    rows: Callable[[Callable[[int], bool] | None], Iterator[tuple[int, dict]]]  # (index, {field: value})
+    extra_keys: list[str]
+
+    @classmethod
+    def of_records(cls, examples: Sequence[Example]) -> TrainSide:
+        def rows(wanted=None):
+            for index, e in enumerate(examples):
+                if wanted is None or wanted(index):
+                    yield index, {"train_id": e.pair_id, "prompt": e.prompt, "completion": e.completion, **e.extra}
+
+        return cls([e.pair_id for e in examples], rows, extra_keys(examples))
+
+
+@dataclass
+class ResultTable:
+    """One job's results, unwritten (see the module docstring)."""
+
+    queries: list[Example]
+    labelled: list[int]  # each query's predicted (labelled) tokens
+    train: TrainSide
+    scored: ScoredSet  # one row per query record, one column per train example
+    kept: list[np.ndarray] | None = None  # --top-train: the train indices kept for each query
+    tokens: Callable[[int], list[str]] | None = None  # with per-token scores: a train example's token strings
+    provenance: dict | None = None
+
+    def written(self, query: int) -> np.ndarray:
+        """The train indices of ``query``'s rows in influences.csv."""
+        return np.arange(len(self.train.ids)) if self.kept is None else self.kept[query]
+
+    def query_frame(self) -> pd.DataFrame:
+        losses = self.scored.query_losses.tolist()
+        frame: dict[str, list] = {
+            "query_id": [e.pair_id for e in self.queries], "prompt": [e.prompt for e in self.queries],
+            "completion": [e.completion for e in self.queries],
+            "loss": [loss / count for loss, count in zip(losses, self.labelled, strict=True)], "loss_sum": losses}
+        for key, column in extra_columns(frame, extra_keys(self.queries)).items():
+            frame[column] = [_cell(e.extra.get(key)) for e in self.queries]
+        return pd.DataFrame(frame)
+
+    def _train_header(self) -> tuple[list[str], dict[str, str]]:
+        standard = [*TRAIN_COLUMNS, *(["tokens"] if self.tokens is not None else [])]
+        extras = extra_columns(standard, self.train.extra_keys)
+        return standard + list(extras.values()), extras
+
+    def train_rows(self, wanted: Callable[[int], bool] | None = None) -> Iterator[list]:
+        """train.csv's rows (every train example, or those ``wanted`` accepts)."""
+        _, extras = self._train_header()
+        for index, row in self.train.rows(wanted):
+            cells = [row["train_id"], row["prompt"], row["completion"]]
+            if self.tokens is not None:
+                cells.append(json.dumps(self.tokens(index), ensure_ascii=False))
+            yield cells + [_cell(row.get(key)) for key in extras]
+
+    def influence_header(self) -> list[str]:
+        return (["query_id", "train_id", "influence_score"]
+                + (["influence_cosine"] if self.scored.query_self is not None else [])
+                + (["per_token_scores"] if self.scored.per_token is not None else []))
+
+    def influence_rows(self, selection: Iterable[tuple[int, Sequence[int]]] | None = None) -> Iterator[list]:
+        """influences.csv's rows, query-major: every written pair, or the (query, train indices) of ``selection``."""
+        scores, cosine = self.scored.scores.numpy(), self.scored.cosine()
+        cosine = None if cosine is None else cosine.numpy()
+        ids = self.train.ids
+        if selection is None:
+            selection = ((q, self.written(q).tolist()) for q in range(len(self.queries)))
+        for q, train in selection:
+            query_id = self.queries[q].pair_id
+            for t in train:
+                row = [query_id, ids[t], float(scores[q, t])]
+                if cosine is not None:
+                    row.append(float(cosine[q, t]))
+                if self.scored.per_token is not None:
+                    row.append(json.dumps(self.scored.per_token[q, t].tolist()))
+                yield row
+
+    def summary(self, top_k: int) -> QueryResults:
+        """The rows the terminal summary shows (each query's ``top_k`` most helpful and harmful, by
+        :mod:`if_query.ranking`), as small frames."""
+        scores = self.scored.scores.numpy()
+        shown: dict[int, list[int]] = {}
+        for q in range(len(self.queries)):
+            written = self.written(q)
+            helpful, harmful = ranking.helpful_and_harmful(scores[q, written], [self.train.ids[t] for t in written],
+                                                           top_k)
+            shown[q] = [int(written[i]) for i in (*helpful, *harmful)]
+        header = self.influence_header()
+        rows = list(self.influence_rows(shown.items()))
+        needed = {t for ts in shown.values() for t in ts}
+        train_header, _ = self._train_header()
+        train = pd.DataFrame(list(self.train_rows(needed.__contains__)), columns=train_header)
+        return QueryResults(self.query_frame(), train, pd.DataFrame(rows, columns=header), self.provenance)
+
+    @property
+    def influences(self) -> pd.DataFrame:
+        """Every written row as a frame (folder-sized results: benchmarks and tests)."""
+        return pd.DataFrame(list(self.influence_rows()), columns=self.influence_header())
+
+    def frames(self) -> QueryResults:
+        train_header, _ = self._train_header()
+        wanted = None if self.kept is None else set(np.concatenate(self.kept).tolist()).__contains__
+        return QueryResults(self.query_frame(), pd.DataFrame(list(self.train_rows(wanted)), columns=train_header),
+                            self.influences, self.provenance)
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_results(results: ResultTable, output_dir: str | Path) -> list[Path]:
     """Write the CSVs (and run.json when there is provenance) to temporary files, then move each into
     place only once all are written (a crash leaves the old results, none of the new files)."""
     output_dir = Path(output_dir)
-    frames = {QUERY_FILE: results.queries, TRAIN_FILE: results.train, INFLUENCES_FILE: results.influences}
-    names = list(frames) + ([RUN_FILE] if results.provenance is not None else [])
+    names = [*RESULT_FILES, *([RUN_FILE] if results.provenance is not None else [])]
+    kept = None if results.kept is None else set(np.concatenate(results.kept).tolist()) if results.kept else set()
     with staged_files(output_dir, names) as temporaries:
-        for frame, temporary in zip(frames.values(), temporaries, strict=False):
-            frame.to_csv(temporary, index=False)
+        results.query_frame().to_csv(temporaries[0], index=False)
+        _write_csv(temporaries[1], results._train_header()[0],
+                   results.train_rows(None if kept is None else kept.__contains__))
+        _write_csv(temporaries[2], results.influence_header(), results.influence_rows())
         if results.provenance is not None:
-            with open(temporaries[-1], "w", encoding="utf-8") as file:
+            with open(temporaries[3], "w", encoding="utf-8") as file:
                 json.dump(results.provenance, file, indent=2, ensure_ascii=False)
                 file.write("\n")
     return [output_dir / name for name in names]

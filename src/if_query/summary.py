@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from if_query.ranking import ranked_rows
 from if_query.results import QueryResults
 
 
@@ -13,24 +14,25 @@ def _clip(text: str, width: int) -> str:
 
 
 def format_summary(results: QueryResults, top_k: int, width: int | None = None) -> str:
-    """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query."""
+    """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query,
+    ranked by :mod:`if_query.ranking` (the report's and --top-train's key)."""
     width = width or shutil.get_terminal_size((100, 20)).columns
     train = results.train.set_index("train_id")
     lines: list[str] = []
+    helpful_rows, harmful_rows = ranked_rows(results.influences, top_k)
     for query in results.queries.itertuples(index=False):
-        rows = results.influences[results.influences["query_id"] == query.query_id]
         lines.append(_clip(f"query {query.query_id} (loss {query.loss:.3g}): {query.prompt}{query.completion}", width))
-        ranked = rows.sort_values("influence_score", ascending=False, kind="stable")
-        helpful = ranked[ranked["influence_score"] > 0].head(top_k)
-        harmful = ranked[ranked["influence_score"] < 0].iloc[::-1].head(top_k)
-        for title, chosen in (("helpful", helpful), ("harmful", harmful)):
+        for title, chosen in (("helpful", helpful_rows.get(query.query_id, [])),
+                              ("harmful", harmful_rows.get(query.query_id, []))):
             if not len(chosen):
                 lines.append(f"  most {title}: none (no {'positive' if title == 'helpful' else 'negative'} score)")
                 continue
             lines.append(f"  most {title}:")
             for row in chosen.itertuples(index=False):
                 text = train.loc[row.train_id, "prompt"] + train.loc[row.train_id, "completion"]
-                head = f"    {row.influence_score:+#11.4g}  cos {row.influence_cosine:+.2f}  {row.train_id}: "
+                cosine = getattr(row, "influence_cosine", None)
+                head = (f"    {row.influence_score:+#11.4g}  " + (f"cos {cosine:+.2f}  " if cosine is not None else "")
+                        + f"{row.train_id}: ")
                 lines.append(head + _clip(text, width - len(head)))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

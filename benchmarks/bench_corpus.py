@@ -1,0 +1,212 @@
+"""Corpus benchmark: exact scores of a few queries against thousands of training documents in bounded memory.
+
+    uv run python benchmarks/bench_corpus.py            # N = 500 and 2,000 documents, + Kronfluence at 500 (~40 min)
+    uv run python benchmarks/bench_corpus.py --full     # + N = 8,000
+    uv run python benchmarks/bench_corpus.py --quick    # N = 100 and 400, a smaller model (~5 min)
+
+Workload. A random OLMo-2 of 8 blocks, hidden 768, MLP 2048 (bench_scale.py's model family), --layer-stride 2
+(4 blocks, 12 projections; 123 KB of float32 token factors per token, gate_proj's and up_proj's shared input
+kept once), EK-FAC fitted once on 64 documents. 8 queries (prompt/completion records) against N documents of
+130-170 tokens in a JSON Lines corpus (``--train-dataset``), ``--host-memory-gb 4``: 2,000 documents are about
+37 GB of token factors, more than this machine's RAM, so the train side is streamed in chunks.
+
+Measured per run (a subprocess of the real run-query): wall time, peak RSS of the process, peak disk use of the
+output directory and the temp dir (sampled every 0.2 s: the partial results and any spill file), time per
+train token (whole run; and the increment between the two largest N, which removes the fixed costs: start-up,
+the queries' pass, the factors' first reads). The floor, measured in the same run: one frozen-weight forward and
+backward pass over 500 of the same documents (batches of 8), per token. ``--no-cosine`` runs at the largest N
+too. ``--engine kronfluence`` at the smallest N only, on the same documents as train.json records (prompt "",
+completion = the document: the same tokens, EOS appended; it cannot read a corpus).
+Results: printed and written to benchmarks/results/bench_corpus.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_query import synthetic_words  # noqa: E402
+from bench_scale import RUNNER, build_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLE_S = 0.2
+
+
+def directory_bytes(*paths: Path) -> int:
+    total = 0
+    for path in paths:
+        for root, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_blocks * 512
+                except OSError:
+                    pass
+    return total
+
+
+def run(name: str, options: list[str], work: Path, tmp: Path) -> dict:
+    """One run-query process: wall time, peak RSS, peak disk of its output and temp directories."""
+    out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    rss_file = work / f"rss-{name}.txt"
+    env = {**os.environ, "IFQ_RSS_FILE": str(rss_file), "TMPDIR": str(tmp)}
+    peak = {"disk": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_S):
+            peak["disk"] = max(peak["disk"], directory_bytes(out, tmp))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    print(f"[bench_corpus] {name}: {' '.join(options)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    sampler.start()
+    completed = subprocess.run([sys.executable, "-c", RUNNER, *options, "--output-dir", str(out), "--quiet"],
+                               env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{completed.stderr[-3000:]}")
+    return {"name": name, "wall_s": wall, "peak_rss_gb": int(rss_file.read_text()) * 1024 / 1e9,
+            "peak_disk_gb": peak["disk"] / 1e9}
+
+
+def floor_seconds_per_token(model_dir: Path, documents: list[str], batch: int = 8) -> float:
+    """A frozen-weight forward and backward pass (activation gradients only), per token, in this process."""
+    import torch
+
+    from if_query.capture import forward_backward, frozen_weights
+    from if_query.modeling import load_model, load_tokenizer
+    from if_query.tokenization import TokenizedExample, collate
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), None, torch.float32, torch.device("cpu"))
+    examples = []
+    for text in documents:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(TokenizedExample(tuple(ids), tuple(ids)))
+    tokens = sum(len(e) for e in examples)
+    start = time.perf_counter()
+    with frozen_weights(model):
+        for k in range(0, len(examples), batch):
+            forward_backward(model, collate(examples[k : k + batch], tokenizer.pad_token_id))
+    return (time.perf_counter() - start) / tokens
+
+
+def corpus(words: list[str], count: int, rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(129, 169))) for _ in range(count)]
+
+
+def prepare(args, work: Path) -> tuple[Path, Path, dict[int, Path], Path, list[str]]:
+    """The model, its factors, a corpus file per N, the queries; the documents (for the floor)."""
+    words = synthetic_words(2000, args.seed)
+    model_dir = work / "model"
+    build_model(model_dir, words, args)
+    rng = random.Random(args.seed + 1)
+    documents = corpus(words, max(args.sizes), rng)
+    corpora = {}
+    for n in args.sizes:
+        path = work / f"corpus-{n}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"doc{k}", "text": t}) + "\n" for k, t in enumerate(documents[:n])))
+        corpora[n] = path
+    queries = work / "query.json"
+    queries.write_text(json.dumps([{"pair_id": f"q{k}", "prompt": " ".join(rng.choice(words) for _ in range(40)),
+                                    "completion": " " + " ".join(rng.choice(words) for _ in range(8))}
+                                   for k in range(args.queries)]))
+    factors = work / "factors"
+    if not (factors / "metadata.json").exists():
+        fit_data = work / "fit.json"
+        fit_data.write_text(json.dumps([{"pair_id": f"f{k}", "prompt": "", "completion": t}
+                                        for k, t in enumerate(corpus(words, args.fit, rng))]))
+        subprocess.run([sys.executable, "-m", "if_query.cli", "fit-hessians", "--model", str(model_dir),
+                        "--hessian-dataset", str(fit_data), "--output-dir", str(factors), "--layer-stride", "2",
+                        "--factor-batch-size", "8", "--lambda-batch-size", "8", "--quiet"], check=True)
+    return model_dir, factors, corpora, queries, documents
+
+
+def report(runs: list[dict], floor: float, args) -> str:
+    lines = [f"# bench_corpus ({args.layers} blocks, hidden {args.hidden}, MLP {args.mlp}, stride 2, {args.queries} "
+             f"queries, --host-memory-gb {args.host_memory_gb})", "",
+             "| run | N | train tokens | wall s | s per 1k train tokens | peak RSS GB | peak disk GB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        lines.append(f"| {r['name']} | {r['n']} | {r['tokens']} | {r['wall_s']:.0f} | "
+                     f"{1000 * r['wall_s'] / r['tokens']:.2f} | {r['peak_rss_gb']:.2f} | {r['peak_disk_gb']:.3f} |")
+    cosine = sorted((r for r in runs if r["name"].startswith("if-query N")), key=lambda r: r["n"])
+    lines += ["", f"Floor (frozen-weight forward + backward over 500 documents, this process): "
+              f"{1000 * floor:.2f} s per 1k tokens."]
+    if len(cosine) >= 2:
+        a, b = cosine[-2], cosine[-1]
+        increment = (b["wall_s"] - a["wall_s"]) / (b["tokens"] - a["tokens"])
+        lines.append(f"Increment from N = {a['n']} to {b['n']}: {1000 * increment:.2f} s per 1k tokens = "
+                     f"{increment / floor:.2f}x the floor; RSS {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x, disk "
+                     f"{(b['peak_disk_gb'] + 1e-9) / (a['peak_disk_gb'] + 1e-9):.2f}x.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-corpus"))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--mlp", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--fit", type=int, default=64, help="fitting documents")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--host-memory-gb", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="also N = 8,000")
+    parser.add_argument("--quick", action="store_true", help="4 blocks, hidden 512, MLP 1408, N = 100 and 400")
+    args = parser.parse_args()
+    if args.full:
+        args.sizes = sorted({*args.sizes, 8000})
+    if args.quick:
+        args.layers, args.hidden, args.mlp, args.heads, args.sizes, args.fit = 4, 512, 1408, 8, [100, 400], 16
+        args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, factors, corpora, queries, documents = prepare(args, work)
+    common = ["--model", str(model_dir), "--factors-dir", str(factors), "--query-json", str(queries),
+              "--max-length", "512", "--host-memory-gb", str(args.host_memory_gb), "--score-batch-size", "8"]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-corpus-", dir=work))
+    runs = []
+    for n in args.sizes:
+        tokens = sum(len(t.split()) + 1 for t in documents[:n])  # one token per word, plus EOS
+        runs.append({**run(f"if-query N={n}", [*common, "--train-dataset", str(corpora[n])], work, tmp), "n": n,
+                     "tokens": tokens})
+    n = max(args.sizes)
+    runs.append({**run(f"if-query --no-cosine N={n}", [*common, "--train-dataset", str(corpora[n]), "--no-cosine"],
+                       work, tmp), "n": n, "tokens": runs[-1]["tokens"]})
+    small = min(args.sizes)
+    records = work / f"train-{small}.json"
+    records.write_text(json.dumps([{"pair_id": f"doc{k}", "prompt": "", "completion": t}
+                                   for k, t in enumerate(documents[:small])]))
+    runs.append({**run(f"kronfluence N={small}", [*common, "--train-json", str(records), "--engine", "kronfluence"],
+                       work, tmp), "n": small, "tokens": runs[0]["tokens"]})
+    floor = floor_seconds_per_token(model_dir, documents[:500])
+    text = report(runs, floor, args)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_corpus.md").write_text(text)
+    (RESULTS / "bench_corpus.json").write_text(json.dumps({"runs": runs, "floor_s_per_token": floor,
+                                                           "args": {k: str(v) for k, v in vars(args).items()}},
+                                                          indent=2))
+
+
+if __name__ == "__main__":
+    main()
