@@ -338,6 +338,7 @@ def main() -> None:
 
     # --- scores of each fit (one capture of the scored examples' token factors) ---
     from if_query.records import Example
+    from if_query.sizes import Shape
 
     examples = [example_tokenizer(Example(r["pair_id"], r["prompt"], r["completion"])) for r in scored]
     linears = tracked_linears(model)
@@ -347,8 +348,9 @@ def main() -> None:
     capture_token_factors(model, linears, examples, store, [order[k : k + batch] for k in range(0, len(order), batch)],
                           tokenizer.pad_token_id, torch.device("cpu"))
     queries, train = list(range(args.queries)), list(range(args.queries, len(examples)))
-    scores = {name: engine.score(store, FactorReader(directory), {n: m.bias is not None for n, m in linears.items()},
-                                 queries, train, None, False, 4 * 1024**3, torch.device("cpu")).pairwise
+    shapes = [Shape(n, m.out_features, m.in_features, m.bias is not None) for n, m in linears.items()]
+    scores = {name: engine.score(engine.Side(store, queries), engine.Side(store, train), FactorReader(directory),
+                                 shapes, None, False, 4 * 1024**3, torch.device("cpu")).pairwise
               for name, directory in fits.items()}
     comparisons = {"if-query lambda vs Kronfluence lambda (float64)":
                    compare(scores["seed 0, float64"], scores["seed 0, float64, Kronfluence lambda"]),

@@ -112,7 +112,9 @@ def capture(model_dir: Path, records: list[dict], layer_stride: int):
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     capture_token_factors(model, linears, examples, store, [order[k : k + 4] for k in range(0, len(order), 4)],
                           tokenizer.pad_token_id, torch.device("cpu"))
-    return store, {m.name: m.bias for m in modules}
+    from if_query.sizes import Shape
+
+    return store, [Shape.of(m) for m in modules]
 
 
 def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> torch.Tensor:
@@ -120,9 +122,8 @@ def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> 
     from if_query.kron import FactorReader
 
     def run():
-        return engine.score(store, FactorReader(factors_dir), modules, list(range(queries)),
-                            list(range(queries, len(store.lengths))), None, False, 4 * 1024**3,
-                            torch.device("cpu")).pairwise
+        return engine.score(engine.Side(store, range(queries)), engine.Side(store, range(queries, len(store.lengths))),
+                            FactorReader(factors_dir), modules, None, False, 4 * 1024**3, torch.device("cpu")).pairwise
 
     if mode is None:
         return run()
