@@ -224,6 +224,14 @@ class QueryConfig:
         True, flags=("--cosine/--no-cosine",),
         help="Compute influence_cosine, which needs every train example's self-influence (its gradient rotated "
              "into the eigenbasis: several times the model's own pass at 13B). --no-cosine drops the column.")
+    refine_steps: int = option(
+        0, minimum=0,
+        help="Refine each query's inverse-Hessian-vector product by N EK-FAC-preconditioned Neumann steps on the "
+             "Gauss-Newton matrix of the fitting data (ASTRA); 0: EK-FAC. Needs the tracked weights three times "
+             "over on the device.")
+    refine_data: Path | None = option(
+        None, help="Fitting data for --refine-steps (default: the factors' own, checked against their fingerprint).")
+    refine_batch_size: int = option(8, minimum=1, help="Examples per Gauss-Newton batch of --refine-steps.")
     report: bool = option(
         False, flags=("--report",), compare=False,
         help="Also write report.html (heatmap, top influences, token colours) into each results dir.")
@@ -246,8 +254,8 @@ class QueryConfig:
             raise InputError("--per-token-scores with --train-dataset needs --top-train (per-token scores of every "
                              "pair of a corpus would not fit anywhere)")
         if self.engine == "kronfluence" and (self.train_dataset is not None or self.top_train is not None
-                                             or not self.cosine):
-            raise InputError("--train-dataset, --top-train and --no-cosine need the default engine")
+                                             or not self.cosine or self.refine_steps):
+            raise InputError("--train-dataset, --top-train, --no-cosine and --refine-steps need the default engine")
         if self.engine != "kronfluence":
             defaults = {spec.name: spec.default for spec in fields(self)}
             used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) != defaults[name]]

@@ -143,6 +143,24 @@ def _form(columns: Sequence[tuple[_Module, int]], kind: str) -> torch.Tensor:
     return result.view(len(columns), -1)  # (columns, out * in')
 
 
+def _query_rows(columns: list[tuple[_Module, int]], rows: range, kind: str, refined: list | None,
+                shape: Shape) -> torch.Tensor:
+    """The query side of ``rows``: as :func:`_form` forms it, or from refined queries' dense v (their
+    ``refine.py`` blocks): v itself for ``preconditioned``, else ``(Q_gᵀ v Q_a) / S``, the form whose dot with a
+    train example's W is <v, D_t> (and whose per-token scores are g_sᵀ v a_s)."""
+    if refined is None:
+        return _form([columns[i] for i in rows], kind)
+    view = columns[0][0]
+    pre = view.pre
+    v = torch.stack([refined[i][shape.name] for i in rows]).to(view.inputs.device)  # (rows, out, in')
+    if kind != "preconditioned":
+        if pre.q_a is not None:
+            v = pre.q_g.T @ v @ pre.q_a
+        if pre.scale is not None:
+            v = v / pre.scale
+    return v.reshape(len(rows), -1)
+
+
 def _per_token(view: _Module, query_whitened: torch.Tensor, example: int) -> torch.Tensor:
     """Contribution of each position of ``example`` to its score with each query:
     ``ĝ_sᵀ (S ⊙ W_q) â_s``, (queries, T) float32."""
@@ -206,12 +224,14 @@ def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: i
 @torch.no_grad()
 def score(queries: Side, train: Side, factors: FactorReader, shapes: Sequence[Shape], damping: float | None,
           per_token: bool, workspace_bytes: int, device: torch.device, cosine: bool = True,
-          progress: Callable[[str], None] | None = None, transfers: Transfers | None = None) -> Scores:
+          progress: Callable[[str], None] | None = None, transfers: Transfers | None = None,
+          refined: list | None = None, refined_self: torch.Tensor | None = None) -> Scores:
     """Exact scores of every (query, train) pair, summed over the modules of ``shapes``.
 
     Queries must be distinct, and so must train examples. Without ``cosine`` no self-influence is computed,
     and a module whose queries are cheaper to rotate back than its train examples are to rotate is scored as
-    <P_q, D_t> (never with per-token scores).
+    <P_q, D_t> (never with per-token scores). ``refined`` (one dense v per query, :mod:`if_query.refine`) replaces
+    the queries' EK-FAC forms: scores <v_q, D_t>, query self-influences ``refined_self``.
     """
     transfers = transfers or Transfers(device)
     moved_before = transfers.to_device_bytes
@@ -256,26 +276,28 @@ def score(queries: Side, train: Side, factors: FactorReader, shapes: Sequence[Sh
         capacity = max(2, (workspace_bytes - reserved) // whitened_bytes(shape))
         if not cosine and not per_token and pre.q_a is not None and _unrotated_is_cheaper(
                 shape, [stores[k].lengths[x] for k, x in keys[n_queries:]], n_queries):
-            _score_unrotated(columns, n_queries, capacity, products)
+            _score_unrotated(columns, n_queries, capacity, products, refined, shape)
             unrotated_modules += 1
-        elif capacity >= len(keys):  # every W of this module at once: each formed once
+        elif capacity >= len(keys) + (n_queries if refined is not None else 0):  # every W at once: each formed once
             every_w = _form(columns, "whitened")
-            products += (every_w[:n_queries] @ every_w.T).double().cpu()
+            query_w = every_w[:n_queries] if refined is None else _query_rows(columns, range(n_queries), "whitened",
+                                                                             refined, shape)
+            products += (query_w @ every_w.T).double().cpu()
             if self_scores is not None:
                 self_scores += _squared_norms(every_w).double().cpu()
             if token_scores is not None:
-                _add_per_token(token_scores, range(n_queries), every_w[:n_queries], train_pairs, queries_at_once)
-            del every_w
+                _add_per_token(token_scores, range(n_queries), query_w, train_pairs, queries_at_once)
+            del every_w, query_w
         else:  # blocks of queries against streamed blocks of columns
             _score_in_blocks(columns, n_queries, capacity // 2, products, self_scores, token_scores, train_pairs,
-                             queries_at_once)
+                             queries_at_once, refined, shape)
         for key in slabs:
             if not shares[key]:
                 rotations[key] = None  # the next module reads other inputs or eigenvectors
         del pre, views, columns, train_pairs
     return Scores(
         pairwise=products[:, train_columns],
-        query_self=None if self_scores is None else self_scores[:n_queries],
+        query_self=None if self_scores is None else self_scores[:n_queries] if refined is None else refined_self,
         train_self=None if self_scores is None else self_scores[train_columns],
         per_token=token_scores,
         damping=resolved,
@@ -286,13 +308,14 @@ def score(queries: Side, train: Side, factors: FactorReader, shapes: Sequence[Sh
 
 def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: int, products: torch.Tensor,
                      self_scores: torch.Tensor | None, token_scores: list | None, train: list[tuple[_Module, int]],
-                     queries_at_once: int) -> None:
+                     queries_at_once: int, refined: list | None = None, shape: Shape | None = None) -> None:
     """Blocks of ``block`` queries against streamed blocks of ``block`` columns (each column block's W formed
     again for every query block)."""
     for number, rows in enumerate(_chunks(n_queries, block) or [range(0)]):
-        query_w = _form([columns[i] for i in rows], "whitened")
+        query_w = _query_rows(columns, rows, "whitened", refined, shape)
         for part in _chunks(len(columns), block):
-            column_w = query_w if part == rows else _form([columns[i] for i in part], "whitened")
+            same = part == rows and refined is None
+            column_w = query_w if same else _form([columns[i] for i in part], "whitened")
             if len(rows):
                 products[rows.start : rows.stop, part.start : part.stop] += (query_w @ column_w.T).double().cpu()
             if number == 0 and self_scores is not None:  # the first pass over the columns gives self-influences
@@ -303,15 +326,27 @@ def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: 
         del query_w
 
 
-def _score_unrotated(columns: list[tuple[_Module, int]], n_queries: int, capacity: int,
-                     products: torch.Tensor) -> None:
-    """Scores as <P_q, D_t>: the queries' preconditioned gradients P_q (blocks of them) against the train
-    examples' plain gradients D_t (streamed blocks); a train column that is a query is its own D."""
+def _score_unrotated(columns: list[tuple[_Module, int]], n_queries: int, capacity: int, products: torch.Tensor,
+                     refined: list | None = None, shape: Shape | None = None) -> None:
+    """Scores as <P_q, D_t>: the queries' preconditioned gradients P_q (blocks of them; refined: v_q) against the
+    train examples' plain gradients D_t (streamed blocks); a train column that is a query is its own D."""
     block = max(1, capacity // 2)
     for rows in _chunks(n_queries, block):
-        query_p = _form([columns[i] for i in rows], "preconditioned")
+        query_p = _query_rows(columns, rows, "preconditioned", refined, shape)
         for part in _chunks(len(columns), block):
             column_d = _form([columns[i] for i in part], "gradient")
             products[rows.start : rows.stop, part.start : part.stop] += (query_p @ column_d.T).double().cpu()
             del column_d
         del query_p
+
+
+@torch.no_grad()
+def gradients(side: Side, shapes: Sequence[Shape], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Each example's plain per-module gradient Gᵀ [A, 1] (out, in') float32 on ``device`` (for refinement)."""
+    result = [{} for _ in side.indices]
+    slabs = _Slabs(side.store, Transfers(device))
+    for shape in shapes:
+        view = _Module(side.store, shape, Preconditioner(None, None, None, None), *slabs.load(shape.name), None)
+        for row, example in enumerate(side.indices):
+            result[row][shape.name] = view.gradient(example)
+    return result

@@ -166,6 +166,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         "weights": fingerprint,
         "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
         "estimated_factor_bytes": sizes.total_bytes,
+        "hessian_data": {"max_length": config.max_length, "max_examples": config.max_examples},  # to read it again
         "versions": package_versions(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

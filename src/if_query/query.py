@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from if_query import distributed, ranking
 from if_query.checkpoint import Checkpoint
@@ -46,7 +47,7 @@ from if_query.records import Example, load_examples
 from if_query.report import header_from_run, write_report
 from if_query.results import RESULT_FILES, QueryResults, ResultTable, TrainSide, read_results, write_results
 from if_query.scorer import EngineScorer, KronfluenceScorer, ScoredSet, TrainSequences
-from if_query.tokenization import ExampleTokenizer, TokenizedExample
+from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,46 @@ class QueryRunner:
         self.device = distributed.device()
         self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
         set_matmul_precision(self.matmul_precision)
+        self.refine_examples = self._refine_data() if config.refine_steps else []
+
+    def _refine_data(self) -> list[TokenizedExample]:
+        """--refine-steps: refuse (before the model loads) where g, v and H v will not fit the device; the
+        fitting examples of the Gauss-Newton batches (the factors' own by default, checked unchanged)."""
+        from if_query.fitting import dataset_fingerprint
+        from if_query.hessian_data import load_hessian_examples
+        from if_query.modeling import meta_model
+        from if_query.refine import refine_bytes
+        from if_query.sizes import ModelShape, Shape, human_bytes
+
+        config = self.config
+        shapes = [Shape(m["name"], m["shape"][0], m["shape"][1], m["bias"]) for m in self.metadata["tracked_modules"]]
+        hf_config = load_config(config.model, config.revision)
+        model_bytes = ModelShape.of(meta_model(hf_config), hf_config).parameters * self.dtype.itemsize
+        vectors, _ = refine_bytes(shapes, 1)
+        if self.device.type == "cuda":
+            limit, where = torch.cuda.get_device_properties(self.device).total_memory, f"{self.device}'s memory"
+        else:
+            from if_query.memory import host_memory_available
+
+            limit, where = host_memory_available(), "the free RAM"
+        if vectors + model_bytes > limit:
+            raise InputError(f"--refine-steps needs g, v and H v of one query on the device ({human_bytes(vectors)}: "
+                             "the tracked weights three times in float32) besides the model "
+                             f"({human_bytes(model_bytes)}), more than {where} ({human_bytes(limit)}); track fewer "
+                             "blocks (--layer-stride) or drop --refine-steps")
+        fit, data = self.metadata["fit"], self.metadata.get("hessian_data")
+        if config.refine_data is not None:
+            return load_hessian_examples(config.refine_data, self.example_tokenizer)
+        if data is None:
+            raise InputError("--refine-steps: the factors' metadata.json does not say how their fitting data was "
+                             "tokenized (fitted by an older if-query); give --refine-data")
+        tokenizer = ExampleTokenizer(self.tokenizer, data["max_length"],
+                                     position_limit=self.example_tokenizer.position_limit)
+        examples = load_hessian_examples(fit["hessian_dataset"], tokenizer, data["max_examples"])
+        if dataset_fingerprint(examples) != fit["hessian_dataset_fingerprint"]:
+            raise InputError(f"--refine-steps: the factors' fitting data {fit['hessian_dataset']} changed since "
+                             "the fit (its fingerprint differs); give --refine-data")
+        return examples
 
     def prepare(self, job: QueryJob) -> PreparedJob:
         """Read, validate and tokenize a job's files (raises InputError; loads no model)."""
@@ -165,6 +206,10 @@ class QueryRunner:
         else:
             self.scorer = EngineScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.device,
                                        self.quiet)
+            ordered, size = sorted(self.refine_examples, key=len), self.config.refine_batch_size
+            collate = Collator(self.tokenizer.pad_token_id)
+            self.scorer.refine_batches = [{k: v.to(self.device) for k, v in collate(ordered[i : i + size]).items()}
+                                          for i in range(0, len(ordered), size)]
         return self.scorer
 
     def _check_factors(self, found: dict) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from if_query import distributed, engine, sizes
+from if_query import distributed, engine, refine, sizes
 from if_query.capture import TokenFactorStore, capture_token_factors
 from if_query.config import QueryConfig
 from if_query.errors import RunError
@@ -175,6 +175,7 @@ class EngineScorer:
         self.matmul_precision = resolve_matmul_precision(config.matmul_precision, device)
         self.transfers = Transfers(device)  # its pinned buffers serve every folder
         self.bytes_per_token = token_factor_bytes_per_token(self.shapes, self.dtype.itemsize)
+        self.refine_batches: list[dict] = []  # --refine-steps: collated fitting batches on the device
 
     @property
     def host_budget(self) -> int:
@@ -224,12 +225,24 @@ class EngineScorer:
             return capture_token_factors(self.model, self.linears, sequences, store, batches, self.pad_token_id,
                                          self.device, progress=bar.update, transfers=self.transfers)
 
-    def _engine(self, queries: engine.Side, train: engine.Side, workspace: int, per_token: bool) -> engine.Scores:
+    def _engine(self, queries: engine.Side, train: engine.Side, workspace: int, per_token: bool,
+                refined: tuple | None = None) -> engine.Scores:
         config = self.config
+        forms, own = refined or (None, None)
         with tqdm(total=len(self.shapes), desc="scores", unit="module", disable=self.quiet, leave=False) as bar:
             return engine.score(queries, train, self.factors, self.shapes, config.damping_value, per_token,
                                 workspace, self.device, cosine=config.cosine, progress=lambda name: bar.update(1),
-                                transfers=self.transfers)
+                                transfers=self.transfers, refined=forms, refined_self=own)
+
+    def _refine(self, queries: engine.Side) -> tuple | None:
+        """--refine-steps: (each query's refined v, its refined self-influence), or None (EK-FAC)."""
+        if not self.config.refine_steps:
+            return None
+        with torch.enable_grad():
+            inverse = refine.Inverse(self.factors, self.shapes, self.config.damping_value, self.device)
+            return refine.refine_queries(refine.GaussNewton(self.model, self.shapes), inverse,
+                                         engine.gradients(queries, self.shapes, self.device), self.refine_batches,
+                                         self.config.refine_steps)
 
     def score(self, queries: Sequence[TokenizedExample], train: TrainSequences, checkpoint=None,
               per_token: bool | None = None) -> ScoredSet | None:
@@ -249,9 +262,9 @@ class EngineScorer:
                     **{i: len(queries) + k for k, i in enumerate(train_only)}}
         store, workspace = self._store(sequences, self.host_budget, "folder")
         losses = self._capture(sequences, store, len(queries), "folder")
-        result = self._engine(engine.Side(store, range(len(queries))),
-                              engine.Side(store, [position[i] for i in range(len(train.lengths))]), workspace,
-                              per_token)
+        query_side = engine.Side(store, range(len(queries)))
+        result = self._engine(query_side, engine.Side(store, [position[i] for i in range(len(train.lengths))]),
+                              workspace, per_token, self._refine(query_side))
         return ScoredSet(result.pairwise, result.query_self, result.train_self, losses[: len(queries)],
                          _per_token_pairs(result.per_token, range(len(train.lengths))), result.damping)
 
@@ -267,6 +280,7 @@ class EngineScorer:
         query_store, workspace = self._store(queries, budget, "queries")
         query_losses = self._capture(queries, query_store, len(queries), "queries")
         query_side = engine.Side(query_store, range(len(queries)))
+        refined = self._refine(query_side)
         train_only = np.array([i for i in range(len(train.lengths)) if i not in train.queries], dtype=np.int64)
         chunk_budget = max(budget - (0 if query_store.spilled else query_store.nbytes), self.bytes_per_token)
         chunks = [train_only[c] for c in plan_chunks(train.lengths[train_only], self.bytes_per_token, chunk_budget)]
@@ -282,7 +296,7 @@ class EngineScorer:
         if train.queries:  # train sequences that are queries: from the queries' token factors
             rows = np.array(sorted(train.queries), dtype=np.int64)
             result = self._engine(query_side, engine.Side(query_store, [train.queries[i] for i in rows]), workspace,
-                                  per_token)
+                                  per_token, refined)
             scores[rows] = result.pairwise.numpy().T
             if result.train_self is not None:
                 train_self[rows] = result.train_self.numpy()
@@ -300,7 +314,7 @@ class EngineScorer:
                     store, chunk_workspace = self._store(sequences, chunk_budget, f"chunk {mine + 1}/{len(chunks)}")
                     self._capture(sequences, store, 0, f"chunk {mine + 1}/{len(chunks)}")
                     result = self._engine(query_side, engine.Side(store, range(len(sequences))), chunk_workspace,
-                                          per_token)
+                                          per_token, refined)
                     del store
                     outcome = (mine, result.pairwise.numpy(), None if result.train_self is None
                                else result.train_self.numpy(), _per_token_pairs(result.per_token, rows))
@@ -318,7 +332,7 @@ class EngineScorer:
                     tokens.update(chunk_tokens or {})
                 bar.update(min(ranks, len(todo) - round_start))
         if resolved is None:  # every chunk was done before the restart: the queries' own pass gives the rest
-            result = self._engine(query_side, engine.Side(query_store, []), workspace, False)
+            result = self._engine(query_side, engine.Side(query_store, []), workspace, False, refined)
             resolved, query_self = result.damping, result.query_self
         if me != 0:
             return None
