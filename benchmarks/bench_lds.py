@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+GN_CHUNK = 16  # examples per graph of the Gauss-Newton product (length-sorted: little padding)
 SUBSET_FRACTION = 0.5  # each LDS subset keeps this fraction of the records that are not format records
 CEILING_SEED_OFFSET = 1000  # the ceiling's second training seed = the seed + this
 WORD = re.compile(r"\w+")
@@ -218,30 +219,41 @@ class GaussNewton:
     cross-entropy's Hessian in the logits (p the model's softmax: no sampled labels).
 
     One forward pass builds the graph; every product then reuses it: J v by the double-backward trick (u -> J^T u
-    is linear, so the VJP of that map with cotangent v is J v), J^T w by a plain VJP. The model must be
-    twice differentiable (GPT-2: eager attention)."""
+    is linear, so the VJP of that map with cotangent v is J v), J^T w by a plain VJP. The batch goes through in
+    length-sorted chunks of GN_CHUNK examples (little padding; one graph each). Logits are formed at the labelled
+    positions only (the output embedding applied to those rows of the base model's last hidden state: models
+    whose logits are that linear map, as GPT-2, Llama, OLMo; not logit soft-capping). The model must be twice
+    differentiable (GPT-2: eager attention)."""
 
-    def __init__(self, model, linears: dict, batch: dict):
-        from if_query import loss
-        from if_query.tokenization import IGNORE_INDEX
+    def __init__(self, model, linears: dict, examples: Sequence, pad_token_id: int):
+        from if_query.tokenization import IGNORE_INDEX, collate
 
-        self.linears, self.count = linears, batch["input_ids"].shape[0]
+        self.linears, self.count = linears, len(examples)
         self.parameters = _tracked_parameters(linears)
-        with torch.enable_grad():
-            self.logits, labels = loss.shifted_logits_and_labels(batch, model)  # (B, C, vocab), (B, C)
-            labelled = (labels != IGNORE_INDEX)[..., None]  # (B, C, 1)
-            self.probs = torch.softmax(self.logits.detach(), dim=-1) * labelled  # (B, C, vocab), 0 where unlabelled
-            self.cotangent = torch.zeros_like(self.logits, requires_grad=True)
-            self.transposed = torch.autograd.grad(self.logits, self.parameters, self.cotangent, create_graph=True)
+        ordered = sorted(examples, key=len)
+        self.chunks = []  # per chunk: (logits (labelled, vocab), probs (labelled, vocab), cotangent, J^T cotangent)
+        for start in range(0, len(ordered), GN_CHUNK):
+            batch = collate(ordered[start : start + GN_CHUNK], pad_token_id)
+            labelled = batch["labels"][:, 1:] != IGNORE_INDEX  # (b, T-1): position t predicts label t+1
+            with torch.enable_grad():
+                hidden = model.base_model(input_ids=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"]).last_hidden_state  # (b, T, d)
+                logits = model.get_output_embeddings()(hidden[:, :-1][labelled])  # (labelled, vocab)
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                cotangent = torch.zeros_like(logits, requires_grad=True)
+                transposed = torch.autograd.grad(logits, self.parameters, cotangent, create_graph=True)
+            self.chunks.append((logits, torch.softmax(logits.detach(), dim=-1), cotangent, transposed))
 
     def __call__(self, v: Vectors) -> Vectors:
         out = []
         for k in range(next(iter(v.values())).shape[0]):
-            jv = torch.autograd.grad(self.transposed, self.cotangent, _from_vector(self.linears, v, k),
-                                     retain_graph=True)[0]  # (B, C, vocab) = J v
-            hjv = self.probs * jv - self.probs * (self.probs * jv).sum(dim=-1, keepdim=True)  # (diag p - p p^T) J v
-            grads = torch.autograd.grad(self.logits, self.parameters, hjv, retain_graph=True)
-            out.append(_to_vectors(self.linears, [g / self.count for g in grads]))
+            tangent, total = _from_vector(self.linears, v, k), None
+            for logits, probs, cotangent, transposed in self.chunks:
+                jv = torch.autograd.grad(transposed, cotangent, tangent, retain_graph=True)[0]  # (labelled, vocab)
+                hjv = probs * jv - probs * (probs * jv).sum(dim=-1, keepdim=True)  # (diag p - p p^T) J v
+                grads = torch.autograd.grad(logits, self.parameters, hjv, retain_graph=True)
+                total = grads if total is None else [t + g for t, g in zip(total, grads, strict=True)]
+            out.append(_to_vectors(self.linears, [g / self.count for g in total]))
         return {m: torch.cat([o[m] for o in out]) for m in v}
 
 
@@ -265,13 +277,13 @@ class Refinement:
     seconds: dict[int, float]  # N -> seconds from the start (power iterations included) to v_N
     alpha: float
     largest_eigenvalue: float  # of P (H_B + damping), estimated
-    residuals: list[list[float]]  # per step, each vector's ||g - (H_B + damping) v||_P / ||g||_P
+    residuals: list[list[float]]  # [k]: each vector's ||g - (H_B + damping) v_k||_P / ||g||_P, k = 0..max N
     stopped: dict[int, int]  # vector index -> the step at which its residual grew (kept at the step before)
 
 
 def refine_ihvp(gradients: Vectors, hessian: Callable[[Vectors], Vectors], preconditioners: dict,
                 steps: Sequence[int], power_iterations: int = 20, growth_tolerance: float = 1e-3,
-                seed: int = 0) -> Refinement:
+                seed: int = 0, alpha_scale: float = 1.0) -> Refinement:
     """ASTRA's refinement of K inverse-Hessian-vector products (H_B + L)^-1 g, g = ``gradients``.
 
     v_0 = P g, v_{k+1} = v_k + alpha P (g - (H_B + L) v_k): P = :func:`ekfac_inverse` (the fitted EK-FAC inverse
@@ -282,7 +294,7 @@ def refine_ihvp(gradients: Vectors, hessian: Callable[[Vectors], Vectors], preco
     and N = 0 is the EK-FAC product itself. The residual r_k = g - (H_B + L) v_k costs nothing extra (it is the
     update's); its P-norm shrinks every step in exact arithmetic, so a vector whose residual grows by more than
     ``growth_tolerance`` (and is above rounding, sqrt(eps) of ||g||_P) is stopped, kept at its previous iterate and
-    reported in ``stopped``.
+    reported in ``stopped`` (``alpha_scale`` > 2, a step too large, makes every vector stop: the self-check's test).
 
     Returns v_N for every N in ``steps`` (a scored query's refined score against a train gradient g_t is
     v_N . g_t). Memory: g, v, the previous v and the products, for K vectors."""
@@ -295,27 +307,29 @@ def refine_ihvp(gradients: Vectors, hessian: Callable[[Vectors], Vectors], preco
     result = Refinement({0: v}, {0: time.perf_counter() - started}, 0.0, 0.0, [], {})
     result.largest_eigenvalue = largest_eigenvalue(lambda x: ekfac_inverse(preconditioners, damped(x)), gradients,
                                                    power_iterations, seed)
-    result.alpha = 1.0 / result.largest_eigenvalue
+    result.alpha = alpha_scale / result.largest_eigenvalue
     norm = _dot(gradients, v).sqrt()  # (K,) ||g||_P
     floor = torch.finfo(norm.dtype).eps ** 0.5  # a relative residual below this is rounding: never "growth"
     active = torch.ones(len(norm), dtype=torch.bool)
     previous, previous_size = v, None
-    for step in range(1, max(steps) + 1):
-        residual = _combine(gradients, damped(v), -1.0)  # g - (H_B + L) v_{step-1}
+    for step in range(max(steps) + 1):
+        residual = _combine(gradients, damped(v), -1.0)  # g - (H_B + L) v_step
         update = ekfac_inverse(preconditioners, residual)  # P r
         size = _dot(residual, update).clamp_min(0).sqrt() / norm  # (K,) ||r||_P / ||g||_P
-        result.residuals.append(size.tolist())
         if previous_size is not None:
             grew = active & (size > (1 + growth_tolerance) * previous_size) & (size > floor)
             for k in grew.nonzero().flatten().tolist():
-                result.stopped[k] = step - 2  # v_{step-2}, the iterate before the residual grew, is kept
+                result.stopped[k] = step - 1  # v_{step-1}, the iterate before the residual grew, is kept
             v = {m: torch.where(grew[:, None, None], previous[m], v[m]) for m in v}
+            size = torch.where(grew, previous_size, size)
             active &= ~grew
-        previous_size = size if previous_size is None else torch.where(active, size, previous_size)
-        previous = v
-        v = _combine(v, update, active.to(size.dtype) * result.alpha)  # v_step (stopped vectors unchanged)
-        if step in steps:
+        result.residuals.append(size.tolist())
+        if step and step in steps:
             result.vectors[step], result.seconds[step] = v, time.perf_counter() - started
+        if step == max(steps):
+            return result
+        previous, previous_size = v, size
+        v = _combine(v, update, active.to(size.dtype) * result.alpha)  # v_{step+1} (stopped vectors unchanged)
     return result
 
 
@@ -338,10 +352,8 @@ def gauss_newton_batches(model, linears: dict, examples: Sequence, batch_size: i
     """H_B for the refinement: the whole fitting set as one batch (``batch_size`` None or >= its size: one graph,
     the same exact H every step), else a new random batch of ``batch_size`` examples at every call (stochastic
     Neumann: each step, and each power iteration, draws its own; batches cycle through shuffled epochs)."""
-    from if_query.tokenization import collate
-
     if batch_size is None or batch_size >= len(examples):
-        return GaussNewton(model, linears, collate(list(examples), pad_token_id))
+        return GaussNewton(model, linears, examples, pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
 
@@ -349,7 +361,7 @@ def gauss_newton_batches(model, linears: dict, examples: Sequence, batch_size: i
         if len(order) < batch_size:
             order.extend(torch.randperm(len(examples), generator=generator).tolist())
         chosen = [examples[order.pop()] for _ in range(batch_size)]
-        return GaussNewton(model, linears, collate(chosen, pad_token_id))(v)
+        return GaussNewton(model, linears, chosen, pad_token_id)(v)
 
     return next_batch
 
@@ -431,11 +443,12 @@ def astra_scores(built: dict, factors_dir, steps: Sequence[int], reference: np.n
 # --self-check: ASTRA against dense matrices on a model tracking about 2,000 parameters
 # ---------------------------------------------------------------------------------------------
 
-SELF_CHECK_TOLERANCE = 1e-6  # relative, float64: the Gauss-Newton product, the recurrence, the symmetry
+SELF_CHECK_TOLERANCE = 1e-10  # relative, float64: the Gauss-Newton product, the recurrence, the symmetry
 SELF_CHECK_N0_TOLERANCE = 1e-4  # relative: N = 0 (float64) against if-query's EK-FAC scores (float32)
 SELF_CHECK_CONVERGED = 1e-4  # relative: many steps against the exact (H + L)^-1 scores
 SELF_CHECK_STEPS = 5  # the step compared with the dense recurrence
 SELF_CHECK_MAX_STEPS = 4000
+DIVERGING_ALPHA_SCALE = 3.0  # alpha = this / the largest eigenvalue: the iteration diverges (> 2)
 SELF_CHECK_DAMPINGS = (0.1, 1.0, 10.0, 100.0)  # x each module's mean eigenvalue: the convergence check's choices
 
 
@@ -533,7 +546,7 @@ def dense_case(built: dict, factors_dir) -> DenseCase:
     from if_query.kron import FactorReader
     from if_query.modeling import load_tokenizer
     from if_query.records import load_examples
-    from if_query.tokenization import ExampleTokenizer, collate
+    from if_query.tokenization import ExampleTokenizer
 
     tokenizer = load_tokenizer(str(built["model_dir"]))
     tokenize, pad = ExampleTokenizer(tokenizer, 512), tokenizer.pad_token_id
@@ -543,7 +556,7 @@ def dense_case(built: dict, factors_dir) -> DenseCase:
     model.double()
     query_grads, train_grads = (example_gradients(model, linears, t, pad) for t in (queries, train))
     return DenseCase(model, linears, FactorReader(factors_dir), query_grads, train_grads,
-                     GaussNewton(model, linears, collate(train, pad)),
+                     GaussNewton(model, linears, train, pad),
                      dense_gauss_newton(model, linears, train, pad, train_grads))
 
 
@@ -566,7 +579,10 @@ def exactness_checks(case: DenseCase, reference: np.ndarray, log) -> list[tuple[
         f"train records; damping auto: eigenvalues of P(H+L) {float(spectrum.min()):.3g}..{float(spectrum.max()):.3g}"
         f" (power iterations: {query_side.largest_eigenvalue:.3g}); EK-FAC's scores differ from the exact "
         f"(H+L)^-1 scores by {_relative(pairwise(query_side.vectors[0], case.train_grads), exact):.3g} of the largest")
+    too_large = refine_ihvp(case.query_grads, case.hessian, pre, [steps], alpha_scale=DIVERGING_ALPHA_SCALE)
     return [
+        (f"alpha = {DIVERGING_ALPHA_SCALE:g} / largest eigenvalue: every residual grows, every vector is stopped "
+         "(fraction not stopped)", 1 - len(too_large.stopped) / len(g), 0.0),
         ("Gauss-Newton product = dense J^T H J", _relative(_flat(case.hessian(probe)),
                                                            _flat(probe) @ damped - _flat(probe) * damping),
          SELF_CHECK_TOLERANCE),
@@ -595,7 +611,8 @@ def convergence_check(case: DenseCase, log) -> tuple[str, float, float]:
     refined = refine_ihvp(case.train_grads, case.hessian, pre, [steps])
     exact = _flat(case.query_grads) @ torch.linalg.solve(case.damped(pre)[0], _flat(case.train_grads).T)
     log(f"  damping {ratio:g} x the mean eigenvalue: eigenvalues of P(H+L) {float(spectrum.min()):.3g}.."
-        f"{float(spectrum.max()):.3g}, {steps} steps (stopped vectors: {refined.stopped or 'none'})")
+        f"{float(spectrum.max()):.3g} (power iterations: {refined.largest_eigenvalue:.3g}), {steps} steps (stopped "
+        f"vectors: {refined.stopped or 'none'})")
     return (f"N = {steps} = the exact (H + L)^-1 scores (damping {ratio:g} x mean eigenvalue)",
             _relative(pairwise(case.query_grads, refined.vectors[steps]), exact), SELF_CHECK_CONVERGED)
 

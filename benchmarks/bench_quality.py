@@ -105,6 +105,7 @@ class WorldSpec:
     n_head: int = 4
     n_positions: int = 64
     vocab_size: int = 512
+    batch_size: int = 64
 
 
 WORLDS = {
@@ -113,7 +114,7 @@ WORLDS = {
     "facts2-noeos": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=400, label_eos=False),
     "facts2-early-noeos": WorldSpec(relations=("city", "job"), b_fraction=0.0, steps=40, label_eos=False),
     "readme": WorldSpec(relations=tuple(r.name for r in tw.RELATIONS), b_fraction=0.5, steps=600),
-    "docs": WorldSpec(relations=(), b_fraction=0.25, steps=50, lr=1e-2, kind="docs", n_positions=96),
+    "docs": WorldSpec(relations=(), b_fraction=0.25, steps=80, kind="docs", n_positions=96, batch_size=32),
 }
 # --self-check: a model small enough for dense matrices (1 block, d=16: 2,128 tracked parameters), 4 records
 SELF_CHECK_WORLD = WorldSpec(relations=("city",), b_fraction=0.0, steps=30, n_people=4, n_layer=1, n_embd=16,
@@ -173,7 +174,8 @@ def train_model(spec: WorldSpec, records: list[dict], tokenizer, threads: int, s
     """The world's model trained with ``seed`` (initialisation and batch order) on ``records`` (the ``keep`` ones)."""
     return tw.train_tiny_gpt2(records, tokenizer, seed=seed, steps=spec.steps, label_eos=spec.label_eos,
                               loss_on=spec.loss_on, lr=spec.lr, num_threads=threads, n_layer=spec.n_layer,
-                              n_embd=spec.n_embd, n_head=spec.n_head, n_positions=spec.n_positions, keep=keep)
+                              n_embd=spec.n_embd, n_head=spec.n_head, n_positions=spec.n_positions,
+                              batch_size=spec.batch_size, keep=keep)
 
 
 def build(spec: WorldSpec, seed: int, work: Path, threads: int) -> dict:
@@ -481,9 +483,9 @@ def run_astra(run: SeedRun, args: argparse.Namespace) -> None:
     run.extra["astra"] = {
         "alpha": refinement.alpha, "largest_eigenvalue": refinement.largest_eigenvalue,
         "refined_side": astra.refined_side, "n0_error": astra.n0_error, "stopped": len(refinement.stopped),
-        "vectors": len(refinement.residuals[0]) if refinement.residuals else 0,
+        "vectors": len(refinement.residuals[0]),
         "seconds": {str(n): s for n, s in astra.seconds.items()},
-        "residual": {str(n): statistics.fmean(refinement.residuals[n - 1]) for n in args.refine_steps if n},
+        "residual": {str(n): statistics.fmean(refinement.residuals[n]) for n in sorted({0, *args.refine_steps})},
     }
     run.log(f"  ASTRA: alpha {refinement.alpha:.3g} (largest eigenvalue of P(H+L) {refinement.largest_eigenvalue:.3g}),"
             f" refined side {astra.refined_side}, N=0 vs EK-FAC {astra.n0_error:.1e}, residual/|g| "

@@ -207,7 +207,7 @@ def training_records(world: World, b_fraction: float = 0.5, seed: int = 0) -> Tr
 # A world of real text: sentences of CPython's help topics (pydoc_data.topics)
 # ---------------------------------------------------------------------------------------------
 
-DOC_WORDS = (8, 18)  # a sentence's length in words, inclusive
+DOC_WORDS = (8, 14)  # a sentence's length in words, inclusive
 DOC_LEAD_FRACTION = 0.6  # the lead (prompt) is this fraction of the sentence's words
 DOC_MIN_CONTINUATION = 3  # words in the continuation (completion), at least
 DOC_TAIL_WORDS = 4  # words of the lead quoted by the other phrasing
