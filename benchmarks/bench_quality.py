@@ -1,9 +1,16 @@
-"""Quality benchmark: does an influence score find the training record that states a queried fact?
+"""Quality benchmark: does an influence score find the training record that states a queried fact, and does it
+predict what leaving training records out does to a query's loss (LDS)?
 
     uv run python benchmarks/bench_quality.py                 # facts2 + facts2-early, 10 seeds, every method (~14 min)
     uv run python benchmarks/bench_quality.py --quick         # the same worlds, 2 seeds, 4 methods (~1.5 min)
     uv run python benchmarks/bench_quality.py --world readme --seeds 0 1 2 --output /tmp/readme.md
     uv run python benchmarks/bench_quality.py --from-json /tmp/a.json /tmp/b.json   # one report of earlier runs
+    uv run python benchmarks/bench_quality.py --world facts2-early --seeds 0 1 2 --lds 32 --ceiling-subsets 16
+                                                              # + LDS over 32 subset models per seed (the LDS methods)
+    uv run python benchmarks/bench_quality.py --self-check    # ASTRA against dense matrices (~1 min)
+
+The LDS, its ceiling, BM25, attention tracking and the ASTRA prototype live in bench_lds.py (its docstring says
+what each is); this file is the one entry point.
 
 Worlds (scripts/tiny_world.py; one world, model and sampling seed per benchmark seed)
     facts2        the headline: 40 made-up people x {city, job}, every fact in ONE phrasing ("Zorvan Quill lives
@@ -15,6 +22,19 @@ Worlds (scripts/tiny_world.py; one world, model and sampling seed per benchmark 
                   the same two, but the model is never trained on the EOS after a fact (so it is unsure there).
     readme        the earlier README world: 4 relations, phrasing a for everyone plus phrasing b ("The home city
                   of Zorvan Quill is") for half of the people, 600 steps; 240 training records.
+    docs          real text, not facts: 64 prose sentences of CPython's own help topics (pydoc_data.topics, shipped
+                  with CPython: nothing is downloaded; the text is the running Python's), drawn per seed. A record
+                  is a sentence cut into its lead and continuation (tiny_world.DocSentence): phrasing a is the lead
+                  -> the continuation ("Otherwise, "raise" evaluates the first expression" -> " as the exception
+                  object."), as a language model is trained on running text. Phrasing b, the other phrasing, asks
+                  for the same continuation the way a user who half-remembers a passage would: naming the help
+                  topic and quoting only the lead's last 4 words ("From The "raise" statement: ... evaluates the
+                  first expression" -> " as the exception object."). A quarter of the sentences also have their
+                  phrasing b trained (the format records: they teach that form, as readme's phrasing-b records
+                  do, and stay in every LDS subset); the other 48 sentences' phrasing b are the queries (b).
+                  80 training records, the same tiny GPT-2 trained 80 steps in batches of 32 (greedy accuracy on
+                  the continuations about 0.15-0.25: partly learned, like facts2-early). The continuation is unique
+                  text, so finding its record is easy for every Hessian (top-1 (b) is 1.0); the LDS is the test.
     The training records are both the train set and the Hessian-fitting data.
 
 Queries (completion = the true fact); the correct answer is the phrasing-a training record of the same fact
@@ -48,11 +68,25 @@ Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's m
     if-query-rel R     if-query's factors scored with one absolute damping = R x the mean eigenvalue averaged over
                        the modules (R in --relative-dampings; auto is 0.1 x each module's own mean).
     identity           plain gradient dot products (no Hessian): the floor.
+    if-query-diagonal, if-query-kfac
+                       fit_hessians --strategy diagonal / kfac + run-query's scorer.
+    kronfluence-attn   bare Kronfluence tracking the attention projections too (c_attn, attn.c_proj; benchmark-only:
+                       if-query tracks MLPs).
+    bm25               BM25 (rank_bm25) of each query's text against each record's text: a baseline without a model.
+    if-query-astra N   if-query's EK-FAC factors, each inverse-Hessian-vector product refined by N steps of
+                       EK-FAC-preconditioned Neumann iteration on the exact Gauss-Newton matrix of the fitting data
+                       (ASTRA; bench_lds.refine_ihvp), N in --refine-steps.
+
+LDS (--lds M; bench_lds.py): M subset models per seed (random halves of the non-format records, same
+initialisation and batch order as the full model); per other-phrasing query (b), the Spearman correlation over the
+subsets between -sum_{t in S} raw score(q, t) and the measured summed loss; the mean over queries. The ceiling: the
+first --ceiling-subsets subsets trained again from another seed, the same correlation between the two runs.
 
 Statistics: mean +- standard error over seeds; for each method the paired difference to bare Kronfluence (same
 world, model, seed) with its standard error, and the number of seeds where the method is above / below it.
 
-Results: printed, and written to benchmarks/results/bench_quality.md (+ .json with the per-seed numbers).
+Results: printed, and written to benchmarks/results/bench_quality.md (+ .json with the per-seed numbers; with --lds
+each method's LDS is results[method]["raw"]["b"]["lds"]).
 """
 
 from __future__ import annotations
@@ -677,7 +711,8 @@ def report(per_seed: list[dict], args: argparse.Namespace, command: str, runtime
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on other options filled in."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", dest="worlds", nargs="+", default=list(DEFAULT_WORLDS), choices=list(WORLDS))
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0..9 (quick: 0 1)")
@@ -712,6 +747,19 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--relative-dampings must be finite numbers > 0")
     if args.lds < 0 or args.ceiling_subsets < 2 or min(args.refine_steps) < 0 or (args.refine_batch or 1) < 1:
         ap.error("--lds must be >= 0, --ceiling-subsets >= 2, --refine-steps >= 0, --refine-batch >= 1")
+    return args
+
+
+def self_check(threads: int, log) -> bool:
+    """--self-check: ASTRA against dense matrices on SELF_CHECK_WORLD's model (bench_lds.check_against_dense)."""
+    with tempfile.TemporaryDirectory(prefix="bench-quality-self-check-") as tmp:
+        built = build(SELF_CHECK_WORLD, 0, Path(tmp), threads)
+        factors = fit_if_query(built, "if-query")
+        return bench_lds.check_against_dense(built, factors, score_if_query(built, factors)[0], log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     command = "uv run python " + " ".join(shlex.quote(a) for a in
                                            [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
     print(f"# {command}", flush=True)
@@ -730,10 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
 
     if args.self_check:
-        with tempfile.TemporaryDirectory(prefix="bench-quality-self-check-") as tmp:
-            built = build(SELF_CHECK_WORLD, 0, Path(tmp), args.threads)
-            factors = fit_if_query(built, "if-query")
-            passed = bench_lds.check_against_dense(built, factors, score_if_query(built, factors)[0], log)
+        passed = self_check(args.threads, log)
         log("self-check " + ("passed" if passed else "FAILED"))
         sys.exit(0 if passed else 1)
     if args.from_json:

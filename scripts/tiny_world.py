@@ -14,9 +14,19 @@ The training corpus holds every fact in phrasing "a" and, for a fixed fraction o
 in phrasing "b" (so the model can learn the mapping between phrasings). The phrasing-"b" facts
 of the remaining, held-out people test generalisation.
 
-A second world is real text, not facts (:func:`doc_corpus`): sentences of CPython's own help topics
-(``pydoc_data.topics``, shipped with every CPython, so nothing is downloaded), each cut into a lead and
-its continuation, with an other phrasing that quotes the end of the lead from a named help topic.
+A second world is real text, not facts (:func:`doc_corpus`): prose sentences of CPython's own help
+topics (``pydoc_data.topics``, shipped with every CPython, so nothing is downloaded; its text is the
+running interpreter's). Each sentence is cut into a lead and its continuation:
+
+* ``"a"``: the lead -> the continuation, as running text is trained:
+  ``"Otherwise, "raise" evaluates the first expression"`` -> ``" as the exception object."``
+* ``"b"``: the same continuation asked for the way a user who half-remembers a passage would ask: the help
+  topic named, only the lead's last words quoted:
+  ``"From The "raise" statement: ... evaluates the first expression"`` -> ``" as the exception object."``
+
+The training corpus holds every sentence in phrasing "a" and, for a fraction of the sentences (the format
+records), also in phrasing "b", so the model can learn that form; the held-out sentences' phrasing "b" are
+the other-phrasing queries. What a query attributes is a real-text continuation, not a made-up value.
 """
 
 from __future__ import annotations
