@@ -14,9 +14,10 @@ LDS (the linear datamodeling score, Park et al. 2023)
     the subsets counts 0). Raw scores, not cosines: a sum of effects needs their sizes.
 The ceiling
     The first C subsets are trained again from another training seed (another initialisation and batch order);
-    the mean over queries of the Spearman correlation between the two runs' losses over those C subsets, r, is
-    what a method that knows nothing of the seed can hope for in the run-to-run sense the issue asks for. (Under
-    a signal-plus-independent-noise model the best such predictor correlates sqrt(r) with one run.)
+    the mean over queries of the Spearman correlation between the two runs' losses over those C subsets, r, says
+    how much of a subset's effect on a loss is reproducible rather than an accident of one training run: a
+    rough bound on what scores that know nothing of the seed can reach (under a signal-plus-independent-noise
+    model, the best such predictor correlates sqrt(r) with one run). Scores of the seed's own model can exceed r.
 BM25
     ``rank_bm25.BM25Okapi`` over the training records' texts (prompt + completion, lower-cased words), each
     query's text as the query: a score that knows words, not the model.
@@ -24,8 +25,9 @@ Attention
     bare Kronfluence tracking GPT-2's attention projections (the fused ``c_attn`` and ``attn.c_proj``, swapped
     from ``Conv1D`` to ``nn.Linear`` like the MLP's) as well as the MLP's; if-query's ``src/`` tracks MLPs only.
 ASTRA (Wang et al. 2025, arXiv 2507.14740), a prototype of ``run-query --refine-steps N``
-    :func:`refine_ihvp`: see its docstring; :func:`astra_scores` runs it on a benchmark seed and
-    :func:`self_check` checks it against dense matrices on a model tracking about 2,000 parameters.
+    :func:`refine_ihvp` (see its docstring); :func:`astra_scores` runs it on a benchmark seed and
+    :func:`check_against_dense` (``--self-check``) checks it against dense matrices on a model tracking 2,128
+    parameters.
 """
 
 from __future__ import annotations
@@ -63,20 +65,21 @@ def draw_subsets(is_format: Sequence[bool], count: int, seed: int) -> np.ndarray
 def summed_losses(model, tokenizer, records: list[dict]) -> np.ndarray:
     """Each record's summed completion loss (+ EOS) under ``model``, as run-query's ``loss_sum``, (records,)."""
     from if_query import loss
-    from if_query.records import load_examples
     from if_query.tokenization import ExampleTokenizer, collate
 
-    examples = load_examples_from(records, load_examples)
+    examples = examples_of(records)
     tokens = ExampleTokenizer(tokenizer, 512).tokenize_all(examples)
     with torch.no_grad():
         logits, labels = loss.shifted_logits_and_labels(collate(tokens, tokenizer.pad_token_id), model.eval())
         return loss.summed_token_losses(logits, labels).double().numpy()
 
 
-def load_examples_from(records: list[dict], load_examples) -> list:
+def examples_of(records: list[dict]) -> list:
     """``if_query.records.Example``s of in-memory records (through a temporary JSON file, as run-query reads)."""
     import json
     import tempfile
+
+    from if_query.records import load_examples
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8") as file:
         json.dump(records, file)

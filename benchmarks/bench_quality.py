@@ -686,18 +686,27 @@ def astra_lines(runs: list[dict]) -> list[str]:
     astra = [(s["extra"]["astra"], s["extra"]["ekfac_score_s"]) for s in runs if "astra" in s["extra"]]
     if not astra:
         return []
-    steps = list(astra[0][0]["residual"])
+    steps = sorted({n for a, _ in astra for n in a["residual"]}, key=int)
+
+    def mean(key: str, n: str, scale=lambda a, t: 1.0) -> float:  # over the seeds that ran N = n
+        return statistics.fmean(a[key][n] / scale(a, t) for a, t in astra if n in a[key])
+
+    def seeds(n: str) -> str:
+        have = sum(n in a["residual"] for a, _ in astra)
+        return "" if have == len(astra) else f" ({have} seed{'s' if have > 1 else ''})"
+
     return [
         f"ASTRA (if-query-astra N): refined side {astra[0][0]['refined_side']}; alpha = 1 / the largest eigenvalue "
         f"of P(H+L), {min(a['largest_eigenvalue'] for a, _ in astra):.3g} .. "
         f"{max(a['largest_eigenvalue'] for a, _ in astra):.3g} over the seeds; N = 0 vs if-query's EK-FAC scores "
         f"at most {max(a['n0_error'] for a, _ in astra):.1e} of the largest score; stopped vectors "
         f"{sum(a['stopped'] for a, _ in astra)}. Residual ||g - (H+L) v_N||_P / ||g||_P, mean: "
-        + ", ".join(f"N={n} {statistics.fmean(a['residual'][n] for a, _ in astra):.3f}" for n in steps)
+        + ", ".join(f"N={n} {mean('residual', n):.3g}{seeds(n)}" for n in steps)
         + ". Refinement seconds (gradients + steps) per seed, and x EK-FAC's scoring time "
         f"({statistics.fmean(t for _, t in astra):.2f} s): "
-        + ", ".join(f"N={n} {statistics.fmean(a['seconds'][n] for a, _ in astra):.1f} s "
-                    f"({statistics.fmean(a['seconds'][n] / t for a, t in astra):.0f}x)" for n in steps) + ".", ""]
+        + ", ".join(f"N={n} {mean('seconds', n):.1f} s ({mean('seconds', n, lambda a, t: t):.0f}x){seeds(n)}"
+                    for n in steps)
+        + ".", ""]
 
 
 def report(per_seed: list[dict], args: argparse.Namespace, command: str, runtime_s: float) -> str:
