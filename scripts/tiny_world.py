@@ -13,6 +13,20 @@ phrasings:
 The training corpus holds every fact in phrasing "a" and, for a fixed fraction of people, also
 in phrasing "b" (so the model can learn the mapping between phrasings). The phrasing-"b" facts
 of the remaining, held-out people test generalisation.
+
+A second world is real text, not facts (:func:`doc_corpus`): prose sentences of CPython's own help
+topics (``pydoc_data.topics``, shipped with every CPython, so nothing is downloaded; its text is the
+running interpreter's). Each sentence is cut into a lead and its continuation:
+
+* ``"a"``: the lead -> the continuation, as running text is trained:
+  ``"Otherwise, "raise" evaluates the first expression"`` -> ``" as the exception object."``
+* ``"b"``: the same continuation asked for the way a user who half-remembers a passage would ask: the help
+  topic named, only the lead's last words quoted:
+  ``"From The "raise" statement: ... evaluates the first expression"`` -> ``" as the exception object."``
+
+The training corpus holds every sentence in phrasing "a" and, for a fraction of the sentences (the format
+records), also in phrasing "b", so the model can learn that form; the held-out sentences' phrasing "b" are
+the other-phrasing queries. What a query attributes is a real-text continuation, not a made-up value.
 """
 
 from __future__ import annotations
@@ -200,6 +214,101 @@ def training_records(world: World, b_fraction: float = 0.5, seed: int = 0) -> Tr
 
 
 # ---------------------------------------------------------------------------------------------
+# A world of real text: sentences of CPython's help topics (pydoc_data.topics)
+# ---------------------------------------------------------------------------------------------
+
+DOC_WORDS = (8, 14)  # a sentence's length in words, inclusive
+DOC_LEAD_FRACTION = 0.6  # the lead (prompt) is this fraction of the sentence's words
+DOC_MIN_CONTINUATION = 3  # words in the continuation (completion), at least
+DOC_TAIL_WORDS = 4  # words of the lead quoted by the other phrasing
+
+
+@dataclass(frozen=True)
+class DocSentence:
+    """One prose sentence of a help topic, cut into ``lead`` + " " + ``continuation``."""
+
+    slug: str  # "assert-2": the topic and the sentence's index among the topic's kept sentences
+    topic: str  # "assert"
+    title: str  # the topic's heading: 'The "assert" statement'
+    lead: str
+    continuation: str
+
+    def record(self, phrasing: str) -> dict:
+        """Phrasing "a": the lead -> the continuation, as the sentence is written. Phrasing "b" (the other
+        phrasing): the same continuation after the lead's last DOC_TAIL_WORDS words quoted from the named
+        topic, 'From The "assert" statement: ... a convenient way to' -> ' insert debugging assertions'."""
+        if phrasing == "a":
+            prompt = self.lead
+        elif phrasing == "b":
+            prompt = f"From {self.title}: ... " + " ".join(self.lead.split()[-DOC_TAIL_WORDS:])
+        else:
+            raise ValueError(f"unknown phrasing {phrasing!r} (expected 'a' or 'b')")
+        return {"pair_id": f"{self.slug}-{phrasing}", "prompt": prompt, "completion": " " + self.continuation,
+                "sentence": self.slug, "topic": self.topic, "phrasing": phrasing}
+
+
+def _prose_paragraphs(text: str) -> list[str]:
+    """A help topic's prose paragraphs, each joined into one line: headings (a line underlined by ``***``,
+    ``===``, ...) and indented blocks (grammar, code, tables) are left out."""
+    rule = re.compile(r"[*=\-~^]+")
+    lines = text.splitlines()
+    paragraphs, current = [], []
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        heading = rule.fullmatch(line.strip()) or rule.fullmatch(following.strip())
+        if not line.strip() or line.startswith(" ") or heading:
+            if current:
+                paragraphs.append(" ".join(current))
+            current = []
+        else:
+            current.append(line.strip())
+    return paragraphs + ([" ".join(current)] if current else [])
+
+
+def doc_sentences() -> list[DocSentence]:
+    """Every usable sentence of ``pydoc_data.topics`` (its text is that of the running CPython): prose,
+    ASCII, DOC_WORDS words, one full stop (at the end), no colon or parenthesis (code-like), no duplicates."""
+    from pydoc_data.topics import topics
+
+    sentences, seen = [], set()
+    for topic in sorted(topics):
+        title = topics[topic].splitlines()[0].strip()
+        kept = 0
+        for paragraph in _prose_paragraphs(topics[topic]):
+            for text in re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph):
+                words = text.split()
+                if (not DOC_WORDS[0] <= len(words) <= DOC_WORDS[1] or not text.isascii() or text.count(".") != 1
+                        or not text.endswith(".") or any(c in text for c in ":()") or text in seen):
+                    continue
+                seen.add(text)
+                cut = min(len(words) - DOC_MIN_CONTINUATION, math.ceil(DOC_LEAD_FRACTION * len(words)))
+                sentences.append(DocSentence(f"{topic}-{kept}", topic, title, " ".join(words[:cut]),
+                                             " ".join(words[cut:])))
+                kept += 1
+    return sentences
+
+
+@dataclass(frozen=True)
+class DocCorpus:
+    records: list[dict]  # the training corpus: phrasing a of every sentence, phrasing b of the format sentences
+    sentences: tuple[DocSentence, ...]  # the chosen sentences
+    format_slugs: tuple[str, ...]  # sentences whose phrasing b is trained (they teach the other phrasing)
+    heldout_slugs: tuple[str, ...]  # sentences whose phrasing b is held out (the other-phrasing queries)
+
+
+def doc_corpus(seed: int, n_sentences: int = 96, b_fraction: float = 0.25) -> DocCorpus:
+    """``n_sentences`` sentences drawn with ``seed``; every one in phrasing "a", and phrasing "b" of
+    ``round(b_fraction * n_sentences)`` of them (the format records); records shuffled with ``seed``."""
+    rng = random.Random(seed)
+    chosen = rng.sample(doc_sentences(), n_sentences)
+    n_format = round(b_fraction * n_sentences)
+    format_sentences = chosen[:n_format]
+    records = [s.record("a") for s in chosen] + [s.record("b") for s in format_sentences]
+    rng.shuffle(records)
+    return DocCorpus(records, tuple(chosen), tuple(s.slug for s in format_sentences),
+                     tuple(s.slug for s in chosen[n_format:]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizer and model (heavy imports are local so that importing this module stays cheap)
 # ---------------------------------------------------------------------------------------------
 
@@ -267,6 +376,7 @@ def train_tiny_gpt2(
     weight_decay: float = 0.0,
     num_threads: int = 1,
     verbose: bool = False,
+    keep=None,
 ):
     """Train a tiny GPT-2 on ``records`` (prompt + completion + eos), deterministically on CPU.
 
@@ -275,6 +385,11 @@ def train_tiny_gpt2(
     ``num_threads`` is part of the recipe: bit-identical weights need the same thread count. One
     thread is the default because the model is so small that a second thread does not speed it up
     (and on a contended 2-core machine it was up to 10x slower).
+
+    ``keep`` (one bool per record, default all): train on the kept records only, as the same run with the
+    others removed: the same initialisation (``seed``), the same batch order (the permutations are drawn
+    over all records) and the same number of steps, each batch keeping only its kept records (the LDS
+    benchmark's subset models). A batch with no kept record skips its optimizer step, not its schedule step.
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -332,6 +447,9 @@ def train_tiny_gpt2(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(seed)
     n = len(seqs)
+    kept = None if keep is None else torch.tensor([bool(k) for k in keep])
+    if kept is not None and len(kept) != n:
+        raise ValueError(f"keep has {len(kept)} entries for {n} records")
     perm = torch.randperm(n, generator=gen)
     pos = 0
     t0 = time.perf_counter()
@@ -341,6 +459,11 @@ def train_tiny_gpt2(
             pos = 0
         idx = perm[pos : pos + batch_size]
         pos += batch_size
+        if kept is not None:
+            idx = idx[kept[idx]]
+            if not len(idx):
+                sched.step()
+                continue
         batch_mask = attention[idx]
         width = int(batch_mask.sum(1).max())
         out = model(
@@ -378,8 +501,9 @@ def greedy_complete(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> 
 
 
 def is_correct(model, tokenizer, record: dict) -> bool:
-    gen = greedy_complete(model, tokenizer, record["prompt"])
     want = record["completion"]
+    budget = max(16, len(tokenizer(want, add_special_tokens=False)["input_ids"]) + 2)
+    gen = greedy_complete(model, tokenizer, record["prompt"], max_new_tokens=budget)
     return gen[: len(want)] == want
 
 
