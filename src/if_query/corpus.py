@@ -79,20 +79,9 @@ class Corpus:
     # --- documents, in order ---
 
     def _saved_dataset(self) -> Iterator[Document]:
-        import datasets
+        from if_query.hessian_data import open_saved_dataset, tokens_of_row
 
-        from if_query.hessian_data import tokens_of_row
-
-        try:
-            dataset = datasets.load_from_disk(str(self.path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(f"--train-dataset {self.path}: not a dataset saved with save_to_disk ({exc})") from exc
-        if isinstance(dataset, datasets.DatasetDict):
-            if len(dataset) != 1:
-                raise InputError(f"--train-dataset {self.path}: a DatasetDict with splits {list(dataset)}; save one")
-            dataset = next(iter(dataset.values()))
-        if "input_ids" not in dataset.column_names:
-            raise InputError(f"--train-dataset {self.path}: no 'input_ids' column ({dataset.column_names})")
+        dataset = open_saved_dataset(self.path, f"--train-dataset {self.path}")
         index = 0
         for batch in dataset.with_format("numpy").iter(batch_size=BATCH):
             for offset in range(len(batch["input_ids"])):

@@ -56,19 +56,26 @@ def tokens_of_row(row: dict, index: int, source: str) -> TokenizedExample:
     return TokenizedExample(tuple(input_ids[start:stop].tolist()), tuple(labels[start:stop].tolist()))
 
 
-def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedExample]:
+def open_saved_dataset(path: Path, where: str = ""):
+    """A ``save_to_disk`` dataset of one split with an ``input_ids`` column (``where``: how errors name it)."""
     import datasets
 
+    where = where or str(path)
     try:
         dataset = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise InputError(f"{path}: not a dataset saved with save_to_disk ({exc})") from exc
+        raise InputError(f"{where}: not a dataset saved with save_to_disk ({exc})") from exc
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
-            raise InputError(f"{path}: a DatasetDict with splits {list(dataset)}; save a single split")
+            raise InputError(f"{where}: a DatasetDict with splits {list(dataset)}; save a single split")
         dataset = next(iter(dataset.values()))
     if "input_ids" not in dataset.column_names:
-        raise InputError(f"{path}: the dataset has no 'input_ids' column (columns: {dataset.column_names})")
+        raise InputError(f"{where}: the dataset has no 'input_ids' column (columns: {dataset.column_names})")
+    return dataset
+
+
+def load_saved_dataset(path: Path, max_examples: int | None) -> list[TokenizedExample]:
+    dataset = open_saved_dataset(path)
     columns = [name for name in ("input_ids", "attention_mask", "labels") if name in dataset.column_names]
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
