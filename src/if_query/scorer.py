@@ -309,17 +309,19 @@ class EngineScorer:
                 mine = todo[round_start + me] if round_start + me < len(todo) else None
                 outcome = None
                 if mine is not None:
-                    rows = chunks[mine]
-                    sequences = train.take(rows)
-                    store, chunk_workspace = self._store(sequences, chunk_budget, f"chunk {mine + 1}/{len(chunks)}")
-                    self._capture(sequences, store, 0, f"chunk {mine + 1}/{len(chunks)}")
-                    result = self._engine(query_side, engine.Side(store, range(len(sequences))), chunk_workspace,
-                                          per_token, refined)
-                    del store
-                    outcome = (mine, result.pairwise.numpy(), None if result.train_self is None
-                               else result.train_self.numpy(), _per_token_pairs(result.per_token, rows))
-                    resolved, query_self = result.damping, result.query_self
-                for gathered in distributed.gather(outcome):
+                    try:
+                        result = self._score_chunk(train, chunks, mine, chunk_budget, query_side, per_token, refined)
+                        outcome = (mine, result.pairwise.numpy(), None if result.train_self is None
+                                   else result.train_self.numpy(), _per_token_pairs(result.per_token, chunks[mine]))
+                        resolved, query_self = result.damping, result.query_self
+                    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                        if ranks == 1:
+                            raise
+                        outcome = ("failed", f"rank {me}, chunk {mine + 1}: {type(exc).__name__}: {exc}")
+                gathered_outcomes = distributed.gather(outcome)
+                if failures := [g[1] for g in gathered_outcomes if g is not None and g[0] == "failed"]:
+                    raise RunError(f"scoring a chunk failed on {failures[0]}")
+                for gathered in gathered_outcomes:
                     if gathered is None or me != 0:
                         continue
                     chunk, chunk_scores, chunk_self, chunk_tokens = gathered
@@ -339,6 +341,15 @@ class EngineScorer:
         return ScoredSet(torch.from_numpy(np.asarray(scores).T.copy()), query_self,
                          None if query_self is None else torch.from_numpy(np.asarray(train_self).copy()),
                          query_losses, tokens if per_token else None, resolved)
+
+    def _score_chunk(self, train: TrainSequences, chunks: list[np.ndarray], chunk: int, budget: int,
+                     query_side: engine.Side, per_token: bool, refined: tuple | None) -> engine.Scores:
+        """One chunk: its sequences captured into a store of their own, scored against the queries, dropped."""
+        sequences = train.take(chunks[chunk])
+        what = f"chunk {chunk + 1}/{len(chunks)}"
+        store, workspace = self._store(sequences, budget, what)
+        self._capture(sequences, store, 0, what)
+        return self._engine(query_side, engine.Side(store, range(len(sequences))), workspace, per_token, refined)
 
     def _log_chunks(self, chunks: list[np.ndarray], train: TrainSequences, queries: int, ranks: int) -> None:
         sizes_ = [len(c) for c in chunks]
