@@ -75,7 +75,10 @@ Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's m
     bm25               BM25 (rank_bm25) of each query's text against each record's text: a baseline without a model.
     if-query-astra N   if-query's EK-FAC factors, each inverse-Hessian-vector product refined by N steps of
                        EK-FAC-preconditioned Neumann iteration on the exact Gauss-Newton matrix of the fitting data
-                       (ASTRA; bench_lds.refine_ihvp), N in --refine-steps.
+                       (ASTRA; bench_lds.refine_ihvp, a prototype refining whichever side has fewer vectors),
+                       N in --refine-steps.
+    if-query-refine N  run-query --refine-steps N itself (the queries refined, every fitting record in each
+                       Gauss-Newton batch), N in --refine-steps.
 
 LDS (--lds M; bench_lds.py): M subset models per seed (random halves of the non-format records, same
 initialisation and batch order as the full model); per other-phrasing query (b), the Spearman correlation over the
@@ -155,7 +158,7 @@ SELF_CHECK_WORLD = WorldSpec(relations=("city",), b_fraction=0.0, steps=30, n_pe
                              n_head=2, vocab_size=300)
 METHODS = ("identity", "kronfluence", "kronfluence-x4", "kronfluence-noeos", "if-query", "if-query-old",
            "if-query-empirical", "if-query-noeos", "if-query-wholeseq", "if-query-mixed")  # the default run's
-EXTRA_METHODS = ("if-query-diagonal", "if-query-kfac", "kronfluence-attn", "bm25", "if-query-astra")
+EXTRA_METHODS = ("if-query-diagonal", "if-query-kfac", "kronfluence-attn", "bm25", "if-query-astra", "if-query-refine")
 LDS_METHODS = ("identity", "if-query-diagonal", "if-query-kfac", "if-query", "kronfluence", "kronfluence-x4", "bm25",
                "if-query-mixed", "kronfluence-attn", "if-query-astra")
 DEFAULT_REFINE_STEPS = (0, 5, 20, 50)
@@ -274,18 +277,20 @@ def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = 
 
 
 def score_if_query(built: dict, factors_dir: Path, damping: float | None = None, without_eos: bool = False,
-                   train_whole_sequence: bool = False):
+                   train_whole_sequence: bool = False, refine_steps: int = 0):
     """(raw, cosine) matrices (queries x train) from run-query's scorer, in process. ``without_eos``: run-query's
     --no-eos-in-loss (EOS out of both gradients; the fit keeps it). ``train_whole_sequence``: the train records'
     loss (so their gradients and self-influences) covers every token, prompt included (emulated: their labels
-    are replaced after tokenization); the queries' covers the completion, and the fit is unchanged."""
+    are replaced after tokenization); the queries' covers the completion, and the fit is unchanged.
+    ``refine_steps``: run-query's --refine-steps, every fitting record in each Gauss-Newton batch (one exact H)."""
     from if_query.config import QueryConfig
     from if_query.query import QueryRunner, query_jobs
 
     config = QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir),
                          query_json=built["query_json"], train_json=built["train_json"],
                          output_dir=built["work"] / "out", eos_in_loss=not without_eos,
-                         damping="auto" if damping is None else str(damping), score_batch_size=SCORE_BATCH)
+                         damping="auto" if damping is None else str(damping), score_batch_size=SCORE_BATCH,
+                         refine_steps=refine_steps, refine_batch_size=len(built["train_ids"]))
     runner = QueryRunner(config, quiet=True)
     [job] = query_jobs(config)
     prepared = runner.prepare(job)
@@ -527,6 +532,14 @@ def run_astra(run: SeedRun, args: argparse.Namespace) -> None:
             + f", {len(refinement.stopped)} stopped")
 
 
+def run_refine(run: SeedRun, steps: list[int]) -> None:
+    """Rows "if-query-refine N": run-query --refine-steps N on the default factors; seconds: fit + scoring."""
+    for n in [n for n in steps if n > 0]:  # N = 0 is if-query's own row (tests/test_refine.py)
+        started = time.perf_counter()
+        scores = score_if_query(run.built, run.default_factors(), refine_steps=n)
+        run.record(f"if-query-refine {n}", scores, run.extra["ekfac_fit_s"] + time.perf_counter() - started)
+
+
 def relative_dampings(run: SeedRun, dampings: list[float]) -> None:
     """Rows "if-query-rel R": the default factors scored with one damping = R x the mean eigenvalue."""
     means = mean_eigenvalues(run.default_factors())
@@ -570,6 +583,9 @@ def run_seed(world: str, seed: int, args: argparse.Namespace, log) -> dict:
         for method in args.methods:
             if method == "if-query-astra":
                 run_astra(run, args)
+                continue
+            if method == "if-query-refine":
+                run_refine(run, args.refine_steps)
                 continue
             started = time.perf_counter()
             run.record(method, METHOD_SCORES[method](run), time.perf_counter() - started)
