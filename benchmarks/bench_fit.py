@@ -218,15 +218,9 @@ def main() -> None:
     from if_query.capture import TokenFactorStore, capture_token_factors
     from if_query.config import FitConfig
     from if_query.hessian_data import load_hessian_examples
-    from if_query.kron import (
-        CompletionLossTask,
-        FactorReader,
-        factor_arguments,
-        make_analyzer,
-        prepare,
-        tracked_linears,
-    )
-    from if_query.metadata import FACTORS_NAME
+    from if_query.kron.factors import FACTORS_NAME, FactorReader
+    from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, prepare
+    from if_query.kron.lambda_files import tracked_linears
     from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
     from if_query.tokenization import Collator, ExampleTokenizer
 
@@ -255,7 +249,8 @@ def main() -> None:
     config = FitConfig(model=str(model_dir), hessian_dataset=str(fit_json), output_dir="", strategy="ekfac",
                        layer_stride=args.layer_stride, factor_batch_size=args.batch_size,
                        lambda_batch_size=args.batch_size)
-    arguments = factor_arguments(config)
+    arguments = factor_arguments(config.strategy, config.fisher == "empirical", config.module_partitions,
+                                 getattr(torch, config.eigendecomposition_dtype))
     arguments32 = replace(arguments, eigendecomposition_dtype=torch.float32)
     tracked = [(m.out_features, m.in_features + int(m.bias)) for m in modules]
     batch = args.batch_size

@@ -411,7 +411,7 @@ def astra_scores(built: dict, factors_dir, steps: Sequence[int], reference: np.n
     ``influence_cosine`` under refinement: the refined score over the EK-FAC self-influences of both sides (a
     query's own normaliser does not change its ranking). Raises when N = 0 differs from ``reference`` (if-query's
     EK-FAC raw scores of the same factors) by more than ASTRA_N0_TOLERANCE of the largest score."""
-    from if_query.kron import FactorReader
+    from if_query.kron.factors import FactorReader
     from if_query.metadata import load_complete_metadata
     from if_query.modeling import load_tokenizer
     from if_query.records import load_examples
@@ -548,7 +548,7 @@ class DenseCase:
 
 
 def dense_case(built: dict, factors_dir) -> DenseCase:
-    from if_query.kron import FactorReader
+    from if_query.kron.factors import FactorReader
     from if_query.modeling import load_tokenizer
     from if_query.records import load_examples
     from if_query.tokenization import ExampleTokenizer

@@ -119,7 +119,7 @@ def capture(model_dir: Path, records: list[dict], layer_stride: int):
 
 def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> torch.Tensor:
     from if_query import engine
-    from if_query.kron import FactorReader
+    from if_query.kron.factors import FactorReader
 
     def run():
         return engine.score(engine.Side(store, range(queries)), engine.Side(store, range(queries, len(store.lengths))),

@@ -97,7 +97,7 @@ def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
 
 
 def test_the_readme_code_map_lists_every_module():
-    """README's code map names each module of src/if_query once (and nothing else)."""
+    """README's code map names each module of src/if_query once, and each subpackage (``kron/``), and nothing else."""
     import re
 
     import if_query
@@ -105,8 +105,10 @@ def test_the_readme_code_map_lists_every_module():
     package = Path(if_query.__file__).parent
     readme = (package.parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
-    listed = re.findall(r"^\| `(\w+\.py)` \|", section, flags=re.MULTILINE)
-    modules = sorted(path.name for path in package.glob("*.py") if path.name != "__init__.py")
+    listed = re.findall(r"^\| `([\w/]+(?:\.py|/))` \|", section, flags=re.MULTILINE)
+    modules = sorted([path.relative_to(package).as_posix() for path in package.rglob("*.py")
+                      if path.name != "__init__.py"]
+                     + [f"{path.parent.relative_to(package).as_posix()}/" for path in package.glob("*/__init__.py")])
     assert sorted(listed) == modules and len(set(listed)) == len(listed)
 
 

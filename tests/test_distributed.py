@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from if_query import distributed, kron, modeling
+from if_query import distributed, modeling
+from if_query.kron import fit as kron_fit
 
 
 @pytest.fixture
@@ -34,9 +35,9 @@ def test_the_nccl_group_is_started_on_the_ranks_gpu_with_a_long_timeout(rank_3_o
 
 def test_the_analyzer_is_made_after_the_group_is_started(rank_3_of_8, monkeypatch, tmp_path):
     order = []
-    monkeypatch.setattr(kron, "start_data_parallel", lambda: order.append("group"))
-    monkeypatch.setattr(kron, "Analyzer", lambda **kwargs: order.append("analyzer"))
-    kron.make_analyzer(tmp_path / "factors", torch.nn.Linear(2, 2), None, quiet=True)
+    monkeypatch.setattr(kron_fit, "start_data_parallel", lambda: order.append("group"))
+    monkeypatch.setattr(kron_fit, "Analyzer", lambda **kwargs: order.append("analyzer"))
+    kron_fit.make_analyzer(tmp_path / "factors", torch.nn.Linear(2, 2), None, quiet=True)
     assert order == ["group", "analyzer"]
 
 

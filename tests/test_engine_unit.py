@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_leaves
 
 from if_query import engine
 from if_query.capture import TokenFactorStore
-from if_query.kron import Preconditioner
+from if_query.kron.factors import Preconditioner
 from if_query.sizes import Shape
 from if_query.transfer import Transfers
 

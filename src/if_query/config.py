@@ -22,7 +22,7 @@ from typing import Any
 
 from if_query.errors import InputError
 
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # Kronfluence's names (kron.py checks them)
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # Kronfluence's names (tests/test_kron_adapter.py checks them)
 FISHER_TYPES = ("true", "empirical")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EIGENDECOMPOSITION_DTYPES = ("float64", "float32")

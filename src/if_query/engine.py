@@ -45,7 +45,7 @@ import torch
 
 from if_query import sizes
 from if_query.capture import TokenFactorStore
-from if_query.kron import FactorReader, Preconditioner
+from if_query.kron.factors import FactorReader, Preconditioner
 from if_query.sizes import BYTES_PER_FLOAT, Shape, rotate_tokens
 from if_query.transfer import Transfers
 

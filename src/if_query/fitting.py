@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from if_query import kron
 from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
 from if_query.fingerprint import weights_fingerprint
 from if_query.hessian_data import load_hessian_examples
+from if_query.kron import fit as kron
+from if_query.kron.factors import FACTORS_NAME, factors_path
 from if_query.lambda_stage import fit_lambda_matrices
 from if_query.loss import LABEL_SAMPLING
 from if_query.metadata import (
-    FACTORS_NAME,
     METADATA_FILE,
     STATUS_COMPLETE,
     STATUS_FITTING,
@@ -86,7 +86,7 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     With ``overwrite`` anything there is replaced. Otherwise a fit with identical arguments and
     weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``.
     """
-    factors = output_dir / f"factors_{FACTORS_NAME}"
+    factors = factors_path(output_dir)
     if not (output_dir / METADATA_FILE).exists():
         if factors.exists() and not overwrite and not refit_if_changed:
             raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
@@ -108,7 +108,7 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
 
 
 def _clear_previous_fit(output_dir: Path) -> None:
-    shutil.rmtree(output_dir / f"factors_{FACTORS_NAME}", ignore_errors=True)
+    shutil.rmtree(factors_path(output_dir), ignore_errors=True)
     (output_dir / METADATA_FILE).unlink(missing_ok=True)
 
 
@@ -181,7 +181,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     # Sorting by length keeps padding low; covariances and lambdas are sums, so order is irrelevant.
     ordered = sorted(examples, key=len)
     collate = Collator(tokenizer.pad_token_id)
-    arguments = kron.factor_arguments(config)
+    arguments = kron.factor_arguments(config.strategy, config.fisher == "empirical", config.module_partitions,
+                                      getattr(torch, config.eigendecomposition_dtype))
     stages = (
         ("covariance", lambda: kron.fit_covariances(analyzer, ordered, config.factor_batch_size, collate, arguments)),
         ("eigendecomposition", lambda: kron.fit_eigendecomposition(analyzer, arguments)),

@@ -35,10 +35,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from if_query import kron
 from if_query import loss as loss_module
 from if_query.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.errors import RunError
+from if_query.kron import lambda_files
+from if_query.kron.factors import read_eigenvectors
 from if_query.sizes import rotate_tokens, rotation_flops
 from if_query.tokenization import TokenizedExample
 
@@ -154,7 +155,7 @@ def lambda_group(model: nn.Module, modules: dict[str, nn.Linear], directory: Pat
     gets {name: (out, in') float32}; other ranks get None (``state``:
     Kronfluence's State, or anything with its ``process_index``, ``num_processes``, ``use_distributed``
     and ``device``). Eigenvectors are read from ``directory`` when ``rotated``."""
-    eigenvectors = ({name: kron.read_eigenvectors(directory, name, state.device) for name in modules}
+    eigenvectors = ({name: read_eigenvectors(directory, name, state.device) for name in modules}
                     if rotated else None)
     mine = shard(examples, state.process_index, state.num_processes)
     lambdas = accumulate_lambda(model, modules, eigenvectors, mine, batch_size, collate, state.device, loss, progress)
@@ -169,18 +170,18 @@ def fit_lambda_matrices(analyzer, model: nn.Module, factors_name: str, examples:
 
     ``model`` is the prepared model (not a DDP wrapper), already on ``analyzer.state.device``;
     ``examples`` are in the fit's order (all ranks the same)."""
-    directory = kron.prepare_lambda_stage(analyzer, factors_name, factor_args, examples)
+    directory = lambda_files.prepare_lambda_stage(analyzer, factors_name, factor_args, examples)
     if directory is None:
         return
     state = analyzer.state
-    strategy = kron.lambda_strategy(factor_args.strategy)
-    modules = kron.tracked_linears(model)
-    groups = kron.module_groups(list(modules), factor_args.lambda_module_partitions)
+    strategy = lambda_files.lambda_strategy(factor_args.strategy)
+    modules = lambda_files.tracked_linears(model)
+    groups = lambda_files.module_groups(list(modules), factor_args.lambda_module_partitions)
     partitioned = len(groups) > 1
     loss = None if factor_args.use_empirical_fisher else sampled_loss(seed)
     counts = {name: torch.tensor([len(examples)], dtype=torch.int64) for name in modules}
     batches = -(-len(shard(examples, state.process_index, state.num_processes)) // batch_size)
-    todo = [g for g in range(len(groups)) if not (partitioned and kron.lambda_files_exist(directory, g))]
+    todo = [g for g in range(len(groups)) if not (partitioned and lambda_files.lambda_files_exist(directory, g))]
     with tqdm(total=batches * len(todo), desc="Fitting Lambda matrices", disable=quiet or not state.is_main_process,
               ) as bar:
         for number in todo:
@@ -189,13 +190,13 @@ def fit_lambda_matrices(analyzer, model: nn.Module, factors_name: str, examples:
                                    loss, bar.update)
             _check_finite(lambdas, state)
             if lambdas is not None:  # rank 0
-                kron.write_lambda_matrices(directory, {name: value.cpu() for name, value in lambdas.items()},
+                lambda_files.write_lambda_matrices(directory, {name: value.cpu() for name, value in lambdas.items()},
                                            {name: counts[name] for name in group}, factor_args,
                                            number if partitioned else None)
             del lambdas
             state.wait_for_everyone()
     if partitioned:
         if state.is_main_process:
-            kron.aggregate_lambda_matrices(directory, len(groups))
+            lambda_files.aggregate_lambda_matrices(directory, len(groups))
         state.wait_for_everyone()
     logger.debug("Lambda matrices of %d modules written to %s", len(modules), directory)

@@ -11,7 +11,6 @@ from if_query.atomic import write_text_atomic
 from if_query.errors import InputError
 
 METADATA_FILE = "metadata.json"
-FACTORS_NAME = "hessian"  # Kronfluence stores the factors in <factors-dir>/factors_hessian/
 STATUS_FITTING = "fitting"
 STATUS_COMPLETE = "complete"
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from if_query import loss as loss_module
-from if_query.kron import FactorReader
+from if_query.kron.factors import FactorReader
 from if_query.sizes import BYTES_PER_FLOAT, Shape
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from if_query import distributed, engine, refine, sizes
 from if_query.capture import TokenFactorStore, capture_token_factors
 from if_query.config import QueryConfig
 from if_query.errors import RunError
-from if_query.kron import FactorReader, StreamingScorer
+from if_query.kron.factors import FactorReader
+from if_query.kron.streaming import StreamingOptions, StreamingScorer
 from if_query.memory import (
     device_memory_free,
     host_memory_available,
@@ -379,7 +380,11 @@ class KronfluenceScorer:
 
     def __init__(self, model: nn.Module, modules: list[MlpProjection], config: QueryConfig, pad_token_id: int,
                  quiet: bool = False):
-        self.scorer = StreamingScorer(model, [m.name for m in modules], config, pad_token_id, quiet)
+        query_size, train_size = config.batch_sizes()
+        options = StreamingOptions(Path(config.factors_dir), config.damping_value, config.per_token_scores,
+                                   config.query_rank, config.module_partitions, query_size, train_size,
+                                   config.queries_per_pass)
+        self.scorer = StreamingScorer(model, [m.name for m in modules], options, pad_token_id, quiet)
         self.config = config
         self.resolved_damping = None  # resolved inside Kronfluence, not reported
 
