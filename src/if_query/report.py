@@ -4,7 +4,7 @@ The page has a header (model, revision, strategy, factors dir, damping, date: fr
 run.json, else from the factors' metadata.json), a query x train heatmap of
 influence cosines, and per query its most helpful and most harmful training examples in sortable
 tables; with per-token scores, each shown training example's tokens are coloured by their
-contribution to the pair's score. Everything is inline (CSS and a few lines of JS), so the file
+contribution to the pair's score. Everything is inline (the style and sorting script of ``report_assets/``), so the file
 opens offline and can be mailed around. All text from the CSVs is escaped.
 """
 
@@ -14,6 +14,7 @@ import json
 import math
 from datetime import datetime
 from html import escape
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -239,96 +240,11 @@ def _example_text(prompt: str, completion: str, limit: int = MAX_TEXT_CHARS) -> 
 # ---------------------------------------------------------------------------------------------- page
 
 
-CSS = """
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
- color:#1f2328;background:#fff}
-code,.mono,.tokens{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace}
-a{color:#0a58ca;text-decoration:none}a:hover{text-decoration:underline}
-nav{position:fixed;top:0;left:0;bottom:0;width:230px;overflow-y:auto;background:#f6f8fa;
- border-right:1px solid #d0d7de;padding:14px 12px;font-size:13px}
-nav h2{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#57606a;margin:14px 0 6px}
-nav ol{list-style:none;margin:0;padding:0}
-nav li a{display:flex;justify-content:space-between;gap:8px;padding:2px 6px;border-radius:4px;color:#1f2328}
-nav li a:hover{background:#e7ecf0;text-decoration:none}
-nav li .id{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-nav li .loss{color:#57606a;font-variant-numeric:tabular-nums}
-main{margin-left:230px;padding:20px 32px 60px;max-width:1280px}
-h1{font-size:22px;margin:0 0 10px}
-h2{font-size:18px;margin:0 0 6px}
-h3{font-size:14px;margin:18px 0 6px;color:#24292f}
-dl.header{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0 0 12px}
-dl.header dt{color:#57606a}dl.header dd{margin:0;word-break:break-all}
-.note{color:#57606a;font-size:13px;margin:6px 0}
-.warn{background:#fff8c5;border:1px solid #d4a72c66;border-radius:6px;padding:6px 10px;font-size:13px;margin:8px 0}
-.legend{display:flex;align-items:center;gap:8px;font-size:12px;color:#57606a;margin:6px 0}
-.legend .bar{width:180px;height:12px;border:1px solid #d0d7de;border-radius:2px;
- background:linear-gradient(to right,rgb(215,48,39),#fff,rgb(44,123,182))}
-section.block{border-top:1px solid #d0d7de;padding-top:18px;margin-top:22px}
-.heatwrap{overflow:auto;max-height:80vh;border:1px solid #d0d7de;border-radius:6px;display:inline-block;max-width:100%}
-table.heat{border-collapse:collapse;font-size:11px}
-table.heat th{background:#f6f8fa;font-weight:normal;position:sticky;z-index:1}
-table.heat thead th{top:0;vertical-align:bottom;padding:4px 1px}
-table.heat thead th.corner{left:0;z-index:2}
-table.heat.values thead th{padding:4px 6px;max-width:120px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-table.heat thead th .vert{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;max-height:140px;
- overflow:hidden;text-overflow:ellipsis;display:inline-block}
-table.heat tbody th{left:0;text-align:right;padding:0 6px;white-space:nowrap;max-width:180px;overflow:hidden;
- text-overflow:ellipsis}
-table.heat td{border:1px solid #fff;padding:0;min-width:12px;height:14px;text-align:center;
- font-variant-numeric:tabular-nums}
-table.heat.values td{min-width:52px;height:24px;padding:0 4px}
-.query .qtext{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px 10px;white-space:pre-wrap;
- word-break:break-word;max-height:260px;overflow:auto}
-.prompt{color:#57606a}.completion{font-weight:600;color:#1f2328}
-.qtext .completion{background:#fff3b0}
-.stats{font-size:13px;color:#57606a;margin:4px 0 8px}.stats b{color:#1f2328}
-.extras{font-size:12px;color:#57606a;margin-top:3px}.extras .kv{margin-right:12px}
-table.ranked{border-collapse:collapse;width:100%;font-size:13px;margin-bottom:4px}
-table.ranked th{text-align:left;background:#f6f8fa;border-bottom:1px solid #d0d7de;padding:5px 8px;cursor:pointer;
- user-select:none;white-space:nowrap}
-table.ranked th:hover{background:#eaeef2}
-table.ranked th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}
-table.ranked th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
-table.ranked td{border-bottom:1px solid #eaeef2;padding:5px 8px;vertical-align:top}
-table.ranked td.num{font-variant-numeric:tabular-nums;white-space:nowrap;text-align:right;font-family:ui-monospace,
- SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace}
-table.ranked td.id{white-space:nowrap;max-width:16em;overflow:hidden;text-overflow:ellipsis}
-table.ranked td.ex{width:100%;word-break:break-word}
-table.ranked td.pos{color:#1b5e93}table.ranked td.neg{color:#b02418}
-.tokens{white-space:pre-wrap;tab-size:4;word-break:break-word;font-size:12.5px;line-height:1.9}
-.tokens .tok{border-radius:2px;padding:1px 0;box-shadow:inset 0 0 0 1px #0000000d}
-.tokens .tok:hover{outline:2px solid #1f2328}
-.tokens .special{color:#8c959f}
-.scale{font-size:11px;color:#57606a;margin-top:2px}
-"""
+ASSETS = resources.files("if_query") / "report_assets"  # the page's static style and sorting script
 
-JS = """
-document.querySelectorAll('table.sortable th').forEach(function (th, _) {
-  th.title = 'Click to sort';
-  th.addEventListener('click', function () {
-    var table = th.closest('table'), body = table.tBodies[0];
-    var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-    var ascending = th.getAttribute('aria-sort') !== 'ascending';
-    th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
-    th.setAttribute('aria-sort', ascending ? 'ascending' : 'descending');
-    function key(row) {
-      var cell = row.cells[index];
-      var v = cell.hasAttribute('data-sort') ? cell.getAttribute('data-sort') : cell.textContent;
-      var n = parseFloat(v);
-      return (v !== '' && !isNaN(n) && isFinite(v)) ? n : v.toLowerCase();
-    }
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a), y = key(b), r;
-      if (typeof x === 'number' && typeof y === 'number') r = x - y;
-      else r = String(x) < String(y) ? -1 : String(x) > String(y) ? 1 : 0;
-      return ascending ? r : -r;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-  });
-});
-"""
+
+def _asset(name: str) -> str:
+    return (ASSETS / name).read_text(encoding="utf-8")
 
 
 class _Page:
@@ -554,13 +470,14 @@ class _Page:
                 token_note += (f"<p class=\"warn\">Token colours left out for {self.tokens_left_out} shown "
                                f"training examples: the page draws at most {MAX_TOKENS_PAGE} tokens.</p>")
         title = f"Influence report: {self.results_dir.name}"
-        css = "\n".join((CSS, _level_css("table.heat td", 1.0, white_text_from=7), _level_css(".tokens .tok", 0.75)))
+        css = "\n".join((_asset("report.css"), _level_css("table.heat td", 1.0, white_text_from=7),
+                         _level_css(".tokens .tok", 0.75)))
         return (
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}</title><style>{css}</style></head><body>{self.nav_html()}"
             f"<main><section id=\"top\">{self.header_html()}{token_note}</section>{self.heatmap_html()}"
-            f"{''.join(sections)}</main><script>{JS}</script></body></html>\n"
+            f"{''.join(sections)}</main><script>{_asset('report.js')}</script></body></html>\n"
         )
 
 
