@@ -466,13 +466,13 @@ def _default_ekfac(run: SeedRun):
 
 
 def _old_sampling(run: SeedRun):
-    from if_query import loss as loss_module
+    from if_query import sampling
 
-    original, loss_module.sample_labels = loss_module.sample_labels, OldSampling()
+    original, sampling.sample_labels = sampling.sample_labels, OldSampling()
     try:
         factors = fit_if_query(run.built, "if-query-old", seed=run.seed)
     finally:
-        loss_module.sample_labels = original
+        sampling.sample_labels = original
     return score_if_query(run.built, factors)
 
 

@@ -7,6 +7,7 @@ import torch
 from helpers import factors
 
 import if_query.loss as loss_module
+import if_query.sampling as sampling
 from if_query.metadata import METADATA_FILE
 from if_query.tokenization import IGNORE_INDEX, collate
 
@@ -31,7 +32,7 @@ def assert_same_factors(a, b, exact=True):
 def recorded_labels(monkeypatch):
     """Every label drawn through sample_labels: {(stage, unpadded token ids): labels at labelled positions}."""
     drawn: dict = {}
-    original = loss_module.sample_labels
+    original = sampling.sample_labels
 
     def recording(logits, labels, batch, stage, seed):
         out = original(logits, labels, batch, stage, seed)
@@ -43,7 +44,7 @@ def recorded_labels(monkeypatch):
             drawn[key] = value
         return out
 
-    monkeypatch.setattr(loss_module, "sample_labels", recording)
+    monkeypatch.setattr(sampling, "sample_labels", recording)
     return drawn
 
 
@@ -106,7 +107,7 @@ def test_factors_of_another_sampling_scheme_are_refused(cli, tiny_gpt2, fitted, 
     out = tmp_path / "f"
     cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "diagonal"))
     metadata = json.loads((out / METADATA_FILE).read_text())
-    assert metadata["fit"]["label_sampling"] == loss_module.LABEL_SAMPLING
+    assert metadata["fit"]["label_sampling"] == sampling.LABEL_SAMPLING
     del metadata["fit"]["label_sampling"]  # as written before the scheme was recorded
     (out / METADATA_FILE).write_text(json.dumps(metadata))
     result = cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "diagonal"), expect=None)
@@ -137,7 +138,7 @@ def test_sampled_labels_follow_the_model_softmax(tiny_gpt2):
         labels = batch["labels"][:, 1:]
         batch_logits = torch.zeros(labels.shape + logits.shape)
         batch_logits[:, len(prompt) - 1] = logits
-        drawn = loss_module.sample_labels(batch_logits, labels, batch, "covariance", seed=0)
+        drawn = sampling.sample_labels(batch_logits, labels, batch, "covariance", seed=0)
         assert (drawn == IGNORE_INDEX).equal(labels == IGNORE_INDEX)
         counts += torch.bincount(drawn[:, len(prompt) - 1], minlength=len(expected)).double()
     likely = expected * n >= 5
@@ -162,7 +163,7 @@ def test_labels_do_not_depend_on_the_batch_or_padding():
     logits_row = torch.randn(len(example) - 1, vocab)
 
     def draw(batch, rows_logits):
-        return loss_module.sample_labels(rows_logits, batch["labels"][:, 1:], batch, "lambda", seed=3)
+        return sampling.sample_labels(rows_logits, batch["labels"][:, 1:], batch, "lambda", seed=3)
 
     alone = {"input_ids": torch.tensor([example]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
              "labels": torch.tensor([labels])}
@@ -185,6 +186,6 @@ def test_labels_do_not_depend_on_the_batch_or_padding():
     # Logits kept only at the batch's labelled columns (the logits_to_keep path): the same labels.
     columns = loss_module.labelled_columns(right)
     assert columns.numel() < 7
-    kept = loss_module.sample_labels(right_logits[:, columns], right["labels"][:, 1:][:, columns], right, "lambda",
+    kept = sampling.sample_labels(right_logits[:, columns], right["labels"][:, 1:][:, columns], right, "lambda",
                                      seed=3)
     assert kept[0][columns < 5].equal(reference[columns[columns < 5]])

@@ -17,7 +17,6 @@ from if_query.hessian_data import load_hessian_examples
 from if_query.kron import fit as kron
 from if_query.kron.factors import FACTORS_NAME, factors_path
 from if_query.lambda_stage import fit_lambda_matrices
-from if_query.loss import LABEL_SAMPLING
 from if_query.metadata import (
     METADATA_FILE,
     STATUS_COMPLETE,
@@ -39,6 +38,7 @@ from if_query.modeling import (
     track_mlp_modules,
 )
 from if_query.plan import DEFAULT_PEAKS, plan_fit
+from if_query.sampling import LABEL_SAMPLING
 from if_query.sizes import ModelShape, Shape, estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 

@@ -11,7 +11,7 @@ What stays as Kronfluence's stage did it:
 
 - one forward and backward pass per batch (weights frozen: activation gradients only) over the
   fitting examples in the same order and batches; the true Fisher's labels are drawn by
-  :func:`if_query.loss.sample_labels` under stage ``"lambda"`` and the fit's seed, exactly what
+  :func:`if_query.sampling.sample_labels` under stage ``"lambda"`` and the fit's seed, exactly what
   ``CompletionLossTask.compute_train_loss(..., sample=True)`` draws there; ``--fisher empirical``
   uses the data's labels;
 - float32 accumulation on the device (token vectors cast from the model's dtype, as Kronfluence's
@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from if_query import loss as loss_module
+from if_query import sampling
 from if_query.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.errors import RunError
 from if_query.kron import lambda_files
@@ -57,7 +58,7 @@ def sampled_loss(seed: int) -> Callable:
     """Per-example summed cross-entropy against labels drawn from the model (true Fisher, stage "lambda")."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
-        drawn = loss_module.sample_labels(logits, labels, batch, STAGE, seed)
+        drawn = sampling.sample_labels(logits, labels, batch, STAGE, seed)
         return loss_module.summed_token_losses(logits, drawn)
 
     return loss

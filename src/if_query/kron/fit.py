@@ -14,7 +14,7 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 
-from if_query import loss
+from if_query import loss, sampling
 from if_query.distributed import check_launch, start_data_parallel
 from if_query.kron.factors import FACTORS_NAME
 from if_query.tokenization import Collator, TokenizedExample
@@ -23,7 +23,7 @@ from if_query.tokenization import Collator, TokenizedExample
 class CompletionLossTask(Task):
     """Training loss and measurement are both the summed cross-entropy over completion tokens.
 
-    For the true Fisher (``sample=True``) the labels come from :func:`if_query.loss.sample_labels` under the current
+    For the true Fisher (``sample=True``) the labels come from :func:`if_query.sampling.sample_labels` under the current
     ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
     """
 
@@ -38,7 +38,7 @@ class CompletionLossTask(Task):
     def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
         logits, labels = loss.shifted_logits_and_labels(batch, model)
         if sample:
-            labels = loss.sample_labels(logits, labels, batch, self.stage, self.seed)
+            labels = sampling.sample_labels(logits, labels, batch, self.stage, self.seed)
         return loss.summed_token_losses(logits, labels).sum()
 
     def compute_measurement(self, batch: dict, model: nn.Module) -> torch.Tensor:
