@@ -24,7 +24,7 @@ def checkout(tmp_path_factory):
     for name in ("train.json", "query.json"):
         (root / "queries" / "test_query").mkdir(parents=True, exist_ok=True)
         (root / "queries" / "test_query" / name).write_bytes((REPO / "queries" / "test_query" / name).read_bytes())
-    outcome = run_demo(DemoConfig(output_dir=root / "if-query-demo"), quiet=True)
+    outcome = run_demo(DemoConfig(output_dir=root / "if-query-demo"))
     return root, outcome
 
 

@@ -108,6 +108,8 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
         options.pop("verbose")
         action(config_class(**options), quiet)
 
+    # Typer reads a command's options from its signature; **options has none, so the signature built above
+    # (one keyword parameter per config field, its help and checks attached) stands in for it.
     command.__signature__ = inspect.Signature(parameters)
     command.__doc__ = config_class.__doc__
     return command
@@ -169,8 +171,12 @@ def plan(config: PlanConfig, quiet: bool) -> None:
 
 def demo(config: DemoConfig, quiet: bool) -> None:
     from if_query.demo import run_demo
+    from if_query.summary import format_summary
 
-    run_demo(config, quiet=quiet)
+    outcome = run_demo(config)
+    if not quiet:
+        typer.echo(format_summary(outcome.results, top_k=config.top_k))
+        typer.echo(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
 
 
 fit_hessians_command = app.command("fit-hessians")(config_command(FitConfig, fit))

@@ -130,10 +130,10 @@ class FitConfig:
         "float64", choices=EIGENDECOMPOSITION_DTYPES,
         help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are stored "
              "in float32 either way).")
-    overwrite: bool = option(False, compare=False, help="Replace factors fitted with other arguments.")
+    overwrite: bool = option(False, help="Replace factors fitted with other arguments.")
     # Library callers only: replace factors fitted with other arguments or weights, but resume identical
     # ones (the demo's cache).
-    refit_if_changed: bool = field(default=False, compare=False)
+    refit_if_changed: bool = field(default=False)
 
     def __post_init__(self) -> None:
         _check_declared(self)
@@ -264,20 +264,12 @@ class QueryConfig:
                     f"{option_name(used[0])} applies only to --engine kronfluence (the default engine scores "
                     "exactly, one module at a time, in bounded memory)"
                 )
-        self.damping_value  # noqa: B018 - checks --damping
+        parse_damping(self.damping)  # a bad --damping is refused here, not when scoring starts
 
     @property
     def damping_value(self) -> float | None:
         """The damping as a number; None for ``auto`` (Kronfluence's heuristic, resolved per module)."""
-        if self.damping.strip().lower() == "auto":
-            return None
-        try:
-            value = float(self.damping)
-        except ValueError:
-            raise InputError(f"--damping must be a number or 'auto', got {self.damping!r}") from None
-        if value < 0 or not math.isfinite(value):
-            raise InputError(f"--damping must be a finite number >= 0 or 'auto', got {self.damping}")
-        return value
+        return parse_damping(self.damping)
 
     @property
     def workspace_bytes(self) -> int | None:
@@ -293,6 +285,19 @@ class QueryConfig:
         model in a batch of at most the query batch size, a train-only example in a batch of at most the
         train batch size; Kronfluence's streaming scorer uses them as its query and train batch sizes."""
         return (self.query_batch_size or self.score_batch_size, self.train_batch_size or self.score_batch_size)
+
+
+def parse_damping(damping: str) -> float | None:
+    """``--damping`` as a number; None for ``auto``."""
+    if damping.strip().lower() == "auto":
+        return None
+    try:
+        value = float(damping)
+    except ValueError:
+        raise InputError(f"--damping must be a number or 'auto', got {damping!r}") from None
+    if value < 0 or not math.isfinite(value):
+        raise InputError(f"--damping must be a finite number >= 0 or 'auto', got {damping}")
+    return value
 
 
 def same_option(config_class: type, name: str, help: str | None = None) -> Any:

@@ -16,7 +16,6 @@ from pathlib import Path
 from if_query.config import DemoConfig, FitConfig, QueryConfig
 from if_query.fitting import fit_hessians
 from if_query.query import JobOutcome, QueryRunner
-from if_query.summary import format_summary
 
 logger = logging.getLogger(__name__)
 DEMO_DATA = files("if_query") / "demo_data"
@@ -39,9 +38,10 @@ def demo_queries_dir() -> Iterator[Path]:
         yield path
 
 
-def run_demo(config: DemoConfig, quiet: bool = False) -> JobOutcome:
+def run_demo(config: DemoConfig) -> JobOutcome:
     """Fit (or reuse) EK-FAC factors for the tiny model into ``output_dir/factors``, copy the bundled query
-    folder to ``output_dir/test_query``, score it into ``output_dir/test_query/results``, print the summary."""
+    folder to ``output_dir/test_query`` and score it into ``output_dir/test_query/results`` (the CLI prints
+    the summary)."""
     output_dir = Path(config.output_dir)
     factors_dir = output_dir / "factors"
     queries_dir = output_dir / "test_query"
@@ -60,7 +60,4 @@ def run_demo(config: DemoConfig, quiet: bool = False) -> JobOutcome:
                                 quiet=True).run()
     if outcome.error is not None:
         raise outcome.error
-    if not quiet:
-        print(format_summary(outcome.results, top_k=config.top_k))
-        print(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
     return outcome
