@@ -173,7 +173,8 @@ class _Results:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _e(value: Any) -> str:
+def esc(value: Any) -> str:
+    """A value as HTML-escaped text (None: empty)."""
     return escape("" if value is None else str(value), quote=True)
 
 
@@ -225,7 +226,7 @@ def _token_text(token: str) -> str:
 
 
 def _extras(row: pd.Series, skip: set[str]) -> str:
-    items = [f"<span class=\"kv\"><b>{_e(k)}</b> {_e(_clip(str(v), 200))}</span>"
+    items = [f"<span class=\"kv\"><b>{esc(k)}</b> {esc(_clip(str(v), 200))}</span>"
              for k, v in row.items() if k not in skip and str(v) != ""]
     return f"<div class=\"extras\">{''.join(items)}</div>" if items else ""
 
@@ -233,8 +234,8 @@ def _extras(row: pd.Series, skip: set[str]) -> str:
 def _example_text(prompt: str, completion: str, limit: int = MAX_TEXT_CHARS) -> str:
     """Prompt (muted) then completion (bold), each clipped, full text in the tooltip."""
     full = _clip(prompt + completion, MAX_TITLE_CHARS)
-    return (f"<span class=\"text\" title=\"{_e(full)}\"><span class=\"prompt\">{_e(_clip(prompt, limit))}</span>"
-            f"<span class=\"completion\">{_e(_clip(completion, limit))}</span></span>")
+    return (f"<span class=\"text\" title=\"{esc(full)}\"><span class=\"prompt\">{esc(_clip(prompt, limit))}</span>"
+            f"<span class=\"completion\">{esc(_clip(completion, limit))}</span></span>")
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -249,7 +250,7 @@ def _asset(name: str) -> str:
 
 class _Page:
     def __init__(self, results: _Results, results_dir: Path, header: dict, top_k: int):
-        self.r = results
+        self.results = results
         self.results_dir = results_dir
         self.header = header
         self.top_k = top_k
@@ -275,13 +276,13 @@ class _Page:
         for key, label in fields:
             value = self.header.get(key)
             value = "unknown" if value is None or str(value) == "" else str(value)
-            rows.append(f"<dt>{_e(label)}</dt><dd class=\"mono\">{_e(value)}</dd>")
-        rows.append(f"<dt>results</dt><dd class=\"mono\">{_e(self.results_dir)}</dd>")
+            rows.append(f"<dt>{esc(label)}</dt><dd class=\"mono\">{esc(value)}</dd>")
+        rows.append(f"<dt>results</dt><dd class=\"mono\">{esc(self.results_dir)}</dd>")
         cosine = ("<b>cosine</b> = score / √(self-influence of the query × self-influence of the training example), "
                   "in [−1, 1]: comparable across training examples of different lengths and gradient norms."
-                  if self.r.has_cosine else "This results directory has no influence_cosine column.")
+                  if self.results.has_cosine else "This results directory has no influence_cosine column.")
         per_token = ("Per-token scores are present: each shown training example's tokens are coloured by their "
-                     "contribution to the score (see the legend below)." if self.r.has_per_token else
+                     "contribution to the score (see the legend below)." if self.results.has_per_token else
                      "No per-token scores (run run-query with --per-token-scores to colour tokens).")
         return (
             f"<h1>Influence report</h1><dl class=\"header\">{''.join(rows)}</dl>"
@@ -293,15 +294,16 @@ class _Page:
         )
 
     def nav_html(self) -> str:
-        loss = self.r.queries["loss"].tolist() if "loss" in self.r.queries.columns else [None] * len(self.query_ids)
+        queries = self.results.queries
+        loss = queries["loss"].tolist() if "loss" in queries.columns else [None] * len(self.query_ids)
         items = []
         for query_id, value in zip(self.query_ids, loss, strict=True):
             if query_id not in self.anchor:
                 break
             shown = f"{value:.3f}" if _finite(value) else ""
-            items.append(f"<li><a href=\"#{self.anchor[query_id]}\" title=\"{_e(query_id)}\">"
-                         f"<span class=\"id mono\">{_e(query_id)}</span>"
-                         f"<span class=\"loss\">{_e(shown)}</span></a></li>")
+            items.append(f"<li><a href=\"#{self.anchor[query_id]}\" title=\"{esc(query_id)}\">"
+                         f"<span class=\"id mono\">{esc(query_id)}</span>"
+                         f"<span class=\"loss\">{esc(shown)}</span></a></li>")
         left_out = len(self.query_ids) - len(self.anchor)
         more = f"<p class=\"note\">{left_out} more queries not drawn</p>" if left_out else ""
         heat = "<li><a href=\"#heatmap\">Heatmap</a></li>"
@@ -317,8 +319,8 @@ class _Page:
             return (f"<section class=\"block\" id=\"heatmap\">{title}<p class=\"warn\">Heatmap left out: "
                     f"{n_queries} queries × {n_train} training examples; it is drawn only when both are at most "
                     f"{MAX_HEATMAP_SIDE}. The per-query sections below list the top influences.</p></section>")
-        column = "influence_cosine" if self.r.has_cosine else "influence_score"
-        frame = self.r.influences.drop_duplicates(["query_id", "train_id"])
+        column = "influence_cosine" if self.results.has_cosine else "influence_score"
+        frame = self.results.influences.drop_duplicates(["query_id", "train_id"])
         values = frame.pivot(index="query_id", columns="train_id", values=column).reindex(
             index=self.query_ids, columns=self.train_ids)
         scores = frame.pivot(index="query_id", columns="train_id", values="influence_score").reindex(
@@ -329,12 +331,12 @@ class _Page:
         show_values = n_train <= HEATMAP_VALUES_UP_TO
         fmt = _cosine if column == "influence_cosine" else _score
         vertical = " vert" if not show_values else ""
-        head = "".join(f"<th title=\"{_e(t)}\"><span class=\"mono{vertical}\">{_e(_clip(t, 24))}</span></th>"
+        head = "".join(f"<th title=\"{esc(t)}\"><span class=\"mono{vertical}\">{esc(_clip(t, 24))}</span></th>"
                        for t in self.train_ids)
         body = []
         for query_id, row, score_row in zip(self.query_ids, values.to_numpy(dtype=float),
                                             scores.to_numpy(dtype=float), strict=True):
-            label = _e(_clip(query_id, 28))
+            label = esc(_clip(query_id, 28))
             if query_id in self.anchor:
                 label = f"<a href=\"#{self.anchor[query_id]}\">{label}</a>"
             cells = []
@@ -344,13 +346,13 @@ class _Page:
                     tip += f"\ncosine {_cosine(value)}"
                 level = _level(value, scale)
                 level = f" class=\"{level}\"" if level else ""
-                text = _e(fmt(value)) if show_values else ""
-                cells.append(f"<td{level} title=\"{_e(tip)}\">{text}</td>")
-            body.append(f"<tr><th class=\"mono\" title=\"{_e(query_id)}\">{label}</th>{''.join(cells)}</tr>")
+                text = esc(fmt(value)) if show_values else ""
+                cells.append(f"<td{level} title=\"{esc(tip)}\">{text}</td>")
+            body.append(f"<tr><th class=\"mono\" title=\"{esc(query_id)}\">{label}</th>{''.join(cells)}</tr>")
         what = "influence cosine" if column == "influence_cosine" else "raw influence score (no cosine column)"
-        legend = (f"<div class=\"legend\"><span>{_e(fmt(-scale))}</span><span class=\"bar\"></span>"
-                  f"<span>{_e(fmt(scale))}</span><span>— colour: {what}, scaled to the largest |value| "
-                  f"({_e(fmt(scale))}); rows are queries, columns training examples; hover a cell for its values."
+        legend = (f"<div class=\"legend\"><span>{esc(fmt(-scale))}</span><span class=\"bar\"></span>"
+                  f"<span>{esc(fmt(scale))}</span><span>— colour: {what}, scaled to the largest |value| "
+                  f"({esc(fmt(scale))}); rows are queries, columns training examples; hover a cell for its values."
                   "</span></div>")
         values_class = " values" if show_values else ""
         return (f"<section class=\"block\" id=\"heatmap\">{title}{legend}<div class=\"heatwrap\">"
@@ -360,7 +362,7 @@ class _Page:
     def _train_tokens(self, train_id: str) -> list[str] | None:
         if train_id not in self.tokens:
             tokens = None
-            if self.r.has_per_token and train_id in self.train.index:
+            if self.results.has_per_token and train_id in self.train.index:
                 try:
                     parsed = json.loads(self.train.at[train_id, "tokens"])
                     tokens = [str(t) for t in parsed] if isinstance(parsed, list) else None
@@ -396,10 +398,10 @@ class _Page:
         for index, (token, value) in enumerate(zip(tokens[:drawn], values[:drawn], strict=True)):
             tip = f"#{index} {json.dumps(token, ensure_ascii=False)}: {value:+.4g}"
             classes = " ".join(c for c in ("tok", _level(value, scale), "special" if token == "" else "") if c)
-            spans.append(f"<span class=\"{classes}\" data-v=\"{value:.7g}\" title=\"{_e(tip)}\">"
-                         f"{_e(_token_text(token))}</span>")
+            spans.append(f"<span class=\"{classes}\" data-v=\"{value:.7g}\" title=\"{esc(tip)}\">"
+                         f"{esc(_token_text(token))}</span>")
         cut = (f" Only the first {drawn} of {len(tokens)} tokens are drawn." if drawn < len(tokens) else "")
-        return (f"<div class=\"tokens\" data-query-id=\"{_e(query_id)}\" data-train-id=\"{_e(train_id)}\" "
+        return (f"<div class=\"tokens\" data-query-id=\"{esc(query_id)}\" data-train-id=\"{esc(train_id)}\" "
                 f"data-n-tokens=\"{len(tokens)}\">{''.join(spans)}</div>"
                 f"<div class=\"scale\">colour scale ±{scale:.3g} (this example's largest |contribution|)."
                 f"{cut}</div>")
@@ -424,16 +426,16 @@ class _Page:
                 text = "<span class=\"note\">(not in train.csv)</span>"
             sign = "pos" if _finite(score) and score > 0 else "neg" if _finite(score) and score < 0 else ""
             cosine_cell = (f"<td class=\"num {sign}\" data-sort=\"{_sort_key(cosine)}\">{_cosine(cosine)}</td>"
-                           if self.r.has_cosine else "")
+                           if self.results.has_cosine else "")
             body.append(
-                f"<tr data-train-id=\"{_e(train_id)}\"><td class=\"num\" data-sort=\"{rank}\">{rank}</td>"
-                f"<td class=\"mono id\" title=\"{_e(train_id)}\">{_e(train_id)}</td>"
+                f"<tr data-train-id=\"{esc(train_id)}\"><td class=\"num\" data-sort=\"{rank}\">{rank}</td>"
+                f"<td class=\"mono id\" title=\"{esc(train_id)}\">{esc(train_id)}</td>"
                 f"<td class=\"num {sign}\" data-sort=\"{_sort_key(score)}\">{_score(score)}</td>{cosine_cell}"
                 f"<td class=\"ex\">{text}</td></tr>"
             )
-        cosine_head = "<th>cosine</th>" if self.r.has_cosine else ""
+        cosine_head = "<th>cosine</th>" if self.results.has_cosine else ""
         return (f"<h3>{label}</h3><table class=\"ranked sortable\" data-kind=\"{kind}\" "
-                f"data-query-id=\"{_e(query_id)}\"><thead><tr><th>#</th><th>train_id</th><th>score</th>"
+                f"data-query-id=\"{esc(query_id)}\"><thead><tr><th>#</th><th>train_id</th><th>score</th>"
                 f"{cosine_head}<th>training example</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
     def query_html(self, row: pd.Series) -> str:
@@ -444,26 +446,27 @@ class _Page:
         if _finite(row.get("loss_sum")):
             stats.append(f"summed loss <b>{row['loss_sum']:.4f}</b>")
         extras = _extras(row, {"query_id", "prompt", "completion", "loss", "loss_sum"})
-        text = (f"<div class=\"qtext\"><span class=\"prompt\">{_e(row['prompt'])}</span>"
-                f"<span class=\"completion\">{_e(row['completion'])}</span></div>")
+        text = (f"<div class=\"qtext\"><span class=\"prompt\">{esc(row['prompt'])}</span>"
+                f"<span class=\"completion\">{esc(row['completion'])}</span></div>")
         return (
-            f"<section class=\"block query\" id=\"{self.anchor[query_id]}\" data-query-id=\"{_e(query_id)}\">"
-            f"<h2>Query <code>{_e(query_id)}</code></h2><div class=\"stats\">{' · '.join(stats)}</div>{extras}{text}"
+            f"<section class=\"block query\" id=\"{self.anchor[query_id]}\" data-query-id=\"{esc(query_id)}\">"
+            f"<h2>Query <code>{esc(query_id)}</code></h2><div class=\"stats\">{' · '.join(stats)}</div>{extras}{text}"
             f"{self.ranked_html(query_id, 'helpful', self.helpful.get(query_id))}"
             f"{self.ranked_html(query_id, 'harmful', self.harmful.get(query_id))}</section>"
         )
 
     def html(self) -> str:
-        sections = [self.query_html(row) for _, row in self.r.queries.iterrows() if row["query_id"] in self.anchor]
+        sections = [self.query_html(row) for _, row in self.results.queries.iterrows()
+                    if row["query_id"] in self.anchor]
         left_out = len(self.query_ids) - len(self.anchor)
         if left_out:
             sections.append(f"<p class=\"warn\">{left_out} of {len(self.query_ids)} queries are not drawn (the first "
                             f"{MAX_QUERY_SECTIONS} are); their scores are in {INFLUENCES_FILE}.</p>")
         token_note = ""
-        if self.r.has_per_token:
+        if self.results.has_per_token:
             token_note = (
                 "<div class=\"legend\"><span>harmful</span><span class=\"bar\"></span><span>helpful</span>"
-                f"<span>— token colours: {_e(PER_TOKEN_MEANING)} Colours are normalised <b>per training "
+                f"<span>— token colours: {esc(PER_TOKEN_MEANING)} Colours are normalised <b>per training "
                 "example</b> (full colour = that example's largest |contribution|). Hover a token for its value. "
                 f"At most {MAX_TOKENS_DRAWN} tokens are drawn per example.</span></div>")
             if self.tokens_left_out:
@@ -475,7 +478,7 @@ class _Page:
         return (
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}</title><style>{css}</style></head><body>{self.nav_html()}"
+            f"<title>{esc(title)}</title><style>{css}</style></head><body>{self.nav_html()}"
             f"<main><section id=\"top\">{self.header_html()}{token_note}</section>{self.heatmap_html()}"
             f"{''.join(sections)}</main><script>{_asset('report.js')}</script></body></html>\n"
         )
