@@ -218,8 +218,8 @@ def main() -> None:
     from if_query.capture import TokenFactorStore, capture_token_factors
     from if_query.config import FitConfig
     from if_query.hessian_data import load_hessian_examples
-    from if_query.kron.factors import FACTORS_NAME, FactorReader
-    from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, prepare
+    from if_query.kron.factors import FACTORS_NAME, HessianFactors
+    from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, wrap_tracked_modules
     from if_query.kron.lambda_files import tracked_linears
     from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
     from if_query.tokenization import Collator, ExampleTokenizer
@@ -243,7 +243,7 @@ def main() -> None:
     modules = find_mlp_modules(model, args.layer_stride)
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=0)
-    model = prepare(model, task)
+    model = wrap_tracked_modules(model, task)
     collate = Collator(tokenizer.pad_token_id)
     loader_kwargs = DataLoaderKwargs(collate_fn=collate)
     config = FitConfig(model=str(model_dir), hessian_dataset=str(fit_json), output_dir="", strategy="ekfac",
@@ -344,7 +344,7 @@ def main() -> None:
                           tokenizer.pad_token_id, torch.device("cpu"))
     queries, train = list(range(args.queries)), list(range(args.queries, len(examples)))
     shapes = [Shape(n, m.out_features, m.in_features, m.bias is not None) for n, m in linears.items()]
-    scores = {name: engine.score(engine.Side(store, queries), engine.Side(store, train), FactorReader(directory),
+    scores = {name: engine.score(engine.Side(store, queries), engine.Side(store, train), HessianFactors(directory),
                                  shapes, None, False, 4 * 1024**3, torch.device("cpu")).pairwise
               for name, directory in fits.items()}
     comparisons = {"if-query lambda vs Kronfluence lambda (float64)":

@@ -411,7 +411,7 @@ def astra_scores(built: dict, factors_dir, steps: Sequence[int], reference: np.n
     ``influence_cosine`` under refinement: the refined score over the EK-FAC self-influences of both sides (a
     query's own normaliser does not change its ranking). Raises when N = 0 differs from ``reference`` (if-query's
     EK-FAC raw scores of the same factors) by more than ASTRA_N0_TOLERANCE of the largest score."""
-    from if_query.kron.factors import FactorReader
+    from if_query.kron.factors import HessianFactors
     from if_query.metadata import load_complete_metadata
     from if_query.modeling import load_tokenizer
     from if_query.records import load_examples
@@ -423,7 +423,7 @@ def astra_scores(built: dict, factors_dir, steps: Sequence[int], reference: np.n
     queries = tokenize.tokenize_all(load_examples(built["query_json"]))
     train = tokenize.tokenize_all(load_examples(built["train_json"]))
     model, linears = refinement_model(built["model_dir"], load_complete_metadata(factors_dir)["fit"]["layer_stride"])
-    reader = FactorReader(factors_dir)
+    reader = HessianFactors(factors_dir)
     preconditioners = {name: reader.preconditioner(name, None, torch.device("cpu")) for name in linears}
     query_grads = example_gradients(model, linears, queries, tokenizer.pad_token_id)  # (queries, out, in') each
     train_grads = example_gradients(model, linears, train, tokenizer.pad_token_id)  # (train, out, in') each
@@ -521,7 +521,7 @@ class DenseCase:
 
     model: object
     linears: dict
-    reader: object  # if_query.kron.FactorReader of the fit
+    reader: object  # if_query.kron.HessianFactors of the fit
     query_grads: Vectors  # (queries, out, in') per module
     train_grads: Vectors  # (train, out, in') per module
     hessian: GaussNewton  # the refinement's operator on the fitting data (the train records)
@@ -548,7 +548,7 @@ class DenseCase:
 
 
 def dense_case(built: dict, factors_dir) -> DenseCase:
-    from if_query.kron.factors import FactorReader
+    from if_query.kron.factors import HessianFactors
     from if_query.modeling import load_tokenizer
     from if_query.records import load_examples
     from if_query.tokenization import ExampleTokenizer
@@ -560,7 +560,7 @@ def dense_case(built: dict, factors_dir) -> DenseCase:
     model, linears = refinement_model(built["model_dir"])
     model.double()
     query_grads, train_grads = (example_gradients(model, linears, t, pad) for t in (queries, train))
-    return DenseCase(model, linears, FactorReader(factors_dir), query_grads, train_grads,
+    return DenseCase(model, linears, HessianFactors(factors_dir), query_grads, train_grads,
                      GaussNewton(model, linears, train, pad),
                      dense_gauss_newton(model, linears, train, pad, train_grads))
 

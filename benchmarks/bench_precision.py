@@ -119,11 +119,12 @@ def capture(model_dir: Path, records: list[dict], layer_stride: int):
 
 def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> torch.Tensor:
     from if_query import engine
-    from if_query.kron.factors import FactorReader
+    from if_query.kron.factors import HessianFactors
 
     def run():
-        return engine.score(engine.Side(store, range(queries)), engine.Side(store, range(queries, len(store.lengths))),
-                            FactorReader(factors_dir), modules, None, False, 4 * 1024**3, torch.device("cpu")).pairwise
+        train = engine.Side(store, range(queries, len(store.lengths)))
+        return engine.score(engine.Side(store, range(queries)), train, HessianFactors(factors_dir), modules, None,
+                            False, 4 * 1024**3, torch.device("cpu")).pairwise
 
     if mode is None:
         return run()

@@ -20,7 +20,7 @@ LENGTHS = [3, 1, 4, 2, 5]
 
 
 class RandomFactors:
-    """Stands in for FactorReader: random orthogonal eigenbases and positive curvature per module; the modules
+    """Stands in for HessianFactors: random orthogonal eigenbases and positive curvature per module; the modules
     of ``same_inputs`` ({module: other}) get the other's activation eigenvectors (as gate_proj and up_proj)."""
 
     def __init__(self, seed: int = 0, shapes=SHAPES, bias=BIAS, same_inputs=None):

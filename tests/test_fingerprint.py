@@ -13,7 +13,7 @@ from helpers import TRAIN, assert_one_line_error, factors, save_tiny_model, tree
 
 from if_query import fingerprint as fp
 from if_query.errors import InputError
-from if_query.metadata import METADATA_FILE, model_identity
+from if_query.metadata import METADATA_FILE, canonical_model
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ def test_hub_fingerprint_from_a_fake_cache(tmp_path):
 
 def test_other_models_are_left_to_the_identity_check(model_dir, tmp_path):
     other = shutil.copytree(model_dir, tmp_path / "other")
-    metadata = {"fit": {"model": model_identity(str(model_dir)), "revision": None, "weights_fingerprint": "0" * 16}}
+    metadata = {"fit": {"model": canonical_model(str(model_dir)), "revision": None, "weights_fingerprint": "0" * 16}}
     assert fp.check_fingerprint(metadata, str(other)) is True
     with pytest.raises(InputError, match="0000000000000000 in the factors"):
         fp.check_fingerprint(metadata, str(model_dir))

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from if_query.errors import InputError
 from if_query.fingerprint import weights_fingerprint
-from if_query.metadata import METADATA_FILE, model_identity
+from if_query.metadata import METADATA_FILE, canonical_model
 from if_query.modeling import MlpProjection, find_mlp_modules, probe_inputs
 
 
@@ -65,7 +65,7 @@ def test_fit_and_query_refuse_opt(cli, fitted, query_files, tmp_path):
     old = shutil.copytree(fitted["ekfac"], tmp_path / "old-opt-fit")
     metadata = json.loads((old / METADATA_FILE).read_text())
     model = AutoModelForCausalLM.from_pretrained(opt)
-    metadata["fit"]["model"] = model_identity(str(opt))
+    metadata["fit"]["model"] = canonical_model(str(opt))
     metadata["fit"]["weights_fingerprint"] = weights_fingerprint(str(opt))["digest"]
     metadata["tracked_modules"] = [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias}
                                    for m in find_mlp_modules(model)]

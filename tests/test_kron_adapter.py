@@ -7,7 +7,7 @@ from kronfluence.factor.config import FactorConfig
 from kronfluence.utils.constants import LAMBDA_MATRIX_NAME
 from safetensors.torch import load_file
 
-from if_query.kron.factors import FactorReader, factors_path
+from if_query.kron.factors import HessianFactors, factors_path
 
 NAMES = ("activation_eigenvectors", "gradient_eigenvectors", "activation_eigenvalues", "gradient_eigenvalues",
          "lambda_matrix", "num_lambda_processed")
@@ -26,7 +26,7 @@ def kronfluence_storage(directory, module: str) -> dict:
 def test_scale_is_kronfluence_inverse_curvature(fitted, strategy, damping):
     """S² equals the inverse damped curvature that Kronfluence's own FactorConfig.prepare computes
     (lambda normalisation by the example count, the 0.1 x mean heuristic, K-FAC's eigenvalue products)."""
-    reader = FactorReader(fitted[strategy])
+    reader = HessianFactors(fitted[strategy])
     module = "transformer.h.1.mlp.c_fc"
     storage = kronfluence_storage(fitted[strategy], module)
     if strategy == "kfac":  # if-query clamps K-FAC eigenvalues at 0; compare on clamped ones
@@ -43,7 +43,7 @@ def test_scale_is_kronfluence_inverse_curvature(fitted, strategy, damping):
 
 
 def test_identity_has_no_preconditioner(fitted):
-    pre = FactorReader(fitted["identity"]).preconditioner("transformer.h.0.mlp.c_fc", None, torch.device("cpu"))
+    pre = HessianFactors(fitted["identity"]).preconditioner("transformer.h.0.mlp.c_fc", None, torch.device("cpu"))
     assert pre.scale is None and pre.q_a is None and pre.damping is None
 
 

@@ -34,7 +34,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     from if_query.config import FitConfig
     from if_query.hessian_data import load_hessian_examples
     from if_query.kron.factors import FACTORS_NAME
-    from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, prepare
+    from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, wrap_tracked_modules
     from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
     from if_query.tokenization import Collator, ExampleTokenizer
 
@@ -54,7 +54,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=config.seed)
     task.set_stage("lambda")
-    model = prepare(model, task)
+    model = wrap_tracked_modules(model, task)
     analyzer = make_analyzer(out, model, task, quiet=True)
     analyzer.fit_lambda_matrices(FACTORS_NAME, examples, per_device_batch_size=3,
                                  dataloader_kwargs=DataLoaderKwargs(collate_fn=Collator(tokenizer.pad_token_id)),

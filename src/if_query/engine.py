@@ -1,7 +1,7 @@
 """Token factors + fitted factors -> exact pairwise scores, self-influences and per-token scores.
 
 In: a :class:`~if_query.capture.TokenFactorStore` (each example's layer inputs A (T, in) and output
-gradients G (T, out) per tracked module), a :class:`~if_query.kron.FactorReader`, the store indices
+gradients G (T, out) per tracked module), a :class:`~if_query.kron.HessianFactors`, the store indices
 of the queries and of the train examples (an example may be both), the damping (None = auto).
 Out: :class:`Scores` (float64 on the host): ``pairwise`` (queries, train), ``query_self``
 (queries,), ``train_self`` (train,), and with ``per_token`` the (T_t,) contributions of every
@@ -45,7 +45,7 @@ import torch
 
 from if_query import sizes
 from if_query.capture import TokenFactorStore
-from if_query.kron.factors import FactorReader, Preconditioner
+from if_query.kron.factors import HessianFactors, Preconditioner
 from if_query.sizes import BYTES_PER_FLOAT, Shape, rotate_tokens
 from if_query.transfer import Transfers
 
@@ -202,7 +202,7 @@ class _Slabs:
         return self.inputs, self.transfers.to_device(self.store.module_output_grads(module))
 
 
-def _shares_rotations(store: TokenFactorStore, factors: FactorReader, names: list[str], index: int) -> bool:
+def _shares_rotations(store: TokenFactorStore, factors: HessianFactors, names: list[str], index: int) -> bool:
     """Whether module ``names[index + 1]`` reads the same inputs as ``names[index]`` with the same activation
     eigenvectors, so the rotated inputs of the one serve the other."""
     if index + 1 >= len(names):
@@ -222,7 +222,7 @@ def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: i
 
 
 @torch.no_grad()
-def score(queries: Side, train: Side, factors: FactorReader, shapes: Sequence[Shape], damping: float | None,
+def score(queries: Side, train: Side, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None,
           per_token: bool, workspace_bytes: int, device: torch.device, cosine: bool = True,
           progress: Callable[[str], None] | None = None, transfers: Transfers | None = None,
           refined: list | None = None, refined_self: torch.Tensor | None = None) -> Scores:

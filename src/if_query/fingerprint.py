@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from if_query.errors import InputError
-from if_query.metadata import model_identity
+from if_query.metadata import canonical_model
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
     before fingerprints were recorded get a warning (once per directory and model).
     """
     fit = metadata.get("fit", {})
-    if fit.get("model") != model_identity(model) or fit.get("revision") != revision:
+    if fit.get("model") != canonical_model(model) or fit.get("revision") != revision:
         return True
     recorded = fit.get("weights_fingerprint")
     if recorded is None:

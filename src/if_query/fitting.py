@@ -21,8 +21,8 @@ from if_query.metadata import (
     METADATA_FILE,
     STATUS_COMPLETE,
     STATUS_FITTING,
+    canonical_model,
     describe_mismatch,
-    model_identity,
     package_versions,
     read_metadata,
     write_json_atomic,
@@ -56,11 +56,11 @@ def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
 IDENTITY_BEFORE = {"matmul_precision": "ieee"}
 
 
-def fit_identity(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
+def fit_arguments(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
                  fingerprint: dict, matmul_precision: str = "ieee") -> dict:
     """The arguments (and weights) that decide the factors; compared on rerun."""
     return {
-        "model": model_identity(config.model),
+        "model": canonical_model(config.model),
         "revision": config.revision,
         "weights_fingerprint": fingerprint["digest"],
         "strategy": config.strategy,
@@ -143,7 +143,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         fingerprint = weights_fingerprint(config.model, config.revision)
         if fingerprint is None:
             raise RunError(f"cannot find the weight files of {config.model!r} in the HuggingFace cache")
-    identity = fit_identity(config, dtype, examples, fingerprint, precision)
+    identity = fit_arguments(config, dtype, examples, fingerprint, precision)
     clear = _check_previous_fit(output_dir, identity, config.overwrite, config.refit_if_changed)
 
     if model is None:
@@ -156,7 +156,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     )
     warn_if_fit_does_not_fit(model, modules, config, dtype, [len(e) for e in examples])
     task = kron.CompletionLossTask([m.name for m in modules], seed=config.seed)
-    model = kron.prepare(model, task)
+    model = kron.wrap_tracked_modules(model, task)
     analyzer = kron.make_analyzer(output_dir, model, task, quiet)
 
     metadata = {

@@ -36,7 +36,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def model_identity(model: str) -> str:
+def canonical_model(model: str) -> str:
     """A local model directory is identified by its absolute path, a hub model by its name."""
     path = Path(model)
     return str(path.resolve()) if path.exists() else model

@@ -31,7 +31,7 @@ from if_query.corpus import Corpus
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import check_fingerprint
 from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
-from if_query.metadata import METADATA_FILE, describe_model_mismatch, load_complete_metadata, model_identity
+from if_query.metadata import METADATA_FILE, canonical_model, describe_model_mismatch, load_complete_metadata
 from if_query.modeling import (
     load_config,
     load_model,
@@ -193,12 +193,12 @@ class QueryRunner:
         if self.scorer is not None:
             return self.scorer
         fit = self.metadata["fit"]
-        self._check_factors({"model": model_identity(self.config.model), "revision": self.config.revision})
-        identity = (self.metadata, self.config.model, self.config.revision, self.config.factors_dir)
-        checked = check_fingerprint(*identity)  # before loading where it can (local folders, cached hub models)
+        self._check_factors({"model": canonical_model(self.config.model), "revision": self.config.revision})
+        fingerprint_args = (self.metadata, self.config.model, self.config.revision, self.config.factors_dir)
+        checked = check_fingerprint(*fingerprint_args)  # before loading where it can (local folders, cached hub models)
         model = load_model(self.config.model, self.config.revision, self.dtype)
         if not checked:  # a hub model not cached before load_model downloaded it
-            check_fingerprint(*identity, loaded=True)
+            check_fingerprint(*fingerprint_args, loaded=True)
         model, modules = track_mlp_modules(model, fit["layer_stride"])
         self._check_factors({"tracked_modules": [[m.name, m.shape] for m in modules]})
         if self.config.engine == "kronfluence":
@@ -247,7 +247,7 @@ class QueryRunner:
         key = {"options": options, "query": _stamp(job.query_json),
                "train": _stamp(job.train_json or Path(self.config.train_dataset)),
                "factors": [self.metadata.get("completed_at"), self.metadata["fit"].get("weights_fingerprint")],
-               "model": model_identity(self.config.model), "budget": self.scorer.host_budget,
+               "model": canonical_model(self.config.model), "budget": self.scorer.host_budget,
                "world": distributed.world_size()}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         return Checkpoint(job.output_dir, digest, queries, train)

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from if_query import loss as loss_module
-from if_query.kron.factors import FactorReader
+from if_query.kron.factors import HessianFactors
 from if_query.sizes import BYTES_PER_FLOAT, Shape
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class Inverse:
     """P: each module's EK-FAC inverse under its resolved damping (the factors of every module kept on the device:
     refinement serves models whose tracked weights fit there three times over)."""
 
-    def __init__(self, factors: FactorReader, shapes: Sequence[Shape], damping: float | None, device):
+    def __init__(self, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None, device):
         self.pre = {s.name: factors.preconditioner(s.name, damping, device) for s in shapes}
         self.damping = {name: float(pre.damping or 0.0) for name, pre in self.pre.items()}
 

@@ -23,7 +23,7 @@ from if_query import distributed, engine, refine, sizes
 from if_query.capture import TokenFactorStore, capture_token_factors
 from if_query.config import QueryConfig
 from if_query.errors import RunError
-from if_query.kron.factors import FactorReader
+from if_query.kron.factors import HessianFactors
 from if_query.kron.streaming import StreamingOptions, StreamingScorer
 from if_query.memory import (
     device_memory_free,
@@ -166,7 +166,7 @@ class EngineScorer:
         self.tracked = modules
         self.shapes = [Shape.of(m) for m in modules]
         self.linears = {m.name: model.get_submodule(m.name) for m in modules}
-        self.factors = FactorReader(config.factors_dir)
+        self.factors = HessianFactors(config.factors_dir)
         self.pad_token_id = pad_token_id
         self.config = config
         self.device = device

@@ -1,7 +1,7 @@
 """The one package that imports Kronfluence, split by who uses it, and the conventions if-query's own scoring
 relies on (below).
 
-- :mod:`~if_query.kron.factors`: the factor files, read one module at a time (:class:`~.factors.FactorReader`,
+- :mod:`~if_query.kron.factors`: the factor files, read one module at a time (:class:`~.factors.HessianFactors`,
   :class:`~.factors.Preconditioner`), for the engine, the refinement and the lambda stage;
 - :mod:`~if_query.kron.lambda_files`: what the lambda stage (:mod:`if_query.lambda_stage`) needs to write
   Kronfluence's lambda files;

@@ -68,7 +68,7 @@ class Preconditioner:
         return sum(t.numel() * t.element_size() for t in (self.q_a, self.q_g, self.scale) if t is not None)
 
 
-class FactorReader:
+class HessianFactors:
     """Reads a fit's factors one module at a time (memory-mapped safetensors: processes on one host
     share the pages; only the module being scored is copied)."""
 

@@ -51,7 +51,7 @@ class CompletionLossTask(Task):
         return batch["attention_mask"]
 
 
-def prepare(model: nn.Module, task: CompletionLossTask) -> nn.Module:
+def wrap_tracked_modules(model: nn.Module, task: CompletionLossTask) -> nn.Module:
     """The model with Kronfluence's tracked wrappers around ``task``'s modules (``nn.Linear`` only)."""
     return prepare_model(model, task)
 

@@ -22,7 +22,7 @@ from torch.utils import data
 from if_query import loss
 from if_query.errors import InputError
 from if_query.kron.factors import FACTORS_NAME, clamp_kfac_eigenvalues
-from if_query.kron.fit import CompletionLossTask, make_analyzer, prepare
+from if_query.kron.fit import CompletionLossTask, make_analyzer, wrap_tracked_modules
 from if_query.tokenization import Collator, TokenizedExample
 
 
@@ -81,7 +81,8 @@ class StreamingScorer:
         self.options = options
         self.pad_token_id = pad_token_id
         self.quiet = quiet
-        self.analyzer = make_analyzer(Path(options.factors_dir), prepare(model, self.task), self.task, quiet)
+        model = wrap_tracked_modules(model, self.task)
+        self.analyzer = make_analyzer(Path(options.factors_dir), model, self.task, quiet)
         self.factor_args = self.analyzer.load_factor_args(FACTORS_NAME)
         if self.factor_args is None:
             raise InputError(f"{options.factors_dir}: no Kronfluence factors found (incomplete fit?)")
