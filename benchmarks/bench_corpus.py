@@ -36,12 +36,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_query import synthetic_words  # noqa: E402
 from bench_scale import RUNNER, build_model  # noqa: E402
+from common import write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLE_S = 0.2
 
 
@@ -211,11 +210,8 @@ def main() -> None:
     floor = floor_seconds_per_token(model_dir, documents[:500])
     text = report(runs, floor, args)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_corpus.md").write_text(text)
-    (RESULTS / "bench_corpus.json").write_text(json.dumps({"runs": runs, "floor_s_per_token": floor,
-                                                           "args": {k: str(v) for k, v in vars(args).items()}},
-                                                          indent=2))
+    write_results("bench_corpus", text, {"runs": runs, "floor_s_per_token": floor,
+                                         "args": {k: str(v) for k, v in vars(args).items()}})
 
 
 if __name__ == "__main__":

@@ -57,12 +57,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_query import synthetic_words  # noqa: E402
-from bench_scale import build_model, make_records, measure_peak  # noqa: E402
+from bench_scale import build_model, make_records  # noqa: E402
+from common import matmul_peak, write_results  # noqa: E402
 
 
 class Timers:
@@ -257,7 +255,7 @@ def main() -> None:
     print(f"[bench_fit] {len(ordered)} sequences, {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all); "
           f"{len(modules)} tracked modules", file=sys.stderr, flush=True)
 
-    peak = measure_peak()
+    peak = matmul_peak()
     stages: dict[str, dict] = {}
     timers = Timers()
     runs = work / "runs"
@@ -329,7 +327,7 @@ def main() -> None:
         fits["seed 1, float32"] = seed1_float32
     print("[bench_fit] eigh alone, float64 and float32 interleaved ...", file=sys.stderr, flush=True)
     eigh = eigh_timings(sorted({n for shape in tracked for n in shape}), args.eigh_repeats)
-    peak = max(peak, measure_peak())
+    peak = max(peak, matmul_peak())
 
     # --- scores of each fit (one capture of the scored examples' token factors) ---
     from if_query.records import Example
@@ -464,12 +462,10 @@ def main() -> None:
                   "the smallest seed-to-seed distance measured)."]
     report = "\n".join(lines)
     print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_fit.md").write_text(report + "\n")
-    (RESULTS / "bench_fit.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths, "peak_flops": peak,
-         "stages": stages, "timers": timers.seconds, "eigh_s": eigh, "flops": work_flops, "lambda_max_rel_error": error,
-         "comparisons": comparisons, "float32_verdict": verdict}, indent=2))
+    write_results("bench_fit", report, {
+        "args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths, "peak_flops": peak,
+        "stages": stages, "timers": timers.seconds, "eigh_s": eigh, "flops": work_flops, "lambda_max_rel_error": error,
+        "comparisons": comparisons, "float32_verdict": verdict})
 
 
 if __name__ == "__main__":

@@ -27,21 +27,18 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch  # noqa: E402
 from bench_fit import compare  # noqa: E402
 from bench_query import synthetic_words  # noqa: E402
 from bench_scale import build_model, make_records  # noqa: E402
+from common import write_results  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
 PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten.baddbmm.default, torch.ops.aten.addmm_.default, torch.ops.aten.mm.out,
@@ -202,9 +199,7 @@ def main() -> None:
                "wall_s": time.perf_counter() - start, "args": {k: str(v) for k, v in vars(args).items()}}
     text = report(results, args)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_precision.md").write_text(text)
-    (RESULTS / "bench_precision.json").write_text(json.dumps(results, indent=2))
+    write_results("bench_precision", text, results)
 
 
 if __name__ == "__main__":

@@ -117,10 +117,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _T0 = time.perf_counter()
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, dump  # noqa: E402
+from common import RESULTS as RESULTS_DIR  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))  # tiny_world, shared with scripts/make_tiny_model.py
 
 import bench_lds  # noqa: E402
 import tiny_world as tw  # noqa: E402
@@ -171,13 +171,6 @@ QUERY_SETS = ("a", "b")
 SCORES = ("cosine", "raw")
 FIT_BATCH = 16
 SCORE_BATCH = 32
-
-
-def dump(value, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-        f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------

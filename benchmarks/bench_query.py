@@ -87,8 +87,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
+from common import RESULTS as RESULTS_DIR
+from common import dump, matmul_peak
+
 DEFAULT_PYCACHE = Path(tempfile.gettempdir()) / "if-query-bench-pycache"
 EOS = "<|endoftext|>"
 BIN = Path(sys.executable).parent  # the venv's bin: run-query / fit-hessians console scripts
@@ -178,11 +179,6 @@ def pad_record(record: dict, example_tokenizer, filler: list[str], pad_to: int, 
     return padded
 
 
-def dump(value, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------- FLOPs
 
 
@@ -260,23 +256,14 @@ def scoring_path() -> str:
     return "whitened, token rotation, losses from the gradient pass"
 
 
-def measure_peak(repeats: int = 10, n: int = 2048) -> dict:
+def measure_peak() -> dict:
+    """The float32 matmul peak with the default thread count and with one thread; the larger is the peak."""
     import torch
 
     default_threads = torch.get_num_threads()
     result = {"default_threads": default_threads}
-    a, b = torch.randn(n, n), torch.randn(n, n)
     for threads in dict.fromkeys([default_threads, 1]):
-        torch.set_num_threads(threads)
-        for _ in range(2):
-            torch.matmul(a, b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
-        result[f"threads_{threads}"] = 2 * n**3 / min(times)
-    torch.set_num_threads(default_threads)
+        result[f"threads_{threads}"] = matmul_peak(repeats=10, threads=threads)
     result["peak_flops"] = max(v for k, v in result.items() if k.startswith("threads_"))
     return result
 

@@ -44,11 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import synthetic_words, word_tokenizer  # noqa: E402
+from bench_query import synthetic_words, word_tokenizer
+from common import matmul_peak, write_results
 
 APPROACHES = {
     "default": [],
@@ -91,18 +88,6 @@ def make_records(words: list[str], count: int, rng: random.Random) -> list[dict]
         completion = " " + " ".join(rng.choice(words) for _ in range(rng.randint(6, 10)))
         records.append({"pair_id": f"c{k:02d}", "prompt": prompt, "completion": completion})
     return records
-
-
-def measure_peak(repeats: int = 5, n: int = 2048) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def run(work: Path, name: str, common: list[str]) -> dict:
@@ -190,11 +175,11 @@ def main() -> None:
 
     tokenizer = ExampleTokenizer(AutoTokenizer.from_pretrained(model), 512)
     lengths = [len(tokenizer(Example(r["pair_id"], r["prompt"], r["completion"]))) for r in records]
-    peak_before = measure_peak()
+    peak_before = matmul_peak()
     common = ["--model", str(model), "--factors-dir", str(factors), "--train-json", str(folder / "train.json"),
               "--query-json", str(folder / "query.json"), "--score-batch-size", "4"]
     results = {name: run(work, name, common) for name in args.approaches}
-    peak = max(peak_before, measure_peak())
+    peak = max(peak_before, matmul_peak())
 
     exact_name = "kronfluence-exact" if results.get("kronfluence-exact", {}).get("scores") else "default"
     exact = np.array(results[exact_name]["scores"]) if results.get(exact_name, {}).get("scores") else None
@@ -230,12 +215,10 @@ def main() -> None:
             lines.append(f"\n{result['name']}: {plan}")
     report = "\n".join(lines)
     print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_scale.md").write_text(report + "\n")
-    (RESULTS / "bench_scale.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths, "peak_flops": peak,
-         "flops": work_flops, "results": {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
-                                           for k, v in results.items()}}, indent=2))
+    write_results("bench_scale", report, {
+        "args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths, "peak_flops": peak,
+        "flops": work_flops, "results": {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
+                                          for k, v in results.items()}})
 
 
 if __name__ == "__main__":
