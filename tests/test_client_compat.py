@@ -213,7 +213,7 @@ def test_bad_batch_sizes_are_one_line_errors(cli, tiny_gpt2, fitted, query_files
 
 def test_kronfluence_engine_uses_query_and_train_batch_sizes(cli, tiny_gpt2, fitted, query_files, tmp_path,
                                                             monkeypatch):
-    import if_query.kron as kron
+    import if_query.kron.streaming as kron
 
     seen = {"query": set(), "train": set(), "self": set()}
     pairwise, self_scores = kron.compute_pairwise_scores_with_loaders, kron.compute_self_scores_with_loaders

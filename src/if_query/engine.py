@@ -46,7 +46,8 @@ import torch
 from if_query import sizes
 from if_query.capture import TokenFactorStore
 from if_query.kron.factors import HessianFactors, Preconditioner
-from if_query.sizes import BYTES_PER_FLOAT, Shape, rotate_tokens
+from if_query.per_example import rotate_tokens, rotation_flops, with_bias_column
+from if_query.sizes import BYTES_PER_FLOAT, Shape
 from if_query.transfer import Transfers
 
 ROTATION_CACHE_SHARE = 8  # kept rotated inputs may take up to 1/8 of the workspace
@@ -94,9 +95,7 @@ class _Module:
     def _tokens(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([A, 1] (T, in'), G (T, out)) in float32 on the device (upcast there, not on the host)."""
         rows = self.store.rows(example)
-        inputs = self.inputs[rows].float()
-        if self.shape.bias:
-            inputs = torch.cat([inputs, inputs.new_ones(inputs.shape[0], 1)], dim=1)  # (T, in')
+        inputs = with_bias_column(self.inputs[rows].float(), self.shape.bias)  # (T, in')
         return inputs, self.output_grads[rows].float()
 
     def rotated(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +215,7 @@ def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: i
     """Without self-influences: whether <P_q, D_t> (each query's W rotated back once, no train rotation) costs
     fewer FLOPs than W_q . W_t (every train example's tokens or gradient rotated)."""
     out, width = shape.out, shape.width
-    rotated = sum(sizes.rotation_flops(t, out, width) for t in train_lengths)
+    rotated = sum(rotation_flops(t, out, width) for t in train_lengths)
     unrotated = sum(2 * t * out * width for t in train_lengths) + queries * 2 * out * width * (out + width)
     return unrotated < rotated
 

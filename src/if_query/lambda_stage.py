@@ -41,7 +41,7 @@ from if_query.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.errors import RunError
 from if_query.kron import lambda_files
 from if_query.kron.factors import read_eigenvectors
-from if_query.sizes import rotate_tokens, rotation_flops
+from if_query.per_example import rotate_tokens, rotation_flops, with_bias_column
 from if_query.tokenization import TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,7 @@ class _Accumulator:
         first ``lengths[i]`` positions (the rest is right padding, whose output gradients are exactly 0,
         so padding adds exactly 0)."""
         tokens = max(lengths)
-        inputs = inputs[:, :tokens].float()
-        if self.bias:
-            inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:-1], 1)], dim=-1)  # (B, T, in')
+        inputs = with_bias_column(inputs[:, :tokens].float(), self.bias)  # (B, T, in')
         output_grads = output_grads[:, :tokens].float()
         tokens_rotated = self.q_a is not None and rotate_tokens(tokens, self.out, self.width)
         if tokens_rotated:  # the whole batch's token vectors in two matmuls

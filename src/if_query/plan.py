@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from if_query import sizes
 from if_query.config import H100_BF16_TFLOPS, H100_FP32_TFLOPS, H100_TF32_TFLOPS
+from if_query.per_example import rotation_flops
 from if_query.sizes import GB, ModelShape, Shape, human_bytes, human_flops
 from if_query.transfer import STAGING_BYTES
 
@@ -201,7 +202,7 @@ def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[i
         "a smaller --host-memory-gb (the rest is spilled to --spill-dir)")
     work = Work("run-query FLOPs", {
         "forward and backward": (sizes.forward_backward_flops(model, lengths), peaks.model),
-        "rotations and whitened gradients": (sum(sizes.rotation_flops(t, s.out, s.width) if _eigen(strategy)
+        "rotations and whitened gradients": (sum(rotation_flops(t, s.out, s.width) if _eigen(strategy)
                                                  else 2 * t * s.out * s.width for t in lengths for s in shapes),
                                              peaks.engine(matmul_precision)),
         "Gram": (sum(2 * count * count * s.out * s.width for s in shapes) * (1 if at_once else 2),
@@ -268,7 +269,7 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
                                                   peaks.float32 * EIGH_EFFICIENCY)
     if strategy in ("ekfac", "diagonal"):
         flops["lambda pass"] = (passes * partitions, peaks.model)
-        flops["lambda"] = (sum(sizes.rotation_flops(t, s.out, s.width) if strategy == "ekfac"
+        flops["lambda"] = (sum(rotation_flops(t, s.out, s.width) if strategy == "ekfac"
                                else 2 * t * s.out * s.width for t in fit_lengths for s in shapes), engine_peak)
     return FitPlan(factors, largest, covariance, eigen, lambdas, Work("fit-hessians FLOPs", flops))
 

@@ -6,9 +6,7 @@ One unit convention everywhere: decimal, 1 GB = 10^9 bytes (``human_bytes``), as
 :mod:`if_query.kron`). Factors and all scoring arithmetic are float32 (``BYTES_PER_FLOAT``); token factors and
 activations are in the model's dtype.
 
-The rotation rule (:func:`rotate_tokens`) is shared by the engine and the lambda stage: a per-example gradient
-``Q_gᵀ (Gᵀ [A, 1]) Q_a`` is formed either by rotating the T token vectors (2 T (out² + in'²) FLOPs) or by rotating
-the summed gradient (2 out in' (out + in')), whichever is cheaper.
+The per-example gradient's maths (bias column, rotation order and its FLOPs): :mod:`if_query.per_example`.
 """
 
 from __future__ import annotations
@@ -68,17 +66,6 @@ class Shape:
 
 
 # --- the rotation rule ---
-
-
-def rotate_tokens(tokens: int, out: int, width: int) -> bool:
-    """Whether rotating the ``tokens`` token vectors is cheaper than rotating their summed gradient."""
-    return tokens * (out * out + width * width) <= out * width * (out + width)
-
-
-def rotation_flops(tokens: int, out: int, width: int) -> int:
-    """FLOPs of one example's rotated gradient ``Q_gᵀ (Gᵀ [A, 1]) Q_a`` (out, in'), the cheaper order."""
-    gradient = 2 * tokens * out * width
-    return gradient + min(2 * tokens * (out * out + width * width), 2 * out * width * (out + width))
 
 
 # --- factors (fit-hessians' files) ---
