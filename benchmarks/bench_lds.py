@@ -180,7 +180,7 @@ def _combine(x: Vectors, y: Vectors, a: float | torch.Tensor = 1.0) -> Vectors:
 
 def ekfac_inverse(preconditioners: dict, vectors: Vectors) -> Vectors:
     """P v = Q_g [(Q_g^T V Q_a) / (curvature + damping)] Q_a^T per module: the fitted preconditioner's inverse
-    (EK-FAC, or any if_query.kron.Preconditioner: K-FAC, diagonal, identity), ``scale`` = (curvature + damping)^-1/2."""
+    (EK-FAC, or any if_query.kron.factors.Preconditioner: K-FAC, diagonal, identity), ``scale`` = (curvature + damping)^-1/2."""
     out = {}
     for name, v in vectors.items():  # v: (K, out, in')
         pre = preconditioners[name]
@@ -521,7 +521,7 @@ class DenseCase:
 
     model: object
     linears: dict
-    reader: object  # if_query.kron.HessianFactors of the fit
+    reader: object  # if_query.kron.factors.HessianFactors of the fit
     query_grads: Vectors  # (queries, out, in') per module
     train_grads: Vectors  # (train, out, in') per module
     hessian: GaussNewton  # the refinement's operator on the fitting data (the train records)
