@@ -1,7 +1,7 @@
 """Token factors + fitted factors -> exact pairwise scores, self-influences and per-token scores.
 
 In: a :class:`~if_query.capture.TokenFactorStore` (each example's layer inputs A (T, in) and output
-gradients G (T, out) per tracked module), a :class:`~if_query.kron.HessianFactors`, the store indices
+gradients G (T, out) per tracked module), a :class:`~if_query.kron.factors.HessianFactors`, the store indices
 of the queries and of the train examples (an example may be both), the damping (None = auto).
 Out: :class:`Scores` (float64 on the host): ``pairwise`` (queries, train), ``query_self``
 (queries,), ``train_self`` (train,), and with ``per_token`` the (T_t,) contributions of every

@@ -126,7 +126,7 @@ def _first_line(exc: Exception) -> str:
 @dataclass(frozen=True)
 class MlpProjection:
     """An MLP projection whose Hessian is approximated: its name in the model, its block, its weight
-    shape (out, in) and whether it has a bias (the bias column of :mod:`if_query.kron`)."""
+    shape (out, in) and whether it has a bias (the bias column of :mod:`if_query.per_example`)."""
 
     name: str
     layer: int

@@ -3,7 +3,7 @@ the work of each stage. The run-query plan line and ``if-query plan`` both read 
 
 One unit convention everywhere: decimal, 1 GB = 10^9 bytes (``human_bytes``), as disks and GPU datasheets count
 ("80 GB"). Per tracked module of weight (out, in): ``width`` = in' = in + 1 with a bias (the bias column of
-:mod:`if_query.kron`). Factors and all scoring arithmetic are float32 (``BYTES_PER_FLOAT``); token factors and
+:mod:`if_query.per_example`). Factors and all scoring arithmetic are float32 (``BYTES_PER_FLOAT``); token factors and
 activations are in the model's dtype.
 
 The per-example gradient's maths (bias column, rotation order and its FLOPs): :mod:`if_query.per_example`.
