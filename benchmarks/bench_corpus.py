@@ -2,7 +2,7 @@
 
     uv run python benchmarks/bench_corpus.py            # N = 500 and 2,000 documents, + Kronfluence at 500 (~40 min)
     uv run python benchmarks/bench_corpus.py --full     # + N = 8,000
-    uv run python benchmarks/bench_corpus.py --quick    # N = 100 and 400, a smaller model (~5 min)
+    uv run python benchmarks/bench_corpus.py --quick    # N = 200 and 800, a smaller model, --host-memory-gb 1 (~25 min)
 
 Workload. A random OLMo-2 of 8 blocks, hidden 768, MLP 2048 (bench_scale.py's model family), --layer-stride 2
 (4 blocks, 12 projections; 123 KB of float32 token factors per token, gate_proj's and up_proj's shared input
@@ -83,8 +83,9 @@ def _run(name: str, options: list[str], work: Path, tmp: Path) -> dict:
     print(f"[bench_corpus] {name}: {' '.join(options)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     sampler.start()
-    completed = subprocess.run([sys.executable, "-c", RUNNER, *options, "--output-dir", str(out), "--quiet"],
+    completed = subprocess.run([sys.executable, "-c", RUNNER, *options, "--output-dir", str(out)],
                                env=env, capture_output=True, text=True)
+    (work / f"log-{name}.txt").write_text(completed.stderr)  # the plan line: chunks, their size, bytes moved
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -180,12 +181,14 @@ def main() -> None:
     parser.add_argument("--host-memory-gb", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="also N = 8,000")
-    parser.add_argument("--quick", action="store_true", help="4 blocks, hidden 512, MLP 1408, N = 100 and 400")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 blocks, hidden 512, MLP 1408, N = 200 and 800, --host-memory-gb 1")
     args = parser.parse_args()
     if args.full:
         args.sizes = sorted({*args.sizes, 8000})
     if args.quick:
-        args.layers, args.hidden, args.mlp, args.heads, args.sizes, args.fit = 4, 512, 1408, 8, [100, 400], 16
+        args.layers, args.hidden, args.mlp, args.heads, args.sizes, args.fit = 4, 512, 1408, 8, [200, 800], 16
+        args.host_memory_gb = 1.0  # 42 KB of token factors per token: 800 documents need about 5 GB, 200 about 1.3
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
