@@ -180,7 +180,8 @@ def _combine(x: Vectors, y: Vectors, a: float | torch.Tensor = 1.0) -> Vectors:
 
 def ekfac_inverse(preconditioners: dict, vectors: Vectors) -> Vectors:
     """P v = Q_g [(Q_g^T V Q_a) / (curvature + damping)] Q_a^T per module: the fitted preconditioner's inverse
-    (EK-FAC, or any if_query.kron.factors.Preconditioner: K-FAC, diagonal, identity), ``scale`` = (curvature + damping)^-1/2."""
+    (EK-FAC, or any if_query.kron.factors.Preconditioner: K-FAC, diagonal, identity), ``scale`` =
+    (curvature + damping)^-1/2."""
     out = {}
     for name, v in vectors.items():  # v: (K, out, in')
         pre = preconditioners[name]
