@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench_query import synthetic_words  # noqa: E402
 from bench_scale import RUNNER, build_model  # noqa: E402
-from common import write_results  # noqa: E402
+from common import add_model_arguments, write_results  # noqa: E402
 
 SAMPLE_S = 0.2
 
@@ -185,10 +185,7 @@ def report(runs: list[dict], floor: float, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-corpus"))
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--mlp", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=12)
+    add_model_arguments(parser, layers=8, hidden=768, mlp=2048, heads=12, layer_stride=None)  # stride 2, fixed
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--fit", type=int, default=64, help="fitting documents")
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])

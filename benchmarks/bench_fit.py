@@ -60,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from bench_query import synthetic_words  # noqa: E402
 from bench_scale import build_model, make_records  # noqa: E402
-from common import matmul_peak, write_results  # noqa: E402
+from common import add_fit_and_score_arguments, add_model_arguments, matmul_peak, write_results  # noqa: E402
 
 
 class Timers:
@@ -187,14 +187,8 @@ def lambda_error(directory: Path, reference: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-fit"))
-    parser.add_argument("--examples", type=int, default=24, help="fitting sequences")
-    parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--train", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--mlp", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layer-stride", type=int, default=2)
+    add_fit_and_score_arguments(parser)
+    add_model_arguments(parser, layers=16, hidden=1024, mlp=2816, heads=16)
     parser.add_argument("--batch-size", type=int, default=4, help="covariance and lambda batch size")
     parser.add_argument("--seed", type=int, default=0, help="model and records")
     parser.add_argument("--full-seed-noise", action="store_true",

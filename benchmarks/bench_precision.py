@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from bench_fit import compare  # noqa: E402
 from bench_query import synthetic_words  # noqa: E402
 from bench_scale import build_model, make_records  # noqa: E402
-from common import write_results  # noqa: E402
+from common import add_fit_and_score_arguments, add_model_arguments, write_results  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
@@ -154,14 +154,8 @@ def report(results: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-precision"))
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--mlp", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layer-stride", type=int, default=2)
-    parser.add_argument("--examples", type=int, default=24, help="fitting sequences")
-    parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--train", type=int, default=16)
+    add_model_arguments(parser, layers=4, hidden=1024, mlp=2816, heads=16)
+    add_fit_and_score_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="model and records")
     parser.add_argument("--quick", action="store_true", help="2 blocks, hidden 512, MLP 1408, 12 sequences")
     args = parser.parse_args()

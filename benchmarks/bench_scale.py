@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_query import synthetic_words, word_tokenizer
-from common import matmul_peak, write_results
+from common import add_model_arguments, matmul_peak, write_results
 
 APPROACHES = {
     "default": [],
@@ -130,11 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-scale"))
     parser.add_argument("--contexts", type=int, default=48)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--mlp", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layer-stride", type=int, default=2)
+    add_model_arguments(parser, layers=16, hidden=1024, mlp=2816, heads=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--approaches", nargs="+", default=["default", "kronfluence-rank32"],
                         choices=list(APPROACHES))

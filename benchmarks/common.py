@@ -48,3 +48,20 @@ def matmul_peak(repeats: int = 5, n: int = 2048, threads: int | None = None) -> 
     finally:
         torch.set_num_threads(default)
     return 2 * n**3 / best
+
+
+def add_model_arguments(parser, layers: int, hidden: int, mlp: int, heads: int, layer_stride: int | None = 2) -> None:
+    """The random OLMo-2's shape options (bench_scale.build_model reads them), with this benchmark's defaults."""
+    parser.add_argument("--layers", type=int, default=layers, help="decoder blocks")
+    parser.add_argument("--hidden", type=int, default=hidden, help="hidden size")
+    parser.add_argument("--mlp", type=int, default=mlp, help="MLP intermediate size")
+    parser.add_argument("--heads", type=int, default=heads, help="attention heads")
+    if layer_stride is not None:
+        parser.add_argument("--layer-stride", type=int, default=layer_stride, help="track every Nth block's MLP")
+
+
+def add_fit_and_score_arguments(parser, examples: int = 24, queries: int = 8, train: int = 16) -> None:
+    """How many fitting sequences, queries and train examples a fit-then-score benchmark builds."""
+    parser.add_argument("--examples", type=int, default=examples, help="fitting sequences")
+    parser.add_argument("--queries", type=int, default=queries)
+    parser.add_argument("--train", type=int, default=train)
