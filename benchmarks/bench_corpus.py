@@ -1,6 +1,6 @@
 """Corpus benchmark: exact scores of a few queries against thousands of training documents in bounded memory.
 
-    uv run python benchmarks/bench_corpus.py            # N = 500 and 2,000 documents, + Kronfluence at 500 (~40 min)
+    uv run python benchmarks/bench_corpus.py            # N = 500 and 2,000, + Kronfluence at 500 (about 2 h here)
     uv run python benchmarks/bench_corpus.py --full     # + N = 8,000
     uv run python benchmarks/bench_corpus.py --quick    # N = 200 and 800, a smaller model, --host-memory-gb 1 (~25 min)
 
