@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from if_query import modeling
 from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
 from if_query.fingerprint import weights_fingerprint
@@ -26,16 +27,6 @@ from if_query.metadata import (
     package_versions,
     read_metadata,
     write_json_atomic,
-)
-from if_query.modeling import (
-    load_config,
-    load_model,
-    load_tokenizer,
-    position_limit,
-    resolve_dtype,
-    resolve_matmul_precision,
-    set_matmul_precision,
-    track_mlp_modules,
 )
 from if_query.plan import DEFAULT_PEAKS, plan_fit
 from if_query.sampling import LABEL_SAMPLING
@@ -129,17 +120,17 @@ def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dty
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
-    tokenizer = load_tokenizer(config.model, config.revision)
-    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length,
-                                         position_limit=position_limit(load_config(config.model, config.revision)))
+    tokenizer = modeling.load_tokenizer(config.model, config.revision)
+    limit = modeling.position_limit(modeling.load_config(config.model, config.revision))
+    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit)
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
-    dtype = resolve_dtype(config.dtype)
-    precision = resolve_matmul_precision(config.matmul_precision)
-    set_matmul_precision(precision)
+    dtype = modeling.resolve_dtype(config.dtype)
+    precision = modeling.resolve_matmul_precision(config.matmul_precision)
+    modeling.set_matmul_precision(precision)
     fingerprint = weights_fingerprint(config.model, config.revision)
     model = None
     if fingerprint is None:  # a hub model whose weights are not in the local cache yet: load (download) first
-        model = load_model(config.model, config.revision, dtype)
+        model = modeling.load_model(config.model, config.revision, dtype)
         fingerprint = weights_fingerprint(config.model, config.revision)
         if fingerprint is None:
             raise RunError(f"cannot find the weight files of {config.model!r} in the HuggingFace cache")
@@ -147,8 +138,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     clear = _check_previous_fit(output_dir, identity, config.overwrite, config.refit_if_changed)
 
     if model is None:
-        model = load_model(config.model, config.revision, dtype)
-    model, modules = track_mlp_modules(model, config.layer_stride)
+        model = modeling.load_model(config.model, config.revision, dtype)
+    model, modules = modeling.track_mlp_modules(model, config.layer_stride)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
         "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
