@@ -337,30 +337,15 @@ class OldSampling:
 # ---------------------------------------------------------------------------------------------
 
 
-def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, without_eos: bool = False,
-                       attention: bool = False):
-    """(raw, cosine) matrices from Kronfluence's Analyzer on the same model, tokenized data and damping rule.
-    ``without_eos``: the EOS label is left out of the measurement and of the train loss when scoring (not
-    when fitting). ``attention``: GPT-2's attention projections are tracked too (bench_lds.attention_projections)."""
+def bare_task(tracked: list[str], eos: int, without_eos: bool):
+    """The independent baseline's task: written as in Kronfluence's language-model examples (its own loss and
+    label sampling with torch.multinomial), not through if_query.kron, so that it checks if-query's rather than
+    repeating it. ``without_eos``: the EOS label is left out when scoring (not when fitting)."""
     import torch
     import torch.nn.functional as F
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.records import load_examples
-    from if_query.tokenization import IGNORE_INDEX, Collator, ExampleTokenizer
-
-    tokenizer = load_tokenizer(str(built["model_dir"]))
-    example_tokenizer = ExampleTokenizer(tokenizer, 512)
-    train = example_tokenizer.tokenize_all(load_examples(built["train_json"]))
-    queries = example_tokenizer.tokenize_all(load_examples(built["query_json"]))
-    model = load_model(str(built["model_dir"]), None, torch.float32)
-    modules = find_mlp_modules(model) + (bench_lds.attention_projections(model) if attention else [])
-    model = make_trackable(model, modules)
-    eos = tokenizer.eos_token_id
+    from if_query.tokenization import IGNORE_INDEX
 
     class BareTask(Task):  # as in Kronfluence's language-model examples
         def loss(self, batch, model, sample=False, without_eos=False):
@@ -385,12 +370,37 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
             return self.loss(batch, model, without_eos=without_eos)
 
         def get_influence_tracked_modules(self):
-            return [m.name for m in modules]
+            return tracked
 
         def get_attention_mask(self, batch):
             return batch["attention_mask"]
 
-    task = BareTask()
+    return BareTask()
+
+
+def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, without_eos: bool = False,
+                       attention: bool = False):
+    """(raw, cosine) matrices from Kronfluence's Analyzer on the same model, tokenized data and damping rule.
+    ``without_eos``: the EOS label is left out of the measurement and of the train loss when scoring (not
+    when fitting). ``attention``: GPT-2's attention projections are tracked too (bench_lds.attention_projections)."""
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
+    from if_query.records import load_examples
+    from if_query.tokenization import Collator, ExampleTokenizer
+
+    tokenizer = load_tokenizer(str(built["model_dir"]))
+    example_tokenizer = ExampleTokenizer(tokenizer, 512)
+    train = example_tokenizer.tokenize_all(load_examples(built["train_json"]))
+    queries = example_tokenizer.tokenize_all(load_examples(built["query_json"]))
+    model = load_model(str(built["model_dir"]), None, torch.float32)
+    modules = find_mlp_modules(model) + (bench_lds.attention_projections(model) if attention else [])
+    model = make_trackable(model, modules)
+
+    task = bare_task([m.name for m in modules], tokenizer.eos_token_id, without_eos)
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=name, model=model, task=task, output_dir=str(built["work"]),
                         log_level=logging.ERROR, disable_tqdm=True)
