@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from if_query.errors import InputError
 from if_query.metadata import canonical_model
+from if_query.tokenization import TokenizedExample
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +160,12 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
             f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite"
         )
     return True
+
+
+def dataset_fingerprint(examples: Sequence[TokenizedExample]) -> str:
+    """A hash of tokenized fitting examples (their token ids and labels, in order): recorded by fit-hessians,
+    compared by run-query --refine-steps before it reads the factors' fitting data again."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    return digest.hexdigest()[:16]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from datetime import UTC, datetime
@@ -13,7 +12,7 @@ import torch
 from if_query import modeling
 from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
-from if_query.fingerprint import weights_fingerprint
+from if_query.fingerprint import dataset_fingerprint, weights_fingerprint
 from if_query.hessian_data import load_hessian_examples
 from if_query.kron import fit as kron
 from if_query.kron.factors import FACTORS_NAME, factors_path
@@ -34,13 +33,6 @@ from if_query.sizes import ModelShape, Shape, estimate_factor_sizes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(repr((example.input_ids, example.labels)).encode())
-    return digest.hexdigest()[:16]
 
 
 # Entries of a fit's identity that fits recorded before they existed, with the value those fits used.

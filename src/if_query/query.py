@@ -29,7 +29,7 @@ from if_query.checkpoint import Checkpoint
 from if_query.config import QueryConfig
 from if_query.corpus import Corpus
 from if_query.errors import IfQueryError, InputError, RunError
-from if_query.fingerprint import check_fingerprint
+from if_query.fingerprint import check_fingerprint, dataset_fingerprint
 from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
 from if_query.metadata import METADATA_FILE, canonical_model, describe_model_mismatch, load_complete_metadata
 from if_query.modeling import (
@@ -131,7 +131,8 @@ class QueryRunner:
         self.metadata = load_complete_metadata(config.factors_dir)
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = load_tokenizer(config.model, config.revision)
-        limit = position_limit(load_config(config.model, config.revision))
+        self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
+        limit = position_limit(self.hf_config)
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
         self.corpus = None if config.train_dataset is None else Corpus(config.train_dataset, self.example_tokenizer)
         self.scorer: EngineScorer | KronfluenceScorer | None = None
@@ -143,7 +144,6 @@ class QueryRunner:
     def _refine_data(self) -> list[TokenizedExample]:
         """--refine-steps: refuse (before the model loads) where g, v and H v will not fit the device; the
         fitting examples of the Gauss-Newton batches (the factors' own by default, checked unchanged)."""
-        from if_query.fitting import dataset_fingerprint
         from if_query.hessian_data import load_hessian_examples
         from if_query.modeling import meta_model
         from if_query.refine import refine_bytes
@@ -151,8 +151,7 @@ class QueryRunner:
 
         config = self.config
         shapes = [Shape(m["name"], m["shape"][0], m["shape"][1], m["bias"]) for m in self.metadata["tracked_modules"]]
-        hf_config = load_config(config.model, config.revision)
-        model_bytes = ModelShape.of(meta_model(hf_config), hf_config).parameters * self.dtype.itemsize
+        model_bytes = ModelShape.of(meta_model(self.hf_config), self.hf_config).parameters * self.dtype.itemsize
         vectors, _ = refine_bytes(shapes, 1)
         if self.device.type == "cuda":
             limit, where = torch.cuda.get_device_properties(self.device).total_memory, f"{self.device}'s memory"
