@@ -39,9 +39,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_query import synthetic_words  # noqa: E402
-from bench_scale import RUNNER, build_model  # noqa: E402
-from common import add_model_arguments, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RUN_QUERY_WITH_RSS,
+    add_model_arguments,
+    build_olmo2,
+    fit_hessians_cli,
+    model_shape,
+    synthetic_words,
+    write_results,
+)
 
 SAMPLE_S = 0.2
 
@@ -85,7 +91,7 @@ def _run(name: str, options: list[str], work: Path, tmp: Path) -> dict:
     print(f"[bench_corpus] {name}: {' '.join(options)}", file=sys.stderr, flush=True)
     start, cpu_before = time.perf_counter(), _children_cpu_s()
     sampler.start()
-    completed = subprocess.run([sys.executable, "-c", RUNNER, *options, "--output-dir", str(out)],
+    completed = subprocess.run([sys.executable, "-c", RUN_QUERY_WITH_RSS, *options, "--output-dir", str(out)],
                                env=env, capture_output=True, text=True)
     (work / f"log-{name}.txt").write_text(completed.stderr)  # the plan line: chunks, their size, bytes moved
     wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_before
@@ -136,7 +142,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, dict[int, Path], Path, list[s
     """The model, its factors, a corpus file per N, the queries; the documents (for the floor)."""
     words = synthetic_words(2000, args.seed)
     model_dir = work / "model"
-    build_model(model_dir, words, args)
+    build_olmo2(model_dir, words, **model_shape(args), seed=args.seed)
     rng = random.Random(args.seed + 1)
     documents = corpus(words, max(args.sizes), rng)
     corpora = {}
@@ -153,9 +159,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, dict[int, Path], Path, list[s
         fit_data = work / "fit.json"
         fit_data.write_text(json.dumps([{"pair_id": f"f{k}", "prompt": "", "completion": t}
                                         for k, t in enumerate(corpus(words, args.fit, rng))]))
-        subprocess.run([sys.executable, "-m", "if_query.cli", "fit-hessians", "--model", str(model_dir),
-                        "--hessian-dataset", str(fit_data), "--output-dir", str(factors), "--layer-stride", "2",
-                        "--factor-batch-size", "8", "--lambda-batch-size", "8", "--quiet"], check=True)
+        fit_hessians_cli(model_dir, fit_data, factors, layer_stride=2, batch_size=8)
     return model_dir, factors, corpora, queries, documents
 
 

@@ -23,20 +23,20 @@ Results: printed and written to benchmarks/results/bench_precision.md (+ .json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
-from bench_fit import compare  # noqa: E402
-from bench_query import synthetic_words  # noqa: E402
-from bench_scale import build_model, make_records  # noqa: E402
-from common import add_fit_and_score_arguments, add_model_arguments, write_results  # noqa: E402
+from common import (  # noqa: E402
+    compare_scores,
+    fit_and_score_parser,
+    olmo2_and_records,
+    write_results,
+)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
@@ -152,11 +152,7 @@ def report(results: dict, args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-precision"))
-    add_model_arguments(parser, layers=4, hidden=1024, mlp=2816, heads=16)
-    add_fit_and_score_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="model and records")
+    parser = fit_and_score_parser(__doc__, "/tmp/if-query-bench-precision", layers=4)
     parser.add_argument("--quick", action="store_true", help="2 blocks, hidden 512, MLP 1408, 12 sequences")
     args = parser.parse_args()
     if args.quick:
@@ -165,10 +161,8 @@ def main() -> None:
     start = time.perf_counter()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    words = synthetic_words(2000, args.seed)
     model_dir = work / "model"
-    build_model(model_dir, words, args)
-    records = make_records(words, args.examples + args.queries + args.train, random.Random(args.seed + 1))
+    records = olmo2_and_records(model_dir, args, args.examples + args.queries + args.train)
     data = work / "fit.json"
     data.write_text(json.dumps(records[: args.examples]))
     nearest, truncated = EmulatedTF32(nearest=True), EmulatedTF32(nearest=False)
@@ -186,7 +180,7 @@ def main() -> None:
         "TF32 truncated: fit and scoring": scores(store, modules, fits["tf32-truncated seed 0"], args.queries,
                                                   truncated),
     }
-    distances = {name: compare(value, reference) for name, value in runs.items()}
+    distances = {name: compare_scores(value, reference) for name, value in runs.items()}
     noise_name = next(iter(runs))
     safe = verdict({k: v for k, v in distances.items() if k != noise_name}, distances[noise_name])
     results = {"distances": distances, "safe": safe, "products": nearest.products + truncated.products,

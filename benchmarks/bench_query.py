@@ -85,48 +85,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import RESULTS as RESULTS_DIR
-from common import dump, matmul_peak
+from common import dump, matmul_peak, synthetic_words, word_tokenizer
 
 DEFAULT_PYCACHE = Path(tempfile.gettempdir()) / "if-query-bench-pycache"
-EOS = "<|endoftext|>"
 BIN = Path(sys.executable).parent  # the venv's bin: run-query / fit-hessians console scripts
 
 
 # --------------------------------------------------------------------------------------------- workload
 
 
-def synthetic_words(count: int, seed: int) -> list[str]:
-    """``count`` distinct lower-case pseudo-words (letters only: the byte-level pre-tokenizer keeps each
-    one whole, so one word is one token)."""
-    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    words = [a + b for a in syllables for b in syllables]
-    words += [a + b + c for a in syllables[:20] for b in syllables for c in syllables[:10]]
-    if count > len(words):
-        raise SystemExit(f"--words {count}: at most {len(words)}")
-    random.Random(seed).shuffle(words)
-    return words[:count]
-
-
-def word_tokenizer(words: list[str]):
-    """A word-level tokenizer (byte-level pre-tokenizer: one token per synthetic word, with and
-    without a leading space), EOS ``<|endoftext|>`` = 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {EOS: 0, "<unk>": 1}
-    for word in words:
-        vocab[word] = len(vocab)
-        vocab["Ġ" + word] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token="<unk>")
-
-
-def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> None:
+def build_gpt2(directory: Path, words: list[str], n_layer: int, n_embd: int, n_head: int, positions: int,
+               seed: int) -> None:
+    """A randomly initialised GPT-2 (no dropout) with :func:`common.word_tokenizer`'s vocabulary, saved."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -134,9 +108,9 @@ def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tokenizer = word_tokenizer(words)
-    torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(512, args.pad_to), n_embd=args.n_embd,
-                        n_layer=args.n_layer, n_head=args.n_head, bos_token_id=0, eos_token_id=0,
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=n_embd,
+                        n_layer=n_layer, n_head=n_head, bos_token_id=0, eos_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(directory)
@@ -144,6 +118,7 @@ def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> 
 
 
 def make_records(words: list[str], args: argparse.Namespace) -> list[list[dict]]:
+    """``--folders`` lists of ``--examples-per-folder`` records (prompt and completion lengths from ``args``)."""
     rng = random.Random(args.seed + 1)
     folders = []
     for f in range(args.folders):
@@ -420,22 +395,40 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_benchmark(args: argparse.Namespace, work: Path) -> str:
-    import torch
+@dataclass
+class Workload:
+    """The model, the folders (dynamically padded and padded to ``--pad-to``) and the fitting data, in ``work``."""
 
+    model_dir: Path
+    example_tokenizer: object  # if_query.tokenization.ExampleTokenizer
+    lengths: list[list[int]]  # tokens of each example, per folder
+    dyn_dirs: list[Path]  # (b)'s folders
+    pad_dirs: list[Path]  # (a)'s folders: prompts left-filled to --pad-to tokens
+    union: list[dict]  # every folder's records: the scoring factors' fitting data
+    fit_records: list[dict]  # the fit-hessians comparison's records
+    flops: FlopModel
+    n_params: int
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(sum(ls) for ls in self.lengths)
+
+    @property
+    def n_examples(self) -> int:
+        return sum(map(len, self.lengths))
+
+    @property
+    def vocab(self) -> int:
+        return len(self.example_tokenizer.tokenizer)
+
+
+def build_workload(args: argparse.Namespace, work: Path) -> Workload:
     from if_query.modeling import load_tokenizer
     from if_query.tokenization import ExampleTokenizer
 
-    path = scoring_path()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    procs = Processes(work, None if args.no_pycache else Path(args.pycache))
-
-    # ------------------------------------------------------------------ workload
     model_dir = work / "model"
     words = synthetic_words(args.words, args.seed)
-    build_model(model_dir, words, args)
+    build_gpt2(model_dir, words, args.n_layer, args.n_embd, args.n_head, max(512, args.pad_to), args.seed)
     example_tokenizer = ExampleTokenizer(load_tokenizer(str(model_dir)), 512)
     folders = make_records(words, args)
     rng = random.Random(args.seed + 2)
@@ -454,46 +447,37 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
     fit_records = union[: args.fit_examples]
     dump(fit_records, work / "fit_dynamic.json")
     dump([pad_record(r, example_tokenizer, words, args.pad_to, rng) for r in fit_records], work / "fit_padded.json")
-    vocab = len(example_tokenizer.tokenizer)
-    flops = FlopModel(args.n_layer, args.n_embd, vocab)
+    flops = FlopModel(args.n_layer, args.n_embd, len(example_tokenizer.tokenizer))
     n_params = sum(v.numel() for v in _load_state(model_dir).values() if v.dim())
-    real_tokens = sum(sum(ls) for ls in lengths)
-    n_examples = sum(map(len, lengths))
-    say(f"workdir {work}; model {n_params / 1e6:.2f}M params ({flops.matmul_params / 1e6:.2f}M matmul weights), "
-        f"vocab {vocab}; {args.folders} folders x {args.examples_per_folder} examples, {real_tokens} real tokens "
-        f"(mean {real_tokens / n_examples:.1f}/example); if-query scoring path: {path}")
+    return Workload(model_dir, example_tokenizer, lengths, dyn_dirs, pad_dirs, union, fit_records, flops, n_params)
 
-    # ------------------------------------------------------------------ warm-up, peak
-    warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.query, if_query.fitting\n"
-                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"])
-    say(f"import warm-up (bytecode cache {'off' if args.no_pycache else procs.pycache}): {warm['wall_s']:.1f} s")
-    peaks = [measure_peak()]
-    say(f"peak float32 matmul: {peaks[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
 
-    # ------------------------------------------------------------------ factors for scoring
-    factors = work / "factors"
-    fit_union = procs.run([str(BIN / "fit-hessians"), "--model", str(model_dir), "--hessian-dataset",
-                           str(work / "union.json"), "--output-dir", str(factors), "--strategy", "ekfac", "--quiet"],
-                          extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    say(f"fit-hessians on the union ({len(union)} examples, 1 thread, setup): {fit_union['wall_s']:.1f} s")
+class Commands:
+    """The run-query command lines of (a) (one per padded folder) and (b) (one over all folders)."""
 
-    # ------------------------------------------------------------------ (a) naive, (b) if-query
-    def naive_command(folder: Path, *extra: str) -> list[str]:
-        return [str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
+    def __init__(self, args: argparse.Namespace, w: Workload, factors: Path):
+        self.args, self.w, self.factors = args, w, factors
+        self.multi = [str(BIN / "run-query"), "--model", str(w.model_dir), "--factors-dir", str(factors),
+                      *map(str, w.dyn_dirs), "--quiet"]
+
+    def naive(self, folder: Path, *extra: str) -> list[str]:
+        return [str(BIN / "run-query"), "--model", str(self.w.model_dir), "--factors-dir", str(self.factors),
                 "--train-json", str(folder / "train.json"), "--query-json", str(folder / "query.json"),
-                "--output-dir", str(folder / "results"), "--score-batch-size", str(args.score_batch_size),
+                "--output-dir", str(folder / "results"), "--score-batch-size", str(self.args.score_batch_size),
                 "--max-length", "512", "--quiet", *extra]
 
-    def naive_loop(*extra: str) -> list[dict]:
-        return [procs.run(naive_command(folder, *extra)) for folder in pad_dirs]
 
-    multi_command = [str(BIN / "run-query"), "--model", str(model_dir), "--factors-dir", str(factors),
-                     *map(str, dyn_dirs), "--quiet"]
+def measure_scoring(args: argparse.Namespace, procs: Processes, w: Workload, commands: Commands) -> dict:
+    """(a), (b), and where asked (a0) and (b1): each a list of runs' ``{"wall_s"}`` (None when skipped)."""
+
+    def naive_loop(*extra: str) -> list[dict]:
+        return [procs.run(commands.naive(folder, *extra)) for folder in w.pad_dirs]
+
     naive_runs, multi_runs = [], []
     # Interleaved (b, a, b, a, ...) so that bursts of load from other users hit both sides alike.
     for i in range(max(args.naive_repeats, args.repeats)):
         if i < args.repeats:
-            multi_runs.append(procs.run(multi_command))
+            multi_runs.append(procs.run(commands.multi))
             say(f"(b) if-query multi-folder: {multi_runs[-1]['wall_s']:.1f} s")
         if i < args.naive_repeats:
             naive_runs.append(naive_loop())
@@ -504,119 +488,171 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
         # self-influence pass): the approach before if-query's one-gradient-per-example path.
         streaming = naive_loop("--engine", "kronfluence")
         say(f"(a0) naive per-folder padded, Kronfluence streaming: {sum(r['wall_s'] for r in streaming):.1f} s")
-    check_results(dyn_dirs + pad_dirs, args.examples_per_folder)
+    check_results(w.dyn_dirs + w.pad_dirs, args.examples_per_folder)
     one_thread = None
     if not args.no_one_thread:
-        one_thread = procs.run(multi_command, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        one_thread = procs.run(commands.multi, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         say(f"(b1) if-query multi-folder, OMP_NUM_THREADS=1: {one_thread['wall_s']:.1f} s")
+    return {"naive_runs": naive_runs, "multi_runs": multi_runs, "streaming": streaming, "one_thread": one_thread}
 
-    # ------------------------------------------------------------------ fit-hessians
+
+def measure_fits(args: argparse.Namespace, procs: Processes, w: Workload) -> dict:
+    """fit-hessians on the padded and the dynamically padded fitting records (empty with --no-fit-compare)."""
     fit = {}
     if not args.no_fit_compare:
+        work = procs.work
         for name in ("padded", "dynamic"):
-            fit[name] = procs.run([str(BIN / "fit-hessians"), "--model", str(model_dir), "--hessian-dataset",
+            fit[name] = procs.run([str(BIN / "fit-hessians"), "--model", str(w.model_dir), "--hessian-dataset",
                                    str(work / f"fit_{name}.json"), "--output-dir", str(work / f"fit_{name}"),
                                    "--strategy", "ekfac", "--factor-batch-size", "8", "--lambda-batch-size", "4",
                                    "--quiet"])
             say(f"fit-hessians {name}: {fit[name]['wall_s']:.1f} s")
+    return fit
 
-    # ------------------------------------------------------------------ profile
-    profile = None
-    output = Path(args.output)
-    if args.profile:
-        profile = {}
-        for name, command in (("b", multi_command), ("a", naive_command(pad_dirs[0]))):
-            prof = output.with_name(f"{output.stem}_{name}.prof")
-            run = procs.run(command, profile=prof)
-            profile[name] = {"wall_s": run["wall_s"], "file": prof.name, **summarize_profile(prof)}
-            say(f"profiled ({name}) run under cProfile: {run['wall_s']:.1f} s")
 
-    peaks.append(measure_peak())
-    peak = max(p["peak_flops"] for p in peaks)
+def measure_profiles(procs: Processes, w: Workload, commands: Commands, output: Path) -> dict:
+    """One (b) and one (a) process under cProfile, their profiles beside ``output``."""
+    profile = {}
+    for name, command in (("b", commands.multi), ("a", commands.naive(w.pad_dirs[0]))):
+        prof = output.with_name(f"{output.stem}_{name}.prof")
+        run = procs.run(command, profile=prof)
+        profile[name] = {"wall_s": run["wall_s"], "file": prof.name, **summarize_profile(prof)}
+        say(f"profiled ({name}) run under cProfile: {run['wall_s']:.1f} s")
+    return profile
 
-    # ------------------------------------------------------------------ accounting
-    useful_parts: dict[str, float] = {}
-    exec_dyn: dict[str, float] = {}
-    exec_pad: dict[str, float] = {}
-    for ls in lengths:
-        for acc, parts in ((useful_parts, flops.useful(ls)),
-                           (exec_dyn, flops.executed(ls, 8, None, path)),
-                           (exec_pad, flops.executed(ls, args.score_batch_size, args.pad_to, path))):
+
+def accounting(args: argparse.Namespace, w: Workload, path: str) -> dict[str, dict[str, float]]:
+    """Useful FLOPs, and executed FLOPs of (b) (batches of 8, dynamic padding) and (a), by part."""
+    totals: dict[str, dict[str, float]] = {"useful": {}, "executed_dynamic": {}, "executed_padded": {}}
+    for ls in w.lengths:
+        for key, parts in (("useful", w.flops.useful(ls)),
+                           ("executed_dynamic", w.flops.executed(ls, 8, None, path)),
+                           ("executed_padded", w.flops.executed(ls, args.score_batch_size, args.pad_to, path))):
             for k, v in parts.items():
-                acc[k] = acc.get(k, 0.0) + v
-    useful = sum(useful_parts.values())
-    executed_dyn, executed_pad = sum(exec_dyn.values()), sum(exec_pad.values())
+                totals[key][k] = totals[key].get(k, 0.0) + v
+    return totals
 
-    naive_best = min(naive_runs, key=lambda runs: sum(r["wall_s"] for r in runs))
-    naive_wall = sum(r["wall_s"] for r in naive_best)
-    multi_best = min(multi_runs, key=lambda r: r["wall_s"])
-    multi_wall = multi_best["wall_s"]
-    multi_med = statistics.median(r["wall_s"] for r in multi_runs)
 
-    def row(label: str, processes: int, wall: float, wall_note: str, executed: float) -> str:
-        return (f"| {label} | {processes} | {fmt(wall)}{wall_note} | {naive_wall / wall:.1f}x | "
-                f"{real_tokens / wall:.0f} | {pct(useful / wall / peak)} | {executed / 1e9:.0f} | "
-                f"{pct(executed / wall / peak)} |")
+def run_benchmark(args: argparse.Namespace, work: Path) -> str:
+    import torch
 
-    lines = ["## if-query scoring benchmark\n"]
-    lines.append(
-        f"Workload: {args.folders} folders x {args.examples_per_folder} examples (train.json = query.json), prompts "
-        f"{args.prompt_min}-{args.prompt_max} tokens, completions {args.completion_min}-{args.completion_max} (+EOS): "
-        f"{real_tokens} real tokens in {n_examples} distinct examples (mean {real_tokens / n_examples:.1f}). Model: "
-        f"random GPT-2, n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, vocab {vocab}: "
-        f"{n_params / 1e6:.2f}M parameters, {flops.matmul_params / 1e6:.2f}M matmul weights; EK-FAC on "
-        f"{len(flops.tracked)} MLP modules ({flops.grad_size / 1e6:.2f}M tracked weights with biases). "
-        f"if-query scoring path: {path}. "
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, default {peaks[0]['default_threads']} "
-        f"threads; bytecode cache {'off (PYTHONDONTWRITEBYTECODE)' if args.no_pycache else 'warm'}.\n")
-    start_default = peaks[0][f"threads_{peaks[0]['default_threads']}"]
-    end_default = peaks[1][f"threads_{peaks[1]['default_threads']}"]
-    lines.append(
-        "Peak float32 matmul (2048^3, best of 10; default threads / 1 thread): start "
-        f"{start_default / 1e9:.1f} / {peaks[0]['threads_1'] / 1e9:.1f}, "
-        f"end {end_default / 1e9:.1f} / {peaks[1]['threads_1'] / 1e9:.1f} GFLOP/s; "
-        f"peak used: **{peak / 1e9:.1f} GFLOP/s**.\n")
-    lines.append(
-        f"Useful FLOPs: {useful / 1e9:.0f} GFLOP ("
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in useful_parts.items()) + "). Executed: if-query "
-        f"{executed_dyn / 1e9:.0f} GFLOP (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_dyn.items())
-        + f"); naive padded {executed_pad / 1e9:.0f} GFLOP ("
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_pad.items()) + ").\n")
-    lines.append("| approach | processes | wall s (start, imports, loading included) | speed-up | real tok/s "
-                 "| useful % of peak | executed GFLOP | executed % of peak |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    naive_note = f" (best of {len(naive_runs)})" if len(naive_runs) > 1 else ""
-    lines.append(row(f"(a) naive: run-query per folder, padded to {args.pad_to}", args.folders, naive_wall,
-                     naive_note, executed_pad))
-    if streaming:
-        streaming_wall = sum(r["wall_s"] for r in streaming)
-        lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--engine kronfluence`), padded to "
-                     f"{args.pad_to} | {args.folders} | {fmt(streaming_wall)} | {naive_wall / streaming_wall:.1f}x | "
-                     "n/a | n/a | n/a | n/a |")
-    multi_note = f" (best of {len(multi_runs)}, median {fmt(multi_med)})" if len(multi_runs) > 1 else ""
-    lines.append(row(f"(b) if-query: one run-query, {args.folders} folders", 1, multi_wall, multi_note,
-                     executed_dyn).replace(f"| {naive_wall / multi_wall:.1f}x |",
-                                           f"| **{naive_wall / multi_wall:.1f}x** |"))
-    if one_thread:
-        lines.append(row("(b1) = (b) with OMP_NUM_THREADS=1", 1, one_thread["wall_s"], "", executed_dyn))
-    lines.append("")
-    lines.append(f"(a) wall per process: {', '.join(fmt(r['wall_s']) for r in naive_best)} s (each one pays "
-                 "interpreter start, imports and loading; `--profile` splits one). Import warm-up process (not "
-                 f"counted above): {warm['wall_s']:.1f} s.\n")
+    path = scoring_path()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    procs = Processes(work, None if args.no_pycache else Path(args.pycache))
+    w = build_workload(args, work)
+    say(f"workdir {work}; model {w.n_params / 1e6:.2f}M params ({w.flops.matmul_params / 1e6:.2f}M matmul "
+        f"weights), vocab {w.vocab}; {args.folders} folders x {args.examples_per_folder} examples, {w.real_tokens} "
+        f"real tokens (mean {w.real_tokens / w.n_examples:.1f}/example); if-query scoring path: {path}")
+    warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.query, if_query.fitting\n"
+                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"])
+    say(f"import warm-up (bytecode cache {'off' if args.no_pycache else procs.pycache}): {warm['wall_s']:.1f} s")
+    peaks = [measure_peak()]
+    say(f"peak float32 matmul: {peaks[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
+    factors = work / "factors"  # the scoring factors: setup, not measured
+    fit_union = procs.run([str(BIN / "fit-hessians"), "--model", str(w.model_dir), "--hessian-dataset",
+                           str(work / "union.json"), "--output-dir", str(factors), "--strategy", "ekfac", "--quiet"],
+                          extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    say(f"fit-hessians on the union ({len(w.union)} examples, 1 thread, setup): {fit_union['wall_s']:.1f} s")
+    commands = Commands(args, w, factors)
+    runs = measure_scoring(args, procs, w, commands)
+    fit = measure_fits(args, procs, w)
+    output = Path(args.output)
+    profile = measure_profiles(procs, w, commands, output) if args.profile else None
+    peaks.append(measure_peak())
+    flops = accounting(args, w, path)
 
+    lines = [scoring_section(args, w, path, runs, flops, peaks),
+             f"(a) wall per process: {', '.join(fmt(r['wall_s']) for r in best_naive(runs))} s (each one pays "
+             "interpreter start, imports and loading; `--profile` splits one). Import warm-up process (not "
+             f"counted above): {warm['wall_s']:.1f} s.\n"]
     if fit:
-        lines.append(fit_section(fit, fit_records, example_tokenizer, args))
-    lines.append(f"fit-hessians on the union of {len(union)} examples (the scoring factors; setup, one thread): "
+        lines.append(fit_section(fit, w.fit_records, w.example_tokenizer, args))
+    lines.append(f"fit-hessians on the union of {len(w.union)} examples (the scoring factors; setup, one thread): "
                  f"{fmt(fit_union['wall_s'])} s.\n")
     if profile:
         lines.append(profile_section(profile))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps({
-        "args": vars(args), "peaks": peaks, "naive_runs": naive_runs, "multi_runs": multi_runs,
-        "one_thread": one_thread, "fit": fit, "fit_union": fit_union, "warm_up": warm,
-        "useful_flops": useful_parts, "executed_dynamic": exec_dyn, "executed_padded": exec_pad,
-        "real_tokens": real_tokens, "lengths": lengths, "profile": profile, "scoring_path": path,
+        "args": vars(args), "peaks": peaks, "naive_runs": runs["naive_runs"], "multi_runs": runs["multi_runs"],
+        "one_thread": runs["one_thread"], "fit": fit, "fit_union": fit_union, "warm_up": warm,
+        "useful_flops": flops["useful"], "executed_dynamic": flops["executed_dynamic"],
+        "executed_padded": flops["executed_padded"], "real_tokens": w.real_tokens, "lengths": w.lengths,
+        "profile": profile, "scoring_path": path,
     }, indent=1), encoding="utf-8")
+    return "\n".join(lines)
+
+
+def best_naive(runs: dict) -> list[dict]:
+    """The fastest run of (a)'s per-folder loop (its processes)."""
+    return min(runs["naive_runs"], key=lambda loop: sum(r["wall_s"] for r in loop))
+
+
+def workload_lines(args: argparse.Namespace, w: Workload, path: str, flops: dict, peaks: list[dict]) -> list[str]:
+    """The report's paragraphs on the workload, the peak and the FLOP counts."""
+    import torch
+
+    useful, exec_dyn, exec_pad = flops["useful"], flops["executed_dynamic"], flops["executed_padded"]
+    start_default = peaks[0][f"threads_{peaks[0]['default_threads']}"]
+    end_default = peaks[1][f"threads_{peaks[1]['default_threads']}"]
+    peak = max(p["peak_flops"] for p in peaks)
+    return [
+        f"Workload: {args.folders} folders x {args.examples_per_folder} examples (train.json = query.json), prompts "
+        f"{args.prompt_min}-{args.prompt_max} tokens, completions {args.completion_min}-{args.completion_max} (+EOS): "
+        f"{w.real_tokens} real tokens in {w.n_examples} distinct examples (mean {w.real_tokens / w.n_examples:.1f})."
+        f" Model: random GPT-2, n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, vocab "
+        f"{w.vocab}: {w.n_params / 1e6:.2f}M parameters, {w.flops.matmul_params / 1e6:.2f}M matmul weights; EK-FAC "
+        f"on {len(w.flops.tracked)} MLP modules ({w.flops.grad_size / 1e6:.2f}M tracked weights with biases). "
+        f"if-query scoring path: {path}. "
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, default {peaks[0]['default_threads']} "
+        f"threads; bytecode cache {'off (PYTHONDONTWRITEBYTECODE)' if args.no_pycache else 'warm'}.\n",
+        "Peak float32 matmul (2048^3, best of 10; default threads / 1 thread): start "
+        f"{start_default / 1e9:.1f} / {peaks[0]['threads_1'] / 1e9:.1f}, "
+        f"end {end_default / 1e9:.1f} / {peaks[1]['threads_1'] / 1e9:.1f} GFLOP/s; "
+        f"peak used: **{peak / 1e9:.1f} GFLOP/s**.\n",
+        f"Useful FLOPs: {sum(useful.values()) / 1e9:.0f} GFLOP ("
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in useful.items()) + "). Executed: if-query "
+        f"{sum(exec_dyn.values()) / 1e9:.0f} GFLOP (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_dyn.items())
+        + f"); naive padded {sum(exec_pad.values()) / 1e9:.0f} GFLOP ("
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in exec_pad.items()) + ").\n",
+    ]
+
+
+def scoring_section(args: argparse.Namespace, w: Workload, path: str, runs: dict, flops: dict,
+                    peaks: list[dict]) -> str:
+    """The scoring benchmark's heading, workload paragraphs and table of (a), (a0), (b), (b1)."""
+    peak = max(p["peak_flops"] for p in peaks)
+    useful = sum(flops["useful"].values())
+    executed_dyn, executed_pad = sum(flops["executed_dynamic"].values()), sum(flops["executed_padded"].values())
+    naive_runs, multi_runs = runs["naive_runs"], runs["multi_runs"]
+    naive_wall = sum(r["wall_s"] for r in best_naive(runs))
+    multi_wall = min(r["wall_s"] for r in multi_runs)
+
+    def row(label: str, processes: int, wall: float, wall_note: str, executed: float) -> str:
+        return (f"| {label} | {processes} | {fmt(wall)}{wall_note} | {naive_wall / wall:.1f}x | "
+                f"{w.real_tokens / wall:.0f} | {pct(useful / wall / peak)} | {executed / 1e9:.0f} | "
+                f"{pct(executed / wall / peak)} |")
+
+    lines = ["## if-query scoring benchmark\n", *workload_lines(args, w, path, flops, peaks),
+             "| approach | processes | wall s (start, imports, loading included) | speed-up | real tok/s "
+             "| useful % of peak | executed GFLOP | executed % of peak |", "|---|---|---|---|---|---|---|---|"]
+    naive_note = f" (best of {len(naive_runs)})" if len(naive_runs) > 1 else ""
+    lines.append(row(f"(a) naive: run-query per folder, padded to {args.pad_to}", args.folders, naive_wall,
+                     naive_note, executed_pad))
+    if runs["streaming"]:
+        streaming_wall = sum(r["wall_s"] for r in runs["streaming"])
+        lines.append(f"| (a0) naive with Kronfluence's streaming scorer (`--engine kronfluence`), padded to "
+                     f"{args.pad_to} | {args.folders} | {fmt(streaming_wall)} | {naive_wall / streaming_wall:.1f}x | "
+                     "n/a | n/a | n/a | n/a |")
+    multi_med = statistics.median(r["wall_s"] for r in multi_runs)
+    multi_note = f" (best of {len(multi_runs)}, median {fmt(multi_med)})" if len(multi_runs) > 1 else ""
+    lines.append(row(f"(b) if-query: one run-query, {args.folders} folders", 1, multi_wall, multi_note,
+                     executed_dyn).replace(f"| {naive_wall / multi_wall:.1f}x |",
+                                           f"| **{naive_wall / multi_wall:.1f}x** |"))
+    if runs["one_thread"]:
+        lines.append(row("(b1) = (b) with OMP_NUM_THREADS=1", 1, runs["one_thread"]["wall_s"], "", executed_dyn))
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -44,8 +44,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_query import synthetic_words, word_tokenizer
-from common import add_model_arguments, matmul_peak, write_results
+from common import (
+    RUN_QUERY_WITH_RSS,
+    add_model_arguments,
+    build_olmo2,
+    fit_hessians_cli,
+    long_prompt_records,
+    matmul_peak,
+    model_shape,
+    synthetic_words,
+    write_results,
+)
 
 APPROACHES = {
     "default": [],
@@ -54,47 +63,13 @@ APPROACHES = {
     "kronfluence-rank32": ["--engine", "kronfluence", "--query-rank", "32"],
     "kronfluence-exact": ["--engine", "kronfluence"],
 }
-# Runs run-query in this interpreter and writes the process's peak RSS (KB) to $IFQ_RSS_FILE at exit.
-RUNNER = (
-    "import atexit, os, resource, sys\n"
-    "atexit.register(lambda: open(os.environ['IFQ_RSS_FILE'], 'w').write("
-    "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
-    "from if_query.cli import run_query_app\n"
-    "sys.argv[0] = 'run-query'\n"
-    "run_query_app()\n"
-)
-
-
-def build_model(directory: Path, words: list[str], args: argparse.Namespace) -> dict:
-    import torch
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    tokenizer = word_tokenizer(words)
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.mlp,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=512,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=None)
-    torch.manual_seed(args.seed)
-    if not (directory / "config.json").exists():
-        Olmo2ForCausalLM(config).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    return {"vocab": len(tokenizer)}
-
-
-def make_records(words: list[str], count: int, rng: random.Random) -> list[dict]:
-    records = []
-    for k in range(count):
-        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(140, 240)))
-        completion = " " + " ".join(rng.choice(words) for _ in range(rng.randint(6, 10)))
-        records.append({"pair_id": f"c{k:02d}", "prompt": prompt, "completion": completion})
-    return records
 
 
 def run(work: Path, name: str, common: list[str]) -> dict:
     out = work / f"out-{name}"
     rss_file = work / f"rss-{name}.txt"
     env = {**os.environ, "IFQ_RSS_FILE": str(rss_file), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-c", RUNNER, *common, "--output-dir", str(out), *APPROACHES[name]]
+    command = [sys.executable, "-c", RUN_QUERY_WITH_RSS, *common, "--output-dir", str(out), *APPROACHES[name]]
     print(f"[bench_scale] {name}: {' '.join(APPROACHES[name]) or '(defaults)'}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -126,7 +101,7 @@ def flops(lengths: list[int], args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-scale"))
     parser.add_argument("--contexts", type=int, default=48)
@@ -142,12 +117,15 @@ def main() -> None:
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     if args.with_exact_kronfluence and "kronfluence-exact" not in args.approaches:
         args.approaches.append("kronfluence-exact")
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, list[dict]]:
+    """The model, one folder (train = query), EK-FAC factors fitted on 16 of its records (cached in ``work``)."""
     words = synthetic_words(2000, args.seed)
     model = work / "model"
-    build_model(model, words, args)
-    records = make_records(words, args.contexts, random.Random(args.seed + 1))
+    build_olmo2(model, words, **model_shape(args), seed=args.seed)
+    records = long_prompt_records(words, args.contexts, random.Random(args.seed + 1))
     folder = work / "folder"
     folder.mkdir(exist_ok=True)
     for name in ("train.json", "query.json"):
@@ -158,25 +136,13 @@ def main() -> None:
     if not (factors / "metadata.json").exists() or '"complete"' not in (factors / "metadata.json").read_text():
         print("[bench_scale] fitting EK-FAC factors (once; cached in the workdir)", file=sys.stderr, flush=True)
         fit_start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "if_query.cli", "fit-hessians", "--model", str(model),
-                        "--hessian-dataset", str(fit_data), "--output-dir", str(factors), "--layer-stride",
-                        str(args.layer_stride), "--factor-batch-size", "4", "--lambda-batch-size", "4", "--quiet",
-                        "--overwrite"], check=True)
+        fit_hessians_cli(model, fit_data, factors, args.layer_stride)
         print(f"[bench_scale] fit: {time.perf_counter() - fit_start:.0f} s", file=sys.stderr)
+    return model, folder, factors, records
 
-    from transformers import AutoTokenizer
 
-    from if_query.records import Example
-    from if_query.tokenization import ExampleTokenizer
-
-    tokenizer = ExampleTokenizer(AutoTokenizer.from_pretrained(model), 512)
-    lengths = [len(tokenizer(Example(r["pair_id"], r["prompt"], r["completion"]))) for r in records]
-    peak_before = matmul_peak()
-    common = ["--model", str(model), "--factors-dir", str(factors), "--train-json", str(folder / "train.json"),
-              "--query-json", str(folder / "query.json"), "--score-batch-size", "4"]
-    results = {name: run(work, name, common) for name in args.approaches}
-    peak = max(peak_before, matmul_peak())
-
+def report(args: argparse.Namespace, results: dict, lengths: list[int], peak: float) -> tuple[str, dict]:
+    """The markdown table (errors against the exact reference) and the FLOP counts."""
     exact_name = "kronfluence-exact" if results.get("kronfluence-exact", {}).get("scores") else "default"
     exact = np.array(results[exact_name]["scores"]) if results.get(exact_name, {}).get("scores") else None
     work_flops = flops(lengths, args)
@@ -185,7 +151,7 @@ def main() -> None:
         f"# bench_scale ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"Model: random OLMo-2, {args.layers} blocks, hidden {args.hidden}, MLP {args.mlp}, stride "
-        f"{args.layer_stride}. Folder: {len(records)} contexts (train = query), {min(lengths)}-{max(lengths)} "
+        f"{args.layer_stride}. Folder: {len(lengths)} contexts (train = query), {min(lengths)}-{max(lengths)} "
         f"tokens, {sum(lengths)} in all. Peak float32 matmul: {peak / 1e9:.0f} GFLOP/s.",
         f"Useful work: {useful / 1e12:.2f} TFLOP (forward+backward {work_flops['forward_backward'] / 1e12:.2f}, "
         f"rotations {work_flops['rotations'] / 1e12:.2f}, whitened gradients {work_flops['whitened'] / 1e12:.2f},"
@@ -209,9 +175,30 @@ def main() -> None:
             lines.append(f"\n{result['name']} failed:\n```\n{result['stderr_tail']}\n```")
         for plan in result.get("plan", []):
             lines.append(f"\n{result['name']}: {plan}")
-    report = "\n".join(lines)
-    print(report)
-    write_results("bench_scale", report, {
+    return "\n".join(lines), work_flops
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    model, folder, factors, records = prepare(args, work)
+
+    from transformers import AutoTokenizer
+
+    from if_query.records import Example
+    from if_query.tokenization import ExampleTokenizer
+
+    tokenizer = ExampleTokenizer(AutoTokenizer.from_pretrained(model), 512)
+    lengths = [len(tokenizer(Example(r["pair_id"], r["prompt"], r["completion"]))) for r in records]
+    peak_before = matmul_peak()
+    common = ["--model", str(model), "--factors-dir", str(factors), "--train-json", str(folder / "train.json"),
+              "--query-json", str(folder / "query.json"), "--score-batch-size", "4"]
+    results = {name: run(work, name, common) for name in args.approaches}
+    peak = max(peak_before, matmul_peak())
+    text, work_flops = report(args, results, lengths, peak)
+    print(text)
+    write_results("bench_scale", text, {
         "args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths, "peak_flops": peak,
         "flops": work_flops, "results": {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
                                           for k, v in results.items()}})
