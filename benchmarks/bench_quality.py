@@ -12,7 +12,7 @@ predict what leaving training records out does to a query's loss (LDS)?
 The LDS, its ceiling, BM25, attention tracking and the ASTRA prototype live in bench_lds.py (its docstring says
 what each is); this file is the one entry point.
 
-Worlds (scripts/tiny_world.py; one world, model and sampling seed per benchmark seed)
+Worlds (if_query.tiny_world; one world, model and sampling seed per benchmark seed)
     facts2        the headline: 40 made-up people x {city, job}, every fact in ONE phrasing ("Zorvan Quill lives
                   in" -> " Belmora."), a tiny GPT-2 (2 layers, d=64) trained 400 steps; 80 training records. The
                   model memorizes every record (its softmax is nearly one-hot on the training completions).
@@ -117,13 +117,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _T0 = time.perf_counter()
+import bench_lds  # noqa: E402
 from common import REPO, dump  # noqa: E402
 from common import RESULTS as RESULTS_DIR  # noqa: E402
 
-sys.path.insert(0, str(REPO / "scripts"))  # tiny_world, shared with scripts/make_tiny_model.py
-
-import bench_lds  # noqa: E402
-import tiny_world as tw  # noqa: E402
+from if_query import tiny_world as tw  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,23 @@ def test_the_readme_code_map_lists_every_module():
     assert sorted(listed) == modules and len(set(listed)) == len(listed)
 
 
+def test_no_module_of_the_package_imports_tiny_world():
+    """``tiny_world`` builds the demo's and the benchmarks' worlds; the commands never need it (the code map says so)."""
+    import ast
+
+    import if_query
+
+    importers = []
+    for path in Path(if_query.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{alias.name}" for alias in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any("tiny_world" in name for name in names):
+                importers.append(path.name)
+    assert importers == []
+
+
 @pytest.mark.parametrize("name", ["fit-hessians", "run-query"])
 def test_the_readme_option_tables_list_every_option_with_its_default(name):
     """README's table of a command names each of its options; a default written there is the config's."""

@@ -1,7 +1,8 @@
 """A deterministic, tiny synthetic "world of facts" and a tiny GPT-2 trained on it.
 
-Used to build the bundled demo model (``src/if_query/demo_data/tiny-gpt2``, see ``make_tiny_model.py``)
-and by the quality benchmark. Importing this module has no side effects.
+Used to build the bundled demo model (``src/if_query/demo_data/tiny-gpt2``, see ``scripts/make_tiny_model.py``)
+and by the quality benchmark (``benchmarks/bench_quality.py``); the CLI never imports it. Importing this module
+has no side effects.
 
 The world: ``n_people`` made-up people ("Zorvan Quill"), each with one value for every relation
 (city, job, colour, instrument), values drawn from small made-up sets. Each fact has two
@@ -409,44 +410,11 @@ def train_tiny_gpt2(
     )
     model = GPT2LMHeadModel(config)
     model.train()
-
-    seqs, labels = [], []
-    for r in records:
-        ids = encode_record(tokenizer, r)
-        if len(ids) > n_positions:
-            raise ValueError(f"record {r['pair_id']} has {len(ids)} tokens > n_positions={n_positions}")
-        lab = list(ids)
-        if loss_on == "completion":
-            n_prompt = len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
-            lab[:n_prompt] = [-100] * n_prompt
-        elif loss_on != "all":
-            raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
-        if not label_eos:
-            lab[-1] = -100
-        seqs.append(ids)
-        labels.append(lab)
-    max_len = max(len(s) for s in seqs)
-    pad_id = tokenizer.eos_token_id
-    input_ids = torch.full((len(seqs), max_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), max_len), dtype=torch.long)
-    label_t = torch.full((len(seqs), max_len), -100, dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention[i, : len(s)] = 1
-        label_t[i, : len(lab)] = torch.tensor(lab)
-
+    input_ids, attention, label_t = _training_tensors(records, tokenizer, n_positions, loss_on, label_eos)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = _warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
-    n = len(seqs)
+    n = len(input_ids)
     kept = None if keep is None else torch.tensor([bool(k) for k in keep])
     if kept is not None and len(kept) != n:
         raise ValueError(f"keep has {len(kept)} entries for {n} records")
@@ -480,6 +448,52 @@ def train_tiny_gpt2(
             print(f"step {step:5d} loss {out.loss.item():.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     model.eval()
     return model
+
+
+def _training_tensors(records, tokenizer, n_positions: int, loss_on: str, label_eos: bool):
+    """Every record as one row, right-padded with eos: input ids, attention mask and labels (-100 where no loss),
+    each (records, longest record) long tensors."""
+    import torch
+
+    seqs, labels = [], []
+    for r in records:
+        ids = encode_record(tokenizer, r)
+        if len(ids) > n_positions:
+            raise ValueError(f"record {r['pair_id']} has {len(ids)} tokens > n_positions={n_positions}")
+        lab = list(ids)
+        if loss_on == "completion":
+            n_prompt = len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+            lab[:n_prompt] = [-100] * n_prompt
+        elif loss_on != "all":
+            raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
+        if not label_eos:
+            lab[-1] = -100
+        seqs.append(ids)
+        labels.append(lab)
+    max_len = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), max_len), tokenizer.eos_token_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), max_len), dtype=torch.long)
+    label_t = torch.full((len(seqs), max_len), -100, dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        label_t[i, : len(lab)] = torch.tensor(lab)
+    return input_ids, attention, label_t
+
+
+def _warmup_cosine(optimizer, steps: int):
+    """A linear warm-up over the first 5% of ``steps``, then a cosine decay to 10% of the learning rate."""
+    import torch
+
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
 
 def greedy_complete(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
