@@ -156,7 +156,7 @@ def test_revision_must_match_the_factors_in_one_line(client, tiny_gpt2):
     ("v1", None, "fitted with revision 'v1', this run passes no revision; add --revision v1 to this run"),
 ])
 def test_a_revision_mismatch_says_what_to_do(fitted, given, words):
-    from if_query.metadata import describe_model_mismatch
+    from if_query.compatibility import describe_model_mismatch
 
     assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": given}).endswith(words)
     assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": fitted}) == ""

@@ -12,6 +12,7 @@ import torch
 from helpers import TRAIN, assert_one_line_error, factors, save_tiny_model, tree, write_json
 
 from if_query import fingerprint as fp
+from if_query.compatibility import check_fingerprint
 from if_query.errors import InputError
 from if_query.metadata import METADATA_FILE, canonical_model
 
@@ -212,18 +213,18 @@ def test_hub_fingerprint_from_a_fake_cache(tmp_path):
     assert fp.weights_fingerprint(repo, cache_dir=cache) is None
 
     metadata = {"fit": {"model": repo, "revision": None, "weights_fingerprint": changed["digest"]}}
-    assert fp.check_fingerprint(metadata, repo, None, "F", cache_dir=cache) is False  # cannot decide yet
-    assert fp.check_fingerprint(metadata, repo, None, "F", cache_dir=cache, loaded=True) is True  # warns
+    assert check_fingerprint(metadata, repo, None, "F", cache_dir=cache) is False  # cannot decide yet
+    assert check_fingerprint(metadata, repo, None, "F", cache_dir=cache, loaded=True) is True  # warns
     (cache / "models--org--tiny" / "refs" / "main").write_text("c" * 40)
-    assert fp.check_fingerprint(metadata, repo, None, "F", cache_dir=cache) is True
+    assert check_fingerprint(metadata, repo, None, "F", cache_dir=cache) is True
     (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
     with pytest.raises(InputError, match=f"fingerprint {changed['digest']} in the factors, {found['digest']} now"):
-        fp.check_fingerprint(metadata, repo, None, "F", cache_dir=cache)
+        check_fingerprint(metadata, repo, None, "F", cache_dir=cache)
 
 
 def test_other_models_are_left_to_the_identity_check(model_dir, tmp_path):
     other = shutil.copytree(model_dir, tmp_path / "other")
     metadata = {"fit": {"model": canonical_model(str(model_dir)), "revision": None, "weights_fingerprint": "0" * 16}}
-    assert fp.check_fingerprint(metadata, str(other)) is True
+    assert check_fingerprint(metadata, str(other)) is True
     with pytest.raises(InputError, match="0000000000000000 in the factors"):
-        fp.check_fingerprint(metadata, str(model_dir))
+        check_fingerprint(metadata, str(model_dir))

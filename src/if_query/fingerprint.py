@@ -1,29 +1,25 @@
 """Which weights factors were fitted for: a fingerprint of a model's config and weight files.
 
 fit-hessians records it in ``metadata.json`` (``fit.weights_fingerprint``, compared on rerun) and
-run-query refuses factors whose fingerprint differs from the model it is given, so re-saving other
-weights into a model folder never silently reuses old factors.
+run-query refuses factors whose fingerprint differs from the model it is given
+(:func:`if_query.compatibility.check_fingerprint`), so re-saving other weights into a model folder never
+silently reuses old factors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from if_query.errors import InputError
-from if_query.metadata import canonical_model
 from if_query.tokenization import TokenizedExample
-
-logger = logging.getLogger(__name__)
 
 FULL_HASH_LIMIT = 256 * 1024**2  # larger files are sampled
 SAMPLE_CHUNKS = 32
 SAMPLE_CHUNK_BYTES = 1024**2
-_warned: set[str] = set()
 
 
 def _sha256_file(path: Path) -> str:
@@ -126,40 +122,6 @@ def weights_fingerprint(model: str, revision: str | None = None, cache_dir: str 
     if path.is_dir():
         return _local_fingerprint(path)
     return _hub_fingerprint(model, revision, cache_dir)
-
-
-def check_fingerprint(metadata: dict, model: str, revision: str | None = None, factors_dir: str | Path = "",
-                      loaded: bool = False, cache_dir: str | Path | None = None) -> bool:
-    """Refuse factors fitted for other weights of the same model (InputError naming both digests).
-
-    Returns False when it cannot decide yet (a hub model not in the local cache: call again with
-    ``loaded=True`` after loading the model, which warns if it still cannot), True otherwise.
-    Factors of another model or revision are left to the caller's identity check; factors from
-    before fingerprints were recorded get a warning (once per directory and model).
-    """
-    fit = metadata.get("fit", {})
-    if fit.get("model") != canonical_model(model) or fit.get("revision") != revision:
-        return True
-    recorded = fit.get("weights_fingerprint")
-    if recorded is None:
-        key = f"{factors_dir}|{model}@{revision}"
-        if key not in _warned:
-            _warned.add(key)
-            logger.warning("%s records no weights fingerprint (fitted by an older if-query): cannot check "
-                           "that its factors were fitted for the weights of %s now", factors_dir, model)
-        return True
-    current = weights_fingerprint(model, revision, cache_dir)
-    if current is None:
-        if loaded:
-            logger.warning("Cannot find the weight files of %s in the HuggingFace cache: not checking that the "
-                           "factors in %s were fitted for them", model, factors_dir)
-        return loaded
-    if current["digest"] != recorded:
-        raise InputError(
-            f"--factors-dir {factors_dir} was fitted for other weights of {model} (weights fingerprint "
-            f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite"
-        )
-    return True
 
 
 def dataset_fingerprint(examples: Sequence[TokenizedExample]) -> str:

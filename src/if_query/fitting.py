@@ -68,6 +68,7 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
 
     With ``overwrite`` anything there is replaced. Otherwise a fit with identical arguments and
     weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``.
+    (Whether finished factors fit the model a run-query run is given is :mod:`if_query.compatibility`'s question.)
     """
     factors = factors_path(output_dir)
     if not (output_dir / METADATA_FILE).exists():

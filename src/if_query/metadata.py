@@ -51,7 +51,8 @@ def read_metadata(factors_dir: Path) -> dict:
 
 
 def load_complete_metadata(factors_dir: str | Path) -> dict:
-    """The metadata of a finished fit, or an InputError saying what is wrong with the directory."""
+    """The metadata of a finished fit in ``factors_dir``, or an InputError saying what is wrong with the directory
+    (run-query reads it when it starts; :mod:`if_query.compatibility` checks the fit against the model)."""
     factors_dir = Path(factors_dir)
     if not factors_dir.is_dir():
         raise InputError(f"--factors-dir {factors_dir}: directory not found (run fit-hessians first)")
@@ -70,29 +71,3 @@ def describe_mismatch(now: dict, before: dict) -> str:
     """The entries of ``now`` that differ from ``before``: 'key was A, now B; ...'."""
     keys = [key for key in now if now.get(key) != before.get(key)]
     return "; ".join(f"{key} was {before.get(key)!r}, now {now.get(key)!r}" for key in keys)
-
-
-def _revision(value: str | None) -> str:
-    return "no revision" if value is None else f"revision {value!r}"
-
-
-def describe_model_mismatch(fitted: dict, given: dict) -> str:
-    """Why factors fitted for ``fitted`` (``model``, ``revision``, ``tracked_modules`` from metadata.json) do
-    not serve the model a run was ``given`` (the same keys, those it has), in words that say what to do."""
-    reasons = []
-    if "model" in given and given["model"] != fitted["model"]:
-        reasons.append(f"the factors were fitted for the model {fitted['model']!r}, this run passes "
-                       f"{given['model']!r}; fit factors for this model, or pass the model they were fitted for")
-    if "revision" in given and given["revision"] != fitted["revision"]:
-        before, now = fitted["revision"], given["revision"]
-        fix = (f"drop --revision from this run, or refit with --revision {now}" if before is None
-               else f"add --revision {before} to this run" if now is None
-               else f"pass --revision {before}, or refit with --revision {now}")
-        reasons.append(f"the factors were fitted with {_revision(before)}, this run passes {_revision(now)}; {fix}")
-    if "tracked_modules" in given and given["tracked_modules"] != fitted["tracked_modules"]:
-        ours, theirs = given["tracked_modules"], fitted["tracked_modules"]
-        differ = next((f"{a} vs {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
-                      f"{len(theirs)} modules vs {len(ours)}")
-        reasons.append(f"the factors track other MLP modules than this model has (fitted vs now: {differ}); "
-                       "the weights' architecture changed: refit")
-    return "; ".join(reasons)

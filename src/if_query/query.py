@@ -26,21 +26,20 @@ import torch
 
 from if_query import distributed, ranking
 from if_query.checkpoint import Checkpoint
+from if_query.compatibility import load_model_for_factors
 from if_query.config import QueryConfig
 from if_query.corpus import Corpus
 from if_query.errors import IfQueryError, InputError, RunError
-from if_query.fingerprint import check_fingerprint, dataset_fingerprint
+from if_query.fingerprint import dataset_fingerprint
 from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
-from if_query.metadata import METADATA_FILE, canonical_model, describe_model_mismatch, load_complete_metadata
+from if_query.metadata import METADATA_FILE, canonical_model, load_complete_metadata
 from if_query.modeling import (
     load_config,
-    load_model,
     load_tokenizer,
     position_limit,
     resolve_dtype,
     resolve_matmul_precision,
     set_matmul_precision,
-    track_mlp_modules,
 )
 from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
@@ -128,7 +127,7 @@ class QueryRunner:
     def __init__(self, config: QueryConfig, quiet: bool = False):
         self.config = config
         self.quiet = quiet
-        self.metadata = load_complete_metadata(config.factors_dir)
+        self.metadata = load_complete_metadata(config.factors_dir)  # checked against the model: load_scorer
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = load_tokenizer(config.model, config.revision)
         self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
@@ -188,36 +187,21 @@ class QueryRunner:
         return prepared
 
     def load_scorer(self) -> EngineScorer | KronfluenceScorer:
-        """Load the model once, check it against the factors, and build the configured scorer."""
+        """Load the model once, refusing factors that do not fit it
+        (:func:`~if_query.compatibility.load_model_for_factors`), and build the configured scorer."""
         if self.scorer is not None:
             return self.scorer
-        fit = self.metadata["fit"]
-        self._check_factors({"model": canonical_model(self.config.model), "revision": self.config.revision})
-        fingerprint_args = (self.metadata, self.config.model, self.config.revision, self.config.factors_dir)
-        checked = check_fingerprint(*fingerprint_args)  # before loading where it can (local folders, cached hub models)
-        model = load_model(self.config.model, self.config.revision, self.dtype)
-        if not checked:  # a hub model not cached before load_model downloaded it
-            check_fingerprint(*fingerprint_args, loaded=True)
-        model, modules = track_mlp_modules(model, fit["layer_stride"])
-        self._check_factors({"tracked_modules": [[m.name, m.shape] for m in modules]})
+        model, modules, factors = load_model_for_factors(self.config, self.metadata, self.dtype)
         if self.config.engine == "kronfluence":
             self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
         else:
-            self.scorer = EngineScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.device,
-                                       self.quiet)
+            self.scorer = EngineScorer(model, modules, factors, self.config, self.tokenizer.pad_token_id,
+                                       self.device, self.quiet)
             ordered, size = sorted(self.refine_examples, key=len), self.config.refine_batch_size
             collate = Collator(self.tokenizer.pad_token_id)
             self.scorer.refine_batches = [{k: v.to(self.device) for k, v in collate(ordered[i : i + size]).items()}
                                           for i in range(0, len(ordered), size)]
         return self.scorer
-
-    def _check_factors(self, found: dict) -> None:
-        """Refuse factors fitted for another model, revision or set of tracked modules (``found``'s keys)."""
-        fit = self.metadata["fit"]
-        fitted = {"model": fit["model"], "revision": fit["revision"],
-                  "tracked_modules": [[m["name"], m["shape"]] for m in self.metadata["tracked_modules"]]}
-        if reasons := describe_model_mismatch(fitted, found):
-            raise InputError(f"--factors-dir {self.config.factors_dir} does not fit this model: {reasons}")
 
     # --- scoring: a job's distinct sequences -> the scorer -> a ResultTable ---
 

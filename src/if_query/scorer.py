@@ -157,16 +157,17 @@ def plan_chunks(lengths: np.ndarray, bytes_per_token: int, budget: int) -> list[
 
 class EngineScorer:
     """Token factors captured once per distinct sequence, scored exactly module by module; a train side whose
-    token factors exceed the host budget is streamed in chunks that each fit it."""
+    token factors exceed the host budget is streamed in chunks that each fit it. ``factors``: the fit's reader,
+    opened (and so its files checked) by :func:`~if_query.compatibility.load_model_for_factors`."""
 
-    def __init__(self, model: nn.Module, modules: list[MlpProjection], config: QueryConfig, pad_token_id: int,
-                 device: torch.device, quiet: bool = False):
+    def __init__(self, model: nn.Module, modules: list[MlpProjection], factors: HessianFactors, config: QueryConfig,
+                 pad_token_id: int, device: torch.device, quiet: bool = False):
         return_freed_memory_to_the_os()
         self.model = model.to(device).eval()
         self.tracked = modules
         self.shapes = [Shape.of(m) for m in modules]
         self.linears = {m.name: model.get_submodule(m.name) for m in modules}
-        self.factors = HessianFactors(config.factors_dir)
+        self.factors = factors
         self.pad_token_id = pad_token_id
         self.config = config
         self.device = device

@@ -1,0 +1,132 @@
+"""Whether fitted factors serve a run-query run: every check of a fit against the model it is given, in one place.
+
+:func:`load_model_for_factors` is the entry point; its docstring lists the checks in the order they run. What it
+compares comes from ``metadata.json`` as :func:`if_query.metadata.load_complete_metadata` read it (that the
+directory holds a finished fit is a property of the directory alone, checked there when the run starts); the
+factor files themselves are opened, and refused when incomplete, by :mod:`if_query.kron`. fit-hessians asks
+another question of an existing output directory (may it resume there, or must it replace or refuse it?):
+:func:`if_query.fitting._check_previous_fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from if_query.config import QueryConfig
+from if_query.errors import InputError
+from if_query.fingerprint import weights_fingerprint
+from if_query.kron.factors import HessianFactors
+from if_query.metadata import canonical_model
+from if_query.modeling import MlpProjection, load_model, track_mlp_modules
+
+logger = logging.getLogger(__name__)
+
+_warned: set[str] = set()
+
+
+def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dtype
+                           ) -> tuple[nn.Module, list[MlpProjection], HessianFactors | None]:
+    """Load run-query's model (``config.model`` at ``config.revision``, in ``dtype``) with the MLP modules the
+    factors in ``config.factors_dir`` track, refusing factors that do not fit it.
+
+    ``metadata`` is the fit's ``metadata.json``. The checks, in order, each an InputError naming --factors-dir
+    and saying what to do:
+
+    1. the factors were fitted for this model and revision (before the model loads);
+    2. and for these weights: their fingerprint (:func:`check_fingerprint`; before the model loads where the
+       weights can be read then, a local folder or a cached hub model, else once loading downloaded them);
+    3. the model, tracked with the fit's layer stride, has the modules the factors cover (names and shapes);
+    4. the factor files the fit's strategy needs are there: opened here for the default engine
+       (:class:`~if_query.kron.factors.HessianFactors`); with --engine kronfluence, Kronfluence's loader
+       checks them when its scorer is built (:class:`~if_query.kron.streaming.StreamingScorer`).
+
+    Returns the model, its tracked modules and the default engine's factor reader (None with --engine
+    kronfluence).
+    """
+    factors_dir = config.factors_dir
+    _refuse_other_model(metadata, factors_dir, {"model": canonical_model(config.model), "revision": config.revision})
+    fingerprint_args = (metadata, config.model, config.revision, factors_dir)
+    checked = check_fingerprint(*fingerprint_args)
+    model = load_model(config.model, config.revision, dtype)
+    if not checked:  # a hub model not cached before load_model downloaded it
+        check_fingerprint(*fingerprint_args, loaded=True)
+    model, modules = track_mlp_modules(model, metadata["fit"]["layer_stride"])
+    _refuse_other_model(metadata, factors_dir, {"tracked_modules": [[m.name, m.shape] for m in modules]})
+    factors = None if config.engine == "kronfluence" else HessianFactors(factors_dir)
+    return model, modules, factors
+
+
+def _refuse_other_model(metadata: dict, factors_dir: str | Path, given: dict) -> None:
+    """Raise an InputError when the factors of ``metadata`` were fitted for another model, revision or set of
+    tracked modules than ``given`` names (those of the keys ``model``, ``revision``, ``tracked_modules`` it has)."""
+    fit = metadata["fit"]
+    fitted = {"model": fit["model"], "revision": fit["revision"],
+              "tracked_modules": [[m["name"], m["shape"]] for m in metadata["tracked_modules"]]}
+    if reasons := describe_model_mismatch(fitted, given):
+        raise InputError(f"--factors-dir {factors_dir} does not fit this model: {reasons}")
+
+
+def _revision(value: str | None) -> str:
+    return "no revision" if value is None else f"revision {value!r}"
+
+
+def describe_model_mismatch(fitted: dict, given: dict) -> str:
+    """Why factors fitted for ``fitted`` (``model``, ``revision``, ``tracked_modules`` from metadata.json) do
+    not serve the model a run was ``given`` (the same keys, those it has), in words that say what to do."""
+    reasons = []
+    if "model" in given and given["model"] != fitted["model"]:
+        reasons.append(f"the factors were fitted for the model {fitted['model']!r}, this run passes "
+                       f"{given['model']!r}; fit factors for this model, or pass the model they were fitted for")
+    if "revision" in given and given["revision"] != fitted["revision"]:
+        before, now = fitted["revision"], given["revision"]
+        fix = (f"drop --revision from this run, or refit with --revision {now}" if before is None
+               else f"add --revision {before} to this run" if now is None
+               else f"pass --revision {before}, or refit with --revision {now}")
+        reasons.append(f"the factors were fitted with {_revision(before)}, this run passes {_revision(now)}; {fix}")
+    if "tracked_modules" in given and given["tracked_modules"] != fitted["tracked_modules"]:
+        ours, theirs = given["tracked_modules"], fitted["tracked_modules"]
+        differ = next((f"{a} vs {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
+                      f"{len(theirs)} modules vs {len(ours)}")
+        reasons.append(f"the factors track other MLP modules than this model has (fitted vs now: {differ}); "
+                       "the weights' architecture changed: refit")
+    return "; ".join(reasons)
+
+
+def check_fingerprint(metadata: dict, model: str, revision: str | None = None, factors_dir: str | Path = "",
+                      loaded: bool = False, cache_dir: str | Path | None = None) -> bool:
+    """Refuse factors fitted for other weights of the same model (InputError naming both digests).
+
+    ``metadata`` is the fit's ``metadata.json``; the weights are those ``model`` at ``revision`` loads
+    (:func:`~if_query.fingerprint.weights_fingerprint`, a hub model read from ``cache_dir``). Returns False
+    when it cannot decide yet (a hub model not in the local cache: call again with ``loaded=True`` after
+    loading the model, which warns if it still cannot), True otherwise. Factors of another model or revision
+    are left to the identity check (:func:`describe_model_mismatch`); factors from before fingerprints were
+    recorded get a warning (once per directory and model).
+    """
+    fit = metadata.get("fit", {})
+    if fit.get("model") != canonical_model(model) or fit.get("revision") != revision:
+        return True
+    recorded = fit.get("weights_fingerprint")
+    if recorded is None:
+        key = f"{factors_dir}|{model}@{revision}"
+        if key not in _warned:
+            _warned.add(key)
+            logger.warning("%s records no weights fingerprint (fitted by an older if-query): cannot check "
+                           "that its factors were fitted for the weights of %s now", factors_dir, model)
+        return True
+    current = weights_fingerprint(model, revision, cache_dir)
+    if current is None:
+        if loaded:
+            logger.warning("Cannot find the weight files of %s in the HuggingFace cache: not checking that the "
+                           "factors in %s were fitted for them", model, factors_dir)
+        return loaded
+    if current["digest"] != recorded:
+        raise InputError(
+            f"--factors-dir {factors_dir} was fitted for other weights of {model} (weights fingerprint "
+            f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite"
+        )
+    return True
