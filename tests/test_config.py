@@ -113,7 +113,7 @@ def test_the_readme_code_map_lists_every_module():
 
 
 def test_no_module_of_the_package_imports_tiny_world():
-    """``tiny_world`` builds the demo's and the benchmarks' worlds; the commands never need it (the code map says so)."""
+    """``tiny_world`` builds the demo's and the benchmarks' worlds; the commands never need it."""
     import ast
 
     import if_query

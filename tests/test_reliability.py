@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import QUERIES, TRAIN, assert_one_line_error, factors, fit_args, save_tiny_model, tree, write_json
 
-from if_query.metadata import METADATA_FILE
+from if_query.errors import InputError
+from if_query.metadata import METADATA_FILE, load_complete_metadata
 
 
 @pytest.fixture
@@ -94,7 +95,10 @@ def test_bad_hessian_datasets(cli, tiny_gpt2, tmp_path):
 
 def test_factors_dir_missing_without_metadata_or_unfinished(cli, query_args, fitted, tmp_path):
     result = cli(*replace(query_args, "--factors-dir", tmp_path / "none"), expect=None)
-    assert_one_line_error(result, 2, "directory not found")
+    assert_one_line_error(result, 2, f"error: --factors-dir {tmp_path / 'none'}: directory not found")
+    with pytest.raises(InputError) as raised:  # the library names the setting; the command line adds its flag
+        load_complete_metadata(tmp_path / "none")
+    assert raised.value.option == "factors_dir" and str(raised.value).startswith(f"{tmp_path / 'none'}: ")
     (tmp_path / "empty").mkdir()
     result = cli(*replace(query_args, "--factors-dir", tmp_path / "empty"), expect=None)
     assert_one_line_error(result, 2, "no metadata.json")

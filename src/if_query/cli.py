@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from if_query.config import DemoConfig, FitConfig, PlanConfig, QueryConfig, ReportConfig, cli_fields
+from if_query.config import DemoConfig, FitConfig, PlanConfig, QueryConfig, ReportConfig, cli_fields, option_name
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError
 
@@ -51,6 +51,12 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def error_line(exc: IfQueryError) -> str:
+    """An error as the command line says it: the flag of the setting it is about (``exc.option``, see
+    :mod:`if_query.errors`), then the library's message."""
+    return f"{option_name(exc.option)} {exc}" if exc.option else str(exc)
+
+
 def reports_errors(command):
     """Turn library errors into one line on stderr and an exit code; tracebacks only with --verbose."""
 
@@ -65,7 +71,7 @@ def reports_errors(command):
         except IfQueryError as exc:
             if verbose:
                 traceback.print_exc()
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {error_line(exc)}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
@@ -142,7 +148,7 @@ def query(config: QueryConfig, quiet: bool) -> None:
     if config.folders:
         failed = [o for o in outcomes if not o.ok]
         for outcome in outcomes:
-            status = (f"FAILED: {outcome.error}" if outcome.error else
+            status = (f"FAILED: {error_line(outcome.error)}" if outcome.error else
                       f"skipped, results up to date in {outcome.job.output_dir}" if outcome.skipped else
                       f"ok -> {outcome.job.output_dir}")
             typer.echo(f"{outcome.job.name}: {status}", err=bool(outcome.error))

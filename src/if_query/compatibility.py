@@ -33,8 +33,8 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
     """Load run-query's model (``config.model`` at ``config.revision``, in ``dtype``) with the MLP modules the
     factors in ``config.factors_dir`` track, refusing factors that do not fit it.
 
-    ``metadata`` is the fit's ``metadata.json``. The checks, in order, each an InputError naming --factors-dir
-    and saying what to do:
+    ``metadata`` is the fit's ``metadata.json``. The checks, in order, each an InputError about ``factors_dir``
+    (its ``option``) saying what to do:
 
     1. the factors were fitted for this model and revision (before the model loads);
     2. and for these weights: their fingerprint (:func:`check_fingerprint`; before the model loads where the
@@ -67,7 +67,7 @@ def _refuse_other_model(metadata: dict, factors_dir: str | Path, given: dict) ->
     fitted = {"model": fit["model"], "revision": fit["revision"],
               "tracked_modules": [[m["name"], m["shape"]] for m in metadata["tracked_modules"]]}
     if reasons := describe_model_mismatch(fitted, given):
-        raise InputError(f"--factors-dir {factors_dir} does not fit this model: {reasons}")
+        raise InputError(f"{factors_dir} does not fit this model: {reasons}", option="factors_dir")
 
 
 def _revision(value: str | None) -> str:
@@ -126,7 +126,8 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
         return loaded
     if current["digest"] != recorded:
         raise InputError(
-            f"--factors-dir {factors_dir} was fitted for other weights of {model} (weights fingerprint "
-            f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite"
+            f"{factors_dir} was fitted for other weights of {model} (weights fingerprint "
+            f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite",
+            option="factors_dir",
         )
     return True

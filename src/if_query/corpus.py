@@ -59,7 +59,7 @@ class Corpus:
         self.tokenizer = tokenizer
         self.limit = tokenizer.max_length
         if not self.path.exists():
-            raise InputError(f"--train-dataset {self.path}: not found")
+            raise InputError(f"{self.path}: not found", option="train_dataset")
         suffix = self.path.suffix.lower()
         if self.path.is_dir():
             self._documents, self.kind = self._saved_dataset, "saved dataset"
@@ -70,8 +70,8 @@ class Corpus:
         elif suffix == ".npy":
             self._documents, self.kind = self._npy, "token array"
         else:
-            raise InputError(f"--train-dataset {self.path}: expected a save_to_disk directory, a .jsonl or .parquet "
-                             "file of text documents, or a .npy token array")
+            raise InputError(f"{self.path}: expected a save_to_disk directory, a .jsonl or .parquet "
+                             "file of text documents, or a .npy token array", option="train_dataset")
         self._lengths: np.ndarray | None = None
         self._ids: list[str] = []
         self.extra_keys: list[str] = []  # every extra field of the documents, in order first seen
@@ -111,7 +111,8 @@ class Corpus:
 
         for number, record in enumerate(records):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f"--train-dataset {self.path}: document {number} has no string field 'text'")
+                raise InputError(f"{self.path}: document {number} has no string field 'text'",
+                                 option="train_dataset")
             batch.append(record)
             if len(batch) == BATCH:
                 yield from flush()
@@ -126,7 +127,8 @@ class Corpus:
                         try:
                             yield json.loads(line)
                         except json.JSONDecodeError:
-                            raise InputError(f"--train-dataset {self.path}: invalid JSON at line {number}") from None
+                            raise InputError(f"{self.path}: invalid JSON at line {number}",
+                                             option="train_dataset") from None
 
         return self._text_documents(records())
 
@@ -142,8 +144,8 @@ class Corpus:
     def _npy(self) -> Iterator[Document]:
         tokens = np.load(self.path, mmap_mode="r")
         if tokens.ndim != 1 or tokens.dtype not in NPY_DTYPES:
-            raise InputError(f"--train-dataset {self.path}: expected a flat array of uint16/uint32 token ids, got "
-                             f"{tokens.dtype} of shape {tokens.shape}")
+            raise InputError(f"{self.path}: expected a flat array of uint16/uint32 token ids, got "
+                             f"{tokens.dtype} of shape {tokens.shape}", option="train_dataset")
         for number, start in enumerate(range(0, len(tokens), self.limit)):
             ids = tokens[start : start + self.limit].astype(np.int64).tolist()
             yield Document(str(number), ids, ids, {})
@@ -176,7 +178,7 @@ class Corpus:
                 keys.update(dict.fromkeys(extra))
             self._lengths, self.extra_keys = np.array(lengths, dtype=np.int64), list(keys)
             if not len(self._lengths):
-                raise InputError(f"--train-dataset {self.path}: no document has a token to attribute")
+                raise InputError(f"{self.path}: no document has a token to attribute", option="train_dataset")
             logger.info("%s (%s): %d train examples of at most %d tokens, %d tokens; %d documents cut into windows"
                         "%s", self.path, self.kind, len(self._lengths), self.limit, int(self._lengths.sum()),
                         self._cut, f"; {self._skipped} windows with nothing to predict skipped" if self._skipped

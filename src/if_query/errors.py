@@ -1,10 +1,22 @@
 """Errors the command line turns into one-line messages and exit codes."""
 
+from __future__ import annotations
+
 
 class IfQueryError(Exception):
-    """Base class: a failure with a one-line, user-facing message."""
+    """Base class: a failure with a one-line, user-facing message.
+
+    ``option``: the setting the message is about, as its config field (``"train_dataset"``), when the message
+    starts with that setting's value (``"data/corpus.jsonl: not found"``). The library never spells a flag
+    there: the command line prefixes the flag (``--train-dataset data/corpus.jsonl: not found``), a Python
+    caller reads the field from ``exc.option``.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class InputError(IfQueryError):

@@ -55,14 +55,15 @@ def load_complete_metadata(factors_dir: str | Path) -> dict:
     (run-query reads it when it starts; :mod:`if_query.compatibility` checks the fit against the model)."""
     factors_dir = Path(factors_dir)
     if not factors_dir.is_dir():
-        raise InputError(f"--factors-dir {factors_dir}: directory not found (run fit-hessians first)")
+        raise InputError(f"{factors_dir}: directory not found (run fit-hessians first)", option="factors_dir")
     if not (factors_dir / METADATA_FILE).is_file():
-        raise InputError(f"--factors-dir {factors_dir}: no {METADATA_FILE}; not a fit-hessians output directory")
+        raise InputError(f"{factors_dir}: no {METADATA_FILE}; not a fit-hessians output directory",
+                         option="factors_dir")
     metadata = read_metadata(factors_dir)
     if metadata.get("status") != STATUS_COMPLETE:
         raise InputError(
-            f"--factors-dir {factors_dir}: the fit never finished (status {metadata.get('status')!r}); "
-            "rerun fit-hessians with the same arguments to complete it"
+            f"{factors_dir}: the fit never finished (status {metadata.get('status')!r}); "
+            "rerun fit-hessians with the same arguments to complete it", option="factors_dir"
         )
     return metadata
 

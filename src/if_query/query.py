@@ -159,22 +159,22 @@ class QueryRunner:
 
             limit, where = host_memory_available(), "the free RAM"
         if vectors + model_bytes > limit:
-            raise InputError(f"--refine-steps needs g, v and H v of one query on the device ({human_bytes(vectors)}: "
-                             "the tracked weights three times in float32) besides the model "
-                             f"({human_bytes(model_bytes)}), more than {where} ({human_bytes(limit)}); track fewer "
-                             "blocks (--layer-stride) or drop --refine-steps")
+            raise InputError(f"needs g, v and H v of one query on the device ({human_bytes(vectors)}: the tracked "
+                             f"weights three times in float32) besides the model ({human_bytes(model_bytes)}), more "
+                             f"than {where} ({human_bytes(limit)}); track fewer blocks (--layer-stride) or run "
+                             "without it", option="refine_steps")
         fit, data = self.metadata["fit"], self.metadata.get("hessian_data")
         if config.refine_data is not None:
             return load_hessian_examples(config.refine_data, self.example_tokenizer)
         if data is None:
-            raise InputError("--refine-steps: the factors' metadata.json does not say how their fitting data was "
-                             "tokenized (fitted by an older if-query); give --refine-data")
+            raise InputError("needs the factors' fitting data, and their metadata.json does not say how it was "
+                             "tokenized (fitted by an older if-query); give --refine-data", option="refine_steps")
         tokenizer = ExampleTokenizer(self.tokenizer, data["max_length"],
                                      position_limit=self.example_tokenizer.position_limit)
         examples = load_hessian_examples(fit["hessian_dataset"], tokenizer, data["max_examples"])
         if dataset_fingerprint(examples) != fit["hessian_dataset_fingerprint"]:
-            raise InputError(f"--refine-steps: the factors' fitting data {fit['hessian_dataset']} changed since "
-                             "the fit (its fingerprint differs); give --refine-data")
+            raise InputError(f"needs the factors' fitting data, and {fit['hessian_dataset']} changed since the fit "
+                             "(its fingerprint differs); give --refine-data", option="refine_steps")
         return examples
 
     def prepare(self, job: QueryJob) -> PreparedJob:
@@ -454,7 +454,8 @@ class QueryRunner:
     @staticmethod
     def _collect(outcomes: list[JobOutcome], mine: set[int]) -> None:
         """Fill in the outcomes of the jobs other ranks scored (their status, results from disk)."""
-        status = {i: (o.error.exit_code, str(o.error)) if o.error else ("skipped" if o.skipped else "ok")
+        status = {i: (o.error.exit_code, str(o.error), o.error.option) if o.error
+                  else ("skipped" if o.skipped else "ok")
                   for i, o in enumerate(outcomes) if i in mine}
         for shard in distributed.gather(status):
             for index, state in shard.items():
@@ -463,7 +464,7 @@ class QueryRunner:
                     continue
                 outcome.error = None
                 if isinstance(state, tuple):
-                    outcome.error = (InputError if state[0] == InputError.exit_code else RunError)(state[1])
+                    outcome.error = (InputError if state[0] == InputError.exit_code else RunError)(*state[1:])
                 elif state == "skipped":
                     outcome.skipped = True
                 else:
