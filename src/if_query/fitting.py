@@ -162,22 +162,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     if is_main:
         write_json_atomic(output_dir / METADATA_FILE, metadata)
 
-    # Sorting by length keeps padding low; covariances and lambdas are sums, so order is irrelevant.
-    ordered = sorted(examples, key=len)
-    collate = Collator(tokenizer.pad_token_id)
-    arguments = kron.factor_arguments(config.strategy, config.fisher == "empirical", config.module_partitions,
-                                      getattr(torch, config.eigendecomposition_dtype))
-    stages = (
-        ("covariance", lambda: kron.fit_covariances(analyzer, ordered, config.factor_batch_size, collate, arguments)),
-        ("eigendecomposition", lambda: kron.fit_eigendecomposition(analyzer, arguments)),
-        ("lambda", lambda: fit_lambda_matrices(  # if-query's lambda, in Kronfluence's files (lambda_stage.py)
-            analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, collate,
-            arguments, seed=config.seed, quiet=quiet)),
-    )
-    for name, run_stage in stages:
-        logger.info("Fitting stage: %s", name)
-        task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
-        run_stage()
+    _run_stages(analyzer, model, task, examples, tokenizer.pad_token_id, config, quiet)
 
     metadata["status"] = STATUS_COMPLETE
     metadata["completed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -185,5 +170,27 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         write_json_atomic(output_dir / METADATA_FILE, metadata)
     analyzer.state.wait_for_everyone()
     return metadata
+
+
+def _run_stages(analyzer, model: torch.nn.Module, task, examples: list[TokenizedExample], pad_token_id: int,
+                config: FitConfig, quiet: bool) -> None:
+    """Kronfluence's covariance and eigendecomposition stages, then if-query's lambda stage (written in
+    Kronfluence's files, :mod:`if_query.lambda_stage`), in that order, each drawing its own true-Fisher labels."""
+    # Sorting by length keeps padding low; covariances and lambdas are sums, so order is irrelevant.
+    ordered = sorted(examples, key=len)
+    collate = Collator(pad_token_id)
+    arguments = kron.factor_arguments(config.strategy, config.fisher == "empirical", config.module_partitions,
+                                      getattr(torch, config.eigendecomposition_dtype))
+    stages = (
+        ("covariance", lambda: kron.fit_covariances(analyzer, ordered, config.factor_batch_size, collate, arguments)),
+        ("eigendecomposition", lambda: kron.fit_eigendecomposition(analyzer, arguments)),
+        ("lambda", lambda: fit_lambda_matrices(
+            analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, collate,
+            arguments, seed=config.seed, quiet=quiet)),
+    )
+    for name, run_stage in stages:
+        logger.info("Fitting stage: %s", name)
+        task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
+        run_stage()
 
 

@@ -392,7 +392,6 @@ def train_tiny_gpt2(
     over all records) and the same number of steps, each batch keeping only its kept records (the LDS
     benchmark's subset models). A batch with no kept record skips its optimizer step, not its schedule step.
     """
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _set_determinism(seed, num_threads)
@@ -410,7 +409,20 @@ def train_tiny_gpt2(
     )
     model = GPT2LMHeadModel(config)
     model.train()
-    input_ids, attention, label_t = _training_tensors(records, tokenizer, n_positions, loss_on, label_eos)
+    tensors = _training_tensors(records, tokenizer, n_positions, loss_on, label_eos)
+    _train(model, tensors, steps, batch_size, lr, weight_decay, seed, keep, verbose)
+    model.eval()
+    return model
+
+
+def _train(model, tensors, steps: int, batch_size: int, lr: float, weight_decay: float, seed: int, keep,
+           verbose: bool) -> None:
+    """``steps`` AdamW steps (gradient norm clipped to 1, :func:`_warmup_cosine` schedule) on batches of
+    ``batch_size`` rows of ``tensors`` (:func:`_training_tensors`), drawn from permutations seeded by ``seed``;
+    ``keep``: see :func:`train_tiny_gpt2`."""
+    import torch
+
+    input_ids, attention, label_t = tensors
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = _warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -446,8 +458,6 @@ def train_tiny_gpt2(
         sched.step()
         if verbose and (step % 200 == 0 or step == steps - 1):
             print(f"step {step:5d} loss {out.loss.item():.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    model.eval()
-    return model
 
 
 def _training_tensors(records, tokenizer, n_positions: int, loss_on: str, label_eos: bool):
