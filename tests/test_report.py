@@ -8,6 +8,7 @@ import pytest
 from helpers import QUERIES, TRAIN, write_json
 
 from if_query.report import MAX_HEATMAP_SIDE, write_report
+from if_query.results import read_results
 
 TOP_K = 2
 
@@ -254,3 +255,17 @@ def test_large_runs_leave_the_heatmap_out_and_say_so(tmp_path):
     report = parse(tmp_path / "report.html")
     tables = {t["kind"]: [r["train_id"] for r in t["rows"]] for t in report.tables}
     assert tables == {"helpful": ["t200", "t199", "t198"], "harmful": ["t0", "t1", "t2"]}
+
+
+def test_read_results_keeps_cells_as_written_and_per_token_scores_on_disk(tmp_path):
+    """The one reader (report and summary): extras as text, losses and scores as floats, per-token cells on demand."""
+    queries = [{"query_id": "007", "prompt": "p", "completion": "c", "loss": "1.50", "loss_sum": "x", "n": "0010"}]
+    train = [{"train_id": "NA", "prompt": "p", "completion": "c", "tokens": '["p", "c"]', "v": "3.0"}]
+    influences = [{"query_id": "007", "train_id": "NA", "influence_score": "-2.50", "per_token_scores": "[-1, -1.5]"}]
+    write_csvs(tmp_path, queries, train, influences)
+    results = read_results(tmp_path)
+    assert results.queries.loc[0, "n"] == "0010" and results.train.loc[0, "v"] == "3.0"
+    assert results.queries.loc[0, "loss"] == 1.5 and pd.isna(results.queries.loc[0, "loss_sum"])
+    assert results.influences["influence_score"].tolist() == [-2.5] and results.provenance is None
+    assert "per_token_scores" not in results.influences.columns and results.has_per_token and not results.has_cosine
+    assert results.per_token_scores({("007", "NA"), ("007", "other")}) == {("007", "NA"): "[-1, -1.5]"}

@@ -5,7 +5,8 @@ run.json, else from the factors' metadata.json), a query x train heatmap of
 influence cosines, and per query its most helpful and most harmful training examples in sortable
 tables; with per-token scores, each shown training example's tokens are coloured by their
 contribution to the pair's score. Everything is inline (the style and sorting script of ``report_assets/``), so the file
-opens offline and can be mailed around. All text from the CSVs is escaped.
+opens offline and can be mailed around. All text from the CSVs is escaped. The results are read by
+:func:`if_query.results.read_results` and ranked by :mod:`if_query.ranking`, as the terminal summary's are.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from if_query.errors import InputError
 from if_query.metadata import read_metadata
 from if_query.provenance import describe_damping, read_run
 from if_query.ranking import ranked_rows
-from if_query.results import INFLUENCES_FILE, QUERY_FILE, TRAIN_FILE
+from if_query.results import INFLUENCES_FILE, QueryResults, read_results
 
 REPORT_FILE = "report.html"
 MAX_HEATMAP_SIDE = 200  # heatmap drawn only when both queries and train examples are at most this many
@@ -35,7 +36,6 @@ MAX_TOKENS_DRAWN = 2048  # tokens drawn per training example
 MAX_TOKENS_PAGE = 150_000  # tokens drawn in the whole page (about 80 bytes each); later examples get plain text
 MAX_TEXT_CHARS = 600  # characters of a prompt/completion shown in a table cell (the tooltip holds more)
 MAX_TITLE_CHARS = 4000
-CHUNK_ROWS = 200_000  # rows of influences.csv read at a time when collecting per-token scores
 
 HEADER_FIELDS = (("model", "model"), ("revision", "revision"), ("strategy", "strategy"),
                  ("factors_dir", "factors dir"), ("date", "date"))  # always shown; others (damping...) when known
@@ -46,11 +46,6 @@ PER_TOKEN_MEANING = (
     "directly; at the other prompt tokens it reaches the loss only through attention; the final EOS token "
     "predicts nothing and is 0."
 )
-REQUIRED_COLUMNS = {
-    QUERY_FILE: ("query_id", "prompt", "completion"),
-    TRAIN_FILE: ("train_id", "prompt", "completion"),
-    INFLUENCES_FILE: ("query_id", "train_id", "influence_score"),
-}
 # Diverging scale: positive (helpful) blue, negative (harmful) red, zero white.
 POSITIVE_RGB = (44, 123, 182)
 NEGATIVE_RGB = (215, 48, 39)
@@ -97,77 +92,6 @@ def results_date(results_dir: str | Path) -> str | None:
     except OSError:
         return None
     return datetime.fromtimestamp(mtime).astimezone().isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, keep_default_na=False, **kwargs)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read ({reason})") from exc
-
-
-def _check_columns(path: Path, columns: list[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS[path.name] if c not in columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; not a run-query results file")
-
-
-def _columns(path: Path) -> list[str]:
-    return list(_read_csv(path, nrows=0).columns)
-
-
-def _numeric(frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
-    for column in columns:
-        if column in frame.columns:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-
-
-class _Results:
-    """The three CSVs, ids as strings, with per-token scores read only for the pairs that are drawn."""
-
-    def __init__(self, results_dir: Path):
-        if not results_dir.is_dir():
-            raise InputError(f"{results_dir}: results directory not found (run run-query first)")
-        self.paths = {name: results_dir / name for name in (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)}
-        for path in self.paths.values():
-            if not path.is_file():
-                raise InputError(f"{path}: file not found; not a complete run-query results directory")
-        text = {"query_id": str, "train_id": str, "prompt": str, "completion": str, "tokens": str,
-                "per_token_scores": str}
-        columns = {name: _columns(path) for name, path in self.paths.items()}
-        for name, path in self.paths.items():
-            _check_columns(path, columns[name])
-        self.queries = _read_csv(self.paths[QUERY_FILE], dtype=str)
-        self.train = _read_csv(self.paths[TRAIN_FILE], dtype=str)
-        _numeric(self.queries, ("loss", "loss_sum"))
-        influence_columns = [c for c in columns[INFLUENCES_FILE] if c != "per_token_scores"]
-        self.has_per_token = "per_token_scores" in columns[INFLUENCES_FILE] and "tokens" in columns[TRAIN_FILE]
-        self.influences = _read_csv(self.paths[INFLUENCES_FILE], usecols=influence_columns,
-                                    dtype={c: t for c, t in text.items() if c in influence_columns})
-        _numeric(self.influences, ("influence_score", "influence_cosine"))
-        self.has_cosine = "influence_cosine" in self.influences.columns
-
-    def per_token_scores(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The raw per_token_scores cells of the given (query_id, train_id) pairs."""
-        found: dict[tuple[str, str], str] = {}
-        if not self.has_per_token or not pairs:
-            return found
-        path = self.paths[INFLUENCES_FILE]
-        try:
-            chunks = pd.read_csv(path, keep_default_na=False, usecols=["query_id", "train_id", "per_token_scores"],
-                                 dtype=str, chunksize=CHUNK_ROWS)
-            for chunk in chunks:
-                for query_id, train_id, cell in zip(chunk["query_id"], chunk["train_id"],
-                                                    chunk["per_token_scores"], strict=True):
-                    if (query_id, train_id) in pairs:
-                        found[(query_id, train_id)] = cell
-        except (OSError, pd.errors.ParserError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read per-token scores ({exc})") from exc
-        return found
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -249,8 +173,11 @@ def _asset(name: str) -> str:
 
 
 class _Page:
-    def __init__(self, results: _Results, results_dir: Path, header: dict, top_k: int):
+    """The page of ``results`` (read from ``results_dir``): each ``*_html`` method returns one piece of it."""
+
+    def __init__(self, results: QueryResults, results_dir: Path, header: dict, top_k: int):
         self.results = results
+        self.has_per_token = results.has_per_token and "tokens" in results.train.columns  # scores and their tokens
         self.results_dir = results_dir
         self.header = header
         self.top_k = top_k
@@ -282,7 +209,7 @@ class _Page:
                   "in [−1, 1]: comparable across training examples of different lengths and gradient norms."
                   if self.results.has_cosine else "This results directory has no influence_cosine column.")
         per_token = ("Per-token scores are present: each shown training example's tokens are coloured by their "
-                     "contribution to the score (see the legend below)." if self.results.has_per_token else
+                     "contribution to the score (see the legend below)." if self.has_per_token else
                      "No per-token scores (run run-query with --per-token-scores to colour tokens).")
         return (
             f"<h1>Influence report</h1><dl class=\"header\">{''.join(rows)}</dl>"
@@ -362,7 +289,7 @@ class _Page:
     def _train_tokens(self, train_id: str) -> list[str] | None:
         if train_id not in self.tokens:
             tokens = None
-            if self.results.has_per_token and train_id in self.train.index:
+            if self.has_per_token and train_id in self.train.index:
                 try:
                     parsed = json.loads(self.train.at[train_id, "tokens"])
                     tokens = [str(t) for t in parsed] if isinstance(parsed, list) else None
@@ -463,7 +390,7 @@ class _Page:
             sections.append(f"<p class=\"warn\">{left_out} of {len(self.query_ids)} queries are not drawn (the first "
                             f"{MAX_QUERY_SECTIONS} are); their scores are in {INFLUENCES_FILE}.</p>")
         token_note = ""
-        if self.results.has_per_token:
+        if self.has_per_token:
             token_note = (
                 "<div class=\"legend\"><span>harmful</span><span class=\"bar\"></span><span>helpful</span>"
                 f"<span>— token colours: {esc(PER_TOKEN_MEANING)} Colours are normalised <b>per training "
@@ -488,7 +415,7 @@ def write_report(results_dir: str | Path, header: dict | None, top_k: int) -> Pa
     """Read a results directory's CSVs and write ``report.html`` into it (atomically); returns its path.
     ``top_k`` (>= 1, checked by the command's config): helpful and harmful examples listed per query."""
     results_dir = Path(results_dir)
-    page = _Page(_Results(results_dir), results_dir, dict(header or {}), top_k).html()
+    page = _Page(read_results(results_dir), results_dir, dict(header or {}), top_k).html()
     path = write_text_atomic(results_dir / REPORT_FILE, lambda file: file.write(page))
     return path
 

@@ -6,7 +6,8 @@ train side (records or a corpus, read row by row), the scores (queries, train) w
 streams ``query.csv``, ``train.csv`` and ``influences.csv`` (query-major, one row per written pair; no frame of
 every pair is ever built) into temporary files beside their names and moves them, then ``run.json``, into place
 only when all are written. :meth:`ResultTable.summary` is what the terminal summary reads; :func:`read_results`
-reads written results back (frames: folder-sized results).
+is the one reader of written results (the summary of another rank's folder, report.html): frames of the three
+CSVs, checked, with the per-token scores left on disk until :meth:`QueryResults.per_token_scores` asks for some.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import pandas as pd
 
 from if_query import ranking
 from if_query.atomic import staged_files
-from if_query.provenance import RUN_FILE
+from if_query.errors import InputError
+from if_query.provenance import RUN_FILE, read_run
 from if_query.records import Example
 
 if TYPE_CHECKING:
@@ -32,6 +34,14 @@ if TYPE_CHECKING:
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
 RESULT_FILES = (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)  # everything write_results writes
 TRAIN_COLUMNS = ("train_id", "prompt", "completion")
+REQUIRED_COLUMNS = {
+    QUERY_FILE: ("query_id", "prompt", "completion"),
+    TRAIN_FILE: TRAIN_COLUMNS,
+    INFLUENCES_FILE: ("query_id", "train_id", "influence_score"),
+}
+NUMERIC_COLUMNS = {QUERY_FILE: ("loss", "loss_sum"), INFLUENCES_FILE: ("influence_score", "influence_cosine")}
+PER_TOKEN_COLUMN = "per_token_scores"
+CHUNK_ROWS = 200_000  # rows of influences.csv read at a time when collecting per-token scores
 
 
 @dataclass
@@ -42,6 +52,36 @@ class QueryResults:
     train: pd.DataFrame
     influences: pd.DataFrame
     provenance: dict | None = None  # run.json (see if_query.provenance); None: not written
+    per_token_file: Path | None = None  # read_results: influences.csv, whose per_token_scores it left out
+
+    @property
+    def has_cosine(self) -> bool:
+        """Whether ``influences`` has an influence_cosine column."""
+        return "influence_cosine" in self.influences.columns
+
+    @property
+    def has_per_token(self) -> bool:
+        """Whether there are per-token scores (in ``influences``, or left in ``per_token_file``)."""
+        return self.per_token_file is not None or PER_TOKEN_COLUMN in self.influences.columns
+
+    def per_token_scores(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """{(query_id, train_id): its raw per_token_scores cell (JSON text)} for those of ``pairs`` that have one;
+        read from ``per_token_file`` a chunk at a time when read_results left them there."""
+        if not self.has_per_token or not pairs:
+            return {}
+        found: dict[tuple[str, str], str] = {}
+        try:
+            chunks: Iterable[pd.DataFrame] = [self.influences] if self.per_token_file is None else pd.read_csv(
+                self.per_token_file, keep_default_na=False, usecols=["query_id", "train_id", PER_TOKEN_COLUMN],
+                dtype=str, chunksize=CHUNK_ROWS)
+            for chunk in chunks:
+                for query_id, train_id, cell in zip(chunk["query_id"], chunk["train_id"], chunk[PER_TOKEN_COLUMN],
+                                                    strict=True):
+                    if (query_id, train_id) in pairs:
+                        found[(query_id, train_id)] = cell
+        except (OSError, pd.errors.ParserError, ValueError) as exc:
+            raise InputError(f"{self.per_token_file}: cannot read per-token scores ({exc})") from exc
+        return found
 
 
 def _cell(value: Any) -> Any:
@@ -206,11 +246,50 @@ def write_results(results: ResultTable, output_dir: str | Path) -> list[Path]:
     return [output_dir / name for name in names]
 
 
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` of a results file, empty cells kept as text; InputError (one line) when it cannot be read."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, **kwargs)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read ({reason})") from exc
+
+
+def _checked_columns(output_dir: Path) -> dict[str, list[str]]:
+    """{result file: its columns}, once every file is found and has its required columns (else InputError)."""
+    if not output_dir.is_dir():
+        raise InputError(f"{output_dir}: results directory not found (run run-query first)")
+    for name in RESULT_FILES:
+        if not (output_dir / name).is_file():
+            raise InputError(f"{output_dir / name}: file not found; not a complete run-query results directory")
+    columns = {name: list(_read_csv(output_dir / name, nrows=0).columns) for name in RESULT_FILES}
+    for name in RESULT_FILES:
+        missing = [c for c in REQUIRED_COLUMNS[name] if c not in columns[name]]
+        if missing:
+            raise InputError(f"{output_dir / name}: missing column(s) {', '.join(missing)}; not a run-query "
+                             "results file")
+    return columns
+
+
+def _numeric(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """``frame`` (read from result file ``name``) with its numeric columns as floats (unparsable cells: NaN)."""
+    for column in NUMERIC_COLUMNS.get(name, ()):
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    return frame
+
+
 def read_results(output_dir: str | Path) -> QueryResults:
-    """The results a run wrote into ``output_dir`` (ids and text read as strings, as written)."""
+    """The results a run wrote into ``output_dir``: query.csv and train.csv with every cell as the text written
+    (extras too) but the losses (floats); influences.csv with ids as text and the scores as floats, without its
+    per_token_scores (the bulk of the file: :meth:`QueryResults.per_token_scores` reads the pairs asked for);
+    run.json's provenance (None when missing or unreadable). InputError when a CSV is missing, unreadable or lacks
+    a required column."""
     output_dir = Path(output_dir)
-    text = {"query_id": str, "train_id": str, "prompt": str, "completion": str}
-    frames = [pd.read_csv(output_dir / name, dtype=text, keep_default_na=False) for name in RESULT_FILES]
-    run_file = output_dir / RUN_FILE
-    provenance = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
-    return QueryResults(*frames, provenance=provenance)
+    columns = _checked_columns(output_dir)
+    queries, train = (_numeric(_read_csv(output_dir / name, dtype=str), name) for name in (QUERY_FILE, TRAIN_FILE))
+    kept = [c for c in columns[INFLUENCES_FILE] if c != PER_TOKEN_COLUMN]
+    influences = _read_csv(output_dir / INFLUENCES_FILE, usecols=kept,
+                           dtype={c: str for c in ("query_id", "train_id")})
+    per_token = output_dir / INFLUENCES_FILE if PER_TOKEN_COLUMN in columns[INFLUENCES_FILE] else None
+    return QueryResults(queries, train, _numeric(influences, INFLUENCES_FILE), read_run(output_dir), per_token)
