@@ -63,6 +63,7 @@ from common import (  # noqa: E402
     fit_and_score_parser,
     matmul_peak,
     olmo2_and_records,
+    olmo2_forward_backward_flops,
     write_results,
 )
 
@@ -143,15 +144,13 @@ def copy_factors(source: Path, target: Path, keep=lambda name: True) -> Path:
 def flops(lengths: list[int], tracked: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, float]:
     from if_query.lambda_stage import lambda_flops
 
-    d, f, layers = args.hidden, args.mlp, args.layers
-    weights = layers * (4 * d * d + 3 * d * f)
     ours = kronfluence = 0
     for t in lengths:
         for o, i in tracked:
             mine, theirs = lambda_flops(t, o, i, rotated=True)
             ours, kronfluence = ours + mine, kronfluence + theirs
     return {
-        "forward_backward": sum(4 * weights * t + 6 * layers * t * t * d for t in lengths),
+        "forward_backward": olmo2_forward_backward_flops(lengths, args),
         "covariance": sum(2 * t * (i * i + o * o) for t in lengths for o, i in tracked),
         "eigendecomposition": sum(9 * (i**3 + o**3) for o, i in tracked),
         "lambda_kronfluence": kronfluence,

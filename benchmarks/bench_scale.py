@@ -52,6 +52,7 @@ from common import (
     long_prompt_records,
     matmul_peak,
     model_shape,
+    olmo2_forward_backward_flops,
     synthetic_words,
     write_results,
 )
@@ -88,13 +89,12 @@ def run(work: Path, name: str, common: list[str]) -> dict:
 
 
 def flops(lengths: list[int], args: argparse.Namespace) -> dict[str, float]:
-    d, f, layers = args.hidden, args.mlp, args.layers
-    weights = layers * (4 * d * d + 3 * d * f)  # attention q, k, v, o + MLP gate, up, down (LM head: few positions)
-    tracked = [(f, d), (f, d), (d, f)] * len(range(0, layers, args.layer_stride))  # (out, in), no bias
+    d, f = args.hidden, args.mlp
+    tracked = [(f, d), (f, d), (d, f)] * len(range(0, args.layers, args.layer_stride))  # (out, in), no bias
     n = len(lengths)
     total_t = sum(lengths)
     return {
-        "forward_backward": sum(4 * weights * t + 6 * layers * t * t * d for t in lengths),
+        "forward_backward": olmo2_forward_backward_flops(lengths, args),
         "rotations": sum(2 * total_t * (i * i + o * o) for o, i in tracked),
         "whitened": sum(2 * total_t * o * i for o, i in tracked),
         "gram": sum(2 * n * n * o * i for o, i in tracked),

@@ -167,6 +167,15 @@ def olmo2_and_records(directory: Path, args: argparse.Namespace, count: int) -> 
     return long_prompt_records(words, count, random.Random(args.seed + 1))
 
 
+def olmo2_forward_backward_flops(lengths: list[int], args: argparse.Namespace) -> float:
+    """Useful FLOPs of a frozen-weight forward and backward pass of :func:`build_olmo2`'s model (``args``' shape)
+    over sequences of ``lengths`` tokens: 4 P T + 6 L T^2 d, P = the blocks' matmul weights (attention q, k, v, o
+    and MLP gate, up, down; the LM head runs at the few labelled positions only), activation gradients only."""
+    d, f, layers = args.hidden, args.mlp, args.layers
+    weights = layers * (4 * d * d + 3 * d * f)
+    return sum(4 * weights * t + 6 * layers * t * t * d for t in lengths)
+
+
 def fit_hessians_cli(model: Path, data: Path, factors: Path, layer_stride: int, batch_size: int = 4) -> None:
     """Fit EK-FAC factors with the real fit-hessians command (quiet, overwriting)."""
     subprocess.run([sys.executable, "-m", "if_query.cli", "fit-hessians", "--model", str(model),
