@@ -236,16 +236,13 @@ def score(queries: Side, train: Side, factors: HessianFactors, shapes: Sequence[
     moved_before = transfers.to_device_bytes
     same = train.store is queries.store
     n_queries = len(queries.indices)
-    # Columns: every query, then the train examples that are not queries (a shared store forms those once).
-    column_of = {("q", x): i for i, x in enumerate(queries.indices)}
-    for x in train.indices:
-        column_of.setdefault(("q" if same else "t", x), len(column_of))
-    keys = list(column_of)
-    train_columns = torch.tensor([column_of["q" if same else "t", x] for x in train.indices], dtype=torch.long)
-    products = torch.zeros(n_queries, len(keys), dtype=torch.float64)  # <W_q, W_x> summed over modules
-    self_scores = torch.zeros(len(keys), dtype=torch.float64) if cosine else None
-    token_scores = ([[torch.zeros(train.store.lengths[t], dtype=torch.float64) for t in train.indices]
-                     for _ in queries.indices] if per_token else None)
+    keys, train_columns = _column_keys(queries, train, same)
+    totals = _Totals(
+        products=torch.zeros(n_queries, len(keys), dtype=torch.float64),
+        self_scores=torch.zeros(len(keys), dtype=torch.float64) if cosine else None,
+        token_scores=([[torch.zeros(train.store.lengths[t], dtype=torch.float64) for t in train.indices]
+                       for _ in queries.indices] if per_token else None))
+    longest = max((train.store.lengths[x] for x in train.indices), default=1)
     resolved: dict[str, float | None] = {}
     stores = {"q": queries.store, "t": train.store}
     slabs = {key: _Slabs(store, transfers) for key, store in stores.items() if key == "q" or not same}
@@ -257,52 +254,87 @@ def score(queries: Side, train: Side, factors: HessianFactors, shapes: Sequence[
             progress(shape.name)
         pre = factors.preconditioner(shape.name, damping, device)
         resolved[shape.name] = pre.damping
-        # Kept rotations of shared inputs (gate_proj's for up_proj), each store its own, within an eighth.
-        cache = {key: sum(stores[key].lengths[x] for (k, x) in keys if k == key) * shape.width * BYTES_PER_FLOAT
-                 for key in slabs}
         shares = {key: _shares_rotations(stores[key], factors, names, index) for key in slabs}
-        for key in slabs:
-            if rotations[key] is None and shares[key] and cache[key] <= workspace_bytes // ROTATION_CACHE_SHARE:
-                rotations[key] = {}  # filled by this module, read by the next
+        kept = _keep_rotations(rotations, shares, stores, keys, shape, workspace_bytes)
         views = {key: _Module(stores[key], shape, pre, *slabs[key].load(shape.name), rotations[key]) for key in slabs}
         columns = [(views[k], x) for k, x in keys]
         train_pairs = [(views["q" if same else "t"], x) for x in train.indices]
-        # With per-token scores a quarter of the workspace is their scratch (queries taken in chunks).
-        scratch = workspace_bytes // 4 if token_scores is not None else 0
-        longest = max(train.store.lengths[x] for x in train.indices) if len(train.indices) else 1
-        queries_at_once = max(1, scratch // sizes.per_token_scratch_bytes(shape, longest))
-        reserved = scratch + sum(cache[key] for key in slabs if rotations[key] is not None)
-        capacity = max(2, (workspace_bytes - reserved) // whitened_bytes(shape))
-        if not cosine and not per_token and pre.q_a is not None and _unrotated_is_cheaper(
-                shape, [stores[k].lengths[x] for k, x in keys[n_queries:]], n_queries):
-            _score_unrotated(columns, n_queries, capacity, products, refined, shape)
-            unrotated_modules += 1
-        elif capacity >= len(keys) + (n_queries if refined is not None else 0):  # every W at once: each formed once
-            every_w = _form(columns, "whitened")
-            query_w = every_w[:n_queries] if refined is None else _query_rows(columns, range(n_queries), "whitened",
-                                                                             refined, shape)
-            products += (query_w @ every_w.T).double().cpu()
-            if self_scores is not None:
-                self_scores += _squared_norms(every_w).double().cpu()
-            if token_scores is not None:
-                _add_per_token(token_scores, range(n_queries), query_w, train_pairs, queries_at_once)
-            del every_w, query_w
-        else:  # blocks of queries against streamed blocks of columns
-            _score_in_blocks(columns, n_queries, capacity // 2, products, self_scores, token_scores, train_pairs,
-                             queries_at_once, refined, shape)
+        unrotated = (not cosine and not per_token and pre.q_a is not None and _unrotated_is_cheaper(
+            shape, [stores[k].lengths[x] for k, x in keys[n_queries:]], n_queries))
+        _score_module(columns, train_pairs, n_queries, shape, workspace_bytes, kept, longest, totals, refined,
+                      unrotated)
+        unrotated_modules += unrotated
         for key in slabs:
             if not shares[key]:
                 rotations[key] = None  # the next module reads other inputs or eigenvectors
         del pre, views, columns, train_pairs
+    self_scores = totals.self_scores
     return Scores(
-        pairwise=products[:, train_columns],
+        pairwise=totals.products[:, train_columns],
         query_self=None if self_scores is None else self_scores[:n_queries] if refined is None else refined_self,
         train_self=None if self_scores is None else self_scores[train_columns],
-        per_token=token_scores,
+        per_token=totals.token_scores,
         damping=resolved,
         bytes_to_device=transfers.to_device_bytes - moved_before,
         unrotated_modules=unrotated_modules,
     )
+
+
+@dataclass
+class _Totals:
+    """What :func:`score` sums over modules, by column (every query, then the train examples that are not)."""
+
+    products: torch.Tensor  # (queries, columns) float64: <W_q, W_x>
+    self_scores: torch.Tensor | None  # (columns,) float64: |W_x|²; None without the cosine
+    token_scores: list[list[torch.Tensor]] | None  # [query][train] -> (T_train,) float64; None without
+
+
+def _column_keys(queries: Side, train: Side, same: bool) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """The columns: every query, then the train examples that are not queries (a shared store forms those once),
+    as (``"q"`` or ``"t"``, store index) keys; and each train example's column (train,)."""
+    column_of = {("q", x): i for i, x in enumerate(queries.indices)}
+    for x in train.indices:
+        column_of.setdefault(("q" if same else "t", x), len(column_of))
+    train_columns = torch.tensor([column_of["q" if same else "t", x] for x in train.indices], dtype=torch.long)
+    return list(column_of), train_columns
+
+
+def _keep_rotations(rotations: dict[str, dict | None], shares: dict[str, bool], stores: dict[str, TokenFactorStore],
+                    keys: list[tuple[str, int]], shape: Shape, workspace_bytes: int) -> int:
+    """Start keeping this module's rotated inputs for the next (gate_proj's for up_proj), each store its own,
+    where the next shares them and they fit in an eighth of the workspace; the bytes the kept rotations take."""
+    cache = {key: sum(stores[key].lengths[x] for (k, x) in keys if k == key) * shape.width * BYTES_PER_FLOAT
+             for key in rotations}
+    for key in rotations:
+        if rotations[key] is None and shares[key] and cache[key] <= workspace_bytes // ROTATION_CACHE_SHARE:
+            rotations[key] = {}  # filled by this module, read by the next
+    return sum(cache[key] for key in rotations if rotations[key] is not None)
+
+
+def _score_module(columns: list[tuple[_Module, int]], train: list[tuple[_Module, int]], n_queries: int,
+                  shape: Shape, workspace_bytes: int, kept: int, longest: int, totals: _Totals,
+                  refined: list | None, unrotated: bool) -> None:
+    """One module's scores added to ``totals``: as <P_q, D_t> (``unrotated``), every W at once when the
+    workspace (less the ``kept`` rotations) holds them, else blocks of queries against streamed blocks."""
+    # With per-token scores a quarter of the workspace is their scratch (queries taken in chunks).
+    scratch = workspace_bytes // 4 if totals.token_scores is not None else 0
+    queries_at_once = max(1, scratch // sizes.per_token_scratch_bytes(shape, longest))
+    capacity = max(2, (workspace_bytes - scratch - kept) // whitened_bytes(shape))
+    if unrotated:
+        _score_unrotated(columns, n_queries, capacity, totals.products, refined, shape)
+    elif capacity >= len(columns) + (n_queries if refined is not None else 0):  # every W at once: each formed once
+        every_w = _form(columns, "whitened")
+        query_w = every_w[:n_queries] if refined is None else _query_rows(columns, range(n_queries), "whitened",
+                                                                         refined, shape)
+        totals.products += (query_w @ every_w.T).double().cpu()
+        if totals.self_scores is not None:
+            totals.self_scores += _squared_norms(every_w).double().cpu()
+        if totals.token_scores is not None:
+            _add_per_token(totals.token_scores, range(n_queries), query_w, train, queries_at_once)
+        del every_w, query_w
+    else:  # blocks of queries against streamed blocks of columns
+        _score_in_blocks(columns, n_queries, capacity // 2, totals.products, totals.self_scores, totals.token_scores,
+                         train, queries_at_once, refined, shape)
 
 
 def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: int, products: torch.Tensor,

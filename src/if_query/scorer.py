@@ -289,22 +289,41 @@ class EngineScorer:
         ranks, me = distributed.world_size(), distributed.rank()
         self._log_chunks(chunks, train, len(queries), ranks)
         total = len(train.lengths)
-        scores = np.zeros((total, len(queries))) if checkpoint is None else checkpoint.scores  # (train, queries)
-        train_self = np.zeros(total) if checkpoint is None else checkpoint.train_self
+        kept = _ChunkScores(np.zeros((total, len(queries))) if checkpoint is None else checkpoint.scores,
+                            np.zeros(total) if checkpoint is None else checkpoint.train_self, checkpoint)
         done = set() if checkpoint is None else set(checkpoint.done)
         done = distributed.broadcast(done)
-        tokens: dict[tuple[int, int], torch.Tensor] = {}
         resolved, query_self = None, None
         if train.queries:  # train sequences that are queries: from the queries' token factors
             rows = np.array(sorted(train.queries), dtype=np.int64)
             result = self._engine(query_side, engine.Side(query_store, [train.queries[i] for i in rows]), workspace,
                                   per_token, refined)
-            scores[rows] = result.pairwise.numpy().T
+            kept.scores[rows] = result.pairwise.numpy().T
             if result.train_self is not None:
-                train_self[rows] = result.train_self.numpy()
-            tokens.update(_per_token_pairs(result.per_token, rows) or {})
+                kept.train_self[rows] = result.train_self.numpy()
+            kept.tokens.update(_per_token_pairs(result.per_token, rows) or {})
             resolved, query_self = result.damping, result.query_self
         todo = [c for c in range(len(chunks)) if c not in done]
+        last = self._score_rounds(train, chunks, todo, chunk_budget, query_side, per_token, refined, kept)
+        if last is not None:
+            resolved, query_self = last
+        if resolved is None:  # every chunk was done before the restart: the queries' own pass gives the rest
+            result = self._engine(query_side, engine.Side(query_store, []), workspace, False, refined)
+            resolved, query_self = result.damping, result.query_self
+        if me != 0:
+            return None
+        return ScoredSet(torch.from_numpy(np.asarray(kept.scores).T.copy()), query_self,
+                         None if query_self is None else torch.from_numpy(np.asarray(kept.train_self).copy()),
+                         query_losses, kept.tokens if per_token else None, resolved)
+
+    def _score_rounds(self, train: TrainSequences, chunks: list[np.ndarray], todo: list[int], budget: int,
+                      query_side: engine.Side, per_token: bool, refined: tuple | None, kept: _ChunkScores
+                      ) -> tuple[dict, torch.Tensor | None] | None:
+        """The chunks ``todo``, one per rank per round (``todo[k]`` on rank k mod N); rank 0 keeps each round's
+        gathered scores in ``kept``. A chunk that fails fails the run on every rank (else the others would wait
+        forever). Returns the damping and query self-influences of this rank's last chunk (None: it had none)."""
+        ranks, me = distributed.world_size(), distributed.rank()
+        last = None
         with tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="train chunks", unit="chunk",
                   disable=self.quiet) as bar:
             for round_start in range(0, len(todo), ranks):
@@ -312,10 +331,10 @@ class EngineScorer:
                 outcome = None
                 if mine is not None:
                     try:
-                        result = self._score_chunk(train, chunks, mine, chunk_budget, query_side, per_token, refined)
+                        result = self._score_chunk(train, chunks, mine, budget, query_side, per_token, refined)
                         outcome = (mine, result.pairwise.numpy(), None if result.train_self is None
                                    else result.train_self.numpy(), _per_token_pairs(result.per_token, chunks[mine]))
-                        resolved, query_self = result.damping, result.query_self
+                        last = result.damping, result.query_self
                     except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
                         if ranks == 1:
                             raise
@@ -323,26 +342,13 @@ class EngineScorer:
                 gathered_outcomes = distributed.gather(outcome)
                 if failures := [g[1] for g in gathered_outcomes if g is not None and g[0] == "failed"]:
                     raise RunError(f"scoring a chunk failed on {failures[0]}")
-                for gathered in gathered_outcomes:
-                    if gathered is None or me != 0:
-                        continue
-                    chunk, chunk_scores, chunk_self, chunk_tokens = gathered
-                    if checkpoint is not None:
-                        checkpoint.record(chunk, chunks[chunk], chunk_scores, chunk_self)
-                    else:
-                        scores[chunks[chunk]] = chunk_scores.T
-                        if chunk_self is not None:
-                            train_self[chunks[chunk]] = chunk_self
-                    tokens.update(chunk_tokens or {})
+                if me == 0:
+                    for gathered in gathered_outcomes:
+                        if gathered is not None:
+                            chunk, *values = gathered
+                            kept.keep(chunk, chunks[chunk], *values)
                 bar.update(min(ranks, len(todo) - round_start))
-        if resolved is None:  # every chunk was done before the restart: the queries' own pass gives the rest
-            result = self._engine(query_side, engine.Side(query_store, []), workspace, False, refined)
-            resolved, query_self = result.damping, result.query_self
-        if me != 0:
-            return None
-        return ScoredSet(torch.from_numpy(np.asarray(scores).T.copy()), query_self,
-                         None if query_self is None else torch.from_numpy(np.asarray(train_self).copy()),
-                         query_losses, tokens if per_token else None, resolved)
+        return last
 
     def _score_chunk(self, train: TrainSequences, chunks: list[np.ndarray], chunk: int, budget: int,
                      query_side: engine.Side, per_token: bool, refined: tuple | None) -> engine.Scores:
@@ -366,6 +372,28 @@ class EngineScorer:
             human_bytes(factor_reads), queries,
             f"{ranks} ranks split the chunks (chunk c on rank c mod {ranks}), rank 0 gathers the scores"
             if ranks > 1 else "one rank")
+
+
+@dataclass
+class _ChunkScores:
+    """What rank 0 keeps of a chunked run: ``scores`` (train, queries) and ``train_self`` (train,) float64, the
+    ``checkpoint``'s memory-mapped files when there is one (resumable), and per-token scores by (query, train)."""
+
+    scores: np.ndarray
+    train_self: np.ndarray
+    checkpoint: object | None = None  # if_query.checkpoint.Checkpoint
+    tokens: dict = field(default_factory=dict)
+
+    def keep(self, chunk: int, rows: np.ndarray, scores: np.ndarray, train_self: np.ndarray | None,
+             tokens: dict | None) -> None:
+        """One chunk's (queries, rows) ``scores``, (rows,) ``train_self`` and per-token scores."""
+        if self.checkpoint is not None:
+            self.checkpoint.record(chunk, rows, scores, train_self)
+        else:
+            self.scores[rows] = scores.T
+            if train_self is not None:
+                self.train_self[rows] = train_self
+        self.tokens.update(tokens or {})
 
 
 def _per_token_pairs(per_token: list[list[torch.Tensor]] | None, train_rows) -> dict | None:
