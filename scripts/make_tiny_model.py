@@ -44,7 +44,12 @@ def pick_test_query(world, ts, model, tokenizer, seed: int) -> tuple[list[dict],
     training records: the records stating each queried fact, other facts of the queried people,
     facts of other people sharing the queried value, and a couple of unrelated ones."""
     rng = random.Random(seed + 1)
-    corpus = {r["pair_id"]: r for r in ts.records}
+    queries = _pick_queries(world, ts, model, tokenizer, rng)
+    return _pick_train(world, ts, queries, rng), queries
+
+
+def _pick_queries(world, ts, model, tokenizer, rng: random.Random) -> list[dict]:
+    """The queries of :func:`pick_test_query`, each with the ids of the records that state its fact."""
     relations = [r.name for r in world.relations]
     rng.shuffle(relations)
     phrasings = ["a", "a", "b", "b"][: len(relations)]
@@ -75,7 +80,13 @@ def pick_test_query(world, ts, model, tokenizer, seed: int) -> tuple[list[dict],
                 "stated_by": stated_by,
             }
         )
+    return queries
 
+
+def _pick_train(world, ts, queries: list[dict], rng: random.Random) -> list[dict]:
+    """The train records of :func:`pick_test_query` for ``queries``, in a shuffled order."""
+    corpus = {r["pair_id"]: r for r in ts.records}
+    used_people = {q["person"] for q in queries}
     chosen: list[str] = []
 
     def add(pid: str) -> None:
@@ -104,8 +115,33 @@ def pick_test_query(world, ts, model, tokenizer, seed: int) -> tuple[list[dict],
     while len(chosen) < 16 and rest:  # unrelated filler
         add(rest.pop(rng.randrange(len(rest))))
     rng.shuffle(chosen)
-    train = [dict(corpus[pid]) for pid in chosen]
-    return train, queries
+    return [dict(corpus[pid]) for pid in chosen]
+
+
+def save_model(model_dir: Path, model, tokenizer, world, ts, seed: int) -> None:
+    """The model and tokenizer (``save_pretrained``, files readable by all), its training corpus and its world."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    for f in model_dir.iterdir():  # save_pretrained writes model.safetensors with mode 0600
+        f.chmod(0o644)
+    _dump(ts.records, model_dir / "training_corpus.json")
+    _dump(
+        {
+            "seed": seed,
+            "relations": {
+                r.name: {"values": list(r.values), "prompt_a": r.prompt_a, "prompt_b": r.prompt_b}
+                for r in world.relations
+            },
+            "people": [{"name": p.name, "slug": p.slug, **p.attributes} for p in world.people],
+            "b_people": list(ts.b_people),
+            "heldout_people": list(ts.heldout_people),
+        },
+        model_dir / "world.json",
+    )
+
 
 
 def main(argv=None) -> None:
@@ -132,28 +168,7 @@ def main(argv=None) -> None:
     acc_b_heldout = tw.accuracy(model, tokenizer, facts_b_heldout)
 
     model_dir = args.out / "tiny-gpt2"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    for f in model_dir.iterdir():  # save_pretrained writes model.safetensors with mode 0600
-        f.chmod(0o644)
-    _dump(ts.records, model_dir / "training_corpus.json")
-    _dump(
-        {
-            "seed": args.seed,
-            "relations": {
-                r.name: {"values": list(r.values), "prompt_a": r.prompt_a, "prompt_b": r.prompt_b}
-                for r in world.relations
-            },
-            "people": [{"name": p.name, "slug": p.slug, **p.attributes} for p in world.people],
-            "b_people": list(ts.b_people),
-            "heldout_people": list(ts.heldout_people),
-        },
-        model_dir / "world.json",
-    )
-
+    save_model(model_dir, model, tokenizer, world, ts, args.seed)
     train, queries = pick_test_query(world, ts, model, tokenizer, args.seed)
     qdir = args.out / "test_query"
     # The same two files in the package (the demo's) and in the checkout's queries/test_query (the README's
