@@ -39,15 +39,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import (  # noqa: E402
-    RUN_QUERY_WITH_RSS,
-    add_model_arguments,
-    build_olmo2,
-    fit_hessians_cli,
-    model_shape,
-    synthetic_words,
-    write_results,
-)
+import common  # noqa: E402
 
 SAMPLE_S = 0.2
 
@@ -91,7 +83,7 @@ def _run(name: str, options: list[str], work: Path, tmp: Path) -> dict:
     print(f"[bench_corpus] {name}: {' '.join(options)}", file=sys.stderr, flush=True)
     start, cpu_before = time.perf_counter(), _children_cpu_s()
     sampler.start()
-    completed = subprocess.run([sys.executable, "-c", RUN_QUERY_WITH_RSS, *options, "--output-dir", str(out)],
+    completed = subprocess.run([sys.executable, "-c", common.RUN_QUERY_WITH_RSS, *options, "--output-dir", str(out)],
                                env=env, capture_output=True, text=True)
     (work / f"log-{name}.txt").write_text(completed.stderr)  # the plan line: chunks, their size, bytes moved
     wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_before
@@ -140,9 +132,9 @@ def corpus(words: list[str], count: int, rng: random.Random) -> list[str]:
 
 def prepare(args, work: Path) -> tuple[Path, Path, dict[int, Path], Path, list[str]]:
     """The model, its factors, a corpus file per N, the queries; the documents (for the floor)."""
-    words = synthetic_words(2000, args.seed)
+    words = common.synthetic_words(2000, args.seed)
     model_dir = work / "model"
-    build_olmo2(model_dir, words, **model_shape(args), seed=args.seed)
+    common.build_olmo2(model_dir, words, **common.model_shape(args), seed=args.seed)
     rng = random.Random(args.seed + 1)
     documents = corpus(words, max(args.sizes), rng)
     corpora = {}
@@ -159,7 +151,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, dict[int, Path], Path, list[s
         fit_data = work / "fit.json"
         fit_data.write_text(json.dumps([{"pair_id": f"f{k}", "prompt": "", "completion": t}
                                         for k, t in enumerate(corpus(words, args.fit, rng))]))
-        fit_hessians_cli(model_dir, fit_data, factors, layer_stride=2, batch_size=8)
+        common.fit_hessians_cli(model_dir, fit_data, factors, layer_stride=2, batch_size=8)
     return model_dir, factors, corpora, queries, documents
 
 
@@ -189,7 +181,7 @@ def report(runs: list[dict], floor: float, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/if-query-bench-corpus"))
-    add_model_arguments(parser, layers=8, hidden=768, mlp=2048, heads=12, layer_stride=None)  # stride 2, fixed
+    common.add_model_arguments(parser, layers=8, hidden=768, mlp=2048, heads=12, layer_stride=None)  # stride 2, fixed
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--fit", type=int, default=64, help="fitting documents")
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
@@ -208,27 +200,27 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     model_dir, factors, corpora, queries, documents = prepare(args, work)
-    common = ["--model", str(model_dir), "--factors-dir", str(factors), "--query-json", str(queries),
+    options = ["--model", str(model_dir), "--factors-dir", str(factors), "--query-json", str(queries),
               "--max-length", "512", "--host-memory-gb", str(args.host_memory_gb), "--score-batch-size", "8"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-corpus-", dir=work))
     runs = []
     for n in args.sizes:
         tokens = sum(len(t.split()) + 1 for t in documents[:n])  # one token per word, plus EOS
-        runs.append({**run(f"if-query N={n}", [*common, "--train-dataset", str(corpora[n])], work, tmp), "n": n,
+        runs.append({**run(f"if-query N={n}", [*options, "--train-dataset", str(corpora[n])], work, tmp), "n": n,
                      "tokens": tokens})
     n = max(args.sizes)
-    runs.append({**run(f"if-query --no-cosine N={n}", [*common, "--train-dataset", str(corpora[n]), "--no-cosine"],
+    runs.append({**run(f"if-query --no-cosine N={n}", [*options, "--train-dataset", str(corpora[n]), "--no-cosine"],
                        work, tmp), "n": n, "tokens": runs[-1]["tokens"]})
     small = min(args.sizes)
     records = work / f"train-{small}.json"
     records.write_text(json.dumps([{"pair_id": f"doc{k}", "prompt": "", "completion": t}
                                    for k, t in enumerate(documents[:small])]))
-    runs.append({**run(f"kronfluence N={small}", [*common, "--train-json", str(records), "--engine", "kronfluence"],
+    runs.append({**run(f"kronfluence N={small}", [*options, "--train-json", str(records), "--engine", "kronfluence"],
                        work, tmp), "n": small, "tokens": runs[0]["tokens"]})
     floor = floor_seconds_per_token(model_dir, documents[:500])
     text = report(runs, floor, args)
     print(text)
-    write_results("bench_corpus", text, {"runs": runs, "floor_s_per_token": floor,
+    common.write_results("bench_corpus", text, {"runs": runs, "floor_s_per_token": floor,
                                          "args": {k: str(v) for k, v in vars(args).items()}})
 
 

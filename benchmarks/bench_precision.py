@@ -30,13 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # noqa: E402
 import torch  # noqa: E402
-from common import (  # noqa: E402
-    compare_scores,
-    fit_and_score_parser,
-    olmo2_and_records,
-    write_results,
-)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
@@ -152,7 +147,7 @@ def report(results: dict, args) -> str:
 
 
 def main() -> None:
-    parser = fit_and_score_parser(__doc__, "/tmp/if-query-bench-precision", layers=4)
+    parser = common.fit_and_score_parser(__doc__, "/tmp/if-query-bench-precision", layers=4)
     parser.add_argument("--quick", action="store_true", help="2 blocks, hidden 512, MLP 1408, 12 sequences")
     args = parser.parse_args()
     if args.quick:
@@ -162,7 +157,7 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "model"
-    records = olmo2_and_records(model_dir, args, args.examples + args.queries + args.train)
+    records = common.olmo2_and_records(model_dir, args, args.examples + args.queries + args.train)
     data = work / "fit.json"
     data.write_text(json.dumps(records[: args.examples]))
     nearest, truncated = EmulatedTF32(nearest=True), EmulatedTF32(nearest=False)
@@ -180,14 +175,14 @@ def main() -> None:
         "TF32 truncated: fit and scoring": scores(store, modules, fits["tf32-truncated seed 0"], args.queries,
                                                   truncated),
     }
-    distances = {name: compare_scores(value, reference) for name, value in runs.items()}
+    distances = {name: common.compare_scores(value, reference) for name, value in runs.items()}
     noise_name = next(iter(runs))
     safe = verdict({k: v for k, v in distances.items() if k != noise_name}, distances[noise_name])
     results = {"distances": distances, "safe": safe, "products": nearest.products + truncated.products,
                "wall_s": time.perf_counter() - start, "args": {k: str(v) for k, v in vars(args).items()}}
     text = report(results, args)
     print(text)
-    write_results("bench_precision", text, results)
+    common.write_results("bench_precision", text, results)
 
 
 if __name__ == "__main__":
