@@ -5,7 +5,8 @@ import pytest
 import torch
 from helpers import QUERIES, TRAIN, write_json
 
-from if_query import memory, scorer
+from if_query import memory
+from if_query.run_plan import resolve_budgets
 from if_query.scorer import EngineScorer
 
 GB = 10**9
@@ -16,9 +17,9 @@ def test_the_host_share_is_divided_among_the_ranks_on_the_host(monkeypatch):
     assert memory.host_share(0.5) == 256 * GB
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on one host: each gets an eighth of the half
     assert memory.host_share(0.5) == 32 * GB
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setattr(scorer, "host_memory_available", lambda: 512 * GB)
-    assert scorer._workspace_default(torch.device("cpu"), 0) == memory.host_share(0.25, 512 * GB) == 16 * GB
+    budgets = resolve_budgets(None, None, torch.device("cpu"), local_ranks=8)
+    assert budgets.host == memory.host_share(0.5) == 32 * GB
+    assert budgets.workspace_for(0) == memory.host_share(0.25, 512 * GB) == 16 * GB
 
 
 def test_the_workspace_is_the_same_for_every_folder_whatever_the_allocator_cached(monkeypatch):
@@ -29,9 +30,10 @@ def test_the_workspace_is_the_same_for_every_folder_whatever_the_allocator_cache
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (state["free"], 80 * GB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: state["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: state["allocated"])
-    first = scorer._workspace_default(device, 0)
+    monkeypatch.setattr(memory, "host_memory_available", lambda: 512 * GB)
+    first = resolve_budgets(None, None, device, 1).workspace_for(0)
     state.update(free=12 * GB, reserved=44 * GB, allocated=2 * GB)  # 42 GB cached but unused after folder 1
-    assert scorer._workspace_default(device, 0) == first == 27 * GB
+    assert resolve_budgets(None, None, device, 1).workspace_for(0) == first == 27 * GB
 
 
 @pytest.mark.parametrize(("path", "expected"), [("/tmp/spill", "tmpfs"), ("/dev/shm/x", "tmpfs"),

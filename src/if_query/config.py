@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from if_query.errors import InputError
+from if_query.sizes import GB
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # Kronfluence's names (tests/test_kron_adapter.py checks them)
 FISHER_TYPES = ("true", "empirical")
@@ -29,7 +30,6 @@ EIGENDECOMPOSITION_DTYPES = ("float64", "float32")
 ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see modeling.CUDA_MATMUL_PRECISION
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
-GIGABYTE = 1024**3
 
 
 def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), minimum: float | None = None,
@@ -196,12 +196,13 @@ class QueryConfig:
              "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.")
     workspace_gb: float | None = option(
         None, minimum=0, compare=False,
-        help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU); default: half the free "
-             "GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")
+        help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU), in GB of 10^9 bytes; "
+             "default: half the free GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")
     host_memory_gb: float | None = option(
         None, minimum=0, compare=False,
-        help="RAM for the token factors (layer inputs and output gradients) of a folder; beyond it they are "
-             "spilled to a memory-mapped file in --spill-dir. Default: half the free RAM.")
+        help="RAM for the token factors (layer inputs and output gradients) of a folder, in GB of 10^9 bytes; "
+             "beyond it the train side is scored in chunks (or the queries spilled to a memory-mapped file in "
+             "--spill-dir). Default: half the free RAM (divided among a host's torchrun ranks), read once.")
     spill_dir: str | None = option(
         None, compare=False,
         help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")
@@ -273,11 +274,11 @@ class QueryConfig:
 
     @property
     def workspace_bytes(self) -> int | None:
-        return None if self.workspace_gb is None else int(self.workspace_gb * GIGABYTE)
+        return None if self.workspace_gb is None else int(self.workspace_gb * GB)
 
     @property
     def host_memory_bytes(self) -> int | None:
-        return None if self.host_memory_gb is None else int(self.host_memory_gb * GIGABYTE)
+        return None if self.host_memory_gb is None else int(self.host_memory_gb * GB)
 
     def batch_sizes(self) -> tuple[int, int]:
         """The effective (query, train) batch sizes, each defaulting to ``score_batch_size``. The default

@@ -37,12 +37,13 @@ def _float_or_none(value: Any) -> float | None:
 def run_provenance(*, command: list[str] | None, model: str, revision: str | None, factors_dir: str | Path,
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
                    dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
-                   query_json: str | Path,
-                   train_json: str | Path, date: str | None = None) -> dict[str, Any]:
+                   query_json: str | Path, train_json: str | Path, plan: dict | None = None,
+                   date: str | None = None) -> dict[str, Any]:
     """The ``run.json`` of one results directory.
 
     ``damping`` is the requested damping (None = auto); ``resolved_damping`` the damping each module
-    actually used, when the scorer reports it (else ``damping_per_module`` is null).
+    actually used, when the scorer reports it (else ``damping_per_module`` is null); ``plan`` what the run's plan
+    decided for the job (:meth:`if_query.run_plan.JobPlan.describe`: budgets, chunks, ranks).
     """
     fit = (metadata or {}).get("fit") or {}
     per_module = None
@@ -68,6 +69,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "per_token_scores": per_token_scores,
         "query_json": str(Path(query_json).resolve()),
         "train_json": str(Path(train_json).resolve()),
+        "plan": plan,
         "versions": package_versions(),
         "date": date or datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -7,16 +7,14 @@ record that has them) -> the scorer (at once, or in chunks of the train side) ->
 :class:`~if_query.results.ResultTable` with its provenance -> the writer. With ``--train-dataset`` the corpus is
 the train side of every folder, and one pass over it scores every folder's queries.
 
-Under torchrun (default engine): a job whose train side is a corpus, or needs more than one chunk, is scored by
-all ranks together (they split its chunks; rank 0 gathers the scores and writes); the other jobs are shared out,
-folder r to rank r mod N, each rank writing its own.
+Every decision is the run's plan's (:mod:`if_query.run_plan`), made once by rank 0 before any scoring. Under
+torchrun (default engine): a job with at least two train chunks to do is split across all ranks (rank 0 gathers the
+scores and writes); every other job is scored by one rank alone, jobs shared out in turn, each rank writing its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +23,15 @@ import numpy as np
 import torch
 
 from if_query import distributed, ranking
-from if_query.checkpoint import Checkpoint
+from if_query.checkpoint import Checkpoint, done_rows
 from if_query.compatibility import load_model_for_factors
 from if_query.config import QueryConfig
 from if_query.corpus import Corpus
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import dataset_fingerprint
+from if_query.identity import identity_digest, run_identity, sequences_digest
 from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
-from if_query.metadata import METADATA_FILE, canonical_model, load_complete_metadata
+from if_query.metadata import METADATA_FILE, load_complete_metadata
 from if_query.modeling import (
     load_config,
     load_tokenizer,
@@ -45,7 +44,9 @@ from if_query.provenance import RUN_FILE, run_provenance
 from if_query.records import Example, load_examples
 from if_query.report import header_from_run, write_report
 from if_query.results import RESULT_FILES, QueryResults, ResultTable, TrainSide, read_results, write_results
+from if_query.run_plan import Budgets, JobPlan, RunPlan, plan_job, plan_run, resolve_budgets
 from if_query.scorer import EngineScorer, KronfluenceScorer, ScoredSet, TrainSequences
+from if_query.sizes import human_bytes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,21 @@ class PreparedJob:
     train: list[Example] | None = None  # None: the corpus
     train_tokens: list[TokenizedExample] | None = None
 
-    @property
-    def distinct_queries(self) -> tuple[list[TokenizedExample], list[int]]:
-        return _unique(self.query_tokens)
+
+@dataclass(frozen=True)
+class Workload:
+    """What one scoring pass covers, formed once (nothing downstream dedupes again): the distinct query sequences
+    of its jobs, each job's map from its query records to them, the distinct train sequences (readable by range)
+    with their train.csv rows, each train record's distinct sequence (None: a corpus, one row each), and the run
+    identity's digest (:mod:`if_query.identity`) that partial results are kept under."""
+
+    jobs: list[int]  # indices of the jobs scored together (several only against a corpus)
+    queries: list[TokenizedExample]
+    query_index: list[list[int]]  # per job: each query record's distinct query
+    train: TrainSequences
+    side: TrainSide
+    train_index: list[int] | None
+    key: str
 
 
 @dataclass
@@ -108,19 +121,6 @@ def _unique(sequences: list[TokenizedExample]) -> tuple[list[TokenizedExample], 
     return list(index), [index[s] for s in sequences]
 
 
-HASHED_INPUT_BYTES = 256 * 1024**2  # inputs up to this size are identified by their content, larger ones by stat
-
-
-def _stamp(path: Path | None) -> list:
-    """What identifies an input's content: a small file's sha256, a large one's size and modification time (a
-    directory: its files')."""
-    if path is None:
-        return []
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [[f.name, f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest() if f.stat().st_size
-             <= HASHED_INPUT_BYTES else f.stat().st_mtime_ns] for f in files]
-
-
 class QueryRunner:
     """Loads the model and factors once, then scores any number of jobs."""
 
@@ -133,7 +133,8 @@ class QueryRunner:
         self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
         limit = position_limit(self.hf_config)
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
-        self.corpus = None if config.train_dataset is None else Corpus(config.train_dataset, self.example_tokenizer)
+        self.corpus = (None if config.train_dataset is None
+                       else Corpus(config.train_dataset, self.example_tokenizer, config.spill_dir))
         self.scorer: EngineScorer | KronfluenceScorer | None = None
         self.device = distributed.device()
         self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
@@ -203,86 +204,123 @@ class QueryRunner:
                                           for i in range(0, len(ordered), size)]
         return self.scorer
 
-    # --- scoring: a job's distinct sequences -> the scorer -> a ResultTable ---
+    # --- scoring: a job's distinct sequences -> the plan -> the scorer -> a ResultTable ---
 
-    def _records_side(self, prepared: PreparedJob, queries: list[TokenizedExample]
-                      ) -> tuple[TrainSequences, list[int], TrainSide]:
-        """The distinct train sequences of a job's train records (those that are also queries marked), each
-        record's distinct index, and the records as train.csv writes them."""
-        distinct, index = _unique(prepared.train_tokens)
-        position = {q: i for i, q in enumerate(queries)}
-        also_queries = {j: position[s] for j, s in enumerate(distinct) if s in position}
-        return TrainSequences.of(distinct, also_queries), index, TrainSide.of_records(prepared.train)
-
-    def _corpus_side(self) -> tuple[TrainSequences, TrainSide]:
-        corpus = self.corpus
-        lengths = corpus.lengths()
-        return (TrainSequences(lengths, corpus.windows),
-                TrainSide(corpus.ids(), corpus.rows, corpus.extra_keys))
-
-    def checkpoint(self, job: QueryJob, queries: int, train: int) -> Checkpoint | None:
-        """The resumable partial results of a job scored in chunks (rank 0 only; None otherwise)."""
-        if not distributed.is_main_rank() or not isinstance(self.scorer, EngineScorer):
-            return None
-        config = dataclasses.asdict(self.config)
-        options = {k: str(v) for k, v in config.items() if k in {f.name for f in dataclasses.fields(self.config)
-                                                                  if f.compare}}
-        key = {"options": options, "query": _stamp(job.query_json),
-               "train": _stamp(job.train_json or Path(self.config.train_dataset)),
-               "factors": [self.metadata.get("completed_at"), self.metadata["fit"].get("weights_fingerprint")],
-               "model": canonical_model(self.config.model), "budget": self.scorer.host_budget,
-               "world": distributed.world_size()}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-        return Checkpoint(job.output_dir, digest, queries, train)
-
-    def score(self, prepared: PreparedJob) -> ResultTable | None:
-        """One job's results (None on the ranks other than 0 when the ranks score it together, or on
-        Kronfluence's torchrun path)."""
-        return self.score_jobs([prepared])[0][0]
-
-    def score_jobs(self, jobs: list[PreparedJob]) -> list[tuple[ResultTable | None, Checkpoint | None]]:
-        """Each job's results and the partial results to remove once they are written. Jobs whose train side is
-        the corpus are scored in one pass over it, their queries together."""
-        if self.corpus is not None:
-            return self._score_against_corpus(jobs)
-        return [self._score_records(job) for job in jobs]
-
-    def _score_records(self, prepared: PreparedJob) -> tuple[ResultTable | None, Checkpoint | None]:
-        queries, query_index = prepared.distinct_queries
-        train, train_index, side = self._records_side(prepared, queries)
-        scored, checkpoint = self._scored(prepared.job, queries, train)
-        if scored is None:
-            return None, checkpoint
-        return self._table(prepared, query_index, side, train_index, scored, queries, train), checkpoint
-
-    def _score_against_corpus(self, jobs: list[PreparedJob]) -> list[tuple[ResultTable | None, Checkpoint | None]]:
-        """Every job's distinct queries together against the corpus (partial results in the first job's output
-        directory), then each job's rows of the scores."""
+    def workloads(self, prepared: dict[int, PreparedJob]) -> list[Workload]:
+        """What each job scores, formed once: a records job's distinct sequences; with a corpus, one workload of
+        every job's distinct queries together against it (partial results in the first job's directory)."""
+        if not prepared:
+            return []
+        if self.corpus is None:
+            return [self._records_workload(index, job) for index, job in prepared.items()]
         queries, index_of = [], {}
-        for job in jobs:
+        for job in prepared.values():
             for sequence in job.query_tokens:
                 if sequence not in index_of:
                     index_of[sequence] = len(queries)
                     queries.append(sequence)
-        train, side = self._corpus_side()
-        scored, checkpoint = self._scored(jobs[0].job, queries, train)
-        if scored is None:
-            return [(None, checkpoint)] + [(None, None)] * (len(jobs) - 1)
-        return [(self._table(job, [index_of[s] for s in job.query_tokens], side, None, scored, queries, train),
-                 checkpoint if number == 0 else None) for number, job in enumerate(jobs)]
+        corpus = self.corpus
+        train = TrainSequences(corpus.lengths(), corpus.windows)
+        side = TrainSide(corpus.ids(), corpus.rows, corpus.extra_keys)
+        return [Workload(list(prepared), queries, [[index_of[s] for s in job.query_tokens]
+                                                   for job in prepared.values()],
+                         train, side, None, self._key(queries, corpus.digest))]
 
-    def _scored(self, job: QueryJob, queries: list[TokenizedExample], train: TrainSequences
-                ) -> tuple[ScoredSet | None, Checkpoint | None]:
+    def _records_workload(self, index: int, prepared: PreparedJob) -> Workload:
+        queries, query_index = _unique(prepared.query_tokens)
+        distinct, train_index = _unique(prepared.train_tokens)
+        position = {q: i for i, q in enumerate(queries)}
+        also_queries = {j: position[s] for j, s in enumerate(distinct) if s in position}
+        return Workload([index], queries, [query_index], TrainSequences.of(distinct, also_queries),
+                        TrainSide.of_records(prepared.train), train_index,
+                        self._key(queries, sequences_digest(distinct)))
+
+    def _key(self, queries: list[TokenizedExample], train: str) -> str:
+        """The identity digest of scoring ``queries`` against a train side of digest ``train``."""
+        refine = dataset_fingerprint(self.refine_examples) if self.config.refine_steps else None
+        return identity_digest(run_identity(self.config, self.metadata, sequences_digest(queries), train, refine))
+
+    def make_plan(self, workloads: list[Workload], prepared: dict[int, PreparedJob]) -> RunPlan:
+        """The run's plan (see :mod:`if_query.run_plan`), made on rank 0 — the only reads of free memory — and
+        broadcast: every rank follows the same decisions."""
+        plan = None
+        if distributed.is_main_rank():
+            config, world = self.config, distributed.world_size()
+            budgets = resolve_budgets(config.host_memory_bytes, config.workspace_bytes, self.device,
+                                      distributed.local_world_size())
+            jobs = [self._plan_job(work, prepared, budgets, world) for work in workloads]
+            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if self.corpus else None})
+        plan = distributed.broadcast(plan)
+        if self.corpus is not None and self.corpus.digest != plan.extra["corpus"]:
+            raise RunError(f"rank {distributed.rank()} read other windows from the corpus than rank 0 (its tokens "
+                           "differ): every rank must read the same files with the same tokenizer",
+                           option="train_dataset")
+        self._log_plan(plan)
+        return plan
+
+    def _plan_job(self, work: Workload, prepared: dict[int, PreparedJob], budgets, world: int) -> JobPlan:
+        name = prepared[work.jobs[0]].job.name if len(work.jobs) == 1 else f"{len(work.jobs)} folders' queries"
+        if not isinstance(self.scorer, EngineScorer):  # Kronfluence's data parallel path: every rank, rank 0 writes
+            return JobPlan(name, len(work.train.lengths), 0, None, split=world > 1, world=world)
+        done = None
+        if self.resumable(work):
+            done = done_rows(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
+                             len(work.train.lengths))
+        return plan_job(name, self.scorer.context(), budgets, [len(q) for q in work.queries], work.train.lengths,
+                        list(work.train.queries), done, world)
+
+    def resumable(self, work: Workload) -> bool:
+        """Whether a chunked job keeps partial results: unless its per-token scores come from the chunk pass
+        (they are not kept on disk)."""
+        return not (self.config.per_token_scores and self.config.top_train is None)
+
+    def _log_plan(self, plan: RunPlan) -> None:
+        budgets = plan.budgets
+        logger.info("Host budget %s of token factors per rank (%s)%s", human_bytes(budgets.host), budgets.host_from,
+                    f"; {plan.world} ranks" if plan.world > 1 else "")
+        if plan.world > 1 and isinstance(self.scorer, EngineScorer):
+            split = sum(job.split for job in plan.jobs)
+            logger.info("%d of %d jobs split across all %d ranks (their chunks shared out); the others scored each by "
+                        "one rank, shared out in turn", split, len(plan.jobs), plan.world)
+
+    def _checkpoint(self, work: Workload, prepared: dict[int, PreparedJob], plan: JobPlan) -> Checkpoint | None:
+        """The resumable partial results of a job scored in chunks, on the rank that writes it (None otherwise)."""
+        if plan.store is None or plan.at_once or distributed.rank() != plan.rank or not self.resumable(work):
+            return None
+        return Checkpoint(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
+                          len(work.train.lengths))
+
+    def score(self, prepared: PreparedJob) -> ResultTable | None:
+        """One job's results, planned alone (None on the ranks that do not write it)."""
+        [work] = self.workloads({0: prepared})
+        self.load_scorer()
+        plan = self.make_plan([work], {0: prepared})
+        return self.score_workload(work, {0: prepared}, plan.jobs[0], plan.budgets)[0][0]
+
+    def score_workload(self, work: Workload, prepared: dict[int, PreparedJob], plan: JobPlan, budgets: Budgets
+                       ) -> list[tuple[ResultTable | None, Checkpoint | None]]:
+        """Each of the workload's jobs' results (None on ranks that do not write them) and the partial results to
+        remove once they are written."""
         scorer = self.load_scorer()
-        chunked = isinstance(scorer, EngineScorer) and scorer.chunked(queries, train)
-        checkpoint = self.checkpoint(job, len(queries), len(train.lengths)) if chunked else None
+        if distributed.rank() == plan.rank and plan.store is not None:
+            logger.info("%s", plan.line())
+            for peak in [*plan.store.peaks(), *(plan.largest_chunk.peaks() if plan.largest_chunk else [])]:
+                if not peak.fits:
+                    logger.warning("The plan does not fit: %s", peak.describe())
+        checkpoint = self._checkpoint(work, prepared, plan)
         per_token = self.config.per_token_scores and self.config.top_train is None
-        return scorer.score(queries, train, checkpoint, per_token=per_token), checkpoint
+        scored = scorer.score(work.queries, work.train, plan, checkpoint, per_token=per_token)
+        if scored is None:
+            return [(None, checkpoint)] + [(None, None)] * (len(work.jobs) - 1)
+        recorded = plan.describe(budgets)
+        return [(self._table(prepared[index], query_index, work, scored, budgets, recorded),
+                 checkpoint if number == 0 else None)
+                for number, (index, query_index) in enumerate(zip(work.jobs, work.query_index, strict=True))]
 
-    def _table(self, prepared: PreparedJob, query_index: list[int], side: TrainSide, train_index: list[int] | None,
-               scored: ScoredSet, queries: list[TokenizedExample], train: TrainSequences) -> ResultTable:
-        """The results of one job's records from the scores of its distinct sequences (``train_index``: each
-        train record's distinct sequence; None: one each, a corpus)."""
+    def _table(self, prepared: PreparedJob, query_index: list[int], work: Workload, scored: ScoredSet,
+               budgets: Budgets, plan: dict) -> ResultTable:
+        """The results of one job's records from the scores of its workload's distinct sequences."""
+        side, train_index = work.side, work.train_index
         columns = train_index if train_index is not None else range(len(side.ids))
         selected = scored.select(query_index, columns)
         selected.check_finite([e.pair_id for e in prepared.queries], side.ids)
@@ -294,23 +332,27 @@ class QueryRunner:
         tokens = None
         if config.per_token_scores:
             if kept is not None:  # a second pass, over the kept train examples only
-                selected.per_token = self._kept_per_token(kept, queries, query_index, train, train_index)
-            rows = {t for q, t in selected.per_token}
-            sequences = dict(zip(sorted(rows), train.take([columns[t] for t in sorted(rows)]), strict=True))
+                selected = dataclasses.replace(selected, per_token=self._kept_per_token(kept, query_index, work,
+                                                                                        budgets))
+            rows = sorted({t for q, t in selected.per_token})
+            sequences = dict(zip(rows, work.train.take([columns[t] for t in rows]), strict=True))
             tokens = lambda t: self.example_tokenizer.token_strings(sequences[t])  # noqa: E731
-        table = ResultTable(prepared.queries, [t.num_labelled for t in prepared.query_tokens], side, selected, kept,
-                            tokens)
-        table.provenance = self.provenance(prepared.job, scored.damping)
-        return table
+        return ResultTable(prepared.queries, [t.num_labelled for t in prepared.query_tokens], side, selected, kept,
+                           tokens, self.provenance(prepared.job, scored.damping, plan))
 
-    def _kept_per_token(self, kept: list[np.ndarray], queries: list[TokenizedExample], query_index: list[int],
-                        train: TrainSequences, train_index: list[int] | None) -> dict:
-        """Per-token scores of the kept pairs: the kept train examples' distinct sequences scored again, at
-        once, with per-token scores; {(query record, train record): scores}."""
+    def _kept_per_token(self, kept: list[np.ndarray], query_index: list[int], work: Workload,
+                        budgets: Budgets) -> dict:
+        """Per-token scores of the kept pairs: the kept train examples' distinct sequences scored again (planned
+        with the run's budgets, on this rank alone) with per-token scores; {(query record, train record): scores}."""
+        train_index = work.train_index
         records = sorted(set(np.concatenate(kept).tolist()))
         distinct = sorted({train_index[t] if train_index is not None else t for t in records})
         position = {d: k for k, d in enumerate(distinct)}
-        scored = self.load_scorer().score_at_once(queries, TrainSequences.of(train.take(distinct)), True)
+        again = TrainSequences.of(work.train.take(distinct))
+        scorer = self.load_scorer()
+        plan = plan_job("the kept train examples", scorer.context(), budgets, [len(q) for q in work.queries],
+                        again.lengths)
+        scored = scorer.score(work.queries, again, plan, per_token=True)
         result = {}
         for row, q in enumerate(query_index):
             for t in kept[row].tolist():
@@ -318,7 +360,7 @@ class QueryRunner:
                 result[row, t] = scored.per_token[q, position[d]]
         return result
 
-    def provenance(self, job: QueryJob, resolved_damping: dict | None) -> dict:
+    def provenance(self, job: QueryJob, resolved_damping: dict | None, plan: dict | None = None) -> dict:
         """The run.json written with a job's results (see :mod:`if_query.provenance`)."""
         config = self.config
         return run_provenance(
@@ -327,7 +369,7 @@ class QueryRunner:
             dtype=str(self.dtype).removeprefix("torch."), matmul_precision=self.matmul_precision,
             max_length=config.max_length, eos_in_loss=config.eos_in_loss,
             per_token_scores=config.per_token_scores, query_json=job.query_json,
-            train_json=job.train_json or config.train_dataset,
+            train_json=job.train_json or config.train_dataset, plan=plan,
         )
 
     def is_done(self, job: QueryJob) -> bool:
@@ -344,18 +386,51 @@ class QueryRunner:
     # --- running jobs ---
 
     def run(self, jobs: list[QueryJob] | None = None) -> list[JobOutcome]:
-        """Validate every job (default: the config's), load the model once, then score and write each
-        valid job (with report.html under ``--report``).
+        """Validate every job (default: the config's) and read the corpus, load the model once, plan the run
+        (:meth:`make_plan`), then score and write each valid job as the plan says (with report.html under
+        ``--report``).
 
         A single run stops at its first error (raised); with query folders a folder's error is kept in
-        its outcome and the others go on. Under torchrun with the default engine (see the module docstring)
-        every rank returns the outcomes of all jobs (others' results read back from their files)."""
+        its outcome and the others go on. Under torchrun (see the module docstring) every rank returns the
+        outcomes of all jobs (others' results read back from their files)."""
         jobs = query_jobs(self.config) if jobs is None else jobs
         stop_on_error = not self.config.folders
         ranks = distributed.world_size() > 1 and self.config.engine != "kronfluence"
         if ranks:
             distributed.start_folder_sharding()
         outcomes = [JobOutcome(job) for job in jobs]
+        prepared = self._prepare_all(outcomes, stop_on_error and not ranks)
+        self.example_tokenizer.warn_capped()
+        workloads = self.workloads(prepared)
+        if prepared:
+            self.load_scorer()
+        plan = self.make_plan(workloads, prepared)
+        writer = {i: 0 for i in range(len(jobs))}  # rank 0 reports what every rank knows alike
+        order = sorted(range(len(workloads)), key=lambda w: not plan.jobs[w].split)  # split jobs first, in step
+        for w in order:
+            work, job_plan = workloads[w], plan.jobs[w]
+            writer.update(dict.fromkeys(work.jobs, job_plan.rank))
+            if not job_plan.scored_by(distributed.rank()):
+                continue
+            for index in work.jobs:
+                job = prepared[index]
+                logger.info("Scoring %s: %d queries x %s train examples", job.job.name, len(job.queries),
+                            len(job.train) if job.train is not None else "the corpus's")
+            errors = self._score_and_write([outcomes[i] for i in work.jobs], work, prepared, job_plan, plan.budgets)
+            for index, error in zip(work.jobs, errors, strict=True):
+                if error is not None:
+                    if stop_on_error and not ranks:
+                        raise error
+                    outcomes[index].error = error
+        if ranks:
+            self._collect(outcomes, {i for i in range(len(jobs)) if writer[i] == distributed.rank()})
+            if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):
+                raise failed[0].error
+        return outcomes
+
+    def _prepare_all(self, outcomes: list[JobOutcome], raise_errors: bool) -> dict[int, PreparedJob]:
+        """Each job's records read, checked and tokenized (skipping done ones under --skip-done), and the corpus
+        read once: all before the model loads. A job's input error is kept in its outcome (or raised)."""
         prepared: dict[int, PreparedJob] = {}
         for index, outcome in enumerate(outcomes):
             if self.config.skip_done and self.is_done(outcome.job):
@@ -366,75 +441,35 @@ class QueryRunner:
             try:
                 prepared[index] = self.prepare(outcome.job)
             except InputError as exc:
-                if stop_on_error and not ranks:
+                if raise_errors:
                     raise
                 outcome.error = exc
-        self.example_tokenizer.warn_capped()
-        if prepared:
-            self.load_scorer()
-        together = self._scored_together(prepared) if ranks else set(prepared)
-        shared = [i for i in prepared if i not in together]
-        owner = {i: 0 for i in range(len(jobs))}  # rank 0 reports what every rank knows alike
-        if ranks:
-            owner.update({i: k % distributed.world_size() for k, i in enumerate(shared)})
-        mine = [i for i in prepared if i in together or owner[i] == distributed.rank()]
-        scored_together = [i for i in mine if i in together]
-        for batch in ([scored_together] if self.corpus is not None else [[i] for i in scored_together]) + [
-                [i] for i in mine if i not in together]:
-            if not batch:
-                continue
-            for index in batch:
-                job = prepared[index]
-                logger.info("Scoring %s: %d queries x %s train examples", job.job.name, len(job.queries),
-                            len(job.train) if job.train is not None else "the corpus's")
-            for index, error in zip(batch, self._score_and_write([outcomes[i] for i in batch],
-                                                                 [prepared[i] for i in batch]), strict=True):
-                if error is not None:
-                    if stop_on_error and not ranks:
-                        raise error
-                    outcomes[index].error = error
-        if ranks:
-            self._collect(outcomes, {i for i in range(len(jobs)) if owner[i] == distributed.rank()})
-            if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):
-                raise failed[0].error
-        return outcomes
+        if prepared and self.corpus is not None:
+            self.corpus.locate()
+        return prepared
 
-    def _scored_together(self, prepared: dict[int, PreparedJob]) -> set[int]:
-        """Under torchrun, the jobs all ranks score together (a corpus, or more than one chunk): rank 0 decides
-        (host budgets may differ between hosts), every rank follows."""
-        together = set()
-        if distributed.is_main_rank() and isinstance(self.scorer, EngineScorer):
-            for index, job in prepared.items():
-                queries, _ = job.distinct_queries
-                if job.train is None or self.scorer.chunked(queries, self._records_side(job, queries)[0]):
-                    together.add(index)
-        together = distributed.broadcast(together)
-        if together:
-            logger.info("%d of %d jobs are scored by all %d ranks together (their chunks split); the others are "
-                        "shared out", len(together), len(prepared), distributed.world_size())
-        return together
-
-    def _score_and_write(self, outcomes: list[JobOutcome], jobs: list[PreparedJob]) -> list[IfQueryError | None]:
-        """Score and write jobs (scored together: see :meth:`score_jobs`) into their outcomes; each job's error,
-        if it failed. Running out of memory is those jobs' failure (with a hint), not the run's: the memory is
-        released and the next job can go on."""
+    def _score_and_write(self, outcomes: list[JobOutcome], work: Workload, prepared: dict[int, PreparedJob],
+                         plan: JobPlan, budgets: Budgets) -> list[IfQueryError | None]:
+        """Score a workload and write its jobs into their outcomes; each job's error, if it failed. Running out of
+        memory is those jobs' failure (with a hint), not the run's: the memory is released and the next job can
+        go on."""
         error = None
         try:
-            results = self.score_jobs(jobs)
+            results = self.score_workload(work, prepared, plan, budgets)
         except IfQueryError as exc:
-            return [exc] * len(jobs)
+            return [exc] * len(outcomes)
         except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is turned into the jobs' failure
             if not is_out_of_memory(exc):
                 raise
             error = RunError(f"out of memory on {self.device} ({describe_out_of_memory(exc)}); {OUT_OF_MEMORY_HINT}")
         if error is not None:  # the exception (and the frames holding its tensors) is gone: release the memory
             release_memory(self.device)
-            return [error] * len(jobs)
+            return [error] * len(outcomes)
         errors: list[IfQueryError | None] = []
-        for outcome, job, (table, _) in zip(outcomes, jobs, results, strict=True):
+        for outcome, (table, _) in zip(outcomes, results, strict=True):
             try:
                 if table is not None:
-                    outcome.files = self.write(table, job.job.output_dir)
+                    outcome.files = self.write(table, outcome.job.output_dir)
                     outcome.results = table.summary(self.config.top_k)
                 errors.append(None)
             except IfQueryError as exc:

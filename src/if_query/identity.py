@@ -1,0 +1,54 @@
+"""A run's identity: everything that determines its numbers, and nothing that does not.
+
+In: the weights (their fingerprint; the model's name only where the factors recorded none), the factors (their
+fit's arguments and completion time), the options that change scores or what is written, and the inputs as
+tokens (the distinct query sequences in order; the train sequences, or the corpus's windows). Out: the budgets
+(``--host-memory-gb``, ``--workspace-gb``), the batch sizes (scores do not depend on them), the spill directory,
+the number of ranks, and paths that hold the same content. Partial results resume under the same identity
+(:mod:`if_query.checkpoint`), whatever budget or number of ranks the rerun has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from if_query.config import QueryConfig
+from if_query.metadata import canonical_model
+from if_query.tokenization import TokenizedExample
+
+# The run-query options that change the scores or what is written (anything else: memory, speed, output).
+SCORE_OPTIONS = ("damping", "dtype", "matmul_precision", "max_length", "eos_in_loss", "engine", "cosine",
+                 "per_token_scores", "top_train", "refine_steps", "refine_batch_size", "query_rank")
+
+
+def sequences_digest(sequences: Iterable[TokenizedExample]) -> str:
+    """sha256 of token sequences (ids and labels), in order."""
+    digest = hashlib.sha256()
+    for sequence in sequences:
+        digest.update(json.dumps([sequence.input_ids, sequence.labels]).encode())
+    return digest.hexdigest()
+
+
+def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, refine_data: str | None = None
+                 ) -> dict:
+    """What determines a run's numbers, entry by entry (``queries``/``train``: digests of the inputs' tokens;
+    ``refine_data``: the fingerprint of --refine-steps' fitting examples)."""
+    fit = metadata.get("fit") or {}
+    weights = fit.get("weights_fingerprint")
+    return {
+        "weights": weights if weights else canonical_model(config.model),
+        "revision": config.revision,
+        "factors": hashlib.sha256(json.dumps([fit, metadata.get("completed_at")], sort_keys=True,
+                                             default=str).encode()).hexdigest(),
+        **{name: getattr(config, name) for name in SCORE_OPTIONS},
+        "damping": config.damping_value,  # "0.10" and "0.1" are one damping
+        "refine_data": refine_data if config.refine_steps else None,
+        "queries": queries,
+        "train": train,
+    }
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
