@@ -84,7 +84,7 @@ def test_a_bad_value_is_refused_when_the_config_is_made(config_class, given, cha
 def test_valid_values_pass_and_convert():
     query = config.QueryConfig(**QUERY, damping="0.5", workspace_gb=0.5, engine="kronfluence", query_rank=8,
                                score_batch_size=6, train_batch_size=2)
-    assert query.damping_value == 0.5 and query.workspace_bytes == 2**29 and query.host_memory_bytes is None
+    assert query.damping_value == 0.5 and query.workspace_bytes == 5 * 10**8 and query.host_memory_bytes is None
     assert query.batch_sizes() == (6, 2)
     assert config.QueryConfig(**QUERY).damping_value is None  # auto
 

@@ -14,7 +14,7 @@ from helpers import make_tokenizer, write_json
 from transformers import AutoModelForCausalLM, Olmo2Config
 
 from if_query import modeling
-from if_query import plan as plan_module
+from if_query import plan_command as plan_module
 from if_query.config import PlanConfig
 
 GB = 1e9
@@ -56,8 +56,9 @@ def test_the_plan_of_a_config_alone_matches_the_shapes(cli, tmp_path, monkeypatc
                                               tokens=500, score_batch_size=2))
     assert all(p.device.type == "meta" for p in built[0].parameters())  # nothing but meta tensors
     assert plans.fit.factors.total_bytes == expected["factors"]
-    [(_, folder)] = plans.folders
-    assert folder.token_factor_bytes == expected["token_factors"] and not folder.spilled
+    [(_, job)] = plans.folders
+    folder = job.store
+    assert job.at_once and folder.token_factor_bytes == expected["token_factors"] and not folder.spilled
     assert folder.workspace_used == expected["workspace"] and folder.at_once
     scoring = {part.name: part.bytes for part in folder.scoring.parts}
     assert scoring["model"] == expected["model"] and scoring["whitened gradients"] == expected["workspace"]
@@ -122,8 +123,9 @@ def test_the_plan_predicts_a_cpu_runs_memory(cli, tmp_path):
     write_json(folder / "query.json", records)
     cli("fit-hessians", "--model", model, "--hessian-dataset", folder / "train.json", "--output-dir", tmp_path / "f",
         "--strategy", "identity", "--max-examples", 2, "--quiet")
-    [(_, planned)] = plan_module.make_plans(PlanConfig(model=str(model), folders=[folder], device="cpu",
-                                                       strategy="identity", layer_stride=1)).folders
+    [(_, job)] = plan_module.make_plans(PlanConfig(model=str(model), folders=[folder], device="cpu",
+                                                   strategy="identity", layer_stride=1)).folders
+    planned = job.store
     predicted = planned.host.total
     assert predicted >= 1 * GB and planned.token_factor_bytes >= 0.8 * predicted
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")

@@ -170,9 +170,9 @@ def report(config: ReportConfig, quiet: bool) -> None:
 
 
 def plan(config: PlanConfig, quiet: bool) -> None:
-    from if_query.plan import run_plan
+    from if_query.plan_command import plan_text
 
-    typer.echo(run_plan(config), nl=False)
+    typer.echo(plan_text(config), nl=False)
 
 
 def demo(config: DemoConfig, quiet: bool) -> None:

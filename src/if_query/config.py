@@ -52,6 +52,11 @@ def cli_fields(config_class: type) -> list:
     return [f for f in fields(config_class) if "help" in f.metadata]
 
 
+def gigabytes(value: float | None) -> int | None:
+    """A memory option's bytes: every ``--*-gb`` of every command counts 1 GB = 10^9 bytes (as the plan prints)."""
+    return None if value is None else int(value * GB)
+
+
 def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -274,11 +279,11 @@ class QueryConfig:
 
     @property
     def workspace_bytes(self) -> int | None:
-        return None if self.workspace_gb is None else int(self.workspace_gb * GB)
+        return gigabytes(self.workspace_gb)
 
     @property
     def host_memory_bytes(self) -> int | None:
-        return None if self.host_memory_gb is None else int(self.host_memory_gb * GB)
+        return gigabytes(self.host_memory_gb)
 
     def batch_sizes(self) -> tuple[int, int]:
         """The effective (query, train) batch sizes, each defaulting to ``score_batch_size``. The default
@@ -323,8 +328,9 @@ class PlanConfig:
     The model is built on the meta device: no weights are read, nothing is downloaded when the config is local,
     no GPU is needed, and a directory holding only config.json will do (folders also need its tokenizer). Prints
     the factor sizes, each stage's peak memory per GPU (device and host) and its FLOPs with a time at stated
-    peaks. Give query folders or --sequences and --tokens. Exits 0 even when the plan does not fit, saying what
-    does not and what to change. Estimates computed from the shapes, not measurements.
+    peaks, and how a run would go: at once or in chunks, and which ranks score what. Give query folders,
+    --sequences (a folder) or --documents (a corpus), of --tokens tokens. Exits 0 even when the plan does not
+    fit, saying what does not and what to change. Estimates computed from the shapes, not measurements.
     """
 
     model: str = same_option(FitConfig, "model")
@@ -332,6 +338,10 @@ class PlanConfig:
         QueryConfig, "folders", help="Query folders to plan run-query for (train.json and query.json, tokenized).")
     sequences: int | None = option(
         None, minimum=1, help="Without folders: distinct sequences in a folder (train = query counts once).")
+    documents: int | None = option(
+        None, minimum=1, help="Without folders: plan a corpus run (--train-dataset) of N documents (windows) of "
+                              "--tokens tokens against --queries queries.")
+    queries: int = option(16, minimum=1, help="Queries scored against the corpus of --documents.")
     tokens: int = option(512, minimum=1, help="Tokens per sequence (--sequences; also the fitting sequences).")
     revision: str | None = same_option(FitConfig, "revision")
     strategy: str = same_option(FitConfig, "strategy")
@@ -363,6 +373,14 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         _check_declared(self)
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        return gigabytes(self.workspace_gb)
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        return gigabytes(self.host_memory_gb)
 
 
 @dataclass

@@ -1,10 +1,9 @@
-"""Memory and time of fit-hessians and run-query, from the shapes: run-query's plan line and ``if-query plan``.
+"""Memory and time of fit-hessians and run-query, from the shapes: the size model behind run-query's plan line,
+fit-hessians' warnings and ``if-query plan`` (:mod:`if_query.plan_command`).
 
-:func:`plan_scoring` is what run-query prints before each folder (and warns about when it will not fit);
-:func:`plan_fit` what fit-hessians warns about; :func:`run_plan` is ``if-query plan``: both, for a model known
-only by its ``config.json`` (built on the meta device: no weights are read, nothing is downloaded when the
-config is local, no GPU is needed). Byte and FLOP counts are :mod:`if_query.sizes`'s; times are FLOPs at a
-stated peak (estimates, not measurements).
+:func:`plan_scoring` sizes one store of token factors (what :mod:`if_query.run_plan` decides with, and run-query
+prints before each job); :func:`plan_fit` what fit-hessians warns about. Byte and FLOP counts are
+:mod:`if_query.sizes`'s; times are FLOPs at a stated peak (estimates, not measurements).
 
 Device memory, per rank:
 - fit, covariance pass: model + one batch's activations + the covariances of one module partition;
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from if_query import sizes
 from if_query.config import H100_BF16_TFLOPS, H100_FP32_TFLOPS, H100_TF32_TFLOPS
 from if_query.per_example import rotation_flops
-from if_query.sizes import GB, ModelShape, Shape, human_bytes, human_flops
+from if_query.sizes import ModelShape, Shape, human_bytes, human_flops
 from if_query.transfer import STAGING_BYTES
 
 LAMBDA_CHUNK_BYTES = 1 << 30  # per-example gradients the lambda stage forms at once (lambda_stage.CHUNK_BYTES)
@@ -272,135 +271,3 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
         flops["lambda"] = (sum(rotation_flops(t, s.out, s.width) if strategy == "ekfac"
                                else 2 * t * s.out * s.width for t in fit_lengths for s in shapes), engine_peak)
     return FitPlan(factors, largest, covariance, eigen, lambdas, Work("fit-hessians FLOPs", flops))
-
-
-# --- if-query plan ---
-
-
-def _folder_lengths(config, limit: int | None) -> list[tuple[str, list[int]]]:
-    """(folder, lengths of its distinct sequences) of each query folder, tokenized as run-query would."""
-    from if_query.modeling import load_tokenizer
-    from if_query.query import QueryJob
-    from if_query.records import load_examples
-    from if_query.tokenization import ExampleTokenizer
-
-    tokenizer = ExampleTokenizer(load_tokenizer(config.model, config.revision), config.max_length,
-                                 position_limit=limit)
-    folders = []
-    for folder in config.folders:
-        job = QueryJob.from_folder(folder)
-        sequences = {tokenizer(e, str(path)) for path in (job.query_json, job.train_json) for e in load_examples(path)}
-        folders.append((str(folder), [len(s) for s in sequences]))
-    return folders
-
-
-@dataclass
-class Plans:
-    """Everything ``if-query plan`` prints."""
-
-    header: list[str]
-    fit: FitPlan
-    folders: list[tuple[str, ScorePlan]]
-    gpus: int
-
-
-def make_plans(config) -> Plans:
-    """The fit and folder plans of a :class:`~if_query.config.PlanConfig`."""
-    import torch
-
-    from if_query.errors import InputError
-    from if_query.modeling import (
-        DTYPES,
-        find_mlp_modules,
-        load_config,
-        meta_model,
-        position_limit,
-        resolve_matmul_precision,
-        shared_inputs_by_name,
-    )
-
-    hf_config = load_config(config.model, config.revision)
-    model = meta_model(hf_config)
-    shape = ModelShape.of(model, hf_config)
-    modules = shared_inputs_by_name(find_mlp_modules(model, config.layer_stride))
-    shapes = [Shape.of(m) for m in modules]
-    cuda = config.device == "cuda"
-    dtype = DTYPES["bfloat16" if cuda else "float32"] if config.dtype == "auto" else DTYPES[config.dtype]
-    dtype_bytes = dtype.itemsize
-    precision = resolve_matmul_precision(config.matmul_precision, torch.device(config.device))
-    peaks = stated_peaks(config.bf16_tflops, config.tf32_tflops, config.fp32_tflops, dtype_bytes)
-    limit = position_limit(hf_config)
-    tokens = min(config.tokens, limit) if limit else config.tokens
-    device_limit = int(config.gpu_memory_gb * GB) if cuda else None
-    gpus = config.gpus if cuda else 1
-    host_per_rank = int(config.host_ram_gb * GB) // gpus
-    model_bytes = shape.parameters * dtype_bytes
-    if config.folders:
-        folders = _folder_lengths(config, limit)
-    elif config.sequences:
-        folders = [(f"a folder of {config.sequences} sequences of {tokens} tokens", [tokens] * config.sequences)]
-    else:
-        raise InputError("give query folders, or --sequences (and --tokens) for the folders to plan")
-    header = [
-        f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
-        f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
-        f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
-        f"Tracked: {len(shapes)} MLP projections of {len({m.layer for m in modules})} blocks (--layer-stride "
-        f"{config.layer_stride}); token factors {human_bytes(sizes.token_factor_bytes_per_token(shapes, dtype_bytes))}"
-        f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
-        f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
-        f"{human_bytes(host_per_rank)} of host RAM"
-        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "") + "; times at "
-        f"{peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 work "
-        f"({precision}), a tenth of float32's for the eigendecompositions",
-    ]
-    fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
-                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit)
-    planned = []
-    for name, lengths in folders:
-        host_budget = (int(config.host_memory_gb * GB) if config.host_memory_gb is not None
-                       else host_per_rank // 2)
-        token_factors = sum(lengths) * sizes.token_factor_bytes_per_token(shapes, dtype_bytes)
-        workspace = (int(config.workspace_gb * GB) if config.workspace_gb is not None
-                     else (device_limit - model_bytes) // 2 if cuda
-                     else max(0, host_per_rank - model_bytes - min(token_factors, host_budget)) // 4)
-        planned.append((name, plan_scoring(shapes, shape, lengths, config.strategy, dtype_bytes,
-                                           config.score_batch_size, workspace, host_budget, config.per_token_scores,
-                                           config.device, peaks, precision, device_limit, host_per_rank)))
-    return Plans(header, fit, planned, gpus)
-
-
-def run_plan(config) -> str:
-    """``if-query plan``: the text it prints (see the module docstring and :class:`~if_query.config.PlanConfig`)."""
-    plans = make_plans(config)
-    fit = plans.fit
-    lines = plans.header + [
-        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {config.tokens} tokens, "
-        f"--module-partitions {config.module_partitions}):",
-        f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
-        f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
-        f"largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
-    lines += [f"  {peak.describe()}" for peak in fit.peaks()]
-    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)"
-                                                if plans.gpus > 1 else ""))
-    failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
-    for name, plan in plans.folders:
-        lines += ["", f"run-query, {name} ({plan.sequences} distinct sequences, {plan.tokens} tokens):",
-                  f"  token factors {human_bytes(plan.token_factor_bytes)}: "
-                  + (f"spilled to --spill-dir (over the host budget {human_bytes(plan.host_budget)})" if plan.spilled
-                     else f"in RAM (budget {human_bytes(plan.host_budget)})"),
-                  f"  workspace {human_bytes(plan.workspace_used)} used of {human_bytes(plan.workspace_budget)}: "
-                  + ("every gradient of a module at once" if plan.at_once
-                     else f"blocks of {plan.block} gradients (exact; columns formed again per block)")]
-        lines += [f"  {peak.describe()}" for peak in plan.peaks()]
-        lines.append(f"  moved per folder: {human_bytes(plan.bytes_from_device)} off the device, "
-                     f"{human_bytes(plan.bytes_to_device)} onto it")
-        lines.append(f"  {plan.work.describe()}")
-        failing += [(peak, f"run-query ({name})") for peak in plan.peaks() if not peak.fits]
-    lines.append("")
-    if failing:
-        lines += ["Does not fit:"] + [f"  {stage}, {peak.where}: {human_bytes(peak.total)} > "
-                                      f"{human_bytes(peak.limit)}; {peak.advice}" for peak, stage in failing]
-    else:
-        lines.append("Everything fits.")
-    return "\n".join(lines) + "\n"
