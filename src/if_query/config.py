@@ -357,14 +357,16 @@ class PlanConfig:
     max_length: int = same_option(QueryConfig, "max_length")
     score_batch_size: int = same_option(QueryConfig, "score_batch_size")
     per_token_scores: bool = same_option(QueryConfig, "per_token_scores")
-    workspace_gb: float | None = same_option(QueryConfig, "workspace_gb", help="As for run-query; default: half of "
-                                             "the GPU's memory left by the model (CPU: a quarter of the free RAM).")
-    host_memory_gb: float | None = same_option(QueryConfig, "host_memory_gb", help="As for run-query; default: "
-                                               "half of --host-ram-gb, divided among --gpus ranks.")
-    gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB (10^9 bytes).")
+    workspace_gb: float | None = same_option(QueryConfig, "workspace_gb", help="As for run-query (GB of 10^9 bytes); "
+                                             "default: half of the GPU's memory left by the model (CPU: a quarter "
+                                             "of the free RAM).")
+    host_memory_gb: float | None = same_option(
+        QueryConfig, "host_memory_gb",
+        help="As for run-query (GB of 10^9 bytes); default: half of --host-ram-gb, divided among --gpus ranks.")
+    gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB of 10^9 bytes.")
     gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
                                           "shared out, host memory is divided among the ranks.")
-    host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB (stated, not measured).")
+    host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB of 10^9 bytes (stated, not measured).")
     device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.")
     bf16_tflops: float = option(H100_BF16_TFLOPS, minimum=0,
                                 help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).")

@@ -149,21 +149,22 @@ def _job_lines(name: str, job: JobPlan) -> list[str]:
              f"  workspace {human_bytes(store.workspace_used)} used of {human_bytes(store.workspace_budget)}: "
              + ("every gradient of a module at once" if store.at_once
                 else f"blocks of {store.block} gradients (exact; columns formed again per block)")]
-    if not job.at_once:
+    if job.largest_chunk is not None:
         sizes_ = [len(c.rows) for c in job.chunks]
         rounds = -(-len(job.chunks) // job.world) if job.split else len(job.chunks)
-        lines.append(f"  train side: {sum(sizes_)} train-only sequences in {len(job.chunks)} chunks of "
-                     f"{min(sizes_, default=0)}-{max(sizes_, default=0)} (token factors up to "
+        lines.append(f"  train side: {sum(sizes_)} train-only sequences in {len(job.chunks):,} chunks of "
+                     f"{min(sizes_)}-{max(sizes_)} (token factors up to "
                      f"{human_bytes(job.largest_chunk.token_factor_bytes)} each, budget "
-                     f"{human_bytes(job.chunk_budget)}), {rounds} rounds")
+                     f"{human_bytes(job.chunk_budget)}), {rounds:,} rounds")
+    elif not job.at_once:
+        lines.append("  train side: every train sequence is a query (no chunk)")
     lines.append(f"  ranks: {job.ranks()}")
     peaks = [*store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
     lines += [f"  {peak.describe()}" for peak in peaks]
-    chunks = max(1, len(job.chunks))
-    lines.append(f"  moved per {'folder' if job.at_once else 'chunk'}: "
-                 f"{human_bytes((job.largest_chunk or store).bytes_from_device)} off the device, "
-                 f"{human_bytes((job.largest_chunk or store).bytes_to_device)} onto it"
-                 + ("" if job.at_once else f" ({chunks} chunks)"))
+    moved = job.largest_chunk or store
+    lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: {human_bytes(moved.bytes_from_device)} "
+                 f"off the device, {human_bytes(moved.bytes_to_device)} onto it"
+                 + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
     lines.append(f"  {store.work.describe()}" + ("" if job.at_once else " (the queries)"))
     return lines
 

@@ -110,17 +110,14 @@ class JobPlan:
     name: str
     train_rows: int
     done_rows: int  # resumed from partial results
-    store: ScorePlan  # at once: every sequence; in chunks: the queries'
+    store: ScorePlan | None  # at once: every sequence; in chunks: the queries' (None: Kronfluence's scorer)
+    at_once: bool = True
     chunks: tuple[Chunk, ...] = ()
     chunk_budget: int = 0
-    largest_chunk: ScorePlan | None = None
+    largest_chunk: ScorePlan | None = None  # None: no chunk (at once, or every train row is a query or done)
     split: bool = False  # chunks shared among the ranks
     rank: int = 0  # the rank that scores it alone, or (split) gathers and writes it
     world: int = 1
-
-    @property
-    def at_once(self) -> bool:
-        return self.largest_chunk is None
 
     def with_rank(self, rank: int) -> JobPlan:
         """This job given to ``rank`` (a split job's chunks keep their ranks)."""
@@ -140,17 +137,18 @@ class JobPlan:
         if self.split:
             return (f"{self.world} ranks split the chunks (chunk k on rank k mod {self.world}), rank 0 gathers the "
                     "scores")
-        return f"rank {self.rank} alone" if self.world > 1 else "one rank"
+        return (f"rank {self.rank} alone (jobs that are not split are shared out among the {self.world} ranks in "
+                "turn)" if self.world > 1 else "one rank")
 
     def line(self) -> str:
         """The plan line run-query logs before the job."""
         text = self.store.line()
         if not self.at_once:
             sizes = [len(c.rows) for c in self.chunks]
+            biggest = 0 if self.largest_chunk is None else self.largest_chunk.token_factor_bytes
             text = (f"{text} (the queries); Chunks: {sum(sizes)} train sequences in {len(self.chunks)} chunks of "
                     f"{min(sizes, default=0)}-{max(sizes, default=0)} sequences (token factors up to "
-                    f"{human_bytes(self.largest_chunk.token_factor_bytes)} each, budget "
-                    f"{human_bytes(self.chunk_budget)}"
+                    f"{human_bytes(biggest)} each, budget {human_bytes(self.chunk_budget)}"
                     + (f"; {self.done_rows} train examples already scored" if self.done_rows else "") + ")")
         return f"{text}; {self.ranks()}"
 
@@ -222,12 +220,14 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
     groups = [todo[g] for g in plan_chunks(train_lengths[todo], per_token, chunk_budget)]
     split = world > 1 and len(groups) >= 2
     workspace = budgets.workspace_for((0 if query_spilled else query_bytes) + chunk_budget)
-    biggest = max(groups, key=lambda rows: int(train_lengths[rows].sum()), default=np.zeros(0, dtype=np.int64))
-    largest = context.store(train_lengths[biggest].tolist() or [1], workspace, chunk_budget)
+    largest = None
+    if groups:
+        biggest = max(groups, key=lambda rows: int(train_lengths[rows].sum()))
+        largest = context.store(train_lengths[biggest].tolist(), workspace, chunk_budget)
     chunks = tuple(Chunk(rows, k % world if split else 0) for k, rows in enumerate(groups))
     return JobPlan(name, len(train_lengths), int(done.sum()), context.store(list(query_lengths), workspace,
                                                                             budgets.host),
-                   chunks, chunk_budget, largest, split, 0, world)
+                   False, chunks, chunk_budget, largest, split, 0, world)
 
 
 def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:

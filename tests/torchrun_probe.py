@@ -1,0 +1,48 @@
+"""run-query under torchrun with a free memory of this rank's own, counting what this rank does.
+
+Launched by tests (``torchrun --nproc_per_node=2 tests/torchrun_probe.py RUN-QUERY ARGS``), not collected by pytest.
+Each rank reads another MemAvailable, and another on each read (``PROBE_FREE_BYTES`` x (rank + 1), plus 4 KB per
+earlier read); at exit it writes ``PROBE_OUT/rank<r>.json``: its reads of MemAvailable, the sequences it captured
+per store and the train rows it scored per engine call.
+"""
+
+import atexit
+import json
+import os
+import sys
+from pathlib import Path
+
+from if_query import engine, memory, scorer
+
+RANK = int(os.environ.get("RANK", "0"))
+BASE = int(float(os.environ["PROBE_FREE_BYTES"]))
+reads, captured, scored = [], [], []
+
+
+def free_memory() -> int:
+    value = BASE * (RANK + 1) + 4096 * len(reads)
+    reads.append(value)
+    return value
+
+
+def counting_capture(model, linears, sequences, *args, **kwargs):
+    captured.append(len(sequences))
+    return capture(model, linears, sequences, *args, **kwargs)
+
+
+def counting_score(queries, train, *args, **kwargs):
+    scored.append(len(train.indices))
+    return score(queries, train, *args, **kwargs)
+
+
+capture, score = scorer.capture_token_factors, engine.score
+memory.host_memory_available = free_memory
+scorer.capture_token_factors = counting_capture
+engine.score = counting_score
+atexit.register(lambda: (Path(os.environ["PROBE_OUT"]) / f"rank{RANK}.json").write_text(
+    json.dumps({"reads": reads, "captured": captured, "scored": scored})))
+
+from if_query.cli import run_query_app  # noqa: E402
+
+sys.argv = ["run-query", *sys.argv[1:]]
+run_query_app()
