@@ -55,8 +55,22 @@ def test_skip_done_skips_complete_folders_only(tiny_gpt2, fitted, tmp_path, cli)
     assert (todo / "results" / "influences.csv").exists()
     assert "Skipping" in result.stderr
     assert "done: skipped" in result.stdout and "1 of 2 folders scored, 1 skipped" in result.stdout
-    # An input newer than the results makes the folder due again.
+    # A newer file with the same content changes nothing: the folder is still up to date.
     os.utime(done / "query.json")
-    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, todo, "--skip-done", "--quiet")
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, "--skip-done")
+    assert "done: skipped" in result.stdout
+    # Settings that change the numbers make it due again, saying which.
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, "--skip-done",
+                 "--damping", "0.5", "--no-eos-in-loss")
+    assert f"Scoring {done} again: scored with other damping ('auto', now 0.5), eos-in-loss (True, now False)" \
+        in result.stderr
     assert (done / "results" / "influences.csv").stat().st_mtime_ns > first
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, "--skip-done",
+                 "--damping", "0.50", "--no-eos-in-loss")
+    assert "done: skipped" in result.stdout  # the same settings, spelled otherwise
+    # So do other inputs: a query record changed in place.
+    write_json(done / "query.json", [{**QUERIES[0], "completion": " Rome."}, *QUERIES[1:]])
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], done, "--skip-done",
+                 "--damping", "0.5", "--no-eos-in-loss")
+    assert f"Scoring {done} again: scored with other query records (their tokens)" in result.stderr
     shutil.rmtree(todo / "results")

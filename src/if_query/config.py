@@ -213,7 +213,8 @@ class QueryConfig:
         help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")
     skip_done: bool = option(
         False, flags=("--skip-done",), compare=False,
-        help="Skip folders whose results are complete and newer than their inputs and factors (resume an "
+        help="Skip folders whose results are complete and were scored with the same settings, weights, factors "
+             "and inputs (their run.json's identity); others are scored again, saying what differs (resume an "
              "interrupted batch of folders).")
     query_rank: int | None = option(
         None, minimum=1, help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).")

@@ -31,10 +31,11 @@ def sequences_digest(sequences: Iterable[TokenizedExample]) -> str:
     return digest.hexdigest()
 
 
-def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, refine_data: str | None = None
-                 ) -> dict:
+def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, resolved: dict,
+                 refine_data: str | None = None) -> dict:
     """What determines a run's numbers, entry by entry (``queries``/``train``: digests of the inputs' tokens;
-    ``refine_data``: the fingerprint of --refine-steps' fitting examples)."""
+    ``resolved``: the dtype and matmul precision ``auto`` resolved to on this device; ``refine_data``: the
+    fingerprint of --refine-steps' fitting examples)."""
     fit = metadata.get("fit") or {}
     weights = fit.get("weights_fingerprint")
     return {
@@ -43,7 +44,8 @@ def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, 
         "factors": hashlib.sha256(json.dumps([fit, metadata.get("completed_at")], sort_keys=True,
                                              default=str).encode()).hexdigest(),
         **{name: getattr(config, name) for name in SCORE_OPTIONS},
-        "damping": config.damping_value,  # "0.10" and "0.1" are one damping
+        "damping": "auto" if config.damping_value is None else config.damping_value,  # "0.10" is "0.1"
+        **resolved,
         "refine_data": refine_data if config.refine_steps else None,
         "queries": queries,
         "train": train,

@@ -38,12 +38,13 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
                    dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
                    query_json: str | Path, train_json: str | Path, plan: dict | None = None,
-                   date: str | None = None) -> dict[str, Any]:
+                   identity: dict | None = None, date: str | None = None) -> dict[str, Any]:
     """The ``run.json`` of one results directory.
 
     ``damping`` is the requested damping (None = auto); ``resolved_damping`` the damping each module
     actually used, when the scorer reports it (else ``damping_per_module`` is null); ``plan`` what the run's plan
-    decided for the job (:meth:`if_query.run_plan.JobPlan.describe`: budgets, chunks, ranks).
+    decided for the job (:meth:`if_query.run_plan.JobPlan.describe`: budgets, chunks, ranks); ``identity`` what
+    determines its numbers (:mod:`if_query.identity`), which ``--skip-done`` compares.
     """
     fit = (metadata or {}).get("fit") or {}
     per_module = None
@@ -70,6 +71,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "query_json": str(Path(query_json).resolve()),
         "train_json": str(Path(train_json).resolve()),
         "plan": plan,
+        "identity": identity,
         "versions": package_versions(),
         "date": date or datetime.now().astimezone().isoformat(timespec="seconds"),
     }

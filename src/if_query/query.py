@@ -31,7 +31,7 @@ from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fingerprint import dataset_fingerprint
 from if_query.identity import identity_digest, run_identity, sequences_digest
 from if_query.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
-from if_query.metadata import METADATA_FILE, load_complete_metadata
+from if_query.metadata import load_complete_metadata
 from if_query.modeling import (
     load_config,
     load_tokenizer,
@@ -40,7 +40,7 @@ from if_query.modeling import (
     resolve_matmul_precision,
     set_matmul_precision,
 )
-from if_query.provenance import RUN_FILE, run_provenance
+from if_query.provenance import RUN_FILE, read_run, run_provenance
 from if_query.records import Example, load_examples
 from if_query.report import header_from_run, write_report
 from if_query.results import RESULT_FILES, QueryResults, ResultTable, TrainSide, read_results, write_results
@@ -50,6 +50,9 @@ from if_query.sizes import human_bytes
 from if_query.tokenization import Collator, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
+# How --skip-done names an identity entry that differs (others: the option, with both values)
+DESCRIBED = {"weights": "model weights", "factors": "factors", "queries": "query records (their tokens)",
+             "train": "train examples (their tokens)", "refine_data": "--refine-steps fitting data"}
 
 
 @dataclass(frozen=True)
@@ -237,8 +240,12 @@ class QueryRunner:
 
     def _key(self, queries: list[TokenizedExample], train: str) -> str:
         """The identity digest of scoring ``queries`` against a train side of digest ``train``."""
+        return identity_digest(self._identity(sequences_digest(queries), train))
+
+    def _identity(self, queries: str, train: str) -> dict:
         refine = dataset_fingerprint(self.refine_examples) if self.config.refine_steps else None
-        return identity_digest(run_identity(self.config, self.metadata, sequences_digest(queries), train, refine))
+        resolved = {"dtype": str(self.dtype).removeprefix("torch."), "matmul_precision": self.matmul_precision}
+        return run_identity(self.config, self.metadata, queries, train, resolved, refine)
 
     def make_plan(self, workloads: list[Workload], prepared: dict[int, PreparedJob]) -> RunPlan:
         """The run's plan (see :mod:`if_query.run_plan`), made on rank 0 — the only reads of free memory — and
@@ -338,7 +345,7 @@ class QueryRunner:
             sequences = dict(zip(rows, work.train.take([columns[t] for t in rows]), strict=True))
             tokens = lambda t: self.example_tokenizer.token_strings(sequences[t])  # noqa: E731
         return ResultTable(prepared.queries, [t.num_labelled for t in prepared.query_tokens], side, selected, kept,
-                           tokens, self.provenance(prepared.job, scored.damping, plan))
+                           tokens, self.provenance(prepared, scored.damping, plan))
 
     def _kept_per_token(self, kept: list[np.ndarray], query_index: list[int], work: Workload,
                         budgets: Budgets) -> dict:
@@ -360,28 +367,41 @@ class QueryRunner:
                 result[row, t] = scored.per_token[q, position[d]]
         return result
 
-    def provenance(self, job: QueryJob, resolved_damping: dict | None, plan: dict | None = None) -> dict:
+    def provenance(self, prepared: PreparedJob, resolved_damping: dict | None, plan: dict | None = None) -> dict:
         """The run.json written with a job's results (see :mod:`if_query.provenance`)."""
-        config = self.config
+        config, job = self.config, prepared.job
         return run_provenance(
             command=config.command, model=config.model, revision=config.revision, factors_dir=config.factors_dir,
             metadata=self.metadata, damping=config.damping_value, resolved_damping=resolved_damping,
             dtype=str(self.dtype).removeprefix("torch."), matmul_precision=self.matmul_precision,
             max_length=config.max_length, eos_in_loss=config.eos_in_loss,
             per_token_scores=config.per_token_scores, query_json=job.query_json,
-            train_json=job.train_json or config.train_dataset, plan=plan,
+            train_json=job.train_json or config.train_dataset, plan=plan, identity=self.identity(prepared),
         )
 
-    def is_done(self, job: QueryJob) -> bool:
-        """Whether every result file of ``job`` exists and is newer than its inputs and the factors."""
-        train = job.train_json or Path(self.config.train_dataset)
-        inputs = [job.query_json, train, Path(self.config.factors_dir) / METADATA_FILE]
-        outputs = [job.output_dir / name for name in (*RESULT_FILES, RUN_FILE)]  # run.json is moved in last
-        try:
-            newest_input = max(path.stat().st_mtime for path in inputs)
-            return all(path.stat().st_mtime >= newest_input for path in outputs)
-        except OSError:
-            return False
+    def identity(self, prepared: PreparedJob) -> dict:
+        """What determines the numbers of one job's results (:func:`if_query.identity.run_identity`): recorded in
+        its run.json, compared by --skip-done."""
+        train = (self.corpus.digest if prepared.train_tokens is None
+                 else sequences_digest(dict.fromkeys(prepared.train_tokens)))
+        return self._identity(sequences_digest(dict.fromkeys(prepared.query_tokens)), train)
+
+    def stale(self, prepared: PreparedJob) -> str | None:
+        """Why a job's results are not its current results (None: they are, and --skip-done skips it): a result
+        file missing, or its run.json recording another identity (the first entries that differ named)."""
+        job = prepared.job
+        missing = [name for name in (*RESULT_FILES, RUN_FILE) if not (job.output_dir / name).is_file()]
+        if missing:
+            return f"{missing[0]} is missing"
+        recorded = (read_run(job.output_dir) or {}).get("identity")
+        if not isinstance(recorded, dict):
+            return "its run.json records no identity (written by an older if-query)"
+        current = self.identity(prepared)
+        differing = [key for key in current if recorded.get(key) != current[key]]
+        return None if not differing else "scored with other " + ", ".join(
+            DESCRIBED.get(key, key.replace("_", "-")) + ("" if key in DESCRIBED else
+                                                         f" ({recorded.get(key)!r}, now {current[key]!r})")
+            for key in differing[:3])
 
     # --- running jobs ---
 
@@ -433,11 +453,6 @@ class QueryRunner:
         read once: all before the model loads. A job's input error is kept in its outcome (or raised)."""
         prepared: dict[int, PreparedJob] = {}
         for index, outcome in enumerate(outcomes):
-            if self.config.skip_done and self.is_done(outcome.job):
-                logger.info("Skipping %s: results are complete and newer than its inputs and factors",
-                            outcome.job.name)
-                outcome.skipped = True
-                continue
             try:
                 prepared[index] = self.prepare(outcome.job)
             except InputError as exc:
@@ -446,6 +461,16 @@ class QueryRunner:
                 outcome.error = exc
         if prepared and self.corpus is not None:
             self.corpus.locate()
+        if self.config.skip_done:
+            for index in list(prepared):
+                job = prepared[index].job
+                if (reason := self.stale(prepared[index])) is None:
+                    logger.info("Skipping %s: its results are complete and were scored with the same settings, "
+                                "weights, factors and inputs", job.name)
+                    outcomes[index].skipped = True
+                    del prepared[index]
+                else:
+                    logger.info("Scoring %s again: %s", job.name, reason)
         return prepared
 
     def _score_and_write(self, outcomes: list[JobOutcome], work: Workload, prepared: dict[int, PreparedJob],
