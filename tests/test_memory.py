@@ -14,12 +14,10 @@ GB = 10**9
 
 def test_the_host_share_is_divided_among_the_ranks_on_the_host(monkeypatch):
     monkeypatch.setattr(memory, "host_memory_available", lambda: 512 * GB)
-    assert memory.host_share(0.5) == 256 * GB
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on one host: each gets an eighth of the half
-    assert memory.host_share(0.5) == 32 * GB
-    budgets = resolve_budgets(None, None, torch.device("cpu"), local_ranks=8)
-    assert budgets.host == memory.host_share(0.5) == 32 * GB
-    assert budgets.workspace_for(0) == memory.host_share(0.25, 512 * GB) == 16 * GB
+    assert resolve_budgets(None, None, torch.device("cpu"), local_ranks=1).host == 256 * GB
+    budgets = resolve_budgets(None, None, torch.device("cpu"), local_ranks=8)  # each rank: an eighth of the half
+    assert budgets.host == 32 * GB
+    assert budgets.workspace_for(0) == 16 * GB  # a quarter of the free RAM, an eighth of it per rank
 
 
 def test_the_workspace_is_the_same_for_every_folder_whatever_the_allocator_cached(monkeypatch):

@@ -1,8 +1,9 @@
 """How much memory this rank may use: host RAM (its share of the host), free device memory, and where a
 spill file would really live.
 
-- :func:`host_memory_available`: MemAvailable from ``/proc/meminfo``; :func:`host_share` divides a fraction
-  of it among the ranks on this host (torchrun's LOCAL_WORLD_SIZE), so 8 ranks never ask for 4x the host.
+- :func:`host_memory_available`: MemAvailable from ``/proc/meminfo``, read once per run by rank 0
+  (:func:`if_query.run_plan.resolve_budgets` divides its share among the ranks on the host: torchrun's
+  LOCAL_WORLD_SIZE, so 8 ranks never ask for 4x the host); :func:`host_memory_total`: the physical memory.
 - :func:`device_memory_free`: free CUDA memory, counting the caching allocator's reserved-but-unused
   blocks as free (``torch.cuda.mem_get_info`` counts them as used: after one folder about 42 GB stay
   reserved at 13B, and a plan sized from ``mem_get_info`` alone shrank for every later folder).
@@ -17,8 +18,6 @@ import os
 from pathlib import Path
 
 import torch
-
-from if_query import distributed
 
 RAM_FILESYSTEMS = ("tmpfs", "ramfs")
 OUT_OF_MEMORY_HINT = ("a smaller --workspace-gb or --score-batch-size (--query-batch-size, --train-batch-size) "
@@ -35,13 +34,12 @@ def host_memory_available() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return host_memory_total()
+
+
+def host_memory_total() -> int:
+    """Bytes of physical memory: the same on every rank of a host, whenever it is read."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def host_share(fraction: float, available: int | None = None) -> int:
-    """``fraction`` of the host's available memory, divided among the ranks on this host."""
-    available = host_memory_available() if available is None else available
-    return int(available * fraction) // distributed.local_world_size()
 
 
 def device_memory_free(device: torch.device) -> int:

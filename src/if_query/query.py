@@ -158,10 +158,10 @@ class QueryRunner:
         vectors, _ = refine_bytes(shapes, 1)
         if self.device.type == "cuda":
             limit, where = torch.cuda.get_device_properties(self.device).total_memory, f"{self.device}'s memory"
-        else:
-            from if_query.memory import host_memory_available
+        else:  # the physical RAM: every rank must come to the same verdict
+            from if_query.memory import host_memory_total
 
-            limit, where = host_memory_available(), "the free RAM"
+            limit, where = host_memory_total(), "the RAM"
         if vectors + model_bytes > limit:
             raise InputError(f"needs g, v and H v of one query on the device ({human_bytes(vectors)}: the tracked "
                              f"weights three times in float32) besides the model ({human_bytes(model_bytes)}), more "
