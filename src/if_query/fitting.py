@@ -78,8 +78,10 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     if overwrite:
         logger.info("Replacing the factors in %s (--overwrite)", output_dir)
         return True
-    previous = read_metadata(output_dir)
-    differences = describe_mismatch(identity, {**IDENTITY_BEFORE, **previous.get("fit", {})})
+    before = {**IDENTITY_BEFORE, **read_metadata(output_dir).get("fit", {})}
+    if before.get("weights_fingerprint") == identity["weights_fingerprint"]:
+        before["model"] = identity["model"]  # factors belong to weights: the same weights under another path resume
+    differences = describe_mismatch(identity, before)
     if not differences:
         return False
     if not refit_if_changed:
