@@ -205,6 +205,20 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(cli, tiny_gpt2, 
     assert "lambda_matrix.safetensors" not in factors(out)  # no leftovers of the diagonal fit
 
 
+def test_a_fit_stopped_before_any_stage_finished_never_blocks_its_rerun(cli, tiny_gpt2, fitted, tmp_path):
+    """A fit killed before any stage finished (metadata.json says "fitting", no factor file) holds nothing to
+    resume: a rerun with other arguments (here the fixed data) replaces it without --overwrite."""
+    out = shutil.copytree(fitted["kfac"], tmp_path / "f")
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    metadata["status"], metadata["fit"]["hessian_dataset_fingerprint"] = "fitting", "0" * 16
+    (out / METADATA_FILE).write_text(json.dumps(metadata))
+    for path in (out / "factors_hessian").glob("*.safetensors"):
+        path.unlink()
+    cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac", "--fisher", "empirical"))
+    assert json.loads((out / METADATA_FILE).read_text())["status"] == "complete"
+    assert "gradient_eigenvalues.safetensors" in factors(out)
+
+
 def test_multi_process_launch_without_cuda_is_refused(cli, tiny_gpt2, query_files, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = cli(*fit_args(tiny_gpt2, query_files["train"], tmp_path / "f"), expect=None)

@@ -67,23 +67,28 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     """Whether earlier factors in ``output_dir`` must be cleared before fitting (reads only).
 
     With ``overwrite`` anything there is replaced. Otherwise a fit with identical arguments and
-    weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``.
+    weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``, unless
+    it stopped before any stage finished (:func:`nothing_fitted`): then it is replaced.
     (Whether finished factors fit the model a run-query run is given is :mod:`if_query.compatibility`'s question.)
     """
     factors = factors_path(output_dir)
     if not (output_dir / METADATA_FILE).exists():
-        if factors.exists() and not overwrite and not refit_if_changed:
+        if factors.exists() and not overwrite and not refit_if_changed and not nothing_fitted(output_dir):
             raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
         return factors.exists()
     if overwrite:
         logger.info("Replacing the factors in %s (--overwrite)", output_dir)
         return True
-    before = {**IDENTITY_BEFORE, **read_metadata(output_dir).get("fit", {})}
+    previous = read_metadata(output_dir)
+    before = {**IDENTITY_BEFORE, **previous.get("fit", {})}
     if before.get("weights_fingerprint") == identity["weights_fingerprint"]:
         before["model"] = identity["model"]  # factors belong to weights: the same weights under another path resume
     differences = describe_mismatch(identity, before)
     if not differences:
         return False
+    if previous.get("status") != STATUS_COMPLETE and nothing_fitted(output_dir):
+        logger.info("Replacing the fit in %s, which stopped before any stage finished (%s)", output_dir, differences)
+        return True
     if not refit_if_changed:
         raise InputError(
             f"{output_dir} holds factors fitted with other arguments ({differences}); "
@@ -91,6 +96,12 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
         )
     logger.info("Refitting the factors in %s, fitted with other arguments (%s)", output_dir, differences)
     return True
+
+
+def nothing_fitted(output_dir: Path) -> bool:
+    """Whether no stage of the fit in ``output_dir`` wrote a factor file: one that stopped before any stage
+    finished has nothing to resume, and never blocks a rerun."""
+    return not any(factors_path(output_dir).glob("*.safetensors"))
 
 
 def _clear_previous_fit(output_dir: Path) -> None:
@@ -116,9 +127,11 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
     tokenizer = modeling.load_tokenizer(config.model, config.revision)
-    limit = modeling.position_limit(modeling.load_config(config.model, config.revision))
+    hf_config = modeling.load_config(config.model, config.revision)
+    limit = modeling.position_limit(hf_config)
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit)
-    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
+    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
+                                     modeling.vocabulary_size(hf_config))
     dtype = modeling.resolve_dtype(config.dtype)
     precision = modeling.resolve_matmul_precision(config.matmul_precision)
     modeling.set_matmul_precision(precision)

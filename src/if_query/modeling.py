@@ -94,6 +94,12 @@ def position_limit(config: PretrainedConfig) -> int | None:
     return None
 
 
+def vocabulary_size(config: PretrainedConfig) -> int | None:
+    """How many token ids the model embeds (``vocab_size``), None if its config does not say."""
+    value = getattr(config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     """The model of ``config`` on the meta device: its modules and shapes, no memory, no weights read."""
     with torch.device("meta"):
