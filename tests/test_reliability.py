@@ -150,15 +150,25 @@ def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_pa
     assert result.exit_code == 1 and "Traceback" in result.stderr
 
 
-def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp_path):
+def hot_model(tiny_gpt2, directory):
+    """The tiny GPT-2 with logits that overflow float16 (not float32), checked."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     with torch.no_grad():
-        model.transformer.ln_f.weight.mul_(1e6)  # logits overflow float16 (not float32)
-    model.save_pretrained(tmp_path / "hot")
-    shutil.copy(tiny_gpt2 / "tokenizer.json", tmp_path / "hot")
-    shutil.copy(tiny_gpt2 / "tokenizer_config.json", tmp_path / "hot")
+        model.transformer.ln_f.weight.mul_(1e6)
+    model.save_pretrained(directory)
+    shutil.copy(tiny_gpt2 / "tokenizer.json", directory)
+    shutil.copy(tiny_gpt2 / "tokenizer_config.json", directory)
+    for dtype, finite in ((torch.float16, False), (torch.float32, True)):
+        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        with torch.no_grad():
+            assert bool(loaded(input_ids=torch.tensor([[5, 6]])).logits.isfinite().all()) == finite, dtype
+    return directory
+
+
+def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp_path):
+    hot_model(tiny_gpt2, tmp_path / "hot")
     cli("fit-hessians", "--model", tmp_path / "hot", "--hessian-dataset", query_files["train"], "--output-dir",
         tmp_path / "f", "--strategy", "identity", "--quiet")
     result = cli("run-query", "--model", tmp_path / "hot", "--factors-dir", tmp_path / "f", "--train-json",
@@ -166,6 +176,19 @@ def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp
                  "--dtype", "float16", "--quiet", expect=None)
     assert_one_line_error(result, 1, "non-finite", "--dtype float32")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_overflow_stops_the_fit_at_its_first_batch(cli, tiny_gpt2, query_files, tmp_path, fisher):
+    """Logits that overflow float16 stop fit-hessians at the first batch in one line with the hint, leaving no
+    half-written fit: the advised rerun (other arguments, same --output-dir) is not refused."""
+    args = fit_args(hot_model(tiny_gpt2, tmp_path / "hot"), query_files["train"], tmp_path / "f", "--fisher", fisher)
+    result = cli(*args, "--dtype", "float16", expect=None)
+    assert_one_line_error(result, 1, "non-finite logits", "batch 1 of the covariance stage", "float16",
+                          "try --dtype float32")
+    assert not (tmp_path / "f").exists()
+    cli(*args, "--dtype", "float32")
+    assert json.loads((tmp_path / "f" / METADATA_FILE).read_text())["status"] == "complete"
 
 
 def test_interrupted_fit_resumes_to_the_same_factors(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
