@@ -1,7 +1,9 @@
 """Bad input: one line, exit code 2, nothing written. Faults: resumable fits, never half-written results."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -122,6 +124,52 @@ def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
     assert_one_line_error(result, 2, "does not fit this model", "were fitted for the model",
                           f"this run passes {str(other)!r}")  # refused before the model loads
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: what is checked must be checked before."""
+    from if_query import compatibility, modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(modeling, "load_model", refuse)
+    monkeypatch.setattr(compatibility, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["fit-hessians", "run-query", "spill-dir", "demo"])
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_loads(cli, query_args, tiny_gpt2, fitted,
+                                                                           tmp_path, no_model_loading, command):
+    blocker = tmp_path / "a-file"  # a regular file where a directory would have to be (root writes anywhere else)
+    blocker.write_text("not a directory")
+    under = blocker / "out"
+    flag = "--spill-dir" if command == "spill-dir" else "--output-dir"
+    args = {"fit-hessians": fit_args(tiny_gpt2, fitted["data"], under),
+            "run-query": replace(query_args, "--output-dir", under),
+            "spill-dir": [*query_args, flag, under], "demo": ["demo", flag, under]}[command]
+    assert_one_line_error(cli(*args, expect=None), 2, f"error: {flag} {under}: cannot be created: {blocker} is a file")
+    if command == "run-query":
+        result = cli(*replace(query_args, flag, blocker), expect=None)
+        assert_one_line_error(result, 2, f"error: {flag} {blocker}: is a file, not a directory")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_outputs_are_refused_before_the_work(cli, query_args, tmp_path, monkeypatch):
+    cli(*query_args)
+    results, readonly = tmp_path / "out", tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access  # tests run as root, who may write anywhere: the permission is denied here
+
+    def access(path, mode, **kwargs):
+        return not (mode & os.W_OK and Path(path) in (results, readonly)) and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    result = cli(*replace(query_args, "--output-dir", readonly / "out"), expect=None)
+    assert_one_line_error(result, 2, f"--output-dir {readonly / 'out'}: cannot be created: {readonly} is not "
+                                     "writable")
+    assert_one_line_error(cli("report", results, expect=None), 2, f"{results}: is not writable")
+    assert not (results / "report.html").exists() and not any(readonly.iterdir())
 
 
 def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from if_query import modeling
+from if_query.atomic import check_writable_dir
 from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
 from if_query.fingerprint import dataset_fingerprint, weights_fingerprint
@@ -145,6 +146,7 @@ def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dty
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
+    check_writable_dir(output_dir, "output_dir")  # before anything is loaded: not found out after the work
     created = not output_dir.exists()
     tokenizer = modeling.load_tokenizer(config.model, config.revision)
     hf_config = modeling.load_config(config.model, config.revision)
