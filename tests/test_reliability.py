@@ -172,6 +172,35 @@ def test_read_only_outputs_are_refused_before_the_work(cli, query_args, tmp_path
     assert not (results / "report.html").exists() and not any(readonly.iterdir())
 
 
+def test_a_missing_model_folder_is_said_to_be_missing(cli, fitted, query_args, tmp_path):
+    missing = tmp_path / "no-such" / "model"  # a path, not a hub name: not the hub's complaint about repo ids
+    assert_one_line_error(cli(*fit_args(missing, fitted["data"], tmp_path / "f"), expect=None), 2,
+                          f"error: --model {missing}: model folder not found")
+    assert_one_line_error(cli(*replace(query_args, "--model", missing), expect=None), 2,
+                          f"error: --model {missing}: model folder not found")
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_saying_what_to_do(cli, tiny_gpt2, fitted, tmp_path):
+    bare = tmp_path / "bare"  # config and weights only (transformers would make up an empty GPT-2 tokenizer)
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, bare)
+    result = cli(*fit_args(bare, fitted["data"], tmp_path / "f"), expect=None)
+    assert_one_line_error(result, 2, f"--model {bare}: the model folder has no tokenizer", "tokenizer.save_pretrained")
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("engine", ["if-query", "kronfluence"])
+def test_a_truncated_factor_file_is_named(cli, query_args, fitted, tmp_path, no_model_loading, engine):
+    damaged = shutil.copytree(fitted["ekfac"], tmp_path / "damaged")
+    path = damaged / "factors_hessian" / "lambda_matrix.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # cut off mid-header, as by a full disk or an interrupted copy
+    result = cli(*replace(query_args, "--factors-dir", damaged), "--engine", engine, expect=None)
+    assert_one_line_error(result, 2, f"--factors-dir {path}: cannot read this factor file", "truncated or damaged",
+                          "--overwrite")
+    assert not (tmp_path / "out").exists()
+
+
 def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):
     text = "emoji 😀 / עברית / \u0007 bell, \"quotes\", comma\nnewline"
     train = [dict(TRAIN[0], prompt=text, nested={"a": [1, {"b": None}]}, note=text)] + TRAIN[1:]

@@ -42,10 +42,11 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
        Factors belong to weights, not to a path: the same weights under another path or name are fine; the
        model's name decides only where the fit recorded no fingerprint, or where the weights cannot be read
        before loading;
-    3. the model, tracked with the fit's layer stride, has the modules the factors cover (names and shapes);
-    4. the factor files the fit's strategy needs are there: opened here for the default engine
-       (:class:`~if_query.kron.factors.HessianFactors`); with --engine kronfluence, Kronfluence's loader
-       checks them when its scorer is built (:class:`~if_query.kron.streaming.StreamingScorer`).
+    3. the factor files the fit's strategy needs are there and readable (before the model loads): opened here
+       (:class:`~if_query.kron.factors.HessianFactors`) whichever engine scores; with --engine kronfluence,
+       Kronfluence's loader reads them again when its scorer is built
+       (:class:`~if_query.kron.streaming.StreamingScorer`);
+    4. the model, tracked with the fit's layer stride, has the modules the factors cover (names and shapes).
 
     Returns the model, its tracked modules and the default engine's factor reader (None with --engine
     kronfluence).
@@ -54,13 +55,13 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
     _refuse_other_model(metadata, factors_dir, {"revision": config.revision})
     fingerprint_args = (metadata, config.model, config.revision, factors_dir)
     checked = check_fingerprint(*fingerprint_args)
+    factors = HessianFactors(factors_dir)  # every file the strategy needs, readable, whichever engine scores
     model = load_model(config.model, config.revision, dtype)
     if not checked:  # a hub model not cached before load_model downloaded it
         check_fingerprint(*fingerprint_args, loaded=True)
     model, modules = track_mlp_modules(model, metadata["fit"]["layer_stride"])
     _refuse_other_model(metadata, factors_dir, {"tracked_modules": [[m.name, m.shape] for m in modules]})
-    factors = None if config.engine == "kronfluence" else HessianFactors(factors_dir)
-    return model, modules, factors
+    return model, modules, None if config.engine == "kronfluence" else factors
 
 
 def _refuse_other_model(metadata: dict, factors_dir: str | Path, given: dict, found: str = "") -> None:

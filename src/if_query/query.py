@@ -181,7 +181,10 @@ class QueryRunner:
         return examples
 
     def prepare(self, job: QueryJob) -> PreparedJob:
-        """Check where a job writes, read, validate and tokenize its files (raises InputError; loads no model)."""
+        """Check the job's folder and where it writes, read, validate and tokenize its files (raises InputError;
+        loads no model)."""
+        if self.config.folders and not (folder := job.query_json.parent).is_dir():
+            raise InputError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
         check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
         queries = load_examples(job.query_json)
         prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, str(job.query_json)))
