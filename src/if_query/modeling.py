@@ -77,6 +77,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 
 
 def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a model folder without one is refused saying what to do (transformers would make
+    up an empty tokenizer for some families)."""
     if Path(model).is_dir() and not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
                          "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
