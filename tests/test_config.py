@@ -96,6 +96,17 @@ def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
     assert result.output.strip() == "error: unknown --engine 'fast'; choose one of if-query, kronfluence"
 
 
+@pytest.mark.parametrize("given", [["--strategy", "kfac"], ["--layer-stride=2"]])
+def test_run_query_given_a_fit_option_says_it_comes_from_the_factors(tmp_path, given):
+    result = CliRunner().invoke(cli.app, ["run-query", "--model", "m", "--factors-dir", "f", *given, str(tmp_path)])
+    assert result.exit_code == 2
+    flag, words = given[0].split("=")[0], given[0].split("=")[0].removeprefix("--").replace("-", " ")
+    assert result.output.strip() == (f"error: {flag} is a fit-hessians option, not run-query's: the {words} comes "
+                                     f"from the factors (--factors-dir); to change it, fit other factors with "
+                                     f"fit-hessians {flag}")
+    assert "No such option: --bogus" in CliRunner().invoke(cli.app, ["run-query", "--bogus"]).output  # as before
+
+
 def test_the_readme_code_map_lists_every_module():
     """README's code map names each module of src/if_query once, and each subpackage (``kron/``), and nothing else."""
     import re

@@ -222,9 +222,30 @@ def test_hub_fingerprint_from_a_fake_cache(tmp_path):
         check_fingerprint(metadata, repo, None, "F", cache_dir=cache)
 
 
-def test_other_models_are_left_to_the_identity_check(model_dir, tmp_path):
+def test_another_path_is_judged_by_its_weights(model_dir, tmp_path):
     other = shutil.copytree(model_dir, tmp_path / "other")
-    metadata = {"fit": {"model": canonical_model(str(model_dir)), "revision": None, "weights_fingerprint": "0" * 16}}
-    assert check_fingerprint(metadata, str(other)) is True
+    digest = fp.weights_fingerprint(str(model_dir))["digest"]
+    metadata = {"fit": {"model": canonical_model(str(model_dir)), "revision": None, "weights_fingerprint": digest}}
+    assert check_fingerprint(metadata, str(other)) is True  # the same weights in another folder
+    with pytest.raises(InputError, match=f"does not fit this model .weights fingerprint 0000000000000000 in the "
+                                         f"factors, {digest} now.: the factors were fitted for the model"):
+        check_fingerprint({"fit": dict(metadata["fit"], weights_fingerprint="0" * 16)}, str(other))
     with pytest.raises(InputError, match="0000000000000000 in the factors"):
-        check_fingerprint(metadata, str(model_dir))
+        check_fingerprint({"fit": dict(metadata["fit"], weights_fingerprint="0" * 16)}, str(model_dir))
+    unrecorded = {"fit": {"model": canonical_model(str(model_dir)), "revision": None}}
+    with pytest.raises(InputError, match="were fitted for the model"):  # no fingerprint: the name decides
+        check_fingerprint(unrecorded, str(other))
+
+
+def test_a_copied_model_folder_keeps_its_factors(cli, model_dir, data, query_files, tmp_path):
+    """Factors belong to weights, not to a path: the same model copied to another folder scores with them
+    (and resumes its fit), the log saying so."""
+    out = tmp_path / "f"
+    cli(*fit_args(model_dir, data, out))
+    stamp = (out / "factors_hessian" / "lambda_matrix.safetensors").stat().st_mtime_ns
+    copy = shutil.copytree(model_dir, tmp_path / "moved" / "model")
+    result = cli(*query_args(copy, out, query_files, tmp_path / "out"))
+    assert "has the same weights" in result.stderr and str(copy) in result.stderr
+    assert (tmp_path / "out" / "influences.csv").exists()
+    cli(*fit_args(copy, data, out))  # the same arguments and weights: resumed (nothing to do), not refused
+    assert (out / "factors_hessian" / "lambda_matrix.safetensors").stat().st_mtime_ns == stamp

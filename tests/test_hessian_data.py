@@ -106,7 +106,10 @@ def test_padding_side_does_not_change_the_factors(cli, tiny_gpt2, tmp_path):
     [({"input_ids": [5, 6, 7, 8], "attention_mask": [1, 0, 1, 1]}, "row 1: attention_mask is not one contiguous"),
      ({"input_ids": [5, 6, 7, 8], "attention_mask": [0, 1, 2, 0]}, "row 1: attention_mask values must be 0 or 1"),
      ({"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1]}, "row 1: attention_mask and input_ids differ"),
-     ({"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7]}, "row 1: labels and input_ids differ")],
+     ({"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7]}, "row 1: labels and input_ids differ"),
+     ({"input_ids": [5, 6, 9999, 8]}, "row 1: token id 9999 is outside the model's vocabulary (0 to"),
+     ({"labels": [-100, 6, 700, 8]}, "row 1: label 700 is outside the model's vocabulary"),
+     ({"input_ids": [-1, 6, 7, 8]}, "row 1: token id -1 is outside")],
 )
 def test_bad_rows_are_refused_naming_file_and_row(cli, tiny_gpt2, tmp_path, row, message):
     good = {"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [5, 6, 7, 8]}
@@ -115,3 +118,18 @@ def test_bad_rows_are_refused_naming_file_and_row(cli, tiny_gpt2, tmp_path, row,
                  expect=None)
     assert_one_line_error(result, 2, str(data), message)
     assert not (tmp_path / "f").exists()
+
+
+def test_ids_of_another_tokenizer_are_refused_before_fitting_and_the_fixed_data_fits(cli, tiny_gpt2, tmp_path):
+    """A dataset made with another tokenizer is refused naming the row and the id, before anything is written;
+    fixed in place, it fits into the same --output-dir (no --overwrite). Masked-out padding may hold any id."""
+    good = {"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1]}
+    padded = {"input_ids": [5, 6, 7, 50257], "attention_mask": [1, 1, 1, 0]}
+    data = save([good, padded, {"input_ids": [5, 50256, 7, 8], "attention_mask": [1, 1, 1, 1]}], tmp_path / "d")
+    args = ["fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", data, "--output-dir", tmp_path / "f",
+            "--strategy", "diagonal", "--quiet"]
+    assert_one_line_error(cli(*args, expect=None), 2, f"{data}: row 2: token id 50256 is outside the model's "
+                                                        "vocabulary", "another tokenizer")
+    assert not (tmp_path / "f").exists()
+    save([good, padded, good], data)  # fixed in place
+    cli(*args)

@@ -37,6 +37,20 @@ def test_folders_scored_in_one_run_and_a_failing_folder_is_skipped(cli, tiny_gpt
     assert_close_to_largest(folder_run["influence_score"], single["influence_score"], 1e-5)
 
 
+def test_a_mistyped_folder_and_a_results_file_fail_alone_saying_so(cli, tiny_gpt2, fitted, tmp_path):
+    good = make_folder(tmp_path, "a", TRAIN, QUERIES)
+    typo = tmp_path / "aa"  # no such folder: said so, not "aa/query.json: file not found"
+    blocked = make_folder(tmp_path, "b", TRAIN, QUERIES)
+    (blocked / "results").write_text("a file where the results folder goes")
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], good, typo, blocked, "--quiet",
+                 expect=None)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "1 of 3 folders scored, 2 failed" in result.stdout
+    assert f"{typo}: FAILED: {typo}: folder not found\n" in result.stderr and "query.json" not in result.stderr
+    assert f"{blocked}: FAILED: {blocked / 'results'}: is a file, not a directory" in result.stderr
+    assert (good / "results" / "influences.csv").exists() and not typo.exists()
+
+
 def test_all_folders_ok_exit_zero(cli, tiny_gpt2, fitted, tmp_path):
     folders = [make_folder(tmp_path, name, TRAIN, QUERIES) for name in ("x", "y")]
     result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["identity"], *folders, "--quiet")

@@ -1,7 +1,9 @@
 """Bad input: one line, exit code 2, nothing written. Faults: resumable fits, never half-written results."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -124,6 +126,81 @@ def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: what is checked must be checked before."""
+    from if_query import compatibility, modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(modeling, "load_model", refuse)
+    monkeypatch.setattr(compatibility, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["fit-hessians", "run-query", "spill-dir", "demo"])
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_loads(cli, query_args, tiny_gpt2, fitted,
+                                                                           tmp_path, no_model_loading, command):
+    blocker = tmp_path / "a-file"  # a regular file where a directory would have to be (root writes anywhere else)
+    blocker.write_text("not a directory")
+    under = blocker / "out"
+    flag = "--spill-dir" if command == "spill-dir" else "--output-dir"
+    args = {"fit-hessians": fit_args(tiny_gpt2, fitted["data"], under),
+            "run-query": replace(query_args, "--output-dir", under),
+            "spill-dir": [*query_args, flag, under], "demo": ["demo", flag, under]}[command]
+    assert_one_line_error(cli(*args, expect=None), 2, f"error: {flag} {under}: cannot be created: {blocker} is a file")
+    if command == "run-query":
+        result = cli(*replace(query_args, flag, blocker), expect=None)
+        assert_one_line_error(result, 2, f"error: {flag} {blocker}: is a file, not a directory")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_outputs_are_refused_before_the_work(cli, query_args, tmp_path, monkeypatch):
+    cli(*query_args)
+    results, readonly = tmp_path / "out", tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access  # tests run as root, who may write anywhere: the permission is denied here
+
+    def access(path, mode, **kwargs):
+        return not (mode & os.W_OK and Path(path) in (results, readonly)) and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    result = cli(*replace(query_args, "--output-dir", readonly / "out"), expect=None)
+    assert_one_line_error(result, 2, f"--output-dir {readonly / 'out'}: cannot be created: {readonly} is not "
+                                     "writable")
+    assert_one_line_error(cli("report", results, expect=None), 2, f"{results}: is not writable")
+    assert not (results / "report.html").exists() and not any(readonly.iterdir())
+
+
+def test_a_missing_model_folder_is_said_to_be_missing(cli, fitted, query_args, tmp_path):
+    missing = tmp_path / "no-such" / "model"  # a path, not a hub name: not the hub's complaint about repo ids
+    assert_one_line_error(cli(*fit_args(missing, fitted["data"], tmp_path / "f"), expect=None), 2,
+                          f"error: --model {missing}: model folder not found")
+    assert_one_line_error(cli(*replace(query_args, "--model", missing), expect=None), 2,
+                          f"error: --model {missing}: model folder not found")
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_saying_what_to_do(cli, tiny_gpt2, fitted, tmp_path):
+    bare = tmp_path / "bare"  # config and weights only (transformers would make up an empty GPT-2 tokenizer)
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, bare)
+    result = cli(*fit_args(bare, fitted["data"], tmp_path / "f"), expect=None)
+    assert_one_line_error(result, 2, f"--model {bare}: the model folder has no tokenizer", "tokenizer.save_pretrained")
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("engine", ["if-query", "kronfluence"])
+def test_a_truncated_factor_file_is_named(cli, query_args, fitted, tmp_path, no_model_loading, engine):
+    damaged = shutil.copytree(fitted["ekfac"], tmp_path / "damaged")
+    path = damaged / "factors_hessian" / "lambda_matrix.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # cut off mid-header, as by a full disk or an interrupted copy
+    result = cli(*replace(query_args, "--factors-dir", damaged), "--engine", engine, expect=None)
+    assert_one_line_error(result, 2, f"--factors-dir {path}: cannot read this factor file", "truncated or damaged",
+                          "--overwrite")
+    assert not (tmp_path / "out").exists()
+
+
 def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):
     text = "emoji 😀 / עברית / \u0007 bell, \"quotes\", comma\nnewline"
     train = [dict(TRAIN[0], prompt=text, nested={"a": [1, {"b": None}]}, note=text)] + TRAIN[1:]
@@ -150,15 +227,25 @@ def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_pa
     assert result.exit_code == 1 and "Traceback" in result.stderr
 
 
-def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp_path):
+def hot_model(tiny_gpt2, directory):
+    """The tiny GPT-2 with logits that overflow float16 (not float32), checked."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     with torch.no_grad():
-        model.transformer.ln_f.weight.mul_(1e6)  # logits overflow float16 (not float32)
-    model.save_pretrained(tmp_path / "hot")
-    shutil.copy(tiny_gpt2 / "tokenizer.json", tmp_path / "hot")
-    shutil.copy(tiny_gpt2 / "tokenizer_config.json", tmp_path / "hot")
+        model.transformer.ln_f.weight.mul_(1e6)
+    model.save_pretrained(directory)
+    shutil.copy(tiny_gpt2 / "tokenizer.json", directory)
+    shutil.copy(tiny_gpt2 / "tokenizer_config.json", directory)
+    for dtype, finite in ((torch.float16, False), (torch.float32, True)):
+        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        with torch.no_grad():
+            assert bool(loaded(input_ids=torch.tensor([[5, 6]])).logits.isfinite().all()) == finite, dtype
+    return directory
+
+
+def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp_path):
+    hot_model(tiny_gpt2, tmp_path / "hot")
     cli("fit-hessians", "--model", tmp_path / "hot", "--hessian-dataset", query_files["train"], "--output-dir",
         tmp_path / "f", "--strategy", "identity", "--quiet")
     result = cli("run-query", "--model", tmp_path / "hot", "--factors-dir", tmp_path / "f", "--train-json",
@@ -166,6 +253,19 @@ def test_non_finite_losses_stop_the_run(cli, tiny_gpt2, fitted, query_files, tmp
                  "--dtype", "float16", "--quiet", expect=None)
     assert_one_line_error(result, 1, "non-finite", "--dtype float32")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_overflow_stops_the_fit_at_its_first_batch(cli, tiny_gpt2, query_files, tmp_path, fisher):
+    """Logits that overflow float16 stop fit-hessians at the first batch in one line with the hint, leaving no
+    half-written fit: the advised rerun (other arguments, same --output-dir) is not refused."""
+    args = fit_args(hot_model(tiny_gpt2, tmp_path / "hot"), query_files["train"], tmp_path / "f", "--fisher", fisher)
+    result = cli(*args, "--dtype", "float16", expect=None)
+    assert_one_line_error(result, 1, "non-finite logits", "batch 1 of the covariance stage", "float16",
+                          "try --dtype float32")
+    assert not (tmp_path / "f").exists()
+    cli(*args, "--dtype", "float32")
+    assert json.loads((tmp_path / "f" / METADATA_FILE).read_text())["status"] == "complete"
 
 
 def test_interrupted_fit_resumes_to_the_same_factors(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
@@ -203,6 +303,20 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(cli, tiny_gpt2, 
     cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac", "--overwrite"))
     assert json.loads((out / METADATA_FILE).read_text())["fit"]["strategy"] == "kfac"
     assert "lambda_matrix.safetensors" not in factors(out)  # no leftovers of the diagonal fit
+
+
+def test_a_fit_stopped_before_any_stage_finished_never_blocks_its_rerun(cli, tiny_gpt2, fitted, tmp_path):
+    """A fit killed before any stage finished (metadata.json says "fitting", no factor file) holds nothing to
+    resume: a rerun with other arguments (here the fixed data) replaces it without --overwrite."""
+    out = shutil.copytree(fitted["kfac"], tmp_path / "f")
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    metadata["status"], metadata["fit"]["hessian_dataset_fingerprint"] = "fitting", "0" * 16
+    (out / METADATA_FILE).write_text(json.dumps(metadata))
+    for path in (out / "factors_hessian").glob("*.safetensors"):
+        path.unlink()
+    cli(*fit_args(tiny_gpt2, fitted["data"], out, "--strategy", "kfac", "--fisher", "empirical"))
+    assert json.loads((out / METADATA_FILE).read_text())["status"] == "complete"
+    assert "gradient_eigenvalues.safetensors" in factors(out)
 
 
 def test_multi_process_launch_without_cuda_is_refused(cli, tiny_gpt2, query_files, tmp_path, monkeypatch):

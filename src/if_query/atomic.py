@@ -1,4 +1,5 @@
-"""Files that appear complete or not at all: write beside the target, then rename into place."""
+"""Files that appear complete or not at all: write beside the target, then rename into place; and the check,
+before any work, that the directory they go to can be created and written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
+
+from if_query.errors import InputError
 
 
 def _shareable(path: str) -> None:
@@ -42,3 +45,19 @@ def write_text_atomic(path: Path, write: Callable[[TextIO], None]) -> Path:
         with open(temporary, "w", encoding="utf-8", newline="") as file:
             write(file)
     return path
+
+
+def check_writable_dir(directory: str | Path, option: str | None = None) -> None:
+    """Refuse an output directory that could not be created or written, before any work is done for it: the
+    directory, or else the nearest of its parents that exists, must be a directory this process may write in.
+    An InputError naming it (``option``: the setting it is, :mod:`if_query.errors`); nothing is created."""
+    directory = Path(directory)
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    itself = existing == directory
+    if not existing.is_dir():
+        problem = "is a file, not a directory" if itself else f"cannot be created: {existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if itself else f"cannot be created: {existing} is not writable"
+    else:
+        return
+    raise InputError(f"{directory}: {problem}", option=option)

@@ -20,7 +20,16 @@ from typing import Annotated, Any
 import click
 import typer
 
-from if_query.config import DemoConfig, FitConfig, PlanConfig, QueryConfig, ReportConfig, cli_fields, option_name
+from if_query.config import (
+    DemoConfig,
+    FitConfig,
+    PlanConfig,
+    QueryConfig,
+    ReportConfig,
+    cli_fields,
+    misplaced_option,
+    option_name,
+)
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError
 
@@ -121,6 +130,24 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
     return command
 
 
+def command_class(config_class: type) -> type[typer.core.TyperCommand]:
+    """The Click command class of ``config_class``'s command: an option of another command that it is given
+    (run-query given ``--strategy``) is said in one line, where it belongs (:func:`~if_query.config.misplaced_option`),
+    not as Click's bare "No such option"."""
+
+    class ConfigCommand(typer.core.TyperCommand):
+        def parse_args(self, ctx, args: list[str]) -> list[str]:
+            known = {flag for param in self.params for flag in (*param.opts, *param.secondary_opts)}
+            for arg in args[: args.index("--") if "--" in args else len(args)]:
+                flag = arg.split("=", 1)[0]
+                if flag.startswith("--") and flag not in known and (message := misplaced_option(config_class, flag)):
+                    typer.echo(f"error: {message}", err=True)
+                    raise typer.Exit(2)
+            return super().parse_args(ctx, args)
+
+    return ConfigCommand
+
+
 def fit(config: FitConfig, quiet: bool) -> None:
     from if_query.fitting import fit_hessians
 
@@ -185,19 +212,26 @@ def demo(config: DemoConfig, quiet: bool) -> None:
         typer.echo(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
 
 
-fit_hessians_command = app.command("fit-hessians")(config_command(FitConfig, fit))
-run_query_command = app.command("run-query")(config_command(QueryConfig, query))
-report_command = app.command("report")(config_command(ReportConfig, report))
-plan_command = app.command("plan")(config_command(PlanConfig, plan))
-demo_command = app.command("demo")(config_command(DemoConfig, demo))
+fit_hessians_command = app.command("fit-hessians", cls=command_class(FitConfig))(config_command(FitConfig, fit))
+run_query_command = app.command("run-query", cls=command_class(QueryConfig))(config_command(QueryConfig, query))
+report_command = app.command("report", cls=command_class(ReportConfig))(config_command(ReportConfig, report))
+plan_command = app.command("plan", cls=command_class(PlanConfig))(config_command(PlanConfig, plan))
+demo_command = app.command("demo", cls=command_class(DemoConfig))(config_command(DemoConfig, demo))
+
+
+def _run_alone(command: Callable, config_class: type) -> None:
+    """A command as a console script of its own (what ``typer.run`` does, with the command's class)."""
+    alone = typer.Typer(add_completion=False)
+    alone.command(cls=command_class(config_class))(command)
+    alone()
 
 
 def fit_hessians_app() -> None:
-    typer.run(fit_hessians_command)
+    _run_alone(fit_hessians_command, FitConfig)
 
 
 def run_query_app() -> None:
-    typer.run(run_query_command)
+    _run_alone(run_query_command, QueryConfig)
 
 
 if __name__ == "__main__":

@@ -294,6 +294,19 @@ class QueryConfig:
         return (self.query_batch_size or self.score_batch_size, self.train_batch_size or self.score_batch_size)
 
 
+def misplaced_option(config_class: type, flag: str) -> str | None:
+    """What to say when run-query is given ``flag``, an option of fit-hessians alone (``--strategy``, ...): it
+    comes from the factors. None for any other unknown option (the command line's own message)."""
+    if config_class is not QueryConfig:
+        return None
+    ours = {spec.name for spec in cli_fields(QueryConfig)}
+    for spec in cli_fields(FitConfig):
+        if spec.name not in ours | {"overwrite"} and flag in (spec.metadata["flags"] or (option_name(spec.name),)):
+            return (f"{flag} is a fit-hessians option, not run-query's: the {spec.name.replace('_', ' ')} comes from "
+                    f"the factors (--factors-dir); to change it, fit other factors with fit-hessians {flag}")
+    return None
+
+
 def parse_damping(damping: str) -> float | None:
     """``--damping`` as a number; None for ``auto``."""
     if damping.strip().lower() == "auto":

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from importlib.resources import as_file, files
 from pathlib import Path
 
+from if_query.atomic import check_writable_dir
 from if_query.config import DemoConfig, FitConfig, QueryConfig
 from if_query.fitting import fit_hessians
 from if_query.query import JobOutcome, QueryRunner
@@ -43,6 +44,7 @@ def run_demo(config: DemoConfig) -> JobOutcome:
     folder to ``output_dir/test_query`` and score it into ``output_dir/test_query/results`` (the CLI prints
     the summary)."""
     output_dir = Path(config.output_dir)
+    check_writable_dir(output_dir, "output_dir")
     factors_dir = output_dir / "factors"
     queries_dir = output_dir / "test_query"
     queries_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from if_query import modeling
+from if_query.atomic import check_writable_dir
 from if_query.config import FitConfig
 from if_query.errors import InputError, RunError
 from if_query.fingerprint import dataset_fingerprint, weights_fingerprint
@@ -67,21 +68,28 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     """Whether earlier factors in ``output_dir`` must be cleared before fitting (reads only).
 
     With ``overwrite`` anything there is replaced. Otherwise a fit with identical arguments and
-    weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``.
+    weights is resumed (kept), and one with others is refused, or replaced with ``refit_if_changed``, unless
+    it stopped before any stage finished (:func:`nothing_fitted`): then it is replaced.
     (Whether finished factors fit the model a run-query run is given is :mod:`if_query.compatibility`'s question.)
     """
     factors = factors_path(output_dir)
     if not (output_dir / METADATA_FILE).exists():
-        if factors.exists() and not overwrite and not refit_if_changed:
+        if factors.exists() and not overwrite and not refit_if_changed and not nothing_fitted(output_dir):
             raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
         return factors.exists()
     if overwrite:
         logger.info("Replacing the factors in %s (--overwrite)", output_dir)
         return True
     previous = read_metadata(output_dir)
-    differences = describe_mismatch(identity, {**IDENTITY_BEFORE, **previous.get("fit", {})})
+    before = {**IDENTITY_BEFORE, **previous.get("fit", {})}
+    if before.get("weights_fingerprint") == identity["weights_fingerprint"]:
+        before["model"] = identity["model"]  # factors belong to weights: the same weights under another path resume
+    differences = describe_mismatch(identity, before)
     if not differences:
         return False
+    if previous.get("status") != STATUS_COMPLETE and nothing_fitted(output_dir):
+        logger.info("Replacing the fit in %s, which stopped before any stage finished (%s)", output_dir, differences)
+        return True
     if not refit_if_changed:
         raise InputError(
             f"{output_dir} holds factors fitted with other arguments ({differences}); "
@@ -91,9 +99,34 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     return True
 
 
-def _clear_previous_fit(output_dir: Path) -> None:
+def nothing_fitted(output_dir: Path) -> bool:
+    """Whether no stage of the fit in ``output_dir`` wrote a factor file: one that stopped before any stage
+    finished has nothing to resume, and never blocks a rerun."""
+    return not any(factors_path(output_dir).glob("*.safetensors"))
+
+
+def _clear_previous_fit(output_dir: Path, remove_empty: bool = False) -> None:
+    """Remove the factors and metadata.json from ``output_dir`` (and the directory itself when ``remove_empty``
+    and nothing else is left in it)."""
     shutil.rmtree(factors_path(output_dir), ignore_errors=True)
     (output_dir / METADATA_FILE).unlink(missing_ok=True)
+    if remove_empty and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+
+
+def _fit_metadata(config: FitConfig, identity: dict, fingerprint: dict, modules: list, factor_bytes: int) -> dict:
+    """A fit's metadata.json as it starts (status "fitting")."""
+    return {
+        "status": STATUS_FITTING,
+        "fit": identity,
+        "model": config.model,
+        "weights": fingerprint,
+        "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
+        "estimated_factor_bytes": factor_bytes,
+        "hessian_data": {"max_length": config.max_length, "max_examples": config.max_examples},  # to read it again
+        "versions": package_versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dtype, lengths: list[int]) -> None:
@@ -113,10 +146,14 @@ def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dty
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     """Fit the factors (resuming completed stages) and return the written metadata."""
     output_dir = Path(config.output_dir)
+    check_writable_dir(output_dir, "output_dir")  # before anything is loaded: not found out after the work
+    created = not output_dir.exists()
     tokenizer = modeling.load_tokenizer(config.model, config.revision)
-    limit = modeling.position_limit(modeling.load_config(config.model, config.revision))
+    hf_config = modeling.load_config(config.model, config.revision)
+    limit = modeling.position_limit(hf_config)
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit)
-    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples)
+    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
+                                     modeling.vocabulary_size(hf_config))
     dtype = modeling.resolve_dtype(config.dtype)
     precision = modeling.resolve_matmul_precision(config.matmul_precision)
     modeling.set_matmul_precision(precision)
@@ -143,17 +180,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     model = kron.wrap_tracked_modules(model, task)
     analyzer = kron.make_analyzer(output_dir, model, task, quiet)
 
-    metadata = {
-        "status": STATUS_FITTING,
-        "fit": identity,
-        "model": config.model,
-        "weights": fingerprint,
-        "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
-        "estimated_factor_bytes": sizes.total_bytes,
-        "hessian_data": {"max_length": config.max_length, "max_examples": config.max_examples},  # to read it again
-        "versions": package_versions(),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    metadata = _fit_metadata(config, identity, fingerprint, modules, sizes.total_bytes)
     is_main = analyzer.state.is_main_process
     if clear:
         if is_main:
@@ -161,8 +188,12 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         analyzer.state.wait_for_everyone()  # no rank may see the old factors once fitting starts
     if is_main:
         write_json_atomic(output_dir / METADATA_FILE, metadata)
-
-    _run_stages(analyzer, model, task, examples, tokenizer.pad_token_id, config, quiet)
+    try:
+        _run_stages(analyzer, model, task, examples, tokenizer.pad_token_id, config, quiet)
+    except BaseException:
+        if is_main and nothing_fitted(output_dir):  # nothing to resume: leave nothing, not a half-written fit
+            _clear_previous_fit(output_dir, remove_empty=created)
+        raise
 
     metadata["status"] = STATUS_COMPLETE
     metadata["completed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -188,9 +219,41 @@ def _run_stages(analyzer, model: torch.nn.Module, task, examples: list[Tokenized
             analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, collate,
             arguments, seed=config.seed, quiet=quiet)),
     )
-    for name, run_stage in stages:
-        logger.info("Fitting stage: %s", name)
-        task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
-        run_stage()
+    with FiniteLogits(model) as logits:
+        for name, run_stage in stages:
+            logger.info("Fitting stage: %s", name)
+            task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
+            logits.stage, logits.batch = name, 0
+            run_stage()
+
+
+class FiniteLogits:
+    """Every fitting batch's logits checked for inf and NaN (one reduction: their minimum and maximum), by a
+    forward hook on the model while the stages run: a model that overflows in its dtype stops the fit at the
+    first such batch, in one line, instead of drawing true-Fisher labels from NaN or fitting non-finite
+    covariances that only the eigendecomposition or the lambda stage would trip over."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self.stage, self.batch = "", 0
+
+    def __enter__(self) -> FiniteLogits:
+        self._handle = self.model.register_forward_hook(self._check)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _check(self, module, inputs, output) -> None:
+        self.batch += 1
+        logits = getattr(output, "logits", None)
+        if logits is None or not logits.numel() or bool(torch.stack(torch.aminmax(logits)).isfinite().all()):
+            return
+        dtype = str(self.dtype).removeprefix("torch.")
+        hint = ("try --dtype float32 (or bfloat16 instead of float16)" if self.dtype.itemsize < 4
+                else "the model gives them even in float32: are its weights finite?")
+        raise RunError(f"non-finite logits (inf or NaN) in batch {self.batch} of the {self.stage} stage, with the "
+                       f"model in {dtype}; {hint}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from if_query.errors import InputError
 from if_query.records import load_examples
-from if_query.tokenization import ExampleTokenizer, TokenizedExample
+from if_query.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,27 @@ def cap_rows(examples: list[TokenizedExample], limit: int | None, source: str) -
     return [TokenizedExample(e.input_ids[-limit:], e.labels[-limit:]) if len(e) > limit else e for e in examples]
 
 
+def check_vocabulary(examples: list[TokenizedExample], vocab_size: int, source: str, what: str = "row") -> None:
+    """Refuse the first token id (or label) outside the model's vocabulary, ``0 .. vocab_size - 1`` (labels may
+    also be -100), naming its row: data tokenized with another tokenizer, found before any fitting."""
+    for index, example in enumerate(examples):
+        for name, values, allowed in (("token id", example.input_ids, None), ("label", example.labels, IGNORE_INDEX)):
+            if not values or (min(values) >= 0 and max(values) < vocab_size):  # the common case, at C speed
+                continue
+            bad = next((value for value in values if value != allowed and not 0 <= value < vocab_size), None)
+            if bad is not None:
+                raise InputError(f"{source}: {what} {index}: {name} {bad} is outside the model's vocabulary "
+                                 f"(0 to {vocab_size - 1}); was it tokenized with another tokenizer?")
+
+
 def load_hessian_examples(
-    path: str | Path, example_tokenizer: ExampleTokenizer | None, max_examples: int | None = None
+    path: str | Path, example_tokenizer: ExampleTokenizer | None, max_examples: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[TokenizedExample]:
-    """Load and check the fitting data: at least one example and at least one labelled token. Records are
-    tokenized by ``example_tokenizer`` (its length limit, capped at the model's positions); saved rows are
-    cut at the model's positions only."""
+    """Load and check the fitting data: at least one example and at least one labelled token, and, given the
+    model's ``vocab_size``, every token id in its vocabulary (:func:`check_vocabulary`). Records are tokenized
+    by ``example_tokenizer`` (its length limit, capped at the model's positions); saved rows are cut at the
+    model's positions only."""
     path = Path(path)
     if path.suffix in (".json", ".jsonl"):
         examples = load_examples(path)[:max_examples]
@@ -119,6 +134,8 @@ def load_hessian_examples(
         raise InputError(f"{path}: hessian dataset not found")
     else:
         raise InputError(f"{path}: expected a dataset directory (save_to_disk) or a .json/.jsonl file")
+    if vocab_size is not None:  # before empty rows are dropped: the index is the row's
+        check_vocabulary(tokenized, vocab_size, str(path), "row" if path.is_dir() else "record")
     tokenized = [example for example in tokenized if len(example)]
     if not tokenized:
         raise InputError(f"{path}: the hessian dataset has no examples")

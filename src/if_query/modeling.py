@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -69,11 +71,21 @@ def set_matmul_precision(precision: str) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+# The files a model folder's tokenizer is loaded from (transformers reads one of them at least).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a model folder without one is refused saying what to do (transformers would make
+    up an empty tokenizer for some families)."""
+    if Path(model).is_dir() and not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
+                         "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer of {model!r}: {_first_line(exc)}") from exc
+        raise _cannot_load("the tokenizer of", model, exc) from exc
 
 
 def load_config(model: str, revision: str | None = None) -> PretrainedConfig:
@@ -81,7 +93,7 @@ def load_config(model: str, revision: str | None = None) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the configuration of {model!r}: {_first_line(exc)}") from exc
+        raise _cannot_load("the configuration of", model, exc) from exc
 
 
 def position_limit(config: PretrainedConfig) -> int | None:
@@ -92,6 +104,12 @@ def position_limit(config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def vocabulary_size(config: PretrainedConfig) -> int | None:
+    """How many token ids the model embeds (``vocab_size``), None if its config does not say."""
+    value = getattr(config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
@@ -113,14 +131,26 @@ def load_model(model: str, revision: str | None, dtype: torch.dtype, device: tor
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype, device_map={"": device})
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the model {model!r}: {_first_line(exc)}") from exc
+        raise _cannot_load("the model", model, exc) from exc
     loaded.eval()
     return loaded
 
 
+def _cannot_load(what: str, model: str, exc: Exception) -> InputError:
+    """The one-line error of a failed load of ``what`` of ``model``: a missing local folder is said as such (not
+    as the hub's complaint about a repo id), any other failure by the first line of its message."""
+    not_a_repo_id = any(isinstance(error, HFValidationError) for error in (exc, exc.__cause__, exc.__context__))
+    if not_a_repo_id and not Path(model).exists():
+        return InputError(f"{model}: model folder not found (nor is it a HuggingFace hub name)", option="model")
+    return InputError(f"cannot load {what} {model!r}: {_first_line(exc)}")
+
+
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of an error's message, or all of it in one line when that first line ends in a colon."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from if_query import distributed, ranking
+from if_query.atomic import check_writable_dir
 from if_query.checkpoint import Checkpoint, done_rows
 from if_query.compatibility import load_model_for_factors
 from if_query.config import QueryConfig
@@ -130,6 +131,8 @@ class QueryRunner:
     def __init__(self, config: QueryConfig, quiet: bool = False):
         self.config = config
         self.quiet = quiet
+        if config.spill_dir is not None:  # where token factors may be spilled: checked before any work
+            check_writable_dir(config.spill_dir, "spill_dir")
         self.metadata = load_complete_metadata(config.factors_dir)  # checked against the model: load_scorer
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = load_tokenizer(config.model, config.revision)
@@ -182,7 +185,11 @@ class QueryRunner:
         return examples
 
     def prepare(self, job: QueryJob) -> PreparedJob:
-        """Read, validate and tokenize a job's files (raises InputError; loads no model)."""
+        """Check the job's folder and where it writes, read, validate and tokenize its files (raises InputError;
+        loads no model)."""
+        if self.config.folders and not (folder := job.query_json.parent).is_dir():
+            raise InputError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
+        check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
         queries = load_examples(job.query_json)
         prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, str(job.query_json)))
         if job.train_json is not None:

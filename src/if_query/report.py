@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from if_query.atomic import write_text_atomic
+from if_query.atomic import check_writable_dir, write_text_atomic
 from if_query.errors import InputError
 from if_query.metadata import read_metadata
 from if_query.provenance import describe_damping, read_run
@@ -425,6 +425,7 @@ def report_results_dir(results_dir: Path, factors_dir: Path | None, top_k: int) 
     and, when ``factors_dir`` is given, that fit's model, revision and strategy (which win)."""
     if not results_dir.is_dir():
         raise InputError(f"{results_dir}: results directory not found (run run-query first)")
+    check_writable_dir(results_dir)  # report.html goes there
     header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
     if factors_dir is not None:
         header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))

@@ -18,7 +18,7 @@ from kronfluence.utils.constants import (
     LAMBDA_MATRIX_NAME,
     NUM_LAMBDA_PROCESSED,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from if_query.errors import InputError
 
@@ -87,7 +87,12 @@ class HessianFactors:
             path = self.directory / f"{name}.safetensors"
             if not path.is_file():
                 raise InputError(f"{factors_dir}: {path.name} is missing (incomplete fit?)")
-            self._files[name] = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                self._files[name] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"{path}: cannot read this factor file ({reason}): truncated or damaged; refit "
+                                 "with fit-hessians --overwrite", option="factors_dir") from exc
 
     def _tensor(self, factor: str, module: str) -> torch.Tensor:
         try:
