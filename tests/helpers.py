@@ -50,6 +50,20 @@ def write_json(path: Path, value) -> Path:
     return path
 
 
+def killed_at(function, call: int):
+    """``function``, raising RuntimeError("killed") at its ``call``-th call instead (a run killed there); the calls
+    made so far in ``.calls``."""
+
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        if wrapper.calls == call:
+            raise RuntimeError("killed")
+        return function(*args, **kwargs)
+
+    wrapper.calls = 0
+    return wrapper
+
+
 def tree(path):
     """Sorted relative paths under ``path`` (None when it does not exist): checks that nothing was written."""
     return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else None

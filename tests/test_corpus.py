@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, score_matrix, write_json
+from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, killed_at, score_matrix, write_json
 
 from if_query import engine
 
@@ -156,16 +156,9 @@ def test_a_killed_run_resumes_from_its_last_chunk(cli, tiny_gpt2, fitted, tmp_pa
     queries = [QUERIES[0], QUERIES[2]]  # none of them a train record: every engine call is a chunk's
     options = ["--host-memory-gb", SMALL_BUDGET]
     run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "whole", *options, train=train, queries=queries)
-    score, calls = engine.score, []
-
-    def fail_on_the_fourth_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("killed")
-        return score(*args, **kwargs)
-
+    score = engine.score
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "score", fail_on_the_fourth_chunk)
+        patch.setattr(engine, "score", killed_at(score, 4))  # after three chunks
         run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "resumed", *options, train=train, queries=queries,
                   expect=1)
     partial = tmp_path / "resumed" / ".if-query-partial"
@@ -183,8 +176,7 @@ def test_a_killed_run_resumes_from_its_last_chunk(cli, tiny_gpt2, fitted, tmp_pa
     assert not partial.exists()
     # partial results of other arguments are not reused
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "score", fail_on_the_fourth_chunk)
-        calls.clear()
+        patch.setattr(engine, "score", killed_at(score, 4))
         run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "other", *options, train=train, queries=queries, expect=1)
     result = run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "other", *options, "--damping", "0.01",
                        train=train, queries=queries)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import QUERIES, TRAIN, assert_close_to_largest, write_json
+from helpers import QUERIES, TRAIN, assert_close_to_largest, killed_at, write_json
 from test_plan import OLMO2_13B
 
 from if_query import corpus, engine, memory
@@ -61,17 +61,9 @@ def test_a_killed_corpus_run_resumes_on_two_ranks_that_read_other_free_memory(cl
     whole = frame(tmp_path / "whole")
     windows = whole["train_id"].nunique()
     # Killed after three chunks: default options, 120 KB free (a 60 KB budget).
-    score, calls = engine.score, []
-
-    def fail_on_the_fourth_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("killed")
-        return score(*args, **kwargs)
-
     with monkeypatch.context() as patch:
         patch.setattr(memory, "host_memory_available", lambda: 120_000)
-        patch.setattr(engine, "score", fail_on_the_fourth_chunk)
+        patch.setattr(engine, "score", killed_at(engine.score, 4))
         cli("run-query", *common, "--output-dir", tmp_path / "resumed", expect=1)
     done = np.fromfile(tmp_path / "resumed" / ".if-query-partial" / "done.bin", dtype=np.uint8)[:windows]
     assert 0 < done.sum() < windows

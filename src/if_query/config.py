@@ -144,8 +144,23 @@ class FitConfig:
         _check_declared(self)
 
 
+class MemoryOptions:
+    """``--workspace-gb`` and ``--host-memory-gb`` in bytes (None: the default), for the commands that have them."""
+
+    workspace_gb: float | None
+    host_memory_gb: float | None
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        return gigabytes(self.workspace_gb)
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        return gigabytes(self.host_memory_gb)
+
+
 @dataclass
-class QueryConfig:
+class QueryConfig(MemoryOptions):
     """Score every (query, train) pair and write query.csv, train.csv and influences.csv.
 
     Give query folders, or --train-json, --query-json and --output-dir for one pair of files.
@@ -278,14 +293,6 @@ class QueryConfig:
         """The damping as a number; None for ``auto`` (Kronfluence's heuristic, resolved per module)."""
         return parse_damping(self.damping)
 
-    @property
-    def workspace_bytes(self) -> int | None:
-        return gigabytes(self.workspace_gb)
-
-    @property
-    def host_memory_bytes(self) -> int | None:
-        return gigabytes(self.host_memory_gb)
-
     def batch_sizes(self) -> tuple[int, int]:
         """The effective (query, train) batch sizes, each defaulting to ``score_batch_size``. The default
         engine passes a query (an example that is also a train example counts as a query) through the
@@ -336,7 +343,7 @@ H100_BF16_TFLOPS, H100_TF32_TFLOPS, H100_FP32_TFLOPS = 989.4, 494.7, 66.9
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(MemoryOptions):
     """Estimate the memory and time of fit-hessians and run-query from a model's config.json alone.
 
     The model is built on the meta device: no weights are read, nothing is downloaded when the config is local,
@@ -389,14 +396,6 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         _check_declared(self)
-
-    @property
-    def workspace_bytes(self) -> int | None:
-        return gigabytes(self.workspace_gb)
-
-    @property
-    def host_memory_bytes(self) -> int | None:
-        return gigabytes(self.host_memory_gb)
 
 
 @dataclass
