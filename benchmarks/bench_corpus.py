@@ -126,9 +126,9 @@ def floor_seconds_per_token(model_dir: Path, documents: list[str], batch: int = 
     process."""
     import torch
 
-    from if_query.capture import forward_backward, frozen_weights
-    from if_query.modeling import load_model, load_tokenizer
-    from if_query.tokenization import TokenizedExample, collate, prepare_tokenizer
+    from if_query.data.tokenization import TokenizedExample, collate, prepare_tokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.score.capture import forward_backward, frozen_weights
 
     tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)))
     model = load_model(str(model_dir), None, torch.float32, torch.device("cpu"))

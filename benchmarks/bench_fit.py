@@ -142,7 +142,7 @@ def copy_factors(source: Path, target: Path, keep=lambda name: True) -> Path:
 
 
 def flops(lengths: list[int], tracked: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, float]:
-    from if_query.lambda_stage import lambda_flops
+    from if_query.fit.lambda_stage import lambda_flops
 
     ours = kronfluence = 0
     for t in lengths:
@@ -193,7 +193,7 @@ class Workload:
     model: torch.nn.Module  # tracked MLP projections wrapped for Kronfluence
     task: Any  # if_query.kron.fit.CompletionLossTask; its seed and stage are set before each stage
     ordered: list  # the fitting examples (TokenizedExample), shortest first, as fit-hessians orders them
-    collate: Any  # if_query.tokenization.Collator: dynamic padding
+    collate: Any  # if_query.data.tokenization.Collator: dynamic padding
     arguments: Any  # Kronfluence FactorArguments of fit-hessians' defaults (float64 eigendecomposition)
     arguments32: Any  # the same with a float32 eigendecomposition
     tracked: list[tuple[int, int]]  # (out, in + bias) of each tracked module
@@ -208,11 +208,12 @@ class Workload:
 def build_workload(args: argparse.Namespace, work: Path) -> Workload:
     """bench_scale's random OLMo-2 and long-prompt records in ``work``, set up the way fit-hessians sets up."""
     from if_query.config import FitConfig
-    from if_query.hessian_data import load_hessian_examples
+    from if_query.data.hessian_data import load_hessian_examples
+    from if_query.data.records import Example
+    from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.kron.fit import CompletionLossTask, factor_arguments, wrap_tracked_modules
-    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.records import Example
-    from if_query.tokenization import Collator, ExampleTokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.model.tracking import find_mlp_modules, make_trackable
 
     model_dir = work / f"model-{args.layers}"
     records = olmo2_and_records(model_dir, args, args.examples + args.queries + args.train)
@@ -277,7 +278,7 @@ class FitStages:
         self._analyzer(directory).perform_eigendecomposition(FACTORS_NAME, factor_args=factor_args)
 
     def ifquery_lambda(self, directory: Path, seed: int, factor_args, prefix: str) -> None:
-        from if_query import lambda_stage
+        from if_query.fit import lambda_stage
         from if_query.kron.factors import FACTORS_NAME
 
         analyzer = self._analyzer(directory, seed, "lambda")
@@ -345,11 +346,12 @@ def fit_seed1(fits: FitStages, runs: Path) -> dict[str, Path]:
 
 def score_fits(w: Workload, fits: dict[str, Path], queries: int, batch: int) -> dict[str, torch.Tensor]:
     """Each fit's (queries, train) scores of the scored examples, from one capture of their token factors."""
-    from if_query import engine
-    from if_query.capture import TokenFactorStore, capture_token_factors
     from if_query.kron.factors import HessianFactors
     from if_query.kron.lambda_files import tracked_linears
-    from if_query.sizes import Shape
+    from if_query.plan.sizes import Shape
+    from if_query.score import engine
+    from if_query.score.capture import capture_token_factors
+    from if_query.score.store import TokenFactorStore
 
     examples = w.scored
     linears = tracked_linears(w.model)

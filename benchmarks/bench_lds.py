@@ -66,8 +66,8 @@ def draw_subsets(is_format: Sequence[bool], count: int, seed: int) -> np.ndarray
 
 def summed_losses(model, tokenizer, records: list[dict]) -> np.ndarray:
     """Each record's summed completion loss (+ EOS) under ``model``, as run-query's ``loss_sum``, (records,)."""
-    from if_query import loss
-    from if_query.tokenization import ExampleTokenizer, collate
+    from if_query.data.tokenization import ExampleTokenizer, collate
+    from if_query.model import loss
 
     examples = examples_of(records)
     tokens = ExampleTokenizer(tokenizer, 512).tokenize_all(examples)
@@ -77,11 +77,11 @@ def summed_losses(model, tokenizer, records: list[dict]) -> np.ndarray:
 
 
 def examples_of(records: list[dict]) -> list:
-    """``if_query.records.Example``s of in-memory records (through a temporary JSON file, as run-query reads)."""
+    """``if_query.data.records.Example``s of in-memory records (through a temporary JSON file, as run-query reads)."""
     import json
     import tempfile
 
-    from if_query.records import load_examples
+    from if_query.data.records import load_examples
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8") as file:
         json.dump(records, file)
@@ -145,10 +145,10 @@ def bm25_scores(queries: list[dict], records: list[dict]) -> np.ndarray:
 
 def attention_projections(model) -> list:
     """GPT-2's attention projections (``attn.c_attn``, fused q/k/v, and ``attn.c_proj``) as if-query's
-    ``MlpProjection`` records (name, block, shape), so ``modeling.make_trackable`` swaps their ``Conv1D``."""
+    ``MlpProjection`` records (name, block, shape), so ``tracking.make_trackable`` swaps their ``Conv1D``."""
     from transformers.pytorch_utils import Conv1D
 
-    from if_query.modeling import MlpProjection
+    from if_query.model.tracking import MlpProjection
 
     found = []
     for name, module in model.named_modules():
@@ -232,7 +232,7 @@ class GaussNewton:
     differentiable (GPT-2: eager attention)."""
 
     def __init__(self, model, linears: dict, examples: Sequence, pad_token_id: int):
-        from if_query.tokenization import IGNORE_INDEX, collate
+        from if_query.data.tokenization import IGNORE_INDEX, collate
 
         self.linears, self.count = linears, len(examples)
         self.parameters = _tracked_parameters(linears)
@@ -265,8 +265,8 @@ class GaussNewton:
 
 def example_gradients(model, linears: dict, examples: Sequence, pad_token_id: int) -> Vectors:
     """Each example's gradient of its summed completion loss w.r.t. the tracked modules, (examples, out, in')."""
-    from if_query import loss
-    from if_query.tokenization import collate
+    from if_query.data.tokenization import collate
+    from if_query.model import loss
 
     parameters, grads = _tracked_parameters(linears), []
     for example in examples:
@@ -375,7 +375,8 @@ def gauss_newton_batches(model, linears: dict, examples: Sequence, batch_size: i
 def refinement_model(model_dir, layer_stride: int = 1) -> tuple:
     """(model, {name: nn.Linear}): the model as run-query loads it (float32, MLP projections tracked, Conv1D
     swapped), with eager attention (twice differentiable) and gradients on the tracked weights only."""
-    from if_query.modeling import load_model, track_mlp_modules
+    from if_query.model.loading import load_model
+    from if_query.model.tracking import track_mlp_modules
 
     model = load_model(str(model_dir), None, torch.float32)
     model.set_attn_implementation("eager")
@@ -412,11 +413,11 @@ def astra_scores(built: dict, factors_dir, steps: Sequence[int], reference: np.n
     ``influence_cosine`` under refinement: the refined score over the EK-FAC self-influences of both sides (a
     query's own normaliser does not change its ranking). Raises when N = 0 differs from ``reference`` (if-query's
     EK-FAC raw scores of the same factors) by more than ASTRA_N0_TOLERANCE of the largest score."""
+    from if_query.data.records import load_examples
+    from if_query.data.tokenization import ExampleTokenizer
+    from if_query.fit.metadata import load_complete_metadata
     from if_query.kron.factors import HessianFactors
-    from if_query.metadata import load_complete_metadata
-    from if_query.modeling import load_tokenizer
-    from if_query.records import load_examples
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.model.loading import load_tokenizer
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(str(built["model_dir"]))
@@ -475,7 +476,7 @@ def dense_gauss_newton(model, linears: dict, examples: Sequence, pad_token_id: i
     the flattened tracked weights): an independent route to what :class:`GaussNewton` applies."""
     from torch.func import functional_call, jacrev
 
-    from if_query.tokenization import IGNORE_INDEX, collate
+    from if_query.data.tokenization import IGNORE_INDEX, collate
 
     names = [f"{m}.{kind}" for m, linear in linears.items() for kind in ("weight", "bias")
              if getattr(linear, kind) is not None]
@@ -549,10 +550,10 @@ class DenseCase:
 
 
 def dense_case(built: dict, factors_dir) -> DenseCase:
+    from if_query.data.records import load_examples
+    from if_query.data.tokenization import ExampleTokenizer
     from if_query.kron.factors import HessianFactors
-    from if_query.modeling import load_tokenizer
-    from if_query.records import load_examples
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(built["model_dir"]))
     tokenize, pad = ExampleTokenizer(tokenizer, 512), tokenizer.pad_token_id

@@ -72,7 +72,7 @@ class EmulatedTF32(TorchDispatchMode):
 
 def fit(model_dir: Path, data: Path, out: Path, seed: int, layer_stride: int, mode=None) -> Path:
     from if_query.config import FitConfig
-    from if_query.fitting import fit_hessians
+    from if_query.fit.fit_hessians import fit_hessians
 
     config = FitConfig(model=str(model_dir), hessian_dataset=str(data), output_dir=str(out), layer_stride=layer_stride,
                        seed=seed, dtype="bfloat16", factor_batch_size=4, lambda_batch_size=4)
@@ -87,10 +87,12 @@ def fit(model_dir: Path, data: Path, out: Path, seed: int, layer_stride: int, mo
 
 def capture(model_dir: Path, records: list[dict], layer_stride: int):
     """(store, modules {name: bias}) of ``records``' token factors under the bfloat16 model."""
-    from if_query.capture import TokenFactorStore, capture_token_factors
-    from if_query.modeling import load_model, load_tokenizer, track_mlp_modules
-    from if_query.records import Example
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.data.records import Example
+    from if_query.data.tokenization import ExampleTokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.model.tracking import track_mlp_modules
+    from if_query.score.capture import capture_token_factors
+    from if_query.score.store import TokenFactorStore
 
     tokenizer = load_tokenizer(str(model_dir))
     make = ExampleTokenizer(tokenizer, 512)
@@ -104,14 +106,14 @@ def capture(model_dir: Path, records: list[dict], layer_stride: int):
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     capture_token_factors(model, linears, examples, store, [order[k : k + 4] for k in range(0, len(order), 4)],
                           tokenizer.pad_token_id, torch.device("cpu"))
-    from if_query.sizes import Shape
+    from if_query.plan.sizes import Shape
 
     return store, [Shape.of(m) for m in modules]
 
 
 def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> torch.Tensor:
-    from if_query import engine
     from if_query.kron.factors import HessianFactors
+    from if_query.score import engine
 
     def run():
         train = engine.Side(store, range(queries, len(store.lengths)))

@@ -12,7 +12,7 @@ predict what leaving training records out does to a query's loss (LDS)?
 The LDS, its ceiling, BM25, attention tracking and the ASTRA prototype live in bench_lds.py (its docstring says
 what each is); this file is the one entry point.
 
-Worlds (if_query.tiny_world; one world, model and sampling seed per benchmark seed)
+Worlds (if_query.demo.tiny_world; one world, model and sampling seed per benchmark seed)
     facts2        the headline: 40 made-up people x {city, job}, every fact in ONE phrasing ("Zorvan Quill lives
                   in" -> " Belmora."), a tiny GPT-2 (2 layers, d=64) trained 400 steps; 80 training records. The
                   model memorizes every record (its softmax is nearly one-hot on the training completions).
@@ -121,7 +121,7 @@ import bench_lds  # noqa: E402
 from common import REPO, dump  # noqa: E402
 from common import RESULTS as RESULTS_DIR  # noqa: E402
 
-from if_query import tiny_world as tw  # noqa: E402
+from if_query.demo import tiny_world as tw  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +257,7 @@ def retrieval(scores, built: dict) -> dict:
 def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = "true", seed: int = 0,
                  hessian_dataset: Path | None = None) -> Path:
     from if_query.config import FitConfig
-    from if_query.fitting import fit_hessians
+    from if_query.fit.fit_hessians import fit_hessians
 
     factors_dir = built["work"] / f"factors-{name}"
     config = FitConfig(model=str(built["model_dir"]), hessian_dataset=str(hessian_dataset or built["train_json"]),
@@ -275,7 +275,8 @@ def score_if_query(built: dict, factors_dir: Path, damping: float | None = None,
     are replaced after tokenization); the queries' covers the completion, and the fit is unchanged.
     ``refine_steps``: run-query's --refine-steps, every fitting record in each Gauss-Newton batch (one exact H)."""
     from if_query.config import QueryConfig
-    from if_query.query import QueryRunner, query_jobs
+    from if_query.data.jobs import query_jobs
+    from if_query.run.run_query import QueryRunner
 
     config = QueryConfig(model=str(built["model_dir"]), factors_dir=str(factors_dir),
                          query_json=built["query_json"], train_json=built["train_json"],
@@ -286,7 +287,7 @@ def score_if_query(built: dict, factors_dir: Path, damping: float | None = None,
     [job] = query_jobs(config)
     prepared = runner.prepare(job)
     if train_whole_sequence:
-        from if_query.tokenization import TokenizedExample
+        from if_query.data.tokenization import TokenizedExample
 
         prepared.train_tokens = [TokenizedExample(t.input_ids, t.input_ids) for t in prepared.train_tokens]
     influences = runner.score(prepared).influences
@@ -318,7 +319,7 @@ class OldSampling:
     def __call__(self, logits, labels, batch, stage, seed):
         import torch
 
-        from if_query.tokenization import IGNORE_INDEX
+        from if_query.data.tokenization import IGNORE_INDEX
 
         if stage != self.stage:
             self.stage, self.generator = stage, torch.Generator(device=logits.device).manual_seed(seed)
@@ -343,7 +344,7 @@ def bare_task(tracked: list[str], eos: int, without_eos: bool):
     import torch.nn.functional as F
     from kronfluence.task import Task
 
-    from if_query.tokenization import IGNORE_INDEX
+    from if_query.data.tokenization import IGNORE_INDEX
 
     class BareTask(Task):  # as in Kronfluence's language-model examples
         def loss(self, batch, model, sample=False, without_eos=False):
@@ -386,9 +387,10 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.records import load_examples
-    from if_query.tokenization import Collator, ExampleTokenizer
+    from if_query.data.records import load_examples
+    from if_query.data.tokenization import Collator, ExampleTokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.model.tracking import find_mlp_modules, make_trackable
 
     tokenizer = load_tokenizer(str(built["model_dir"]))
     example_tokenizer = ExampleTokenizer(tokenizer, 512)
@@ -467,7 +469,7 @@ def _default_ekfac(run: SeedRun):
 
 
 def _old_sampling(run: SeedRun):
-    from if_query import sampling
+    from if_query.model import sampling
 
     original, sampling.sample_labels = sampling.sample_labels, OldSampling()
     try:

@@ -136,7 +136,7 @@ def make_records(words: list[str], args: argparse.Namespace) -> list[list[dict]]
 
 
 def _example(record: dict):
-    from if_query.records import Example
+    from if_query.data.records import Example
 
     return Example(record["pair_id"], record["prompt"], record["completion"])
 
@@ -225,7 +225,7 @@ class FlopModel:
 def scoring_path() -> str:
     """Which algorithm the installed if-query uses for query = train without per-token scores."""
     try:
-        from if_query import engine  # noqa: F401 - the token-factor engine: one pass, token rotation
+        from if_query.score import engine  # noqa: F401 - the token-factor engine: one pass, token rotation
     except ImportError:
         return "kronfluence"
     return "whitened, token rotation, losses from the gradient pass"
@@ -400,7 +400,7 @@ class Workload:
     """The model, the folders (dynamically padded and padded to ``--pad-to``) and the fitting data, in ``work``."""
 
     model_dir: Path
-    example_tokenizer: object  # if_query.tokenization.ExampleTokenizer
+    example_tokenizer: object  # if_query.data.tokenization.ExampleTokenizer
     lengths: list[list[int]]  # tokens of each example, per folder
     dyn_dirs: list[Path]  # (b)'s folders
     pad_dirs: list[Path]  # (a)'s folders: prompts left-filled to --pad-to tokens
@@ -423,8 +423,8 @@ class Workload:
 
 
 def build_workload(args: argparse.Namespace, work: Path) -> Workload:
-    from if_query.modeling import load_tokenizer
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.data.tokenization import ExampleTokenizer
+    from if_query.model.loading import load_tokenizer
 
     model_dir = work / "model"
     words = synthetic_words(args.words, args.seed)
@@ -545,8 +545,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> str:
     say(f"workdir {work}; model {w.n_params / 1e6:.2f}M params ({w.flops.matmul_params / 1e6:.2f}M matmul "
         f"weights), vocab {w.vocab}; {args.folders} folders x {args.examples_per_folder} examples, {w.real_tokens} "
         f"real tokens (mean {w.real_tokens / w.n_examples:.1f}/example); if-query scoring path: {path}")
-    warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.query, if_query.fitting\n"
-                      "try:\n import if_query.report, if_query.summary\nexcept ImportError:\n pass"])
+    warm = procs.run([sys.executable, "-c", "import if_query.cli, if_query.run.run_query, if_query.fit.fit_hessians\n"
+                      "try:\n import if_query.report.html, if_query.report.summary\nexcept ImportError:\n pass"])
     say(f"import warm-up (bytecode cache {'off' if args.no_pycache else procs.pycache}): {warm['wall_s']:.1f} s")
     peaks = [measure_peak()]
     say(f"peak float32 matmul: {peaks[0]['peak_flops'] / 1e9:.1f} GFLOP/s")

@@ -186,8 +186,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from if_query.records import Example
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.data.records import Example
+    from if_query.data.tokenization import ExampleTokenizer
 
     tokenizer = ExampleTokenizer(AutoTokenizer.from_pretrained(model), 512)
     lengths = [len(tokenizer(Example(r["pair_id"], r["prompt"], r["completion"]))) for r in records]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from if_query import tiny_world as tw  # noqa: E402
+from if_query.demo import tiny_world as tw  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "src" / "if_query" / "demo_data"
 QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries" / "test_query"

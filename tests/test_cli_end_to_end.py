@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from helpers import QUERIES, TRAIN, assert_close_to_largest, save_tiny_model, write_json
 
-from if_query.metadata import METADATA_FILE
+from if_query.fit.metadata import METADATA_FILE
 
 
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
@@ -56,8 +56,8 @@ def test_fit_on_saved_dataset_matches_fit_on_records(cli, tiny_gpt2, tmp_path, l
     """A save_to_disk dataset of the same tokens (padded, ragged, or input_ids only) gives the same factors."""
     from transformers import AutoTokenizer
 
-    from if_query.records import Example
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.data.records import Example
+    from if_query.data.tokenization import ExampleTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     tokenized = [ExampleTokenizer(tokenizer, 64)(Example(r["pair_id"], r["prompt"], r["completion"])) for r in TRAIN]

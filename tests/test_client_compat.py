@@ -19,7 +19,7 @@ import pytest
 from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, reference_tokens, write_json
 
 from if_query.config import QueryConfig
-from if_query.scorer import gradient_batches
+from if_query.score.engine_scorer import gradient_batches
 
 BIN = Path(sys.executable).parent
 REVISION = "v1-client"
@@ -156,7 +156,7 @@ def test_revision_must_match_the_factors_in_one_line(client, tiny_gpt2):
     ("v1", None, "fitted with revision 'v1', this run passes no revision; add --revision v1 to this run"),
 ])
 def test_a_revision_mismatch_says_what_to_do(fitted, given, words):
-    from if_query.compatibility import describe_model_mismatch
+    from if_query.run.compatibility import describe_model_mismatch
 
     assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": given}).endswith(words)
     assert describe_model_mismatch({"model": "m", "revision": fitted}, {"revision": fitted}) == ""

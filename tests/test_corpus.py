@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, killed_at, score_matrix, write_json
 
-from if_query import engine
+from if_query.score import engine
 
 WORDS = "the a of in is lives works plays city job Alice Bob Carol Dave Paris Rome Oslo Lima and to".split()
 

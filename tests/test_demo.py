@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from if_query.config import DemoConfig
-from if_query.demo import DEMO_QUERIES, run_demo
+from if_query.demo.run_demo import DEMO_QUERIES, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 

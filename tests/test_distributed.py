@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from if_query import distributed, modeling
+from if_query import distributed
 from if_query.kron import fit as kron_fit
+from if_query.model import loading
 
 
 @pytest.fixture
@@ -68,6 +69,6 @@ def test_each_rank_loads_its_model_straight_onto_its_gpu(rank_3_of_8, monkeypatc
         seen.update(kwargs)
         return torch.nn.Linear(2, 2)
 
-    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    modeling.load_model("some/model", None, torch.bfloat16)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    loading.load_model("some/model", None, torch.bfloat16)
     assert seen["device_map"] == {"": torch.device("cuda", 3)} and seen["dtype"] == torch.bfloat16

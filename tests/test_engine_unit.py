@@ -8,11 +8,11 @@ from helpers import assert_close_to_largest
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from if_query import engine
-from if_query.capture import TokenFactorStore
 from if_query.kron.factors import Preconditioner
-from if_query.sizes import Shape
-from if_query.transfer import Transfers
+from if_query.plan.sizes import Shape
+from if_query.score import engine
+from if_query.score.store import TokenFactorStore
+from if_query.score.transfer import Transfers
 
 SHAPES = {"a": (5, 4), "b": (3, 6)}  # name -> (out, in)
 BIAS = {"a": True, "b": False}

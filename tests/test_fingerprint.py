@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import TRAIN, assert_one_line_error, factors, save_tiny_model, tree, write_json
 
-from if_query import fingerprint as fp
-from if_query.compatibility import check_fingerprint
 from if_query.errors import InputError
-from if_query.metadata import METADATA_FILE, canonical_model
+from if_query.fit.metadata import METADATA_FILE, canonical_model
+from if_query.model import fingerprint as fp
+from if_query.run.compatibility import check_fingerprint
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_factors_without_a_fingerprint_warn_but_score(cli, model_dir, data, quer
 
 def test_demo_cache_refits_after_the_model_changes(model_dir, data, tmp_path):
     from if_query.config import FitConfig
-    from if_query.fitting import fit_hessians
+    from if_query.fit.fit_hessians import fit_hessians
 
     def demo_fit():
         return fit_hessians(FitConfig(model=str(model_dir), hessian_dataset=str(data), output_dir=str(tmp_path / "c"),

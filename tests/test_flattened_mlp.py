@@ -11,9 +11,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from if_query.errors import InputError
-from if_query.fingerprint import weights_fingerprint
-from if_query.metadata import METADATA_FILE, canonical_model
-from if_query.modeling import MlpProjection, find_mlp_modules, probe_inputs
+from if_query.fit.metadata import METADATA_FILE, canonical_model
+from if_query.model.fingerprint import weights_fingerprint
+from if_query.model.tracking import MlpProjection, find_mlp_modules, probe_inputs
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "olmo2", "gpt_neox", "qwen2"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import assert_one_line_error, factors, make_tokenizer
 
-from if_query.hessian_data import load_hessian_examples
-from if_query.tokenization import IGNORE_INDEX, TokenizedExample
+from if_query.data.hessian_data import load_hessian_examples
+from if_query.data.tokenization import IGNORE_INDEX, TokenizedExample
 
 PAD = 0
 WIDTH = 12  # the earlier tool padded to 512; the layout is what matters

@@ -11,7 +11,7 @@ import torch
 from helpers import fit_args, save_tiny_model
 from safetensors import safe_open
 
-from if_query import lambda_stage
+from if_query.fit import lambda_stage
 
 LAMBDA_FILE = "lambda_matrix.safetensors"
 
@@ -32,11 +32,12 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     from if_query.config import FitConfig
-    from if_query.hessian_data import load_hessian_examples
+    from if_query.data.hessian_data import load_hessian_examples
+    from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.kron.factors import FACTORS_NAME
     from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, wrap_tracked_modules
-    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.tokenization import Collator, ExampleTokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.model.tracking import find_mlp_modules, make_trackable
 
     shutil.copytree(fitted, out)
     for path in (out / "factors_hessian").iterdir():
@@ -159,8 +160,9 @@ def test_interrupted_lambda_stage_resumes_to_the_same_files(cli, tiny_gpt2, fitt
 
 
 def _tracked(model_dir: Path):
-    from if_query.modeling import find_mlp_modules, load_model, load_tokenizer, make_trackable
-    from if_query.tokenization import Collator, ExampleTokenizer
+    from if_query.data.tokenization import Collator, ExampleTokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.model.tracking import find_mlp_modules, make_trackable
 
     model = load_model(str(model_dir), None, torch.float32)
     modules = find_mlp_modules(model, 1)
@@ -171,9 +173,9 @@ def _tracked(model_dir: Path):
 
 
 def _examples(model_dir: Path, data: Path):
-    from if_query.hessian_data import load_hessian_examples
-    from if_query.modeling import load_tokenizer
-    from if_query.tokenization import ExampleTokenizer
+    from if_query.data.hessian_data import load_hessian_examples
+    from if_query.data.tokenization import ExampleTokenizer
+    from if_query.model.loading import load_tokenizer
 
     tokenizer = ExampleTokenizer(load_tokenizer(str(model_dir)), 512)
     return sorted(load_hessian_examples(str(data), tokenizer, None), key=len)

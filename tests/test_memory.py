@@ -5,9 +5,9 @@ import pytest
 import torch
 from helpers import QUERIES, TRAIN, write_json
 
-from if_query import memory
-from if_query.run_plan import resolve_budgets
-from if_query.scorer import EngineScorer
+from if_query.plan import memory
+from if_query.plan.run_plan import resolve_budgets
+from if_query.score.engine_scorer import EngineScorer
 
 GB = 10**9
 
@@ -57,7 +57,7 @@ def test_running_out_of_memory_fails_that_folder_only(cli, tiny_gpt2, fitted, tm
         return score(self, queries, train, *args, **kwargs)
 
     monkeypatch.setattr(EngineScorer, "score", score_or_run_out)
-    monkeypatch.setattr("if_query.query.release_memory", lambda device: released.append(device))
+    monkeypatch.setattr("if_query.run.run_query.release_memory", lambda device: released.append(device))
     result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], *folders, expect=1)
     assert "2 of 3 folders scored, 1 failed" in result.stdout
     [line] = [line for line in result.stderr.splitlines() if "FAILED" in line]

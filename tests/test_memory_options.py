@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import QUERIES, TRAIN, assert_close_to_largest, run_query, score_matrix, write_json
 
-from if_query.metadata import METADATA_FILE
+from if_query.fit.metadata import METADATA_FILE
 
 Q = [q["pair_id"] for q in QUERIES]
 T = [t["pair_id"] for t in TRAIN]

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from if_query.errors import InputError
-from if_query.modeling import find_mlp_modules, make_trackable
+from if_query.model.tracking import find_mlp_modules, make_trackable
 
 EXPECTED_SUFFIXES = {
     "gpt2": {"mlp.c_fc", "mlp.c_proj"},
@@ -66,7 +66,7 @@ def test_conv1d_swap_is_numerically_identical():
 def test_modules_that_see_one_input_are_found(family):
     """gate_proj and up_proj see the very same tensor (their token factors are kept once); nothing else does,
     even though the probe's freed activations could reuse each other's memory."""
-    from if_query.modeling import track_mlp_modules
+    from if_query.model.tracking import track_mlp_modules
 
     _, modules = track_mlp_modules(build(family, layers=3), 1)
     shared = {m.name: m.input_from for m in modules if m.input_from}
@@ -77,7 +77,7 @@ def test_modules_that_see_one_input_are_found(family):
 
 
 def test_matmul_precision_is_set_explicitly_whatever_was_set_before(monkeypatch):
-    from if_query.modeling import CUDA_MATMUL_PRECISION, resolve_matmul_precision, set_matmul_precision
+    from if_query.model.loading import CUDA_MATMUL_PRECISION, resolve_matmul_precision, set_matmul_precision
 
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = matmul.fp32_precision, conv.fp32_precision
@@ -96,7 +96,7 @@ def test_matmul_precision_is_set_explicitly_whatever_was_set_before(monkeypatch)
 
 @pytest.mark.parametrize("family", ["llama", "olmo2", "qwen2", "gpt2", "gpt_neox"])
 def test_the_plans_name_rule_agrees_with_the_probe(family):
-    from if_query.modeling import find_mlp_modules, shared_inputs_by_name, track_mlp_modules
+    from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name, track_mlp_modules
 
     _, probed = track_mlp_modules(build(family, layers=2), 1)
     assert shared_inputs_by_name(find_mlp_modules(build(family, layers=2))) == probed

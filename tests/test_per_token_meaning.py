@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import Reference, assert_close_to_largest, per_position_contributions, write_json
 
-from if_query.demo import DEMO_MODEL
+from if_query.demo.run_demo import DEMO_MODEL
 
 MODEL = Path(str(DEMO_MODEL))  # package data on disk (editable or wheel install)
 TRAIN = [  # the model learned Drellport and mireblue

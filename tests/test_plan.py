@@ -13,9 +13,9 @@ import torch
 from helpers import make_tokenizer, write_json
 from transformers import AutoModelForCausalLM, Olmo2Config
 
-from if_query import modeling
-from if_query import plan_command as plan_module
 from if_query.config import PlanConfig
+from if_query.model import loading
+from if_query.plan import command as plan_module
 
 GB = 1e9
 OLMO2_13B = {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "hidden_size": 5120,
@@ -49,8 +49,8 @@ def derived(config: dict, stride: int, sequences: int, tokens: int) -> dict:
 @pytest.mark.parametrize(("config", "stride"), [(OLMO2_13B, 2), (LLAMA3_8B, 1)], ids=["olmo2-13b", "llama3-8b"])
 def test_the_plan_of_a_config_alone_matches_the_shapes(cli, tmp_path, monkeypatch, config, stride):
     write_json(tmp_path / "model" / "config.json", config)  # no tokenizer, no weights
-    built, meta_model = [], modeling.meta_model
-    monkeypatch.setattr(modeling, "meta_model", lambda c: built.append(meta_model(c)) or built[-1])
+    built, meta_model = [], loading.meta_model
+    monkeypatch.setattr(loading, "meta_model", lambda c: built.append(meta_model(c)) or built[-1])
     expected = derived(config, stride, 50, 500)
     plans = plan_module.make_plans(PlanConfig(model=str(tmp_path / "model"), layer_stride=stride, sequences=50,
                                               tokens=500, score_batch_size=2))
@@ -94,7 +94,8 @@ def _olmo2(directory: Path, layers: int = 4) -> Path:
 
 RSS_PROBE = """
 import json, resource, sys
-import if_query.cli, if_query.query, if_query.scorer, if_query.engine, transformers.models.olmo2.modeling_olmo2
+import if_query.cli, if_query.run.run_query, if_query.score.engine_scorer, if_query.score.engine
+import transformers.models.olmo2.modeling_olmo2
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()

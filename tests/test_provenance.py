@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from if_query.metadata import METADATA_FILE
-from if_query.provenance import RUN_FILE, describe_damping, read_run
-from if_query.records import Example
-from if_query.results import ResultTable, TrainSide, write_results
-from if_query.scorer import ScoredSet
+from if_query.data.records import Example
+from if_query.fit.metadata import METADATA_FILE
+from if_query.report.provenance import RUN_FILE, describe_damping, read_run
+from if_query.report.results import ResultTable, TrainSide, write_results
+from if_query.score.scored import ScoredSet
 
 RESULT_NAMES = ["influences.csv", "query.csv", "run.json", "train.csv"]
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from if_query.data.records import load_examples
 from if_query.errors import InputError
-from if_query.records import load_examples
 
 
 def write(tmp_path, text, name="records.json", binary=False):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import QUERIES, TRAIN, Reference, assert_close_to_largest, reference_tokens, score_matrix, write_json
 
-from if_query import refine
+from if_query.score import refine
 
 STEPS = 40
 DAMPING = 0.01  # a well-conditioned case: 40 Neumann steps bring the scores within 1% of the exact inverse's

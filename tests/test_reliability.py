@@ -11,7 +11,7 @@ import torch
 from helpers import QUERIES, TRAIN, assert_one_line_error, factors, fit_args, save_tiny_model, tree, write_json
 
 from if_query.errors import InputError
-from if_query.metadata import METADATA_FILE, load_complete_metadata
+from if_query.fit.metadata import METADATA_FILE, load_complete_metadata
 
 
 @pytest.fixture
@@ -129,12 +129,13 @@ def test_factors_of_another_model_are_refused(cli, query_args, tmp_path):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Loading a model fails the test: what is checked must be checked before."""
-    from if_query import compatibility, modeling
+    from if_query.model import loading
+    from if_query.run import compatibility
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(modeling, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
     monkeypatch.setattr(compatibility, "load_model", refuse)
 
 
@@ -214,7 +215,7 @@ def test_extra_fields_and_unicode_round_trip(cli, query_args, tmp_path):
 def test_failed_query_run_leaves_previous_results_intact(cli, query_args, tmp_path, monkeypatch):
     cli(*query_args)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    from if_query import engine
+    from if_query.score import engine
 
     def explode(*args, **kwargs):
         raise RuntimeError("killed mid-way")

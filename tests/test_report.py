@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from helpers import QUERIES, TRAIN, write_json
 
-from if_query.report import MAX_HEATMAP_SIDE, write_report
-from if_query.results import read_results
+from if_query.report.html import MAX_HEATMAP_SIDE, write_report
+from if_query.report.results import read_results
 
 TOP_K = 2
 

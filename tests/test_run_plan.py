@@ -17,9 +17,11 @@ import pytest
 from helpers import QUERIES, TRAIN, assert_close_to_largest, killed_at, write_json
 from test_plan import OLMO2_13B
 
-from if_query import corpus, engine, memory
 from if_query.config import FitConfig, PlanConfig, QueryConfig, ReportConfig, cli_fields
-from if_query.plan_command import make_plans
+from if_query.data import corpus
+from if_query.plan import memory
+from if_query.plan.command import make_plans
+from if_query.score import engine
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 PROBE = Path(__file__).with_name("torchrun_probe.py")

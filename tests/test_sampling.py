@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import factors
 
-import if_query.loss as loss_module
-import if_query.sampling as sampling
-from if_query.metadata import METADATA_FILE
-from if_query.tokenization import IGNORE_INDEX, collate
+import if_query.model.loss as loss_module
+import if_query.model.sampling as sampling
+from if_query.data.tokenization import IGNORE_INDEX, collate
+from if_query.fit.metadata import METADATA_FILE
 
 
 def fit_args(model, data, out, *extra):
@@ -119,7 +119,7 @@ def test_sampled_labels_follow_the_model_softmax(tiny_gpt2):
     and differ after it; the labels drawn there must be distributed as that softmax (chi-square test)."""
     from transformers import AutoModelForCausalLM
 
-    from if_query.tokenization import TokenizedExample
+    from if_query.data.tokenization import TokenizedExample
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     prompt = [11, 13, 7]

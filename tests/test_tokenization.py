@@ -13,9 +13,9 @@ from helpers import (
     write_json,
 )
 
+from if_query.data.records import Example
+from if_query.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample, collate
 from if_query.errors import InputError
-from if_query.records import Example
-from if_query.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample, collate
 
 
 def ids(tokenizer, text):

@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from if_query import engine, memory, scorer
+from if_query.plan import memory
+from if_query.score import engine, engine_scorer
 
 RANK = int(os.environ.get("RANK", "0"))
 BASE = int(float(os.environ["PROBE_FREE_BYTES"]))
@@ -35,9 +36,9 @@ def counting_score(queries, train, *args, **kwargs):
     return score(queries, train, *args, **kwargs)
 
 
-capture, score = scorer.capture_token_factors, engine.score
+capture, score = engine_scorer.capture_token_factors, engine.score
 memory.host_memory_available = free_memory
-scorer.capture_token_factors = counting_capture
+engine_scorer.capture_token_factors = counting_capture
 engine.score = counting_score
 atexit.register(lambda: (Path(os.environ["PROBE_OUT"]) / f"rank{RANK}.json").write_text(
     json.dumps({"reads": reads, "captured": captured, "scored": scored})))

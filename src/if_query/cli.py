@@ -149,7 +149,7 @@ def command_class(config_class: type) -> type[typer.core.TyperCommand]:
 
 
 def fit(config: FitConfig, quiet: bool) -> None:
-    from if_query.fitting import fit_hessians
+    from if_query.fit.fit_hessians import fit_hessians
 
     metadata = fit_hessians(config, quiet=quiet)
     if not quiet:
@@ -160,8 +160,8 @@ def fit(config: FitConfig, quiet: bool) -> None:
 
 
 def query(config: QueryConfig, quiet: bool) -> None:
-    from if_query.query import QueryRunner
-    from if_query.summary import format_summary
+    from if_query.report.summary import format_summary
+    from if_query.run.run_query import QueryRunner
 
     outcomes = QueryRunner(config, quiet=quiet).run()
     if not is_main_rank():  # under torchrun every rank knows every outcome; rank 0 alone reports them
@@ -189,7 +189,7 @@ def query(config: QueryConfig, quiet: bool) -> None:
 
 
 def report(config: ReportConfig, quiet: bool) -> None:
-    from if_query.report import report_results_dir
+    from if_query.report.html import report_results_dir
 
     path = report_results_dir(config.results_dir, config.factors_dir, config.top_k)
     if not quiet:
@@ -197,14 +197,14 @@ def report(config: ReportConfig, quiet: bool) -> None:
 
 
 def plan(config: PlanConfig, quiet: bool) -> None:
-    from if_query.plan_command import plan_text
+    from if_query.plan.command import plan_text
 
     typer.echo(plan_text(config), nl=False)
 
 
 def demo(config: DemoConfig, quiet: bool) -> None:
-    from if_query.demo import run_demo
-    from if_query.summary import format_summary
+    from if_query.demo.run_demo import run_demo
+    from if_query.report.summary import format_summary
 
     outcome = run_demo(config)
     if not quiet:

@@ -3,7 +3,7 @@ relies on (below).
 
 - :mod:`~if_query.kron.factors`: the factor files, read one module at a time (:class:`~.factors.HessianFactors`,
   :class:`~.factors.Preconditioner`), for the engine, the refinement and the lambda stage;
-- :mod:`~if_query.kron.lambda_files`: what the lambda stage (:mod:`if_query.lambda_stage`) needs to write
+- :mod:`~if_query.kron.lambda_files`: what the lambda stage (:mod:`if_query.fit.lambda_stage`) needs to write
   Kronfluence's lambda files;
 - :mod:`~if_query.kron.fit`: Kronfluence's extension point (the task), the prepared model, the analyzer and the
   covariance and eigendecomposition stages, for fit-hessians;
@@ -41,7 +41,7 @@ The conventions, each checked against Kronfluence's source (``factor/config.py``
 - **Preconditioned score**: ``score(q, t) = sum_ij C_ij^-1 R_q,ij R_t,ij`` with ``R = Q_g^T grad Q_a``
   (``grad`` itself without eigenvectors) and ``C = curvature + damping``.
 
-**The lambda stage's files** (if-query computes lambda itself, :mod:`if_query.lambda_stage`, and writes
+**The lambda stage's files** (if-query computes lambda itself, :mod:`if_query.fit.lambda_stage`, and writes
 what Kronfluence's ``fit_lambda_matrices`` would, so ``load_all_factors`` and scoring read them unchanged):
 
 - ``lambda_matrix.safetensors`` {module: (out, in') float32} and ``num_lambda_processed.safetensors``

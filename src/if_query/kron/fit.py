@@ -1,5 +1,5 @@
 """Kronfluence's extension point (the task), the prepared model, the analyzer and the covariance and
-eigendecomposition stages of fit-hessians (the lambda stage: :mod:`if_query.lambda_stage`)."""
+eigendecomposition stages of fit-hessians (the lambda stage: :mod:`if_query.fit.lambda_stage`)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 
-from if_query import loss, sampling
+from if_query.data.tokenization import Collator, TokenizedExample
 from if_query.distributed import check_launch, start_data_parallel
 from if_query.kron.factors import FACTORS_NAME
-from if_query.tokenization import Collator, TokenizedExample
+from if_query.model import loss, sampling
 
 
 class CompletionLossTask(Task):
     """Training loss and measurement are both the summed cross-entropy over completion tokens.
 
-    For the true Fisher (``sample=True``) the labels come from :func:`if_query.sampling.sample_labels` under the current
-    ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
+    For the true Fisher (``sample=True``) the labels come from :func:`if_query.model.sampling.sample_labels` under the
+    current ``stage`` (set by the fitting code with :meth:`set_stage` before each stage) and ``seed``.
     """
 
     def __init__(self, tracked_modules: list[str], seed: int = 0):

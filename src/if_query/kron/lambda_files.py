@@ -1,4 +1,4 @@
-"""What if-query's lambda stage (:mod:`if_query.lambda_stage`) needs to write Kronfluence's lambda files
+"""What if-query's lambda stage (:mod:`if_query.fit.lambda_stage`) needs to write Kronfluence's lambda files
 (conventions: :mod:`if_query.kron`, "The lambda stage's files")."""
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from kronfluence.utils.exceptions import FactorsNotFoundError
 from torch import nn
 from torch.utils import data
 
-from if_query import loss
+from if_query.data.tokenization import Collator, TokenizedExample
 from if_query.errors import InputError
 from if_query.kron.factors import FACTORS_NAME, clamp_kfac_eigenvalues
 from if_query.kron.fit import CompletionLossTask, make_analyzer, wrap_tracked_modules
-from if_query.tokenization import Collator, TokenizedExample
+from if_query.model import loss
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""Validated examples -> token ids and labels -> dynamically padded batches.
+
+Prompt and completion are tokenized separately (no special tokens) and concatenated. Prompt
+tokens get label -100; completion tokens and the end-of-sequence token are labelled, so the
+loss (and the influence measurement) covers exactly the completion. Without the EOS
+(``eos_in_loss=False``, run-query's ``--no-eos-in-loss``) the sequence ends with the completion. Every labelled token is
+predicted from a token before it: the tokenizer's BOS when it adds one, else the prompt's last
+token, else (empty prompt, no BOS: GPT-2 and friends) the EOS token as a start token, as GPT-2
+does. Batches are padded on the right to their own longest sequence, padding positions labelled
+-100 and masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from if_query.data.records import Example
+from if_query.errors import InputError
+
+IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids and labels of one sequence (labels are -100 where no loss is taken)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_labelled(self) -> int:
+        """Labelled tokens that are predicted (``labels[1:]``: nothing predicts the first token); the
+        loss is averaged over these."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (its EOS) when it has none; padding is always masked."""
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no end-of-sequence token; if-query needs one to end completions")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer itself adds a BOS token to encoded text, else ``[]``."""
+    if tokenizer.bos_token_id is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if with_special and with_special[0] == tokenizer.bos_token_id:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def capped_length(max_length: int, position_limit: int | None) -> int:
+    """The token limit in effect: ``--max-length``, at most the model's position limit (when it has one)."""
+    return max_length if position_limit is None else min(max_length, position_limit)
+
+
+def warn_capped(max_length: int, position_limit: int | None, cut: Sequence[str], total: int) -> None:
+    """The one warning of a run whose ``--max-length`` exceeded the model's positions and cut records."""
+    if not cut or capped_length(max_length, position_limit) == max_length:
+        return
+    shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+    logger.warning("--max-length %d is more than the model's %d positions, so sequences are capped at %d tokens: "
+                   "%d of %d records were cut, losing tokens from the left (%s)",
+                   max_length, position_limit, position_limit, len(cut), total, shown)
+
+
+class ExampleTokenizer:
+    """Tokenizes examples the same way for fitting, scoring and loss measurement.
+
+    ``position_limit`` (the model's, :func:`if_query.model.loading.position_limit`) caps ``max_length``: a
+    longer sequence would index past the position embeddings. Records cut under the cap are not
+    warned about one by one but listed in ``cut`` for :meth:`warn_capped` (one warning per run); records
+    cut by ``max_length`` itself are warned about as they are cut.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, eos_in_loss: bool = True,
+                 position_limit: int | None = None):
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.requested_length = max_length
+        self.position_limit = position_limit
+        self.max_length = capped_length(max_length, position_limit)
+        self.capped = self.max_length < max_length
+        self.eos_in_loss = eos_in_loss
+        self.bos = bos_prefix(tokenizer)
+        self.cut: list[str] = []  # "source: pair_id 'x'" of every record that lost prompt tokens
+        self.seen = 0
+
+    def _limit(self) -> str:
+        return (f"the model's {self.max_length} positions (--max-length {self.requested_length})" if self.capped
+                else f"--max-length {self.max_length}")
+
+    def warn_capped(self) -> None:
+        """Warn once about the records the position cap cut (see the class docstring)."""
+        warn_capped(self.requested_length, self.position_limit, self.cut, self.seen)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def __call__(self, example: Example, source: str = "") -> TokenizedExample:
+        prompt = self._ids(example.prompt)
+        completion = self._ids(example.completion) + ([self.tokenizer.eos_token_id] if self.eos_in_loss else [])
+        where = f"{source}: " if source else ""
+        self.seen += 1
+        if not completion:
+            raise InputError(f"{where}pair_id {example.pair_id!r}: the completion has no tokens, and without "
+                             "the EOS token (--no-eos-in-loss) nothing would be scored")
+        # One token must precede the completion so that its first token is predicted: the BOS, or the
+        # prompt's last token, or (empty prompt, no BOS) the EOS token as a start token.
+        budget = self.max_length - len(self.bos) - len(completion)
+        if budget < (0 if self.bos else 1):
+            raise InputError(
+                f"{where}pair_id {example.pair_id!r}: completion is {len(completion)} tokens"
+                f"{' with EOS' if self.eos_in_loss else ''} and needs "
+                f"one token before it ({'BOS' if self.bos else 'the last prompt token or a start token'}): "
+                f"{len(completion) + 1} tokens, longer than {self._limit()}"
+            )
+        if len(prompt) > budget:
+            self.cut.append(f"{where}pair_id {example.pair_id!r}")
+            if not self.capped:
+                logger.warning("%spair_id %r: %d tokens exceed --max-length %d; dropping %d prompt tokens from "
+                               "the left", where, example.pair_id, len(self.bos) + len(prompt) + len(completion),
+                               self.max_length, len(prompt) - budget)
+            prompt = prompt[len(prompt) - budget :]
+        start = self.bos or ([] if prompt else [self.tokenizer.eos_token_id])
+        input_ids = start + prompt + completion
+        labels = [IGNORE_INDEX] * (len(start) + len(prompt)) + completion
+        return TokenizedExample(tuple(input_ids), tuple(labels))
+
+    def tokenize_all(self, examples: Sequence[Example], source: str = "") -> list[TokenizedExample]:
+        return [self(example, source) for example in examples]
+
+    def token_strings(self, tokenized: TokenizedExample) -> list[str]:
+        """The text of each token (decoded one by one), aligned with ``input_ids``."""
+        return [self.tokenizer.decode([token_id]) for token_id in tokenized.input_ids]
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int, pad_to: int | None = None) -> dict:
+    """Right-pad a batch to its longest sequence (or ``pad_to``); padding gets label -100, mask 0."""
+    length = max(len(example) for example in examples)
+    if pad_to is not None:
+        length = max(length, pad_to)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Collator:
+    """A picklable ``collate_fn`` for DataLoaders."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict:
+        return collate(examples, self.pad_token_id, self.pad_to)

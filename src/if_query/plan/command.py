@@ -1,0 +1,190 @@
+"""``if-query plan``: the fit's and the run's plans for a model known only by its ``config.json``.
+
+The model is built on the meta device (no weights are read, nothing is downloaded when the config is local, no GPU
+is needed). Each job is planned by :func:`if_query.plan.run_plan.plan_job` and the jobs are shared out by
+:func:`~if_query.plan.run_plan.plan_run`, the functions run-query itself plans with, from stated sizes (the GPUs' and
+the host's memory) instead of measured free memory: the chunk count and the rank split printed are a run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from if_query.config import PlanConfig
+from if_query.data.jobs import QueryJob
+from if_query.data.records import load_examples
+from if_query.data.tokenization import ExampleTokenizer
+from if_query.errors import InputError
+from if_query.model import loading
+from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
+from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
+from if_query.plan import sizes
+from if_query.plan.estimates import FitPlan, plan_fit, stated_peaks
+from if_query.plan.run_plan import Budgets, Context, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
+from if_query.plan.sizes import GB, ModelShape, Shape, human_bytes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The distinct sequences of one job, as lengths: the queries, the train rows, the train rows that are queries."""
+
+    name: str
+    queries: list[int]
+    train: list[int]
+    train_queries: list[int]
+
+
+def _folder_workloads(config: PlanConfig, limit: int | None) -> list[Workload]:
+    """Each query folder's distinct sequences, tokenized as run-query would."""
+    tokenizer = ExampleTokenizer(load_tokenizer(config.model, config.revision), config.max_length,
+                                 position_limit=limit)
+    workloads = []
+    for folder in config.folders:
+        job = QueryJob.from_folder(folder)
+        queries = list(dict.fromkeys(tokenizer(e, str(job.query_json)) for e in load_examples(job.query_json)))
+        train = list(dict.fromkeys(tokenizer(e, str(job.train_json)) for e in load_examples(job.train_json)))
+        position = set(queries)
+        workloads.append(Workload(str(folder), [len(q) for q in queries], [len(t) for t in train],
+                                  [j for j, t in enumerate(train) if t in position]))
+    return workloads
+
+
+def _stated_workloads(config: PlanConfig, tokens: int) -> list[Workload]:
+    """The workloads --sequences (a folder whose train side is its queries) and --documents (--queries against a
+    corpus) describe."""
+    workloads = []
+    if config.sequences:
+        count = config.sequences
+        workloads.append(Workload(f"a folder of {count} sequences of {tokens} tokens", [tokens] * count,
+                                  [tokens] * count, list(range(count))))
+    if config.documents:
+        workloads.append(Workload(f"{config.queries} queries against a corpus of {config.documents} documents of "
+                                  f"{tokens} tokens", [tokens] * config.queries, [tokens] * config.documents, []))
+    return workloads
+
+
+@dataclass
+class Plans:
+    """Everything ``if-query plan`` prints."""
+
+    header: list[str]
+    fit: FitPlan
+    run: RunPlan
+    names: list[str]
+    gpus: int
+
+    @property
+    def folders(self) -> list[tuple[str, JobPlan]]:
+        return list(zip(self.names, self.run.jobs, strict=True))
+
+
+def make_plans(config: PlanConfig) -> Plans:
+    """The fit and run plans of a :class:`~if_query.config.PlanConfig`."""
+    hf_config = load_config(config.model, config.revision)
+    model = loading.meta_model(hf_config)
+    shape = ModelShape.of(model, hf_config)
+    modules = shared_inputs_by_name(find_mlp_modules(model, config.layer_stride))
+    shapes = [Shape.of(m) for m in modules]
+    cuda = config.device == "cuda"
+    dtype = DTYPES["bfloat16" if cuda else "float32"] if config.dtype == "auto" else DTYPES[config.dtype]
+    dtype_bytes = dtype.itemsize
+    precision = resolve_matmul_precision(config.matmul_precision, torch.device(config.device))
+    peaks = stated_peaks(config.bf16_tflops, config.tf32_tflops, config.fp32_tflops, dtype_bytes)
+    limit = position_limit(hf_config)
+    tokens = min(config.tokens, limit) if limit else config.tokens
+    device_limit = int(config.gpu_memory_gb * GB) if cuda else None
+    gpus = config.gpus if cuda else 1
+    host_ram = int(config.host_ram_gb * GB)
+    host_per_rank = host_ram // gpus
+    model_bytes = shape.parameters * dtype_bytes
+    workloads = _folder_workloads(config, limit) if config.folders else _stated_workloads(config, tokens)
+    if not workloads:
+        raise InputError("give query folders, --sequences (a folder), or --documents (a corpus; with --queries), "
+                         "each of --tokens tokens, for the run-query part of the plan")
+    header = [
+        f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
+        f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
+        f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
+        f"Tracked: {len(shapes)} MLP projections of {len({m.layer for m in modules})} blocks (--layer-stride "
+        f"{config.layer_stride}); token factors {human_bytes(sizes.token_factor_bytes_per_token(shapes, dtype_bytes))}"
+        f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
+        f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
+        f"{human_bytes(host_per_rank)} of host RAM"
+        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "") + "; times at "
+        f"{peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 work "
+        f"({precision}), a tenth of float32's for the eigendecompositions",
+    ]
+    fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
+                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit)
+    host = config.host_memory_bytes
+    budgets = Budgets(default_host_budget(host_ram, gpus) if host is None else host,
+                      "--host-memory-gb" if host is not None else f"half of the host's {human_bytes(host_ram)}"
+                      + (f" divided among {gpus} ranks" if gpus > 1 else ""),
+                      config.workspace_bytes, free_host=host_per_rank - model_bytes,
+                      free_device=device_limit - model_bytes if cuda else None)
+    context = Context(shapes, shape, config.strategy, dtype_bytes, config.score_batch_size, config.per_token_scores,
+                      config.device, peaks, precision, device_limit, host_per_rank)
+    jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
+                     world=gpus) for w in workloads]
+    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus)
+
+
+def _job_lines(name: str, job: JobPlan) -> list[str]:
+    store = job.store
+    what = "the queries' token factors" if not job.at_once else "token factors"
+    lines = ["", f"run-query, {name} ({store.sequences} distinct sequences{' of queries' if not job.at_once else ''}"
+             f", {store.tokens} tokens):",
+             f"  {what} {human_bytes(store.token_factor_bytes)}: "
+             + (f"spilled to --spill-dir (over the host budget {human_bytes(store.host_budget)})" if store.spilled
+                else f"in RAM (budget {human_bytes(store.host_budget)})"),
+             f"  workspace {human_bytes(store.workspace_used)} used of {human_bytes(store.workspace_budget)}: "
+             + ("every gradient of a module at once" if store.at_once
+                else f"blocks of {store.block} gradients (exact; columns formed again per block)")]
+    if job.largest_chunk is not None:
+        sizes_ = [len(c.rows) for c in job.chunks]
+        rounds = -(-len(job.chunks) // job.world) if job.split else len(job.chunks)
+        lines.append(f"  train side: {sum(sizes_)} train-only sequences in {len(job.chunks):,} chunks of "
+                     f"{min(sizes_)}-{max(sizes_)} (token factors up to "
+                     f"{human_bytes(job.largest_chunk.token_factor_bytes)} each, budget "
+                     f"{human_bytes(job.chunk_budget)}), {rounds:,} rounds")
+    elif not job.at_once:
+        lines.append("  train side: every train sequence is a query (no chunk)")
+    lines.append(f"  ranks: {job.ranks()}")
+    peaks = [*store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
+    lines += [f"  {peak.describe()}" for peak in peaks]
+    moved = job.largest_chunk or store
+    lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: {human_bytes(moved.bytes_from_device)} "
+                 f"off the device, {human_bytes(moved.bytes_to_device)} onto it"
+                 + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
+    lines.append(f"  {store.work.describe()}" + ("" if job.at_once else " (the queries)"))
+    return lines
+
+
+def plan_text(config: PlanConfig) -> str:
+    """``if-query plan``: the text it prints (see the module docstring and :class:`~if_query.config.PlanConfig`)."""
+    plans = make_plans(config)
+    fit = plans.fit
+    lines = plans.header + [
+        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {config.tokens} tokens, "
+        f"--module-partitions {config.module_partitions}):",
+        f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
+        f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
+        f"largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
+    lines += [f"  {peak.describe()}" for peak in fit.peaks()]
+    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)"
+                                                if plans.gpus > 1 else ""))
+    failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
+    for name, job in plans.folders:
+        lines += _job_lines(name, job)
+        peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
+        failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
+    lines.append("")
+    if failing:
+        lines += ["Does not fit:"] + [f"  {stage}, {peak.where}: {human_bytes(peak.total)} > "
+                                      f"{human_bytes(peak.limit)}; {peak.advice}" for peak, stage in failing]
+    else:
+        lines.append("Everything fits.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,273 @@
+"""Memory and time of fit-hessians and run-query, from the shapes: the size model behind run-query's plan line,
+fit-hessians' warnings and ``if-query plan`` (:mod:`if_query.plan.command`).
+
+:func:`plan_scoring` sizes one store of token factors (what :mod:`if_query.plan.run_plan` decides with, and run-query
+prints before each job); :func:`plan_fit` what fit-hessians warns about. Byte and FLOP counts are
+:mod:`if_query.plan.sizes`'s; times are FLOPs at a stated peak (estimates, not measurements).
+
+Device memory, per rank:
+- fit, covariance pass: model + one batch's activations + the covariances of one module partition;
+  eigendecomposition (rank 0): the largest covariance in float64, its eigenvectors and LAPACK's workspace;
+  lambda pass: model + one batch's activations + a partition's eigenvectors and lambdas + per-example
+  gradients formed at once (the lambda stage's 1 GB chunk).
+- run-query, capture: model + one batch's activations + its output gradients (kept until the batch ends);
+  scoring, the worst module: model + its factors while prepared + its token factors on the device + the
+  whitened gradients of the workspace actually used (+ kept rotations, + per-token scratch).
+Host memory, per rank: the folder's token factors (RAM up to the host budget, else a spill file) and the
+pinned staging buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from if_query.config import H100_BF16_TFLOPS, H100_FP32_TFLOPS, H100_TF32_TFLOPS
+from if_query.plan import sizes
+from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_flops
+from if_query.score.per_example import rotation_flops
+from if_query.score.transfer import STAGING_BYTES
+
+LAMBDA_CHUNK_BYTES = 1 << 30  # per-example gradients the lambda stage forms at once (lambda_stage.CHUNK_BYTES)
+EIGH_COPIES = 3  # a float64 covariance, its eigenvectors, LAPACK's workspace
+EIGH_EFFICIENCY = 0.1  # eigendecompositions run far below the float32 peak: timed at a tenth of it
+
+
+@dataclass
+class Part:
+    """One named amount of memory."""
+
+    name: str
+    bytes: int
+
+
+@dataclass
+class Peak:
+    """The parts that are held at once somewhere (a device or the host) at the busiest moment of a stage."""
+
+    where: str
+    parts: list[Part]
+    limit: int | None = None  # the memory there (None: not checked)
+    advice: str = ""  # what to change when it does not fit
+
+    @property
+    def total(self) -> int:
+        return sum(part.bytes for part in self.parts)
+
+    @property
+    def fits(self) -> bool:
+        return self.limit is None or self.total <= self.limit
+
+    def describe(self) -> str:
+        parts = " + ".join(f"{p.name} {human_bytes(p.bytes)}" for p in self.parts if p.bytes)
+        verdict = "" if self.limit is None else (
+            f" of {human_bytes(self.limit)}: fits" if self.fits
+            else f" of {human_bytes(self.limit)}: DOES NOT FIT; {self.advice}")
+        return f"{self.where}: {human_bytes(self.total)} = {parts}{verdict}"
+
+
+@dataclass
+class Work:
+    """FLOPs of a stage, each at its own peak."""
+
+    name: str
+    flops: dict[str, tuple[float, float]] = field(default_factory=dict)  # what -> (FLOPs, peak FLOP/s)
+
+    @property
+    def seconds(self) -> float:
+        return sum(count / peak for count, peak in self.flops.values())
+
+    def describe(self) -> str:
+        items = ", ".join(f"{what} {human_flops(count)}" for what, (count, _) in self.flops.items())
+        return f"{self.name}: {items}; {self.seconds:,.0f} s at the stated peaks"
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """FLOP/s the times are computed at (datasheet, dense): the model's dtype, float32 work, and TF32."""
+
+    model: float
+    float32: float
+    tf32: float
+
+    def engine(self, matmul_precision: str) -> float:
+        return self.tf32 if matmul_precision == "tf32" else self.float32
+
+
+def stated_peaks(bf16_tflops: float, tf32_tflops: float, fp32_tflops: float, dtype_bytes: int) -> Peaks:
+    """Peaks from TFLOP/s figures: the model's passes at the bfloat16 one (float32 models: the float32 one)."""
+    return Peaks((bf16_tflops if dtype_bytes == 2 else fp32_tflops) * 1e12, fp32_tflops * 1e12, tf32_tflops * 1e12)
+
+
+DEFAULT_PEAKS = stated_peaks(H100_BF16_TFLOPS, H100_TF32_TFLOPS, H100_FP32_TFLOPS, 2)
+
+
+def _eigen(strategy: str) -> bool:
+    return strategy in ("kfac", "ekfac")
+
+
+def _partitions(shapes: Sequence[Shape], partitions: int) -> list[list[Shape]]:
+    """Kronfluence's module partitions: contiguous groups of about equal count."""
+    size = -(-len(shapes) // partitions)
+    return [list(shapes[i : i + size]) for i in range(0, len(shapes), size)]
+
+
+# --- run-query ---
+
+
+@dataclass
+class ScorePlan:
+    """Memory and work of scoring one set of distinct sequences (a folder)."""
+
+    sequences: int
+    tokens: int
+    token_factor_bytes: int
+    host_budget: int
+    spilled: bool
+    workspace_budget: int
+    workspace_used: int
+    at_once: bool
+    block: int
+    bytes_to_device: int
+    bytes_from_device: int
+    capture: Peak
+    scoring: Peak
+    host: Peak
+    work: Work
+
+    def line(self) -> str:
+        """The one plan line run-query logs before a folder."""
+        where = "spilled to a memory-mapped file" if self.spilled else "in RAM"
+        layout = ("every gradient of a module at once" if self.at_once
+                  else f"blocks of {self.block} gradients, columns formed again per block")
+        return (f"Plan: {self.sequences} sequences, {self.tokens} tokens; token factors "
+                f"{human_bytes(self.token_factor_bytes)} {where} (budget {human_bytes(self.host_budget)}); "
+                f"workspace {human_bytes(self.workspace_used)} of {human_bytes(self.workspace_budget)} ({layout}); "
+                f"device peak {human_bytes(max(self.capture.total, self.scoring.total))}; moved "
+                f"{human_bytes(self.bytes_from_device)} off the device, {human_bytes(self.bytes_to_device)} onto it")
+
+    def peaks(self) -> list[Peak]:
+        return [self.capture, self.scoring, self.host]
+
+
+def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[int], strategy: str,
+                 dtype_bytes: int, batch_size: int, workspace_budget: int, host_budget: int, per_token: bool,
+                 device_type: str, peaks: Peaks, matmul_precision: str, device_limit: int | None = None,
+                 host_limit: int | None = None, labelled: Sequence[int] | None = None) -> ScorePlan:
+    """The plan of scoring sequences of ``lengths`` (distinct; ``labelled`` tokens of each, default all)."""
+    tokens, longest, count = sum(lengths), max(lengths), len(lengths)
+    token_factors = tokens * sizes.token_factor_bytes_per_token(shapes, dtype_bytes)
+    spilled = token_factors > host_budget
+    on_device = device_type != "cpu"
+    model_bytes = model.parameters * dtype_bytes
+    batch_tokens = sum(sorted(lengths)[-batch_size:])  # the batch of the longest sequences
+    batch_labelled = batch_tokens if labelled is None else sum(sorted(labelled)[-batch_size:])
+    output_grads = batch_tokens * dtype_bytes * sum(s.out for s in shapes)
+    capture = Peak("device, capturing" if on_device else "RAM, capturing (besides the token factors)", [
+        Part("model", model_bytes),
+        Part(f"activations of a batch of {batch_tokens} tokens", sizes.activation_bytes(model, batch_tokens,
+                                                                                        dtype_bytes, batch_labelled)),
+        Part("its output gradients", output_grads)], device_limit if on_device else None,
+        "a smaller --score-batch-size")
+    worst, worst_total, at_once, block, used = None, -1, True, count, 0
+    for shape in shapes:
+        scratch = workspace_budget // 4 if per_token else 0
+        width_bytes = sizes.whitened_bytes(shape)
+        capacity = max(2, (workspace_budget - scratch) // width_bytes)
+        module_at_once = capacity >= count
+        module_used = (count if module_at_once else 2 * (capacity // 2)) * width_bytes
+        parts = [Part("model", model_bytes),
+                 Part(f"factors of {shape.name.rsplit('.', 1)[-1]}",
+                      sizes.preconditioner_bytes(shape, strategy)[1]),
+                 Part("its token factors", sizes.slab_bytes(shape, tokens, dtype_bytes) if on_device else 0),
+                 Part("whitened gradients", module_used)]
+        if per_token:
+            one = sizes.per_token_scratch_bytes(shape, longest)
+            parts.append(Part("per-token scratch", min(count, max(1, scratch // one)) * one))
+        total = sum(p.bytes for p in parts)
+        if total > worst_total:
+            worst, worst_total = parts, total
+        at_once = at_once and module_at_once
+        block = min(block, count if module_at_once else capacity // 2)
+        used = max(used, module_used)
+    scoring = Peak("device, scoring" if on_device else "RAM, scoring (besides the token factors)", worst,
+                   device_limit if on_device else None, "a smaller --workspace-gb (exact, in blocks)")
+    host = Peak("host" if on_device else "RAM", [
+        Part("token factors" if not spilled else "token factors (spill file: page cache)", 0 if spilled
+             else token_factors),
+        Part("pinned staging", 2 * STAGING_BYTES + batch_tokens * sizes.token_factor_bytes_per_token(
+            shapes, dtype_bytes) if on_device else 0)] + ([] if on_device else [
+                Part("capture or scoring", max(capture.total, scoring.total))]), host_limit,
+        "a smaller --host-memory-gb (the rest is spilled to --spill-dir)")
+    work = Work("run-query FLOPs", {
+        "forward and backward": (sizes.forward_backward_flops(model, lengths), peaks.model),
+        "rotations and whitened gradients": (sum(rotation_flops(t, s.out, s.width) if _eigen(strategy)
+                                                 else 2 * t * s.out * s.width for t in lengths for s in shapes),
+                                             peaks.engine(matmul_precision)),
+        "Gram": (sum(2 * count * count * s.out * s.width for s in shapes) * (1 if at_once else 2),
+                 peaks.engine(matmul_precision)),
+    })
+    return ScorePlan(count, tokens, token_factors, host_budget, spilled, workspace_budget, used, at_once, block,
+                     token_factors if on_device else 0, token_factors if on_device else 0, capture, scoring, host,
+                     work)
+
+
+# --- fit-hessians ---
+
+
+@dataclass
+class FitPlan:
+    factors: sizes.FactorSizes
+    largest_module: tuple[str, int]
+    covariance: Peak
+    eigendecomposition: Peak
+    lambdas: Peak
+    work: Work
+
+    def peaks(self) -> list[Peak]:
+        return [self.covariance, self.eigendecomposition, self.lambdas]
+
+
+def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_bytes: int, factor_batch_size: int,
+             lambda_batch_size: int, partitions: int, fit_lengths: Sequence[int], peaks: Peaks,
+             matmul_precision: str, device_limit: int | None = None) -> FitPlan:
+    factors = sizes.estimate_factor_sizes(shapes, strategy)
+    per_module = {s.name: sizes.module_factor_sizes(s, strategy).total_bytes for s in shapes}
+    largest = max(per_module.items(), key=lambda item: item[1])
+    model_bytes = model.parameters * dtype_bytes
+    longest = sorted(fit_lengths)[::-1]
+    groups = _partitions(shapes, partitions)
+
+    def batch(size: int) -> list[Part]:
+        tokens = sum(longest[:size])
+        return [Part("model", model_bytes),
+                Part(f"activations of a batch of {tokens} tokens", sizes.activation_bytes(model, tokens, dtype_bytes,
+                                                                                          tokens))]
+
+    advice = "more --module-partitions, or smaller batches"
+    covariance = Peak("device, covariance pass", batch(factor_batch_size) + [Part(
+        f"covariances of a partition ({len(groups)})",
+        max(sum(sizes.module_factor_sizes(s, strategy).covariance_bytes for s in g) for g in groups))],
+        device_limit, advice)
+    biggest = max((max(s.width, s.out) for s in shapes), default=0) if _eigen(strategy) else 0
+    eigen = Peak("device, eigendecomposition (rank 0)", [Part(
+        f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
+        sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
+    lambda_state = max(sum(sizes.module_factor_sizes(s, strategy).eigen_bytes + sizes.whitened_bytes(s) for s in g)
+                       for g in groups)
+    lambdas = Peak("device, lambda pass", batch(lambda_batch_size) + [
+        Part("eigenvectors and lambdas of a partition", lambda_state if strategy in ("ekfac", "diagonal") else 0),
+        Part("per-example gradients", LAMBDA_CHUNK_BYTES if strategy in ("ekfac", "diagonal") else 0)],
+        device_limit, advice)
+    passes = sizes.forward_backward_flops(model, fit_lengths)
+    engine_peak = peaks.engine(matmul_precision)
+    flops = {"covariance pass": (passes * partitions, peaks.model),
+             "covariances": (sum(2 * t * (s.width**2 + s.out**2) for t in fit_lengths for s in shapes), engine_peak)}
+    if _eigen(strategy):
+        flops["eigendecompositions (float64)"] = (sizes.eigendecomposition_flops(shapes),
+                                                  peaks.float32 * EIGH_EFFICIENCY)
+    if strategy in ("ekfac", "diagonal"):
+        flops["lambda pass"] = (passes * partitions, peaks.model)
+        flops["lambda"] = (sum(rotation_flops(t, s.out, s.width) if strategy == "ekfac"
+                               else 2 * t * s.out * s.width for t in fit_lengths for s in shapes), engine_peak)
+    return FitPlan(factors, largest, covariance, eigen, lambdas, Work("fit-hessians FLOPs", flops))

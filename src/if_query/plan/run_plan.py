@@ -1,0 +1,243 @@
+"""The decisions of a run-query run, made once before any scoring and followed by every rank.
+
+Under torchrun rank 0 makes the plan (the only free-memory reads of a run are :func:`resolve_budgets`'s, on rank 0)
+and broadcasts it; no rank decides anything another rank must agree with. ``if-query plan`` makes the same objects
+from stated sizes (:func:`plan_job`), so what it prints is what a run does.
+
+For each job (a folder, or every folder's queries against a corpus):
+- **at once**: the queries' and train-only sequences' token factors fit the host budget together: one store;
+- **in chunks**: the queries' store (in RAM, or spilled when they alone exceed the budget), then the train-only
+  rows not yet done in consecutive chunks that each fit what the queries leave of the budget;
+- **which ranks**: a job with at least two chunks to do is split across the ranks (chunk k on rank k mod N, rank
+  0 gathers and writes); any other job is scored, in blocks or spilled, by one rank alone, jobs shared out in
+  turn. Its workspace (whitened gradients at once) is set here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from if_query.plan import memory
+from if_query.plan.estimates import Peaks, ScorePlan, plan_scoring
+from if_query.plan.sizes import ModelShape, Shape, human_bytes, token_factor_bytes_per_token
+
+HOST_SHARE = 0.5  # default --host-memory-gb: this fraction of the available RAM, divided among the host's ranks
+DEVICE_WORKSPACE_SHARE = 0.5  # default --workspace-gb on CUDA: this fraction of the free device memory
+HOST_WORKSPACE_SHARE = 0.25  # ... on CPU: this fraction of the available RAM after the token factors
+MIN_WORKSPACE_BYTES = 64 * 10**6
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Memory a rank may use, resolved once: ``host`` bytes of token factors in RAM; the workspace (``workspace``
+    when given, else each job's default from the free memory read once)."""
+
+    host: int
+    host_from: str  # how ``host`` was set, for the log
+    workspace: int | None
+    free_host: int  # MemAvailable when the plan was made (rank 0)
+    free_device: int | None  # free device memory then (CUDA; cached blocks counted as free)
+    local_ranks: int = 1  # ranks sharing this host's RAM
+
+    def workspace_for(self, reserved: int) -> int:
+        """The workspace of a job that keeps ``reserved`` bytes of token factors in RAM."""
+        if self.workspace is not None:
+            return self.workspace
+        if self.free_device is not None:
+            return max(MIN_WORKSPACE_BYTES, int(self.free_device * DEVICE_WORKSPACE_SHARE))
+        return max(MIN_WORKSPACE_BYTES, int((self.free_host - reserved) * HOST_WORKSPACE_SHARE) // self.local_ranks)
+
+
+def default_host_budget(free_host: int, local_ranks: int) -> int:
+    """The default --host-memory-gb: half the available RAM, divided among the host's ranks."""
+    return int(free_host * HOST_SHARE) // local_ranks
+
+
+def resolve_budgets(host: int | None, workspace: int | None, device: torch.device, local_ranks: int) -> Budgets:
+    """The budgets of a run (``host``/``workspace``: the options in bytes, None for the defaults), reading the
+    free memory once: call it on one rank and broadcast the result."""
+    free_host = memory.host_memory_available()
+    free_device = memory.device_memory_free(device) if device.type == "cuda" else None
+    if host is None:
+        source = (f"half the free RAM ({human_bytes(free_host)})"
+                  + (f" divided among {local_ranks} ranks" if local_ranks > 1 else ""))
+        host = default_host_budget(free_host, local_ranks)
+    else:
+        source = "--host-memory-gb"
+    return Budgets(host, source, workspace, free_host, free_device, local_ranks)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every job's sizes depend on: the tracked shapes, the model, the factors' strategy, dtype and options."""
+
+    shapes: Sequence[Shape]
+    model: ModelShape
+    strategy: str
+    dtype_bytes: int
+    batch_size: int
+    per_token: bool
+    device_type: str
+    peaks: Peaks
+    matmul_precision: str
+    device_limit: int | None = None
+    host_limit: int | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return token_factor_bytes_per_token(self.shapes, self.dtype_bytes)
+
+    def store(self, lengths: Sequence[int], workspace: int, host_budget: int) -> ScorePlan:
+        return plan_scoring(self.shapes, self.model, lengths, self.strategy, self.dtype_bytes, self.batch_size,
+                            workspace, host_budget, self.per_token, self.device_type, self.peaks,
+                            self.matmul_precision, self.device_limit, self.host_limit)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    rows: np.ndarray  # (sequences,) int64 train rows, consecutive among those to do
+    rank: int  # the rank that scores it
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job's decisions (see the module docstring)."""
+
+    name: str
+    train_rows: int
+    done_rows: int  # resumed from partial results
+    store: ScorePlan | None  # at once: every sequence; in chunks: the queries' (None: Kronfluence's scorer)
+    at_once: bool = True
+    chunks: tuple[Chunk, ...] = ()
+    chunk_budget: int = 0
+    largest_chunk: ScorePlan | None = None  # None: no chunk (at once, or every train row is a query or done)
+    split: bool = False  # chunks shared among the ranks
+    rank: int = 0  # the rank that scores it alone, or (split) gathers and writes it
+    world: int = 1
+
+    def with_rank(self, rank: int) -> JobPlan:
+        """This job given to ``rank`` (a split job's chunks keep their ranks)."""
+        chunks = self.chunks if self.split else tuple(replace(c, rank=rank) for c in self.chunks)
+        return replace(self, rank=rank, chunks=chunks)
+
+    def chunks_of(self, rank: int) -> list[int]:
+        """The chunks ``rank`` scores."""
+        return [k for k, chunk in enumerate(self.chunks) if chunk.rank == rank]
+
+    def scored_by(self, rank: int) -> bool:
+        """Whether ``rank`` takes part in scoring this job."""
+        return self.split or self.rank == rank
+
+    def ranks(self) -> str:
+        """Which ranks score it, in words."""
+        if self.split:
+            return (f"{self.world} ranks split the chunks (chunk k on rank k mod {self.world}), rank 0 gathers the "
+                    "scores")
+        return (f"rank {self.rank} alone (jobs that are not split are shared out among the {self.world} ranks in "
+                "turn)" if self.world > 1 else "one rank")
+
+    def line(self) -> str:
+        """The plan line run-query logs before the job."""
+        text = self.store.line()
+        if not self.at_once:
+            sizes = [len(c.rows) for c in self.chunks]
+            biggest = 0 if self.largest_chunk is None else self.largest_chunk.token_factor_bytes
+            text = (f"{text} (the queries); Chunks: {sum(sizes)} train sequences in {len(self.chunks)} chunks of "
+                    f"{min(sizes, default=0)}-{max(sizes, default=0)} sequences (token factors up to "
+                    f"{human_bytes(biggest)} each, budget {human_bytes(self.chunk_budget)}"
+                    + (f"; {self.done_rows} train examples already scored" if self.done_rows else "") + ")")
+        return f"{text}; {self.ranks()}"
+
+    def describe(self, budgets: Budgets) -> dict:
+        """What run.json records of it (and of the ``budgets`` it was made with)."""
+        sizes = [len(c.rows) for c in self.chunks]
+        if self.store is None:
+            return {"mode": "kronfluence", "world_size": self.world}
+        return {
+            "host_budget_bytes": budgets.host,
+            "host_budget_from": budgets.host_from,
+            "world_size": self.world,
+            "mode": "at once" if self.at_once else "chunks",
+            "token_factor_bytes": self.store.token_factor_bytes,
+            "spilled": self.store.spilled,
+            "workspace_bytes": self.store.workspace_budget,
+            "workspace_blocks": None if self.store.at_once else self.store.block,
+            "chunks": len(self.chunks),
+            "chunk_sequences": [min(sizes), max(sizes)] if sizes else None,
+            "chunk_budget_bytes": self.chunk_budget or None,
+            "resumed_rows": self.done_rows,
+            "ranks": self.ranks(),
+        }
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every job's plan, the budgets they were made with and the number of ranks (broadcast as one object)."""
+
+    budgets: Budgets
+    world: int
+    jobs: tuple[JobPlan, ...]
+    extra: dict = field(default_factory=dict)  # what the ranks check they agree on (e.g. the corpus's digest)
+
+
+def plan_chunks(lengths: np.ndarray, bytes_per_token: int, budget: int) -> list[np.ndarray]:
+    """Consecutive groups of the positions of ``lengths`` whose token factors fit ``budget`` (at least one each)."""
+    chunks, start, used = [], 0, 0
+    for position, length in enumerate(lengths.tolist()):
+        size = length * bytes_per_token
+        if position > start and used + size > budget:
+            chunks.append(np.arange(start, position))
+            start, used = position, 0
+        used += size
+    if start < len(lengths):
+        chunks.append(np.arange(start, len(lengths)))
+    return chunks
+
+
+def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Sequence[int], train_lengths: np.ndarray,
+             train_queries: Sequence[int] = (), done: np.ndarray | None = None, world: int = 1) -> JobPlan:
+    """The plan of one job: ``query_lengths`` of its distinct queries, ``train_lengths`` of its distinct train rows
+    (``train_queries``: the rows that are queries, scored from their token factors), ``done``: (train,) bool rows
+    already scored. The rank of a job not split is set by :func:`plan_run`."""
+    per_token = context.bytes_per_token
+    train_only = np.ones(len(train_lengths), dtype=bool)
+    train_only[list(train_queries)] = False
+    done = np.zeros(len(train_lengths), dtype=bool) if done is None else done
+    query_tokens = int(sum(query_lengths))
+    everything = (query_tokens + int(train_lengths[train_only].sum())) * per_token
+    if not done.any() and everything <= budgets.host:
+        lengths = [*query_lengths, *train_lengths[train_only].tolist()]
+        return JobPlan(name, len(train_lengths), 0, context.store(lengths, budgets.workspace_for(everything),
+                                                                     budgets.host), world=world)
+    query_bytes = query_tokens * per_token
+    query_spilled = query_bytes > budgets.host
+    chunk_budget = max(budgets.host - (0 if query_spilled else query_bytes), per_token)
+    todo = np.flatnonzero(train_only & ~done)
+    groups = [todo[g] for g in plan_chunks(train_lengths[todo], per_token, chunk_budget)]
+    split = world > 1 and len(groups) >= 2
+    workspace = budgets.workspace_for((0 if query_spilled else query_bytes) + chunk_budget)
+    largest = None
+    if groups:
+        biggest = max(groups, key=lambda rows: int(train_lengths[rows].sum()))
+        largest = context.store(train_lengths[biggest].tolist(), workspace, chunk_budget)
+    chunks = tuple(Chunk(rows, k % world if split else 0) for k, rows in enumerate(groups))
+    return JobPlan(name, len(train_lengths), int(done.sum()), context.store(list(query_lengths), workspace,
+                                                                            budgets.host),
+                   False, chunks, chunk_budget, largest, split, 0, world)
+
+
+def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:
+    """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn."""
+    alone = 0
+    planned = []
+    for job in jobs:
+        if job.split:
+            planned.append(job.with_rank(0))
+        else:
+            planned.append(job.with_rank(alone % world))
+            alone += 1
+    return RunPlan(budgets, world, tuple(planned), dict(extra or {}))

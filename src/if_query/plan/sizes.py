@@ -1,0 +1,182 @@
+"""Every byte and FLOP count, from the shapes alone: factors, token factors, whitened gradients, activations,
+the work of each stage. The run-query plan line and ``if-query plan`` both read these.
+
+One unit convention everywhere: decimal, 1 GB = 10^9 bytes (``human_bytes``), as disks and GPU datasheets count
+("80 GB"). Per tracked module of weight (out, in): ``width`` = in' = in + 1 with a bias (the bias column of
+:mod:`if_query.score.per_example`). Factors and all scoring arithmetic are float32 (``BYTES_PER_FLOAT``); token
+factors and activations are in the model's dtype.
+
+The per-example gradient's maths (bias column, rotation order and its FLOPs): :mod:`if_query.score.per_example`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BYTES_PER_FLOAT = 4  # float32: factors, whitened gradients, scores
+BYTES_PER_DOUBLE = 8  # float64: the curvature while a module's factors are prepared
+GB = 10**9
+# Saved activations of one decoder block, per token, in elements of the model's dtype, for a forward and
+# backward pass with frozen weights (the backward computes activation gradients only): attention about 11
+# hidden-sized tensors (block input, q, k, v and their normed/rotated copies, the attention output, o_proj's
+# input, the norms' inputs), the MLP 4 intermediate-sized ones (gate and up outputs, the activation, the
+# product fed to down_proj). An estimate (about 8.9 GB for OLMo-2-13B at 2 x 500 tokens), not a measurement.
+ACTIVATION_HIDDEN_PER_TOKEN = 11
+ACTIVATION_INTERMEDIATE_PER_TOKEN = 4
+LOGIT_COPIES = 3  # logits at labelled positions: the model's, their float32 copy, the softmax gradient
+
+
+def human_bytes(count: float) -> str:
+    """Decimal units: 1 KB = 10^3 bytes, 1 GB = 10^9 (never 1024-based)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_flops(count: float) -> str:
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(count) < 1000 or unit == "P":
+            return f"{count:.1f} {unit}FLOP"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A tracked module's shape: its weight (out, in), whether it has a bias, and whether it reads the input of
+    an earlier module (then its token factors keep no inputs of their own)."""
+
+    name: str
+    out: int
+    inp: int
+    bias: bool
+    shares_input: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.inp + int(self.bias)
+
+    @classmethod
+    def of(cls, module) -> Shape:
+        """From an :class:`~if_query.model.loading.MlpProjection`."""
+        return cls(module.name, module.out_features, module.in_features, module.bias, module.input_from is not None)
+
+
+# --- the rotation rule ---
+
+
+# --- factors (fit-hessians' files) ---
+
+
+@dataclass(frozen=True)
+class FactorSizes:
+    covariance_bytes: int
+    eigen_bytes: int
+    lambda_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.covariance_bytes + self.eigen_bytes + self.lambda_bytes
+
+    def human(self) -> str:
+        return human_bytes(self.total_bytes)
+
+
+def module_factor_sizes(shape: Shape, strategy: str) -> FactorSizes:
+    """Bytes of one module's factors in Kronfluence's files for ``strategy``."""
+    a, g = shape.width, shape.out
+    covariance = (a * a + g * g) * BYTES_PER_FLOAT
+    eigen = (a * a + g * g + a + g) * BYTES_PER_FLOAT
+    lambdas = a * g * BYTES_PER_FLOAT
+    return {"ekfac": FactorSizes(covariance, eigen, lambdas), "kfac": FactorSizes(covariance, eigen, 0),
+            "diagonal": FactorSizes(0, 0, lambdas)}.get(strategy, FactorSizes(0, 0, 0))
+
+
+def estimate_factor_sizes(modules: Sequence, strategy: str) -> FactorSizes:
+    """Bytes of the factors Kronfluence stores for ``strategy`` (modules: MlpProjection or Shape)."""
+    sizes = [module_factor_sizes(m if isinstance(m, Shape) else Shape.of(m), strategy) for m in modules]
+    return FactorSizes(sum(s.covariance_bytes for s in sizes), sum(s.eigen_bytes for s in sizes),
+                       sum(s.lambda_bytes for s in sizes))
+
+
+def preconditioner_bytes(shape: Shape, strategy: str) -> tuple[int, int]:
+    """(resident, peak while prepared) device bytes of one module's factors while it is scored: Q_a, Q_g and
+    S in float32; while S is made, the float32 lambda (or eigenvalues) and the float64 curvature too."""
+    a, g = shape.width, shape.out
+    if strategy == "identity":
+        return 0, 0
+    scale = g * a * BYTES_PER_FLOAT
+    eigenvectors = (a * a + g * g) * BYTES_PER_FLOAT if strategy in ("kfac", "ekfac") else 0
+    preparing = g * a * (BYTES_PER_FLOAT + BYTES_PER_DOUBLE)
+    return eigenvectors + scale, eigenvectors + scale + preparing
+
+
+# --- token factors and the engine's working memory ---
+
+
+def token_factor_bytes_per_token(shapes: Sequence[Shape], dtype_bytes: int) -> int:
+    """Bytes of one token's factors: every module's output gradient, and each input once (shared inputs)."""
+    return dtype_bytes * sum(s.out + (0 if s.shares_input else s.inp) for s in shapes)
+
+
+def whitened_bytes(shape: Shape) -> int:
+    """One example's whitened gradient W (out, in') in float32."""
+    return shape.out * shape.width * BYTES_PER_FLOAT
+
+
+def slab_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """One module's token factors (inputs and output gradients of ``tokens`` tokens) on the device."""
+    return tokens * (shape.inp + shape.out) * dtype_bytes
+
+
+def per_token_scratch_bytes(shape: Shape, longest: int) -> int:
+    """One query's per-token scratch: its preconditioned W and the mapped output gradients (T, in')."""
+    return whitened_bytes(shape) + longest * shape.width * BYTES_PER_FLOAT
+
+
+# --- model passes ---
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What activation and FLOP counts need of a model (read off its config and its meta-device modules)."""
+
+    parameters: int  # every weight (bytes = parameters x dtype bytes)
+    matmul_parameters: int  # weights used in matrix products, the LM head included: 2 FLOPs per token each
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model, config) -> ModelShape:
+        from torch import nn
+        from transformers.pytorch_utils import Conv1D
+
+        matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+        return cls(sum(p.numel() for p in model.parameters()), matmul, layers, hidden, intermediate,
+                   config.vocab_size)
+
+
+def activation_bytes(model: ModelShape, batch_tokens: int, dtype_bytes: int, labelled_tokens: int) -> int:
+    """Device memory of one batch's forward and backward pass (an estimate: see the constants above)."""
+    per_token = ACTIVATION_HIDDEN_PER_TOKEN * model.hidden + ACTIVATION_INTERMEDIATE_PER_TOKEN * model.intermediate
+    logits = labelled_tokens * model.vocab * BYTES_PER_FLOAT * LOGIT_COPIES
+    return model.layers * batch_tokens * per_token * dtype_bytes + logits
+
+
+def forward_backward_flops(model: ModelShape, lengths: Sequence[int]) -> int:
+    """A forward and a backward pass with frozen weights (no weight gradients): 4 FLOPs per matrix weight and
+    token, plus attention's 2 T² d per layer forward and twice that backward."""
+    return sum(4 * model.matmul_parameters * t + 6 * model.layers * t * t * model.hidden for t in lengths)
+
+
+def eigendecomposition_flops(shapes: Sequence[Shape]) -> int:
+    """About 9 n³ per symmetric eigendecomposition (both covariances of every module)."""
+    return sum(9 * (s.width**3 + s.out**3) for s in shapes)

@@ -1,0 +1,44 @@
+"""What became of each job (scored, skipped, failed), and under torchrun every rank's outcomes gathered: the jobs
+another rank wrote are read back from their files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from if_query import distributed
+from if_query.data.jobs import QueryJob
+from if_query.errors import IfQueryError, InputError, RunError
+from if_query.report.results import QueryResults, read_results
+
+
+@dataclass
+class JobOutcome:
+    job: QueryJob
+    error: IfQueryError | None = None
+    results: QueryResults | None = None
+    files: list[Path] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def collect(outcomes: list[JobOutcome], mine: set[int]) -> None:
+    """Fill in the outcomes of the jobs other ranks scored (their status, results from disk)."""
+    status = {i: (o.error.exit_code, str(o.error), o.error.option) if o.error
+              else ("skipped" if o.skipped else "ok")
+              for i, o in enumerate(outcomes) if i in mine}
+    for shard in distributed.gather(status):
+        for index, state in shard.items():
+            outcome = outcomes[index]
+            if index in mine:
+                continue
+            outcome.error = None
+            if isinstance(state, tuple):
+                outcome.error = (InputError if state[0] == InputError.exit_code else RunError)(*state[1:])
+            elif state == "skipped":
+                outcome.skipped = True
+            else:
+                outcome.results = read_results(outcome.job.output_dir)

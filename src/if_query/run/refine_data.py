@@ -1,0 +1,46 @@
+"""``--refine-steps``' fitting examples: refused before the model loads where one query's g, v and H v will not fit
+beside the model; the factors' own fitting data by default, checked unchanged since the fit."""
+
+from __future__ import annotations
+
+import torch
+
+from if_query.data.hessian_data import load_hessian_examples
+from if_query.data.tokenization import ExampleTokenizer, TokenizedExample
+from if_query.errors import InputError
+from if_query.model.fingerprint import dataset_fingerprint
+from if_query.model.loading import meta_model
+from if_query.plan.memory import host_memory_total
+from if_query.plan.sizes import ModelShape, Shape, human_bytes
+from if_query.score.refine import refine_bytes
+
+
+def refine_examples(config, metadata: dict, hf_config, dtype: torch.dtype, device: torch.device,
+                    example_tokenizer: ExampleTokenizer) -> list[TokenizedExample]:
+    """--refine-steps: refuse (before the model loads) where g, v and H v will not fit the device; the
+    fitting examples of the Gauss-Newton batches (the factors' own by default, checked unchanged)."""
+    shapes = [Shape(m["name"], m["shape"][0], m["shape"][1], m["bias"]) for m in metadata["tracked_modules"]]
+    model_bytes = ModelShape.of(meta_model(hf_config), hf_config).parameters * dtype.itemsize
+    vectors, _ = refine_bytes(shapes, 1)
+    if device.type == "cuda":
+        limit, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:  # the physical RAM: every rank must come to the same verdict
+        limit, where = host_memory_total(), "the RAM"
+    if vectors + model_bytes > limit:
+        raise InputError(f"needs g, v and H v of one query on the device ({human_bytes(vectors)}: the tracked "
+                         f"weights three times in float32) besides the model ({human_bytes(model_bytes)}), more "
+                         f"than {where} ({human_bytes(limit)}); track fewer blocks (--layer-stride) or run "
+                         "without it", option="refine_steps")
+    fit, data = metadata["fit"], metadata.get("hessian_data")
+    if config.refine_data is not None:
+        return load_hessian_examples(config.refine_data, example_tokenizer)
+    if data is None:
+        raise InputError("needs the factors' fitting data, and their metadata.json does not say how it was "
+                         "tokenized (fitted by an older if-query); give --refine-data", option="refine_steps")
+    tokenizer = ExampleTokenizer(example_tokenizer.tokenizer, data["max_length"],
+                                 position_limit=example_tokenizer.position_limit)
+    examples = load_hessian_examples(fit["hessian_dataset"], tokenizer, data["max_examples"])
+    if dataset_fingerprint(examples) != fit["hessian_dataset_fingerprint"]:
+        raise InputError(f"needs the factors' fitting data, and {fit['hessian_dataset']} changed since the fit "
+                         "(its fingerprint differs); give --refine-data", option="refine_steps")
+    return examples

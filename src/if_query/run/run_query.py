@@ -1,0 +1,376 @@
+"""run-query: score query folders against training examples (records or a corpus) with fitted factors.
+
+Model, tokenizer and factors load once; each folder (query.json + train.json) is validated before the model
+loads, scored, and its CSVs written atomically. The one straight line of a job: records -> tokens -> distinct
+sequences (deduplicated here, once: identical token sequences are scored once and their scores copied to every
+record that has them) -> the scorer (at once, or in chunks of the train side) -> a
+:class:`~if_query.report.results.ResultTable` with its provenance -> the writer. With ``--train-dataset`` the corpus is
+the train side of every folder, and one pass over it scores every folder's queries.
+
+Every decision is the run's plan's (:mod:`if_query.plan.run_plan`), made once by rank 0 before any scoring. Under
+torchrun (default engine): a job with at least two train chunks to do is split across all ranks (rank 0 gathers the
+scores and writes); every other job is scored by one rank alone, jobs shared out in turn, each rank writing its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from if_query import distributed
+from if_query.atomic import check_writable_dir
+from if_query.config import QueryConfig
+from if_query.data.corpus import Corpus
+from if_query.data.jobs import QueryJob, query_jobs
+from if_query.data.records import load_examples
+from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample
+from if_query.errors import IfQueryError, InputError, RunError
+from if_query.fit.metadata import load_complete_metadata
+from if_query.model.fingerprint import dataset_fingerprint
+from if_query.model.loading import (
+    load_config,
+    load_tokenizer,
+    position_limit,
+    resolve_dtype,
+    resolve_matmul_precision,
+    set_matmul_precision,
+)
+from if_query.plan.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_out_of_memory, release_memory
+from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, plan_job, plan_run, resolve_budgets
+from if_query.plan.sizes import human_bytes
+from if_query.report import ranking
+from if_query.report.html import header_from_run, write_report
+from if_query.report.provenance import run_provenance
+from if_query.report.results import ResultTable, write_results
+from if_query.run.checkpoint import Checkpoint, done_rows
+from if_query.run.compatibility import load_model_for_factors
+from if_query.run.identity import identity_digest, run_identity, sequences_digest, stale
+from if_query.run.outcomes import JobOutcome, collect
+from if_query.run.refine_data import refine_examples
+from if_query.run.workload import PreparedJob, Workload, corpus_workload, distinct, records_workload
+from if_query.score.engine_scorer import EngineScorer
+from if_query.score.kronfluence_scorer import KronfluenceScorer
+from if_query.score.scored import ScoredSet
+from if_query.score.sequences import TrainSequences
+
+logger = logging.getLogger(__name__)
+class QueryRunner:
+    """Loads the model and factors once, then scores any number of jobs."""
+
+    def __init__(self, config: QueryConfig, quiet: bool = False):
+        self.config = config
+        self.quiet = quiet
+        if config.spill_dir is not None:  # where token factors may be spilled: checked before any work
+            check_writable_dir(config.spill_dir, "spill_dir")
+        self.metadata = load_complete_metadata(config.factors_dir)  # checked against the model: load_scorer
+        self.dtype = resolve_dtype(config.dtype)
+        self.tokenizer = load_tokenizer(config.model, config.revision)
+        self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
+        limit = position_limit(self.hf_config)
+        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
+        self.corpus = (None if config.train_dataset is None
+                       else Corpus(config.train_dataset, self.example_tokenizer, config.spill_dir))
+        self.scorer: EngineScorer | KronfluenceScorer | None = None
+        self.device = distributed.device()
+        self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
+        set_matmul_precision(self.matmul_precision)
+        self.refine_examples = (refine_examples(config, self.metadata, self.hf_config, self.dtype, self.device,
+                                                self.example_tokenizer) if config.refine_steps else [])
+
+    def prepare(self, job: QueryJob) -> PreparedJob:
+        """Check the job's folder and where it writes, read, validate and tokenize its files (raises InputError;
+        loads no model)."""
+        if self.config.folders and not (folder := job.query_json.parent).is_dir():
+            raise InputError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
+        check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
+        queries = load_examples(job.query_json)
+        prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, str(job.query_json)))
+        if job.train_json is not None:
+            prepared.train = load_examples(job.train_json)
+            prepared.train_tokens = self.example_tokenizer.tokenize_all(prepared.train, str(job.train_json))
+        return prepared
+
+    def load_scorer(self) -> EngineScorer | KronfluenceScorer:
+        """Load the model once, refusing factors that do not fit it
+        (:func:`~if_query.run.compatibility.load_model_for_factors`), and build the configured scorer."""
+        if self.scorer is not None:
+            return self.scorer
+        model, modules, factors = load_model_for_factors(self.config, self.metadata, self.dtype)
+        if self.config.engine == "kronfluence":
+            self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
+        else:
+            self.scorer = EngineScorer(model, modules, factors, self.config, self.tokenizer.pad_token_id,
+                                       self.device, self.quiet)
+            ordered, size = sorted(self.refine_examples, key=len), self.config.refine_batch_size
+            collate = Collator(self.tokenizer.pad_token_id)
+            self.scorer.refine_batches = [{k: v.to(self.device) for k, v in collate(ordered[i : i + size]).items()}
+                                          for i in range(0, len(ordered), size)]
+        return self.scorer
+
+    # --- scoring: a job's distinct sequences -> the plan -> the scorer -> a ResultTable ---
+
+    def workloads(self, prepared: dict[int, PreparedJob]) -> list[Workload]:
+        """What each job scores, formed once: a records job's distinct sequences; with a corpus, one workload of
+        every job's distinct queries together against it (partial results in the first job's directory)."""
+        if not prepared:
+            return []
+        if self.corpus is not None:
+            return [corpus_workload(prepared, self.corpus, self._key)]
+        return [records_workload(index, job, self._key) for index, job in prepared.items()]
+
+    def _key(self, queries: list[TokenizedExample], train: str) -> str:
+        """The identity digest of scoring ``queries`` against a train side of digest ``train``."""
+        return identity_digest(self._identity(sequences_digest(queries), train))
+
+    def _identity(self, queries: str, train: str) -> dict:
+        refine = dataset_fingerprint(self.refine_examples) if self.config.refine_steps else None
+        resolved = {"dtype": str(self.dtype).removeprefix("torch."), "matmul_precision": self.matmul_precision}
+        return run_identity(self.config, self.metadata, queries, train, resolved, refine)
+
+    def make_plan(self, workloads: list[Workload], prepared: dict[int, PreparedJob]) -> RunPlan:
+        """The run's plan (see :mod:`if_query.plan.run_plan`), made on rank 0 — the only reads of free memory — and
+        broadcast: every rank follows the same decisions."""
+        plan = None
+        if distributed.is_main_rank():
+            config, world = self.config, distributed.world_size()
+            budgets = resolve_budgets(config.host_memory_bytes, config.workspace_bytes, self.device,
+                                      distributed.local_world_size())
+            jobs = [self._plan_job(work, prepared, budgets, world) for work in workloads]
+            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if self.corpus else None})
+        plan = distributed.broadcast(plan)
+        if self.corpus is not None and self.corpus.digest != plan.extra["corpus"]:
+            raise RunError(f"rank {distributed.rank()} read other windows from the corpus than rank 0 (its tokens "
+                           "differ): every rank must read the same files with the same tokenizer",
+                           option="train_dataset")
+        self._log_plan(plan)
+        return plan
+
+    def _plan_job(self, work: Workload, prepared: dict[int, PreparedJob], budgets, world: int) -> JobPlan:
+        name = prepared[work.jobs[0]].job.name if len(work.jobs) == 1 else f"{len(work.jobs)} folders' queries"
+        if not isinstance(self.scorer, EngineScorer):  # Kronfluence's data parallel path: every rank, rank 0 writes
+            return JobPlan(name, len(work.train.lengths), 0, None, split=world > 1, world=world)
+        done = None
+        if self.resumable(work):
+            done = done_rows(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
+                             len(work.train.lengths))
+        return plan_job(name, self.scorer.context(), budgets, [len(q) for q in work.queries], work.train.lengths,
+                        list(work.train.queries), done, world)
+
+    def resumable(self, work: Workload) -> bool:
+        """Whether a chunked job keeps partial results: unless its per-token scores come from the chunk pass
+        (they are not kept on disk)."""
+        return not (self.config.per_token_scores and self.config.top_train is None)
+
+    def _log_plan(self, plan: RunPlan) -> None:
+        budgets = plan.budgets
+        logger.info("Host budget %s of token factors per rank (%s)%s", human_bytes(budgets.host), budgets.host_from,
+                    f"; {plan.world} ranks" if plan.world > 1 else "")
+        if plan.world > 1 and isinstance(self.scorer, EngineScorer):
+            split = sum(job.split for job in plan.jobs)
+            logger.info("%d of %d jobs split across all %d ranks (their chunks shared out); the others scored each by "
+                        "one rank, shared out in turn", split, len(plan.jobs), plan.world)
+
+    def _checkpoint(self, work: Workload, prepared: dict[int, PreparedJob], plan: JobPlan) -> Checkpoint | None:
+        """The resumable partial results of a job scored in chunks, on the rank that writes it (None otherwise)."""
+        if plan.store is None or plan.at_once or distributed.rank() != plan.rank or not self.resumable(work):
+            return None
+        return Checkpoint(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
+                          len(work.train.lengths))
+
+    def score(self, prepared: PreparedJob) -> ResultTable | None:
+        """One job's results, planned alone (None on the ranks that do not write it)."""
+        [work] = self.workloads({0: prepared})
+        self.load_scorer()
+        plan = self.make_plan([work], {0: prepared})
+        return self.score_workload(work, {0: prepared}, plan.jobs[0], plan.budgets)[0][0]
+
+    def score_workload(self, work: Workload, prepared: dict[int, PreparedJob], plan: JobPlan, budgets: Budgets
+                       ) -> list[tuple[ResultTable | None, Checkpoint | None]]:
+        """Each of the workload's jobs' results (None on ranks that do not write them) and the partial results to
+        remove once they are written."""
+        scorer = self.load_scorer()
+        if distributed.rank() == plan.rank and plan.store is not None:
+            logger.info("%s", plan.line())
+            for peak in [*plan.store.peaks(), *(plan.largest_chunk.peaks() if plan.largest_chunk else [])]:
+                if not peak.fits:
+                    logger.warning("The plan does not fit: %s", peak.describe())
+        checkpoint = self._checkpoint(work, prepared, plan)
+        per_token = self.config.per_token_scores and self.config.top_train is None
+        scored = scorer.score(work.queries, work.train, plan, checkpoint, per_token=per_token)
+        if scored is None:
+            return [(None, checkpoint)] + [(None, None)] * (len(work.jobs) - 1)
+        recorded = plan.describe(budgets)
+        return [(self._table(prepared[index], query_index, work, scored, budgets, recorded),
+                 checkpoint if number == 0 else None)
+                for number, (index, query_index) in enumerate(zip(work.jobs, work.query_index, strict=True))]
+
+    def _table(self, prepared: PreparedJob, query_index: list[int], work: Workload, scored: ScoredSet,
+               budgets: Budgets, plan: dict) -> ResultTable:
+        """The results of one job's records from the scores of its workload's distinct sequences."""
+        side, train_index = work.side, work.train_index
+        columns = train_index if train_index is not None else range(len(side.ids))
+        selected = scored.select(query_index, columns)
+        selected.check_finite([e.pair_id for e in prepared.queries], side.ids)
+        config = self.config
+        kept = None
+        if config.top_train is not None:
+            kept = [ranking.kept(selected.scores[q].numpy(), side.ids, config.top_train)
+                    for q in range(len(prepared.queries))]
+        tokens = None
+        if config.per_token_scores:
+            if kept is not None:  # a second pass, over the kept train examples only
+                selected = dataclasses.replace(selected, per_token=self._kept_per_token(kept, query_index, work,
+                                                                                        budgets))
+            rows = sorted({t for q, t in selected.per_token})
+            sequences = dict(zip(rows, work.train.take([columns[t] for t in rows]), strict=True))
+            tokens = lambda t: self.example_tokenizer.token_strings(sequences[t])  # noqa: E731
+        return ResultTable(prepared.queries, [t.num_labelled for t in prepared.query_tokens], side, selected, kept,
+                           tokens, self.provenance(prepared, scored.damping, plan))
+
+    def _kept_per_token(self, kept: list[np.ndarray], query_index: list[int], work: Workload,
+                        budgets: Budgets) -> dict:
+        """Per-token scores of the kept pairs: the kept train examples' distinct sequences scored again (planned
+        with the run's budgets, on this rank alone) with per-token scores; {(query record, train record): scores}."""
+        train_index = work.train_index
+        records = sorted(set(np.concatenate(kept).tolist()))
+        distinct = sorted({train_index[t] if train_index is not None else t for t in records})
+        position = {d: k for k, d in enumerate(distinct)}
+        again = TrainSequences.of(work.train.take(distinct))
+        scorer = self.load_scorer()
+        plan = plan_job("the kept train examples", scorer.context(), budgets, [len(q) for q in work.queries],
+                        again.lengths)
+        scored = scorer.score(work.queries, again, plan, per_token=True)
+        result = {}
+        for row, q in enumerate(query_index):
+            for t in kept[row].tolist():
+                d = train_index[t] if train_index is not None else t
+                result[row, t] = scored.per_token[q, position[d]]
+        return result
+
+    def provenance(self, prepared: PreparedJob, resolved_damping: dict | None, plan: dict | None = None) -> dict:
+        """The run.json written with a job's results (see :mod:`if_query.report.provenance`)."""
+        config, job = self.config, prepared.job
+        return run_provenance(
+            command=config.command, model=config.model, revision=config.revision, factors_dir=config.factors_dir,
+            metadata=self.metadata, damping=config.damping_value, resolved_damping=resolved_damping,
+            dtype=str(self.dtype).removeprefix("torch."), matmul_precision=self.matmul_precision,
+            max_length=config.max_length, eos_in_loss=config.eos_in_loss,
+            per_token_scores=config.per_token_scores, query_json=job.query_json,
+            train_json=job.train_json or config.train_dataset, plan=plan, identity=self.identity(prepared),
+        )
+
+    def identity(self, prepared: PreparedJob) -> dict:
+        """What determines the numbers of one job's results (:func:`if_query.run.identity.run_identity`): recorded in
+        its run.json, compared by --skip-done."""
+        train = (self.corpus.digest if prepared.train_tokens is None
+                 else sequences_digest(distinct(prepared.train_tokens)[0]))
+        return self._identity(sequences_digest(distinct(prepared.query_tokens)[0]), train)
+
+    def run(self, jobs: list[QueryJob] | None = None) -> list[JobOutcome]:
+        """Validate every job (default: the config's) and read the corpus, load the model once, plan the run
+        (:meth:`make_plan`), then score and write each valid job as the plan says (with report.html under
+        ``--report``).
+
+        A single run stops at its first error (raised); with query folders a folder's error is kept in
+        its outcome and the others go on. Under torchrun (see the module docstring) every rank returns the
+        outcomes of all jobs (others' results read back from their files)."""
+        jobs = query_jobs(self.config) if jobs is None else jobs
+        stop_on_error = not self.config.folders
+        ranks = distributed.world_size() > 1 and self.config.engine != "kronfluence"
+        if ranks:
+            distributed.start_folder_sharding()
+        outcomes = [JobOutcome(job) for job in jobs]
+        prepared = self._prepare_all(outcomes, stop_on_error and not ranks)
+        self.example_tokenizer.warn_capped()
+        workloads = self.workloads(prepared)
+        if prepared:
+            self.load_scorer()
+        plan = self.make_plan(workloads, prepared)
+        writer = {i: 0 for i in range(len(jobs))}  # rank 0 reports what every rank knows alike
+        order = sorted(range(len(workloads)), key=lambda w: not plan.jobs[w].split)  # split jobs first, in step
+        for w in order:
+            work, job_plan = workloads[w], plan.jobs[w]
+            writer.update(dict.fromkeys(work.jobs, job_plan.rank))
+            if not job_plan.scored_by(distributed.rank()):
+                continue
+            for index in work.jobs:
+                job = prepared[index]
+                logger.info("Scoring %s: %d queries x %s train examples", job.job.name, len(job.queries),
+                            len(job.train) if job.train is not None else "the corpus's")
+            errors = self._score_and_write([outcomes[i] for i in work.jobs], work, prepared, job_plan, plan.budgets)
+            for index, error in zip(work.jobs, errors, strict=True):
+                if error is not None:
+                    if stop_on_error and not ranks:
+                        raise error
+                    outcomes[index].error = error
+        if ranks:
+            collect(outcomes, {i for i in range(len(jobs)) if writer[i] == distributed.rank()})
+            if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):
+                raise failed[0].error
+        return outcomes
+
+    def _prepare_all(self, outcomes: list[JobOutcome], raise_errors: bool) -> dict[int, PreparedJob]:
+        """Each job's records read, checked and tokenized (skipping done ones under --skip-done), and the corpus
+        read once: all before the model loads. A job's input error is kept in its outcome (or raised)."""
+        prepared: dict[int, PreparedJob] = {}
+        for index, outcome in enumerate(outcomes):
+            try:
+                prepared[index] = self.prepare(outcome.job)
+            except InputError as exc:
+                if raise_errors:
+                    raise
+                outcome.error = exc
+        if prepared and self.corpus is not None:
+            self.corpus.locate()
+        if self.config.skip_done:
+            for index in list(prepared):
+                job = prepared[index].job
+                if (reason := stale(job.output_dir, self.identity(prepared[index]))) is None:
+                    logger.info("Skipping %s: its results are complete and were scored with the same settings, "
+                                "weights, factors and inputs", job.name)
+                    outcomes[index].skipped = True
+                    del prepared[index]
+                else:
+                    logger.info("Scoring %s again: %s", job.name, reason)
+        return prepared
+
+    def _score_and_write(self, outcomes: list[JobOutcome], work: Workload, prepared: dict[int, PreparedJob],
+                         plan: JobPlan, budgets: Budgets) -> list[IfQueryError | None]:
+        """Score a workload and write its jobs into their outcomes; each job's error, if it failed. Running out of
+        memory is those jobs' failure (with a hint), not the run's: the memory is released and the next job can
+        go on."""
+        error = None
+        try:
+            results = self.score_workload(work, prepared, plan, budgets)
+        except IfQueryError as exc:
+            return [exc] * len(outcomes)
+        except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is turned into the jobs' failure
+            if not is_out_of_memory(exc):
+                raise
+            error = RunError(f"out of memory on {self.device} ({describe_out_of_memory(exc)}); {OUT_OF_MEMORY_HINT}")
+        if error is not None:  # the exception (and the frames holding its tensors) is gone: release the memory
+            release_memory(self.device)
+            return [error] * len(outcomes)
+        errors: list[IfQueryError | None] = []
+        for outcome, (table, _) in zip(outcomes, results, strict=True):
+            try:
+                if table is not None:
+                    outcome.files = self.write(table, outcome.job.output_dir)
+                    outcome.results = table.summary(self.config.top_k)
+                errors.append(None)
+            except IfQueryError as exc:
+                errors.append(exc)
+        for _, checkpoint in results:
+            if checkpoint is not None and not any(errors):
+                checkpoint.remove()
+        return errors
+
+    def write(self, results: ResultTable, output_dir: Path) -> list[Path]:
+        """The CSVs and run.json (atomically), then report.html under ``--report``."""
+        files = write_results(results, output_dir)
+        if self.config.report:
+            files.append(write_report(output_dir, header_from_run(results.provenance), self.config.top_k))
+        return files

@@ -1,0 +1,91 @@
+"""The token factors of a set of examples: every example's layer inputs ``A`` (T, in) and output gradients ``G``
+(T, out) per tracked module, in RAM or, past a budget, in a memory-mapped spill file (filled by
+:func:`if_query.score.capture.capture_token_factors`, read by the engine module by module)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+class TokenFactorStore:
+    """Layer inputs and output gradients of every example and tracked module.
+
+    For module ``m`` and example ``i`` (of ``lengths[i]`` tokens), ``inputs(m, i)`` is (T_i, in) and
+    ``output_grads(m, i)`` is (T_i, out), in ``dtype``. Each module's rows are contiguous: its slabs
+    ``module_inputs(m)`` (tokens, in) and ``module_output_grads(m)`` (tokens, out) are what the engine copies
+    to the device, one module at a time. Modules that see the same input tensor (``shared_inputs``: {module:
+    the earlier module whose input it sees}, e.g. up_proj -> gate_proj) share one inputs slab. Stored in RAM
+    when they fit ``host_budget`` bytes, otherwise in a memory-mapped file in ``spill_dir`` (deleted at
+    once: nothing is left behind).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], lengths: Sequence[int], dtype: torch.dtype,
+                 host_budget: int, spill_dir: str | Path | None = None, shared_inputs: dict[str, str] | None = None):
+        self.shapes = dict(shapes)  # name -> (out, in)
+        self.input_of = {name: (shared_inputs or {}).get(name, name) for name in self.shapes}  # whose slab
+        self.lengths = list(lengths)
+        self.offsets = [0]
+        for length in self.lengths[:-1]:
+            self.offsets.append(self.offsets[-1] + length)
+        self.tokens = sum(self.lengths)
+        self.dtype = dtype
+        row = sum(out + (inp if self.input_of[name] == name else 0) for name, (out, inp) in self.shapes.items())
+        self.nbytes = self.tokens * row * torch.empty(0, dtype=dtype).element_size()
+        self.spilled = self.nbytes > host_budget
+        if self.spilled:
+            directory = Path(spill_dir or tempfile.gettempdir())
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, path = tempfile.mkstemp(dir=directory, prefix=".if-query-token-factors.", suffix=".bin")
+            try:
+                os.ftruncate(handle, self.nbytes)
+                flat = torch.from_file(path, shared=True, size=self.tokens * row, dtype=dtype)
+            finally:
+                os.close(handle)
+                os.unlink(path)  # the mapping stays valid; the file vanishes with the process
+            self.spill_path = path
+        else:
+            flat = torch.empty(self.tokens * row, dtype=dtype)
+            self.spill_path = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._output_grads: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, (out, inp) in self.shapes.items():
+            if self.input_of[name] == name:
+                self._inputs[name] = flat[start : start + self.tokens * inp].view(self.tokens, inp)  # (tokens, in)
+                start += self.tokens * inp
+            self._output_grads[name] = flat[start : start + self.tokens * out].view(self.tokens, out)  # (tokens, out)
+            start += self.tokens * out
+
+    @property
+    def input_groups(self) -> list[str]:
+        """The modules that own an inputs slab (the others read one of these)."""
+        return list(self._inputs)
+
+    def rows(self, example: int) -> slice:
+        return slice(self.offsets[example], self.offsets[example] + self.lengths[example])
+
+    def module_inputs(self, module: str) -> torch.Tensor:
+        return self._inputs[self.input_of[module]]
+
+    def module_output_grads(self, module: str) -> torch.Tensor:
+        return self._output_grads[module]
+
+    def inputs(self, module: str, example: int) -> torch.Tensor:
+        return self.module_inputs(module)[self.rows(example)]
+
+    def output_grads(self, module: str, example: int) -> torch.Tensor:
+        return self._output_grads[module][self.rows(example)]
+
+    def put(self, example: int, landed: dict[str, torch.Tensor], row: int) -> None:
+        """Copy batch row ``row`` (its first T_i positions) of a batch's host copies: ``landed`` holds
+        ``"inputs:<group>"`` (batch, tokens, in) and ``"output_grads:<module>"`` (batch, tokens, out)."""
+        rows, length = self.rows(example), self.lengths[example]
+        for name in self._inputs:
+            self._inputs[name][rows] = landed[f"inputs:{name}"][row, :length]
+        for name in self.shapes:
+            self._output_grads[name][rows] = landed[f"output_grads:{name}"][row, :length]
