@@ -77,3 +77,13 @@ def test_if_query_strategies_are_kronfluences():
     from if_query.config import STRATEGIES
 
     assert set(STRATEGIES) == set(FactorConfig.CONFIGS)
+
+
+def test_the_written_out_names_are_kronfluences():
+    """kron/constants.py spells Kronfluence's names so that reading factors imports no Kronfluence."""
+    from kronfluence.utils import constants as theirs
+
+    from if_query.kron import constants as ours
+
+    names = [name for name in dir(ours) if name.isupper()]
+    assert names and all(getattr(ours, name) == getattr(theirs, name) for name in names)

@@ -40,6 +40,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from if_query import __version__
+
+        typer.echo(f"if-query {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Which training examples made the model say this? Influence scores for HuggingFace causal LMs."""
+
+
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
 
@@ -160,6 +174,11 @@ def fit(config: FitConfig, quiet: bool) -> None:
 
 
 def query(config: QueryConfig, quiet: bool) -> None:
+    from if_query.data.jobs import check_inputs
+    from if_query.fit.metadata import load_complete_metadata
+
+    check_inputs(config)  # records and paths, before torch is imported: input errors come back at once
+    load_complete_metadata(config.factors_dir)
     from if_query.report.summary import format_summary
     from if_query.run.run_query import QueryRunner
 

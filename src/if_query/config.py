@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from if_query.errors import InputError
-from if_query.plan.sizes import GB
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # Kronfluence's names (tests/test_kron_adapter.py checks them)
 FISHER_TYPES = ("true", "empirical")
@@ -29,6 +28,7 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EIGENDECOMPOSITION_DTYPES = ("float64", "float32")
 ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see model.loading.CUDA_MATMUL_PRECISION
+GB = 10**9  # every size and memory option: decimal gigabytes, as disks and GPU datasheets count
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
 
 

@@ -1,4 +1,5 @@
-"""torchrun support: which rank this is, its device, its share of the host, and the process groups.
+"""torchrun support: which rank this is, its device, and the process groups (torch is imported only when they are
+used: the command line reads the rank before torch is loaded).
 
 - fit-hessians (Kronfluence's covariance stage, if-query's lambda stage) and ``run-query --engine
   kronfluence`` are data parallel (NCCL, CUDA only): each rank takes its share of the examples, sums
@@ -7,9 +8,10 @@
   ``device_id`` bound and a long timeout, because in the eigendecomposition stage rank 0 alone works
   (every ``eigh`` and about 52 GB of files at 13B, stride 2) while the others wait in a barrier, and
   NCCL's default 10 minutes would abort them, and with them the fit.
-- ``run-query`` with the default engine shards *folders*: rank r scores folders r, r + N, ...,
-  each on its own device, and writes their results itself; a single folder is scored by rank 0
-  alone. Ranks exchange nothing but a final summary of outcomes (gloo, so this also runs on CPU).
+- ``run-query`` with the default engine follows the run's plan (:mod:`if_query.plan.run_plan`), which rank 0
+  makes and :func:`broadcast` sends: a job with two or more chunks is split across the ranks (rounds of
+  :func:`gather`), the others are shared out; every rank gathers the outcomes at the end (gloo, so this also
+  runs on CPU).
 
 torchrun stops every rank as soon as one fails, so a long timeout never keeps a crashed run alive: it
 only stops cutting off ranks that wait for a slow one.
@@ -20,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from if_query.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 # How long a rank may wait for the others: folder-sharding ranks meet only at the end (one may wait there for
@@ -55,6 +58,8 @@ def is_main_rank() -> bool:
 
 def device() -> torch.device:
     """This rank's device: its own GPU (``cuda:LOCAL_RANK``) when there is CUDA, else the CPU."""
+    import torch
+
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -62,6 +67,9 @@ def start_data_parallel() -> None:
     """Under torchrun on CUDA: pin this rank to its GPU and start the NCCL group Kronfluence will use, with
     ``PROCESS_GROUP_TIMEOUT`` instead of NCCL's 10 minutes (see the module docstring). A no-op otherwise
     (one process, CPU, or a group already started)."""
+    import torch
+    import torch.distributed as dist
+
     if world_size() == 1 or dist.is_initialized() or not torch.cuda.is_available():
         return
     gpu = device()
@@ -71,6 +79,8 @@ def start_data_parallel() -> None:
 
 def check_launch() -> None:
     """Refuse a multi-process Kronfluence launch without CUDA: every rank would compute and write everything."""
+    import torch
+
     if world_size() > 1 and not torch.cuda.is_available():
         raise InputError(
             f"launched with {world_size()} processes but no CUDA GPU: Kronfluence's distributed path "
@@ -78,19 +88,12 @@ def check_launch() -> None:
         )
 
 
-def folder_shard(count: int) -> list[int]:
-    """Indices of the folders (of ``count``) this rank scores; one folder goes to rank 0 alone."""
-    if world_size() == 1:
-        return list(range(count))
-    if count == 1:
-        if rank() != 0:
-            logger.info("rank %d: a single folder is scored by rank 0 alone", rank())
-        return [0] if rank() == 0 else []
-    return list(range(rank(), count, world_size()))
-
-
 def start_folder_sharding() -> None:
-    """Under torchrun: pin this rank to its GPU (if any) and join the group used for the final gather."""
+    """Under torchrun: pin this rank to its GPU (if any) and join the group the plan's broadcast, split jobs'
+    rounds and the final gather use (gloo, so this also runs on CPU)."""
+    import torch
+    import torch.distributed as dist
+
     if world_size() == 1 or dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -102,6 +105,8 @@ def gather(value: object) -> list[object]:
     """Every rank's ``value``, in rank order (just ``[value]`` without torchrun)."""
     if world_size() == 1:
         return [value]
+    import torch.distributed as dist
+
     values: list[object] = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
@@ -111,6 +116,8 @@ def broadcast(value: object) -> object:
     """Rank 0's ``value`` on every rank (just ``value`` without torchrun)."""
     if world_size() == 1:
         return value
+    import torch.distributed as dist
+
     values = [value]
     dist.broadcast_object_list(values, src=0)
     return values[0]

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from if_query.atomic import check_writable_dir
 from if_query.config import QueryConfig
+from if_query.data.records import load_examples
+from if_query.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -30,3 +33,17 @@ def query_jobs(config: QueryConfig) -> list[QueryJob]:
     if config.folders:
         return [QueryJob.from_folder(folder, corpus) for folder in config.folders]
     return [QueryJob("query", config.query_json, config.train_json, config.output_dir)]
+
+
+def check_inputs(config: QueryConfig) -> None:
+    """What a single run reads and writes, checked before torch is imported (InputError, one line): its records
+    files (read and validated), the corpus's path and the output directory. With query folders each folder's
+    errors are its own and are found as it is prepared."""
+    if config.folders:
+        return
+    for path in (config.query_json, config.train_json):
+        if path is not None:
+            load_examples(path)
+    if config.train_dataset is not None and not Path(config.train_dataset).exists():
+        raise InputError(f"{config.train_dataset}: not found", option="train_dataset")
+    check_writable_dir(config.output_dir, "output_dir")

@@ -41,8 +41,9 @@ from if_query.kron import lambda_files
 from if_query.kron.factors import read_eigenvectors
 from if_query.model import loss as loss_module
 from if_query.model import sampling
+from if_query.plan.sizes import rotation_flops
 from if_query.score.capture import LayerRecorder, forward_backward, frozen_weights
-from if_query.score.per_example import rotate_tokens, rotation_flops, with_bias_column
+from if_query.score.per_example import rotate_tokens, with_bias_column
 
 logger = logging.getLogger(__name__)
 STAGE = "lambda"  # the label-sampling stage name (as Kronfluence's lambda stage samples under it)

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kronfluence.utils.constants import (
+from safetensors import SafetensorError, safe_open
+
+from if_query.errors import InputError
+from if_query.kron.constants import (
     ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
     FACTOR_ARGUMENTS_NAME,
@@ -18,9 +21,6 @@ from kronfluence.utils.constants import (
     LAMBDA_MATRIX_NAME,
     NUM_LAMBDA_PROCESSED,
 )
-from safetensors import SafetensorError, safe_open
-
-from if_query.errors import InputError
 
 FACTORS_NAME = "hessian"  # Kronfluence's factors name: the factors live in <factors-dir>/factors_hessian/
 _FILES = {  # the factor files each strategy needs (Kronfluence's strategy names)

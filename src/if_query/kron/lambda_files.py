@@ -11,12 +11,12 @@ from kronfluence.factor.config import FactorConfig
 from kronfluence.factor.eigen import eigendecomposition_exist, lambda_matrices_exist, lambda_matrices_save_path
 from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.module.utils import get_tracked_module_names, make_modules_partition
-from kronfluence.utils.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from if_query.atomic import staged_files
 from if_query.errors import RunError
+from if_query.kron.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
 
 LAMBDA_DATASET_NAME = "lambda"  # Kronfluence's <name>_dataset_metadata.json of the lambda stage
 

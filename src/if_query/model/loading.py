@@ -4,17 +4,14 @@ matmul-precision policy."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub.errors import HFValidationError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+if TYPE_CHECKING:  # transformers' modeling_utils pulls torch._dynamo (fp8/deepgemm): imported when a model loads
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from if_query import distributed
 from if_query.config import DTYPE_CHOICES

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from if_query.config import PlanConfig
+from if_query.config import GB, PlanConfig
 from if_query.data.jobs import QueryJob
 from if_query.data.records import load_examples
 from if_query.data.tokenization import ExampleTokenizer
@@ -24,7 +24,7 @@ from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
 from if_query.plan import sizes
 from if_query.plan.estimates import FitPlan, plan_fit, stated_peaks
 from if_query.plan.run_plan import Budgets, Context, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
-from if_query.plan.sizes import GB, ModelShape, Shape, human_bytes
+from if_query.plan.sizes import ModelShape, Shape, human_bytes
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from if_query.config import H100_BF16_TFLOPS, H100_FP32_TFLOPS, H100_TF32_TFLOPS
 from if_query.plan import sizes
 from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_flops
-from if_query.score.per_example import rotation_flops
-from if_query.score.transfer import STAGING_BYTES
 
 LAMBDA_CHUNK_BYTES = 1 << 30  # per-example gradients the lambda stage forms at once (lambda_stage.CHUNK_BYTES)
 EIGH_COPIES = 3  # a float64 covariance, its eigenvectors, LAPACK's workspace
@@ -195,13 +193,13 @@ def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[i
     host = Peak("host" if on_device else "RAM", [
         Part("token factors" if not spilled else "token factors (spill file: page cache)", 0 if spilled
              else token_factors),
-        Part("pinned staging", 2 * STAGING_BYTES + batch_tokens * sizes.token_factor_bytes_per_token(
+        Part("pinned staging", 2 * sizes.STAGING_BYTES + batch_tokens * sizes.token_factor_bytes_per_token(
             shapes, dtype_bytes) if on_device else 0)] + ([] if on_device else [
                 Part("capture or scoring", max(capture.total, scoring.total))]), host_limit,
         "a smaller --host-memory-gb (the rest is spilled to --spill-dir)")
     work = Work("run-query FLOPs", {
         "forward and backward": (sizes.forward_backward_flops(model, lengths), peaks.model),
-        "rotations and whitened gradients": (sum(rotation_flops(t, s.out, s.width) if _eigen(strategy)
+        "rotations and whitened gradients": (sum(sizes.rotation_flops(t, s.out, s.width) if _eigen(strategy)
                                                  else 2 * t * s.out * s.width for t in lengths for s in shapes),
                                              peaks.engine(matmul_precision)),
         "Gram": (sum(2 * count * count * s.out * s.width for s in shapes) * (1 if at_once else 2),
@@ -268,6 +266,6 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
                                                   peaks.float32 * EIGH_EFFICIENCY)
     if strategy in ("ekfac", "diagonal"):
         flops["lambda pass"] = (passes * partitions, peaks.model)
-        flops["lambda"] = (sum(rotation_flops(t, s.out, s.width) if strategy == "ekfac"
+        flops["lambda"] = (sum(sizes.rotation_flops(t, s.out, s.width) if strategy == "ekfac"
                                else 2 * t * s.out * s.width for t in fit_lengths for s in shapes), engine_peak)
     return FitPlan(factors, largest, covariance, eigen, lambdas, Work("fit-hessians FLOPs", flops))

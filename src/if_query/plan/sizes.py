@@ -6,7 +6,8 @@ One unit convention everywhere: decimal, 1 GB = 10^9 bytes (``human_bytes``), as
 :mod:`if_query.score.per_example`). Factors and all scoring arithmetic are float32 (``BYTES_PER_FLOAT``); token
 factors and activations are in the model's dtype.
 
-The per-example gradient's maths (bias column, rotation order and its FLOPs): :mod:`if_query.score.per_example`.
+The per-example gradient's maths (bias column, rotation order): :mod:`if_query.score.per_example`; its FLOPs:
+:func:`rotation_flops` here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 
 BYTES_PER_FLOAT = 4  # float32: factors, whitened gradients, scores
 BYTES_PER_DOUBLE = 8  # float64: the curvature while a module's factors are prepared
-GB = 10**9
 # Saved activations of one decoder block, per token, in elements of the model's dtype, for a forward and
 # backward pass with frozen weights (the backward computes activation gradients only): attention about 11
 # hidden-sized tensors (block input, q, k, v and their normed/rotated copies, the attention output, o_proj's
@@ -24,6 +24,7 @@ GB = 10**9
 # product fed to down_proj). An estimate (about 8.9 GB for OLMo-2-13B at 2 x 500 tokens), not a measurement.
 ACTIVATION_HIDDEN_PER_TOKEN = 11
 ACTIVATION_INTERMEDIATE_PER_TOKEN = 4
+STAGING_BYTES = 256 * 1024**2  # each of the two pinned host-to-device staging buffers (score/transfer.py)
 LOGIT_COPIES = 3  # logits at labelled positions: the model's, their float32 copy, the softmax gradient
 
 
@@ -180,3 +181,9 @@ def forward_backward_flops(model: ModelShape, lengths: Sequence[int]) -> int:
 def eigendecomposition_flops(shapes: Sequence[Shape]) -> int:
     """About 9 n³ per symmetric eigendecomposition (both covariances of every module)."""
     return sum(9 * (s.width**3 + s.out**3) for s in shapes)
+
+
+def rotation_flops(tokens: int, out: int, width: int) -> int:
+    """FLOPs of one example's rotated gradient ``Q_gᵀ (Gᵀ [A, 1]) Q_a`` (out, in'), the cheaper order."""
+    gradient = 2 * tokens * out * width
+    return gradient + min(2 * tokens * (out * out + width * width), 2 * out * width * (out + width))

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from if_query.atomic import staged_files
 from if_query.data.records import Example
@@ -28,7 +27,9 @@ from if_query.errors import InputError
 from if_query.report import ranking
 from if_query.report.provenance import RUN_FILE, read_run
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas is imported where a table is built, not with the run-query path
+    import pandas as pd
+
     from if_query.score.scored import ScoredSet
 
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
@@ -67,6 +68,8 @@ class QueryResults:
     def per_token_scores(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """{(query_id, train_id): its raw per_token_scores cell (JSON text)} for those of ``pairs`` that have one;
         read from ``per_token_file`` a chunk at a time when read_results left them there."""
+        import pandas as pd
+
         if not self.has_per_token or not pairs:
             return {}
         found: dict[tuple[str, str], str] = {}
@@ -147,6 +150,8 @@ class ResultTable:
         return np.arange(len(self.train.ids)) if self.kept is None else self.kept[query]
 
     def query_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         losses = self.scored.query_losses.tolist()
         frame: dict[str, list] = {
             "query_id": [e.pair_id for e in self.queries], "prompt": [e.prompt for e in self.queries],
@@ -195,6 +200,8 @@ class ResultTable:
     def summary(self, top_k: int) -> QueryResults:
         """The rows the terminal summary shows (each query's ``top_k`` most helpful and harmful, by
         :mod:`if_query.report.ranking`), as small frames."""
+        import pandas as pd
+
         scores = self.scored.scores.numpy()
         shown: dict[int, list[int]] = {}
         for q in range(len(self.queries)):
@@ -212,9 +219,13 @@ class ResultTable:
     @property
     def influences(self) -> pd.DataFrame:
         """Every written row as a frame (folder-sized results: benchmarks and tests)."""
+        import pandas as pd
+
         return pd.DataFrame(list(self.influence_rows()), columns=self.influence_header())
 
     def frames(self) -> QueryResults:
+        import pandas as pd
+
         train_header, _ = self._train_header()
         wanted = None if self.kept is None else set(np.concatenate(self.kept).tolist()).__contains__
         return QueryResults(self.query_frame(), pd.DataFrame(list(self.train_rows(wanted)), columns=train_header),
@@ -248,6 +259,8 @@ def write_results(results: ResultTable, output_dir: str | Path) -> list[Path]:
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     """``pd.read_csv`` of a results file, empty cells kept as text; InputError (one line) when it cannot be read."""
+    import pandas as pd
+
     try:
         return pd.read_csv(path, keep_default_na=False, **kwargs)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
@@ -273,6 +286,8 @@ def _checked_columns(output_dir: Path) -> dict[str, list[str]]:
 
 def _numeric(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """``frame`` (read from result file ``name``) with its numeric columns as floats (unparsable cells: NaN)."""
+    import pandas as pd
+
     for column in NUMERIC_COLUMNS.get(name, ()):
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)

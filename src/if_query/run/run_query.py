@@ -42,7 +42,6 @@ from if_query.plan.memory import OUT_OF_MEMORY_HINT, describe_out_of_memory, is_
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, plan_job, plan_run, resolve_budgets
 from if_query.plan.sizes import human_bytes
 from if_query.report import ranking
-from if_query.report.html import header_from_run, write_report
 from if_query.report.provenance import run_provenance
 from if_query.report.results import ResultTable, write_results
 from if_query.run.checkpoint import Checkpoint, done_rows
@@ -52,7 +51,6 @@ from if_query.run.outcomes import JobOutcome, collect
 from if_query.run.refine_data import refine_examples
 from if_query.run.workload import PreparedJob, Workload, corpus_workload, distinct, records_workload
 from if_query.score.engine_scorer import EngineScorer
-from if_query.score.kronfluence_scorer import KronfluenceScorer
 from if_query.score.scored import ScoredSet
 from if_query.score.sequences import TrainSequences
 
@@ -73,7 +71,7 @@ class QueryRunner:
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
         self.corpus = (None if config.train_dataset is None
                        else Corpus(config.train_dataset, self.example_tokenizer, config.spill_dir))
-        self.scorer: EngineScorer | KronfluenceScorer | None = None
+        self.scorer = None  # EngineScorer or KronfluenceScorer, once the model is loaded
         self.device = distributed.device()
         self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
         set_matmul_precision(self.matmul_precision)
@@ -93,13 +91,15 @@ class QueryRunner:
             prepared.train_tokens = self.example_tokenizer.tokenize_all(prepared.train, str(job.train_json))
         return prepared
 
-    def load_scorer(self) -> EngineScorer | KronfluenceScorer:
+    def load_scorer(self) -> EngineScorer:
         """Load the model once, refusing factors that do not fit it
         (:func:`~if_query.run.compatibility.load_model_for_factors`), and build the configured scorer."""
         if self.scorer is not None:
             return self.scorer
         model, modules, factors = load_model_for_factors(self.config, self.metadata, self.dtype)
         if self.config.engine == "kronfluence":
+            from if_query.score.kronfluence_scorer import KronfluenceScorer  # imports Kronfluence: only this engine
+
             self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
         else:
             self.scorer = EngineScorer(model, modules, factors, self.config, self.tokenizer.pad_token_id,
@@ -372,5 +372,7 @@ class QueryRunner:
         """The CSVs and run.json (atomically), then report.html under ``--report``."""
         files = write_results(results, output_dir)
         if self.config.report:
+            from if_query.report.html import header_from_run, write_report  # pandas: only with --report
+
             files.append(write_report(output_dir, header_from_run(results.provenance), self.config.top_k))
         return files

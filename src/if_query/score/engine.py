@@ -45,8 +45,8 @@ import torch
 
 from if_query.kron.factors import HessianFactors, Preconditioner
 from if_query.plan import sizes
-from if_query.plan.sizes import BYTES_PER_FLOAT, Shape
-from if_query.score.per_example import rotate_tokens, rotation_flops, with_bias_column
+from if_query.plan.sizes import BYTES_PER_FLOAT, Shape, rotation_flops
+from if_query.score.per_example import rotate_tokens, with_bias_column
 from if_query.score.store import TokenFactorStore
 from if_query.score.transfer import Transfers
 

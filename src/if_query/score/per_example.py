@@ -23,7 +23,3 @@ def rotate_tokens(tokens: int, out: int, width: int) -> bool:
     return tokens * (out * out + width * width) <= out * width * (out + width)
 
 
-def rotation_flops(tokens: int, out: int, width: int) -> int:
-    """FLOPs of one example's rotated gradient ``Q_gᵀ (Gᵀ [A, 1]) Q_a`` (out, in'), the cheaper order."""
-    gradient = 2 * tokens * out * width
-    return gradient + min(2 * tokens * (out * out + width * width), 2 * out * width * (out + width))

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
-STAGING_BYTES = 256 * 1024**2  # each of the two host-to-device staging buffers
+from if_query.plan.sizes import STAGING_BYTES
+
 ALIGNMENT = 64  # bytes: where each tensor starts in the device-to-host landing buffer
 
 
