@@ -31,7 +31,7 @@ from if_query.config import (
     option_name,
 )
 from if_query.distributed import is_main_rank
-from if_query.errors import IfQueryError
+from if_query.errors import IfQueryError, first_line
 
 app = typer.Typer(
     help="Which training examples made the model say this? Influence scores for HuggingFace causal LMs.",
@@ -104,7 +104,7 @@ def reports_errors(command):
         except Exception as exc:  # noqa: BLE001 - a runtime failure gets one line unless --verbose
             if verbose:
                 traceback.print_exc()
-            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            cause = first_line(exc) if str(exc).strip() else ""
             hint = "" if verbose else " (--verbose for the traceback)"
             typer.echo(f"error: {type(exc).__name__}: {cause}{hint}", err=True)
             raise typer.Exit(1) from None

@@ -29,3 +29,12 @@ class RunError(IfQueryError):
     """A failure while running (e.g. non-finite scores): exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's message in one line: its first line, or all of it when that first line ends in a colon (it
+    introduces what follows); the exception's type name when it has no message."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from if_query.errors import InputError
+from if_query.errors import InputError, first_line
 from if_query.kron.constants import (
     ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
@@ -90,9 +90,8 @@ class HessianFactors:
             try:
                 self._files[name] = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"{path}: cannot read this factor file ({reason}): truncated or damaged; refit "
-                                 "with fit-hessians --overwrite", option="factors_dir") from exc
+                raise InputError(f"{path}: cannot read this factor file ({first_line(exc)}): truncated or damaged; "
+                                 "refit with fit-hessians --overwrite", option="factors_dir") from exc
 
     def _tensor(self, factor: str, module: str) -> torch.Tensor:
         try:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # transformers' modeling_utils pulls torch._dynamo (fp8/deepg
 
 from if_query import distributed
 from if_query.config import DTYPE_CHOICES
-from if_query.errors import InputError
+from if_query.errors import InputError, first_line
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # --dtype
 
@@ -99,7 +99,7 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         try:
             return AutoModelForCausalLM.from_config(config)
         except (ValueError, KeyError) as exc:
-            raise InputError(f"cannot build a causal LM of model type {config.model_type!r}: {_first_line(exc)}") \
+            raise InputError(f"cannot build a causal LM of model type {config.model_type!r}: {first_line(exc)}") \
                 from exc
 
 
@@ -123,12 +123,4 @@ def _cannot_load(what: str, model: str, exc: Exception) -> InputError:
     not_a_repo_id = any(isinstance(error, HFValidationError) for error in (exc, exc.__cause__, exc.__context__))
     if not_a_repo_id and not Path(model).exists():
         return InputError(f"{model}: model folder not found (nor is it a HuggingFace hub name)", option="model")
-    return InputError(f"cannot load {what} {model!r}: {_first_line(exc)}")
-
-
-def _first_line(exc: Exception) -> str:
-    """The first line of an error's message, or all of it in one line when that first line ends in a colon."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return " ".join(lines) if lines[0].endswith(":") else lines[0]
+    return InputError(f"cannot load {what} {model!r}: {first_line(exc)}")

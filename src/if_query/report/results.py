@@ -23,7 +23,7 @@ import numpy as np
 
 from if_query.atomic import staged_files
 from if_query.data.records import Example
-from if_query.errors import InputError
+from if_query.errors import InputError, first_line
 from if_query.report import ranking
 from if_query.report.provenance import RUN_FILE, read_run
 
@@ -264,8 +264,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         return pd.read_csv(path, keep_default_na=False, **kwargs)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read ({reason})") from exc
+        raise InputError(f"{path}: cannot read ({first_line(exc)})") from exc
 
 
 def _checked_columns(output_dir: Path) -> dict[str, list[str]]:
