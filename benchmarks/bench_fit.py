@@ -363,8 +363,8 @@ def score_fits(w: Workload, fits: dict[str, Path], queries: int, batch: int) -> 
     query_side, train_side = list(range(queries)), list(range(queries, len(examples)))
     shapes = [Shape(n, m.out_features, m.in_features, m.bias is not None) for n, m in linears.items()]
     return {name: engine.score(engine.Side(store, query_side), engine.Side(store, train_side),
-                               HessianFactors(directory), shapes, None, False, 4 * 1024**3,
-                               torch.device("cpu")).pairwise
+                               engine.Setup(HessianFactors(directory), shapes, None, torch.device("cpu")),
+                               4 * 1024**3, False).pairwise
             for name, directory in fits.items()}
 
 

@@ -117,8 +117,8 @@ def scores(store, modules: dict, factors_dir: Path, queries: int, mode=None) -> 
 
     def run():
         train = engine.Side(store, range(queries, len(store.lengths)))
-        return engine.score(engine.Side(store, range(queries)), train, HessianFactors(factors_dir), modules, None,
-                            False, 4 * 1024**3, torch.device("cpu")).pairwise
+        setup = engine.Setup(HessianFactors(factors_dir), modules, None, torch.device("cpu"))
+        return engine.score(engine.Side(store, range(queries)), train, setup, 4 * 1024**3, False).pairwise
 
     if mode is None:
         return run()

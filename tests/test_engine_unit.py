@@ -57,8 +57,8 @@ def filled_store(host_budget: int, tmp_path, shapes=SHAPES, shared_inputs=None, 
 def run_engine(store, factors, bias, queries, train, per_token, workspace, shared=(), **options):
     """engine.score with both sides in ``store``; ``shared``: the modules that read an earlier one's input."""
     shapes = [Shape(name, out, inp, bias[name], name in shared) for name, (out, inp) in store.shapes.items()]
-    return engine.score(engine.Side(store, queries), engine.Side(store, train), factors, shapes, None, per_token,
-                        workspace, torch.device("cpu"), **options)
+    setup = engine.Setup(factors, shapes, None, torch.device("cpu"), **options)
+    return engine.score(engine.Side(store, queries), engine.Side(store, train), setup, workspace, per_token)
 
 
 def dense_scores(store: TokenFactorStore, factors: RandomFactors, queries, train, bias=BIAS):
@@ -243,8 +243,8 @@ def test_queries_and_a_train_chunk_in_two_stores(tmp_path, cosine, workspace):
     queries, train = [3, 0], [1, 2, 4, 0]
     shapes = [Shape(name, out, inp, BIAS[name]) for name, (out, inp) in SHAPES.items()]
     result = engine.score(engine.Side(substore(store, queries, tmp_path), [0, 1]),
-                          engine.Side(substore(store, train, tmp_path), [0, 1, 2, 3]), factors, shapes, None, False,
-                          workspace, torch.device("cpu"), cosine=cosine)
+                          engine.Side(substore(store, train, tmp_path), [0, 1, 2, 3]),
+                          engine.Setup(factors, shapes, None, torch.device("cpu"), cosine=cosine), workspace, False)
     expected, self_scores, _ = dense_scores(store, factors, queries, train)
     assert_close_to_largest(result.pairwise, expected, 1e-5)
     if cosine:

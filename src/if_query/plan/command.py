@@ -22,8 +22,8 @@ from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
 from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
 from if_query.plan import sizes
-from if_query.plan.estimates import FitPlan, plan_fit, stated_peaks
-from if_query.plan.run_plan import Budgets, Context, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
+from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
+from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
 from if_query.plan.sizes import ModelShape, Shape, human_bytes
 
 

@@ -148,11 +148,40 @@ class ScorePlan:
         return [self.capture, self.scoring, self.host]
 
 
-def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[int], strategy: str,
-                 dtype_bytes: int, batch_size: int, workspace_budget: int, host_budget: int, per_token: bool,
-                 device_type: str, peaks: Peaks, matmul_precision: str, device_limit: int | None = None,
-                 host_limit: int | None = None, labelled: Sequence[int] | None = None) -> ScorePlan:
-    """The plan of scoring sequences of ``lengths`` (distinct; ``labelled`` tokens of each, default all)."""
+@dataclass(frozen=True)
+class Context:
+    """What every job's sizes depend on: the tracked shapes, the model, the factors' strategy, dtype and options."""
+
+    shapes: Sequence[Shape]
+    model: ModelShape
+    strategy: str
+    dtype_bytes: int
+    batch_size: int
+    per_token: bool
+    device_type: str
+    peaks: Peaks
+    matmul_precision: str
+    device_limit: int | None = None
+    host_limit: int | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sizes.token_factor_bytes_per_token(self.shapes, self.dtype_bytes)
+
+    def store(self, lengths: Sequence[int], workspace: int, host_budget: int) -> ScorePlan:
+        return plan_scoring(self, lengths, workspace, host_budget)
+
+
+
+
+def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int, host_budget: int,
+                 labelled: Sequence[int] | None = None) -> ScorePlan:
+    """The plan of scoring sequences of ``lengths`` (distinct; ``labelled`` tokens of each, default all) with a
+    workspace and a host budget, in ``context``."""
+    shapes, model, strategy, dtype_bytes = context.shapes, context.model, context.strategy, context.dtype_bytes
+    batch_size, per_token, device_type = context.batch_size, context.per_token, context.device_type
+    peaks = context.peaks
+    matmul_precision, device_limit, host_limit = context.matmul_precision, context.device_limit, context.host_limit
     tokens, longest, count = sum(lengths), max(lengths), len(lengths)
     token_factors = tokens * sizes.token_factor_bytes_per_token(shapes, dtype_bytes)
     spilled = token_factors > host_budget
@@ -169,9 +198,8 @@ def plan_scoring(shapes: Sequence[Shape], model: ModelShape, lengths: Sequence[i
         "a smaller --score-batch-size")
     worst, worst_total, at_once, block, used = None, -1, True, count, 0
     for shape in shapes:
-        scratch = workspace_budget // 4 if per_token else 0
         width_bytes = sizes.whitened_bytes(shape)
-        capacity = max(2, (workspace_budget - scratch) // width_bytes)
+        scratch, capacity = sizes.workspace_split(workspace_budget, shape, per_token)
         module_at_once = capacity >= count
         module_used = (count if module_at_once else 2 * (capacity // 2)) * width_bytes
         parts = [Part("model", model_bytes),

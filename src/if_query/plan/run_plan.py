@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from if_query.plan import memory
-from if_query.plan.estimates import Peaks, ScorePlan, plan_scoring
-from if_query.plan.sizes import ModelShape, Shape, human_bytes, token_factor_bytes_per_token
+from if_query.plan.estimates import Context, ScorePlan
+from if_query.plan.sizes import human_bytes
 
 HOST_SHARE = 0.5  # default --host-memory-gb: this fraction of the available RAM, divided among the host's ranks
 DEVICE_WORKSPACE_SHARE = 0.5  # default --workspace-gb on CUDA: this fraction of the free device memory
@@ -69,32 +69,6 @@ def resolve_budgets(host: int | None, workspace: int | None, device: torch.devic
     else:
         source = "--host-memory-gb"
     return Budgets(host, source, workspace, free_host, free_device, local_ranks)
-
-
-@dataclass(frozen=True)
-class Context:
-    """What every job's sizes depend on: the tracked shapes, the model, the factors' strategy, dtype and options."""
-
-    shapes: Sequence[Shape]
-    model: ModelShape
-    strategy: str
-    dtype_bytes: int
-    batch_size: int
-    per_token: bool
-    device_type: str
-    peaks: Peaks
-    matmul_precision: str
-    device_limit: int | None = None
-    host_limit: int | None = None
-
-    @property
-    def bytes_per_token(self) -> int:
-        return token_factor_bytes_per_token(self.shapes, self.dtype_bytes)
-
-    def store(self, lengths: Sequence[int], workspace: int, host_budget: int) -> ScorePlan:
-        return plan_scoring(self.shapes, self.model, lengths, self.strategy, self.dtype_bytes, self.batch_size,
-                            workspace, host_budget, self.per_token, self.device_type, self.peaks,
-                            self.matmul_precision, self.device_limit, self.host_limit)
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,11 @@ def rotation_flops(tokens: int, out: int, width: int) -> int:
     """FLOPs of one example's rotated gradient ``Q_gᵀ (Gᵀ [A, 1]) Q_a`` (out, in'), the cheaper order."""
     gradient = 2 * tokens * out * width
     return gradient + min(2 * tokens * (out * out + width * width), 2 * out * width * (out + width))
+
+
+def workspace_split(workspace_bytes: int, shape: Shape, per_token: bool, kept: int = 0) -> tuple[int, int]:
+    """How one module uses the workspace: (per-token scratch bytes: a quarter of it with per-token scores, whose
+    queries are taken in chunks; the whitened gradients that fit at once in the rest, less ``kept`` bytes of kept
+    rotations, at least 2). The engine works so, and the plan counts so."""
+    scratch = workspace_bytes // 4 if per_token else 0
+    return scratch, max(2, (workspace_bytes - scratch - kept) // whitened_bytes(shape))

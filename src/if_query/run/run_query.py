@@ -102,12 +102,12 @@ class QueryRunner:
 
             self.scorer = KronfluenceScorer(model, modules, self.config, self.tokenizer.pad_token_id, self.quiet)
         else:
-            self.scorer = EngineScorer(model, modules, factors, self.config, self.tokenizer.pad_token_id,
-                                       self.device, self.quiet)
             ordered, size = sorted(self.refine_examples, key=len), self.config.refine_batch_size
             collate = Collator(self.tokenizer.pad_token_id)
-            self.scorer.refine_batches = [{k: v.to(self.device) for k, v in collate(ordered[i : i + size]).items()}
-                                          for i in range(0, len(ordered), size)]
+            batches = [{k: v.to(self.device) for k, v in collate(ordered[i : i + size]).items()}
+                       for i in range(0, len(ordered), size)]
+            self.scorer = EngineScorer(model, modules, factors, self.config, self.tokenizer.pad_token_id,
+                                       self.device, self.matmul_precision, batches, self.quiet)
         return self.scorer
 
     # --- scoring: a job's distinct sequences -> the plan -> the scorer -> a ResultTable ---

@@ -221,18 +221,33 @@ def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: i
 
 
 @torch.no_grad()
-def score(queries: Side, train: Side, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None,
-          per_token: bool, workspace_bytes: int, device: torch.device, cosine: bool = True,
-          progress: Callable[[str], None] | None = None, transfers: Transfers | None = None,
-          refined: list | None = None, refined_self: torch.Tensor | None = None) -> Scores:
-    """Exact scores of every (query, train) pair, summed over the modules of ``shapes``.
+@dataclass(frozen=True)
+class Setup:
+    """What every engine call of a run shares: the factors' reader, the tracked modules' shapes, the damping (None:
+    auto, per module), the device, whether self-influences (the cosine) are computed, and the transfers that move
+    (and count) token factors."""
 
-    Queries must be distinct, and so must train examples. Without ``cosine`` no self-influence is computed,
+    factors: HessianFactors
+    shapes: Sequence[Shape]
+    damping: float | None
+    device: torch.device
+    cosine: bool = True
+    transfers: Transfers | None = None
+
+
+def score(queries: Side, train: Side, setup: Setup, workspace_bytes: int, per_token: bool,
+          refined: tuple[list, torch.Tensor] | None = None, progress: Callable[[str], None] | None = None) -> Scores:
+    """Exact scores of every (query, train) pair, summed over the modules of ``setup.shapes``, with whitened
+    gradients in at most ``workspace_bytes``.
+
+    Queries must be distinct, and so must train examples. Without ``setup.cosine`` no self-influence is computed,
     and a module whose queries are cheaper to rotate back than its train examples are to rotate is scored as
-    <P_q, D_t> (never with per-token scores). ``refined`` (one dense v per query, :mod:`if_query.score.refine`) replaces
-    the queries' EK-FAC forms: scores <v_q, D_t>, query self-influences ``refined_self``.
+    <P_q, D_t> (never with per-token scores). ``refined`` (one dense v per query, :mod:`if_query.score.refine`, and
+    their self-influences) replaces the queries' EK-FAC forms: scores <v_q, D_t>.
     """
-    transfers = transfers or Transfers(device)
+    factors, shapes, damping, device, cosine = setup.factors, setup.shapes, setup.damping, setup.device, setup.cosine
+    refined, refined_self = refined or (None, None)
+    transfers = setup.transfers or Transfers(device)
     moved_before = transfers.to_device_bytes
     same = train.store is queries.store
     n_queries = len(queries.indices)
@@ -316,10 +331,8 @@ def _score_module(columns: list[tuple[_Module, int]], train: list[tuple[_Module,
                   refined: list | None, unrotated: bool) -> None:
     """One module's scores added to ``totals``: as <P_q, D_t> (``unrotated``), every W at once when the
     workspace (less the ``kept`` rotations) holds them, else blocks of queries against streamed blocks."""
-    # With per-token scores a quarter of the workspace is their scratch (queries taken in chunks).
-    scratch = workspace_bytes // 4 if totals.token_scores is not None else 0
+    scratch, capacity = sizes.workspace_split(workspace_bytes, shape, totals.token_scores is not None, kept)
     queries_at_once = max(1, scratch // sizes.per_token_scratch_bytes(shape, longest))
-    capacity = max(2, (workspace_bytes - scratch - kept) // whitened_bytes(shape))
     if unrotated:
         _score_unrotated(columns, n_queries, capacity, totals.products, refined, shape)
     elif capacity >= len(columns) + (n_queries if refined is not None else 0):  # every W at once: each formed once

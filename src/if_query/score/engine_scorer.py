@@ -19,11 +19,10 @@ from if_query.config import QueryConfig
 from if_query.data.tokenization import TokenizedExample
 from if_query.errors import RunError
 from if_query.kron.factors import HessianFactors
-from if_query.model.loading import resolve_matmul_precision
 from if_query.model.tracking import MlpProjection
-from if_query.plan.estimates import DEFAULT_PEAKS, ScorePlan
+from if_query.plan.estimates import DEFAULT_PEAKS, Context, ScorePlan
 from if_query.plan.memory import ram_filesystem, return_freed_memory_to_the_os
-from if_query.plan.run_plan import Context, JobPlan
+from if_query.plan.run_plan import JobPlan
 from if_query.plan.sizes import ModelShape, Shape
 from if_query.score import engine, refine
 from if_query.score.capture import capture_token_factors
@@ -55,7 +54,10 @@ class EngineScorer:
     :func:`~if_query.run.compatibility.load_model_for_factors`."""
 
     def __init__(self, model: nn.Module, modules: list[MlpProjection], factors: HessianFactors, config: QueryConfig,
-                 pad_token_id: int, device: torch.device, quiet: bool = False):
+                 pad_token_id: int, device: torch.device, matmul_precision: str, refine_batches: list[dict],
+                 quiet: bool = False):
+        """``matmul_precision``: as the run resolved it; ``refine_batches``: --refine-steps' collated fitting batches
+        on the device (empty without it)."""
         return_freed_memory_to_the_os()
         self.model = model.to(device).eval()
         self.tracked = modules
@@ -68,9 +70,10 @@ class EngineScorer:
         self.quiet = quiet
         self.dtype = next(model.parameters()).dtype
         self.model_shape = ModelShape.of(model, model.config)
-        self.matmul_precision = resolve_matmul_precision(config.matmul_precision, device)
+        self.matmul_precision = matmul_precision
         self.transfers = Transfers(device)  # its pinned buffers serve every folder
-        self.refine_batches: list[dict] = []  # --refine-steps: collated fitting batches on the device
+        self.setup = engine.Setup(factors, self.shapes, config.damping_value, device, config.cosine, self.transfers)
+        self.refine_batches = refine_batches
 
     def context(self) -> Context:
         """What the plan's sizes depend on (shapes, model, strategy, dtype, options, the device)."""
@@ -101,12 +104,9 @@ class EngineScorer:
 
     def _engine(self, queries: engine.Side, train: engine.Side, workspace: int, per_token: bool,
                 refined: tuple | None = None) -> engine.Scores:
-        config = self.config
-        forms, own = refined or (None, None)
         with tqdm(total=len(self.shapes), desc="scores", unit="module", disable=self.quiet, leave=False) as bar:
-            return engine.score(queries, train, self.factors, self.shapes, config.damping_value, per_token,
-                                workspace, self.device, cosine=config.cosine, progress=lambda name: bar.update(1),
-                                transfers=self.transfers, refined=forms, refined_self=own)
+            return engine.score(queries, train, self.setup, workspace, per_token, refined,
+                                progress=lambda name: bar.update(1))
 
     def _refine(self, queries: engine.Side) -> tuple | None:
         """--refine-steps: (each query's refined v, its refined self-influence), or None (EK-FAC)."""
