@@ -412,11 +412,14 @@ class _Page:
         )
 
 
-def write_report(results_dir: str | Path, header: dict | None, top_k: int) -> Path:
-    """Read a results directory's CSVs and write ``report.html`` into it (atomically); returns its path.
-    ``top_k`` (>= 1, checked by the command's config): helpful and harmful examples listed per query."""
+def write_report(results_dir: str | Path, header: dict | None, top_k: int, results: QueryResults | None = None
+                 ) -> Path:
+    """Write ``report.html`` into a results directory (atomically) and return its path: the page of ``results``
+    (run-query's, in memory) or, when None, of the CSVs the directory holds. ``top_k`` (>= 1, checked by the
+    command's config): helpful and harmful examples listed per query."""
     results_dir = Path(results_dir)
-    page = _Page(read_results(results_dir), results_dir, dict(header or {}), top_k).html()
+    results = read_results(results_dir) if results is None else results
+    page = _Page(results, results_dir, dict(header or {}), top_k).html()
     path = write_text_atomic(results_dir / REPORT_FILE, lambda file: file.write(page))
     return path
 

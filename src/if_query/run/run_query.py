@@ -374,5 +374,6 @@ class QueryRunner:
         if self.config.report:
             from if_query.report.html import header_from_run, write_report  # pandas: only with --report
 
-            files.append(write_report(output_dir, header_from_run(results.provenance), self.config.top_k))
+            files.append(write_report(output_dir, header_from_run(results.provenance), self.config.top_k,
+                                      results.frames()))  # from the table in memory, not the CSVs read back
         return files

@@ -220,7 +220,6 @@ def _unrotated_is_cheaper(shape: Shape, train_lengths: Sequence[int], queries: i
     return unrotated < rotated
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Setup:
     """What every engine call of a run shares: the factors' reader, the tracked modules' shapes, the damping (None:
@@ -235,6 +234,7 @@ class Setup:
     transfers: Transfers | None = None
 
 
+@torch.no_grad()
 def score(queries: Side, train: Side, setup: Setup, workspace_bytes: int, per_token: bool,
           refined: tuple[list, torch.Tensor] | None = None, progress: Callable[[str], None] | None = None) -> Scores:
     """Exact scores of every (query, train) pair, summed over the modules of ``setup.shapes``, with whitened
