@@ -142,7 +142,7 @@ def copy_factors(source: Path, target: Path, keep=lambda name: True) -> Path:
 
 
 def flops(lengths: list[int], tracked: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, float]:
-    from if_query.fit.lambda_stage import lambda_flops
+    from if_query.plan.sizes import lambda_flops
 
     ours = kronfluence = 0
     for t in lengths:

@@ -33,13 +33,6 @@ def demo_model_dir() -> Iterator[Path]:
         yield path
 
 
-@contextmanager
-def demo_queries_dir() -> Iterator[Path]:
-    """The bundled query folder (query.json, train.json) as a real path; read it, never write into it."""
-    with as_file(DEMO_QUERIES) as path:
-        yield path
-
-
 def run_demo(config: DemoConfig) -> JobOutcome:
     """Fit (or reuse) EK-FAC factors for the tiny model into ``output_dir/factors``, copy the bundled query
     folder to ``output_dir/test_query`` and score it into ``output_dir/test_query/results`` (the CLI prints

@@ -41,7 +41,6 @@ from if_query.kron import lambda_files
 from if_query.kron.factors import read_eigenvectors
 from if_query.model import loss as loss_module
 from if_query.model import sampling
-from if_query.plan.sizes import rotation_flops
 from if_query.score.capture import LayerRecorder, forward_backward, frozen_weights
 from if_query.score.per_example import rotate_tokens, with_bias_column
 
@@ -63,15 +62,6 @@ def sampled_loss(seed: int) -> Callable:
         return loss_module.summed_token_losses(logits, drawn)
 
     return loss
-
-
-def lambda_flops(tokens: int, out: int, width: int, rotated: bool) -> tuple[int, int]:
-    """(if-query's, Kronfluence's) FLOPs of one example's lambda work for one module of ``out`` x
-    ``width`` (= in') over ``tokens`` positions, beyond the forward and backward pass."""
-    gradient = 2 * tokens * out * width
-    if not rotated:
-        return gradient, gradient
-    return rotation_flops(tokens, out, width), gradient + 2 * out * width * (out + width)
 
 
 class _Accumulator:

@@ -98,10 +98,6 @@ class JobPlan:
         chunks = self.chunks if self.split else tuple(replace(c, rank=rank) for c in self.chunks)
         return replace(self, rank=rank, chunks=chunks)
 
-    def chunks_of(self, rank: int) -> list[int]:
-        """The chunks ``rank`` scores."""
-        return [k for k, chunk in enumerate(self.chunks) if chunk.rank == rank]
-
     def scored_by(self, rank: int) -> bool:
         """Whether ``rank`` takes part in scoring this job."""
         return self.split or self.rank == rank

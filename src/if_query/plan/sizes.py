@@ -195,3 +195,12 @@ def workspace_split(workspace_bytes: int, shape: Shape, per_token: bool, kept: i
     rotations, at least 2). The engine works so, and the plan counts so."""
     scratch = workspace_bytes // 4 if per_token else 0
     return scratch, max(2, (workspace_bytes - scratch - kept) // whitened_bytes(shape))
+
+
+def lambda_flops(tokens: int, out: int, width: int, rotated: bool) -> tuple[int, int]:
+    """(if-query's, Kronfluence's) FLOPs of one example's lambda work for one module of ``out`` x
+    ``width`` (= in') over ``tokens`` positions, beyond the forward and backward pass."""
+    gradient = 2 * tokens * out * width
+    if not rotated:
+        return gradient, gradient
+    return rotation_flops(tokens, out, width), gradient + 2 * out * width * (out + width)
