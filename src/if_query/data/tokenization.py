@@ -172,3 +172,11 @@ class Collator:
 
     def __call__(self, examples: Sequence[TokenizedExample]) -> dict:
         return collate(examples, self.pad_token_id, self.pad_to)
+
+
+def distinct(sequences: list[TokenizedExample]) -> tuple[list[TokenizedExample], list[int]]:
+    """Distinct sequences and, for each input, the index of its distinct sequence."""
+    index: dict[TokenizedExample, int] = {}
+    for sequence in sequences:
+        index.setdefault(sequence, len(index))
+    return list(index), [index[s] for s in sequences]

@@ -16,7 +16,7 @@ import torch
 from if_query.config import GB, PlanConfig
 from if_query.data.jobs import QueryJob
 from if_query.data.records import load_examples
-from if_query.data.tokenization import ExampleTokenizer
+from if_query.data.tokenization import ExampleTokenizer, distinct
 from if_query.errors import InputError
 from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
@@ -44,8 +44,8 @@ def _folder_workloads(config: PlanConfig, limit: int | None) -> list[Workload]:
     workloads = []
     for folder in config.folders:
         job = QueryJob.from_folder(folder)
-        queries = list(dict.fromkeys(tokenizer(e, str(job.query_json)) for e in load_examples(job.query_json)))
-        train = list(dict.fromkeys(tokenizer(e, str(job.train_json)) for e in load_examples(job.train_json)))
+        queries, _ = distinct([tokenizer(e, str(job.query_json)) for e in load_examples(job.query_json)])
+        train, _ = distinct([tokenizer(e, str(job.train_json)) for e in load_examples(job.train_json)])
         position = set(queries)
         workloads.append(Workload(str(folder), [len(q) for q in queries], [len(t) for t in train],
                                   [j for j, t in enumerate(train) if t in position]))

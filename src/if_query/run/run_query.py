@@ -26,7 +26,7 @@ from if_query.config import QueryConfig
 from if_query.data.corpus import Corpus
 from if_query.data.jobs import QueryJob, query_jobs
 from if_query.data.records import load_examples
-from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample
+from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample, distinct
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fit.metadata import load_complete_metadata
 from if_query.model.fingerprint import dataset_fingerprint
@@ -49,7 +49,7 @@ from if_query.run.compatibility import load_model_for_factors
 from if_query.run.identity import identity_digest, run_identity, sequences_digest, stale
 from if_query.run.outcomes import JobOutcome, collect
 from if_query.run.refine_data import refine_examples
-from if_query.run.workload import PreparedJob, Workload, corpus_workload, distinct, records_workload
+from if_query.run.workload import PreparedJob, Workload, corpus_workload, records_workload
 from if_query.score.engine_scorer import EngineScorer
 from if_query.score.scored import ScoredSet
 from if_query.score.sequences import TrainSequences

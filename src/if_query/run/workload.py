@@ -1,6 +1,7 @@
 """What a scoring pass covers, formed once: a job's records tokenized (:class:`PreparedJob`), and the distinct
-sequences scored with the maps back to the records (:class:`Workload`). :func:`distinct` is the one dedupe: identical
-token sequences are scored once and their scores copied to every record that has them."""
+sequences scored with the maps back to the records (:class:`Workload`), through the one dedupe
+(:func:`if_query.data.tokenization.distinct`: identical token sequences are scored once and their scores copied to
+every record that has them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 from if_query.data.jobs import QueryJob
 from if_query.data.records import Example
-from if_query.data.tokenization import TokenizedExample
+from if_query.data.tokenization import TokenizedExample, distinct
 from if_query.report.results import TrainSide
 from if_query.run.identity import sequences_digest
 from if_query.score.sequences import TrainSequences
@@ -37,14 +38,6 @@ class Workload:
     side: TrainSide
     train_index: list[int] | None
     key: str
-
-
-def distinct(sequences: list[TokenizedExample]) -> tuple[list[TokenizedExample], list[int]]:
-    """Distinct sequences and, for each input, the index of its distinct sequence."""
-    index: dict[TokenizedExample, int] = {}
-    for sequence in sequences:
-        index.setdefault(sequence, len(index))
-    return list(index), [index[s] for s in sequences]
 
 
 def records_workload(index: int, prepared: PreparedJob, key) -> Workload:

@@ -35,6 +35,7 @@ class KronfluenceScorer:
               checkpoint=None, per_token: bool | None = None) -> ScoredSet | None:
         """None on non-main ranks of a torchrun launch (``plan``, ``checkpoint`` and ``per_token`` are the
         engine's)."""
+        also_queries = train.queries  # train row -> query (the workload's map: nothing is deduplicated here)
         train = train.take(range(len(train.lengths)))
         scorer = self.scorer
         pairwise = scorer.pairwise(queries, train)
@@ -42,22 +43,25 @@ class KronfluenceScorer:
         # exact pairwise diagonal (not with low-rank queries, and not across processes, where every
         # rank must run the same passes).
         reuse = self.config.query_rank is None and not scorer.distributed
-        train_position = {sequence: j for j, sequence in enumerate(train)}
-        known: dict[TokenizedExample, float] = {}
+        query_self: dict[int, float] = {}
         if reuse and pairwise is not None:
-            for i, sequence in enumerate(queries):
-                if sequence in train_position:
-                    known[sequence] = float(pairwise.scores[i, train_position[sequence]])
-        missing = [s for s in dict.fromkeys([*queries, *train]) if s not in known]
-        computed = scorer.self_scores(missing)
+            query_self = {q: float(pairwise.scores[q, row]) for row, q in also_queries.items()}
+        train_only = [row for row in range(len(train)) if row not in also_queries]
+        # Self-influences still needed: the queries not read off the diagonal, every train row that is no query,
+        # and (without reuse) the train rows that are queries, through their query.
+        missing = [q for q in range(len(queries)) if q not in query_self]
+        computed = scorer.self_scores([queries[q] for q in missing] + [train[row] for row in train_only])
         losses = scorer.completion_losses(queries)
         if pairwise is None or computed is None:
             return None
-        known.update({s: float(v) for s, v in zip(missing, computed.tolist(), strict=True)})
+        values = computed.tolist()
+        query_self.update(zip(missing, values[: len(missing)], strict=True))
+        train_self = dict(zip(train_only, values[len(missing):], strict=True))
+        train_self.update({row: query_self[q] for row, q in also_queries.items()})
         return ScoredSet(
             scores=pairwise.scores.double(),
-            query_self=torch.tensor([known[s] for s in queries], dtype=torch.float64),
-            train_self=torch.tensor([known[s] for s in train], dtype=torch.float64),
+            query_self=torch.tensor([query_self[q] for q in range(len(queries))], dtype=torch.float64),
+            train_self=torch.tensor([train_self[row] for row in range(len(train))], dtype=torch.float64),
             query_losses=losses,
             per_token=per_token_pairs(pairwise.per_token, range(len(train))),
             damping=None,
