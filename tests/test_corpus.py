@@ -143,7 +143,7 @@ def test_no_cosine_drops_the_self_influences(cli, tiny_gpt2, fitted, tmp_path, m
     run_query(cli, tiny_gpt2, fitted["kfac"], tmp_path / "cosine", train=train)
     calls = []
     score = engine.score
-    monkeypatch.setattr(engine, "score", lambda *a, **k: calls.append(k["cosine"]) or score(*a, **k))
+    monkeypatch.setattr(engine, "score", lambda *a, **k: calls.append(a[2].cosine) or score(*a, **k))  # a[2]: Setup
     result = run_query(cli, tiny_gpt2, fitted["kfac"], tmp_path / "raw", "--no-cosine", train=train)
     assert calls == [False] and "cos " not in result.stdout
     a, b = frame(tmp_path / "raw"), frame(tmp_path / "cosine")
