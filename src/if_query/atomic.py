@@ -13,10 +13,19 @@ from typing import TextIO
 from if_query.errors import InputError
 
 
-def _shareable(path: str) -> None:
+def shareable(path: str | Path) -> None:
+    """Give a written file the mode a plain ``open`` would have (0o666 less the process umask): mkstemp and
+    safetensors' writer create private (0600) files, and results and factors are meant to be read by others."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp creates private files; results are meant to be read
+    os.chmod(path, 0o666 & ~umask)
+
+
+def shareable_tree(directory: str | Path) -> None:
+    """:func:`shareable` on every file under ``directory`` (the files another library wrote there)."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            shareable(path)
 
 
 @contextmanager
@@ -29,7 +38,7 @@ def staged_files(directory: Path, names: list[str]) -> Iterator[list[Path]]:
         for name in names:
             handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
             os.close(handle)
-            _shareable(temporary)
+            shareable(temporary)
             temporaries.append(Path(temporary))
         yield temporaries
         for name, temporary in zip(names, temporaries, strict=True):

@@ -45,7 +45,7 @@ def run_demo(config: DemoConfig) -> JobOutcome:
     for name in ("query.json", "train.json"):
         (queries_dir / name).write_bytes((DEMO_QUERIES / name).read_bytes())
     with demo_model_dir() as model:
-        logger.info("Fitting EK-FAC factors for %s (cached in %s)", model, factors_dir)
+        logger.info("EK-FAC factors of %s: %s", model, factors_dir)  # fit_hessians says whether it fits or reuses
         # The factors directory is a cache: reused while the model's weights and the arguments are unchanged,
         # refitted (not refused) when either changed, e.g. after scripts/make_tiny_model.py.
         fit_hessians(FitConfig(model=str(model), hessian_dataset=str(model / DEMO_CORPUS_FILE),

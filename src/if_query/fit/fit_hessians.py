@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from if_query.atomic import check_writable_dir
+from if_query.atomic import check_writable_dir, shareable_tree
 from if_query.config import FitConfig
 from if_query.data.hessian_data import load_hessian_examples
 from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample
@@ -219,12 +219,19 @@ def _run_stages(analyzer, model: torch.nn.Module, task, examples: list[Tokenized
             analyzer, model, FACTORS_NAME, ordered, config.lambda_batch_size, collate,
             arguments, seed=config.seed, quiet=quiet)),
     )
+    directory = analyzer.factors_output_dir(factors_name=FACTORS_NAME)
+    done = [name for name, _ in stages if kron.stage_done(directory, name, config.strategy)]
+    if len(done) == len(stages):
+        logger.info("Using cached factors in %s (every stage done)", config.output_dir)
     with FiniteLogits(model) as logits:
         for name, run_stage in stages:
-            logger.info("Fitting stage: %s", name)
+            if len(done) < len(stages):
+                logger.info("Stage %s done, skipped" if name in done else "Fitting stage: %s", name)
             task.set_stage(name)  # each stage draws its own labels, the same whether or not it was resumed
             logits.stage, logits.batch = name, 0
             run_stage()
+            if analyzer.state.is_main_process:
+                shareable_tree(directory)  # Kronfluence's files (safetensors') are written private (0600)
 
 
 class FiniteLogits:

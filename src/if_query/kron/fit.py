@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments
+from kronfluence.factor.config import FactorConfig
+from kronfluence.factor.covariance import covariance_matrices_exist
+from kronfluence.factor.eigen import eigendecomposition_exist, lambda_matrices_exist
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
@@ -96,3 +99,15 @@ def fit_covariances(analyzer: Analyzer, examples: Sequence[TokenizedExample], ba
 def fit_eigendecomposition(analyzer: Analyzer, arguments: FactorArguments) -> None:
     """Kronfluence's eigendecomposition stage (skipped when its files exist)."""
     analyzer.perform_eigendecomposition(FACTORS_NAME, factor_args=arguments)
+
+
+def stage_done(directory: Path, stage: str, strategy: str) -> bool:
+    """Whether fit stage ``stage`` (covariance, eigendecomposition, lambda) has nothing left to do in the factors
+    directory ``directory``: ``strategy`` does not need it, or its files are there (Kronfluence then skips it)."""
+    config = FactorConfig.CONFIGS[strategy]
+    needed, exists = {
+        "covariance": (config.requires_covariance_matrices, covariance_matrices_exist),
+        "eigendecomposition": (config.requires_eigendecomposition, eigendecomposition_exist),
+        "lambda": (config.requires_lambda_matrices, lambda_matrices_exist),
+    }[stage]
+    return not needed or exists(output_dir=directory)

@@ -14,7 +14,7 @@ from kronfluence.module.utils import get_tracked_module_names, make_modules_part
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from if_query.atomic import staged_files
+from if_query.atomic import shareable, staged_files
 from if_query.errors import RunError
 from if_query.kron.constants import LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
 
@@ -88,6 +88,7 @@ def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], met
     with staged_files(directory, [path.name for path in names]) as temporaries:
         for path, temporary in zip(names, temporaries, strict=True):
             save_file(tensors=files[path], filename=str(temporary), metadata=metadata)
+            shareable(temporary)  # safetensors' writer creates the file private (0600)
 
 
 def write_lambda_matrices(directory: Path, lambdas: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
