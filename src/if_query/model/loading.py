@@ -64,9 +64,14 @@ def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokeniz
         raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
                          "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
     try:
-        return AutoTokenizer.from_pretrained(model, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
         raise _cannot_load("the tokenizer of", model, exc) from exc
+    # Silence transformers' "Token indices sequence length is longer than the specified maximum": it compares with
+    # model_max_length, which need not be the model's limit; if-query cuts examples itself and warns about the
+    # position limit (:func:`position_limit`). transformers warns once per tokenizer, after setting this flag.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def load_config(model: str, revision: str | None = None) -> PretrainedConfig:
