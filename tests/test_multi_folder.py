@@ -21,7 +21,7 @@ def test_folders_scored_in_one_run_and_a_failing_folder_is_skipped(cli, tiny_gpt
     bad = make_folder(tmp_path, "b", TRAIN, [{"pair_id": "x", "prompt": "p"}])
     good_c = make_folder(tmp_path, "c", TRAIN[:2], QUERIES)
     result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], good_a, bad, good_c,
-                 "--quiet", expect=None)
+                 expect=None)  # not --quiet, which prints only the failure
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert "2 of 3 folders scored, 1 failed" in result.stdout
     assert "missing field 'completion'" in result.stderr and str(bad) in result.stderr
@@ -42,7 +42,7 @@ def test_a_mistyped_folder_and_a_results_file_fail_alone_saying_so(cli, tiny_gpt
     typo = tmp_path / "aa"  # no such folder: said so, not "aa/query.json: file not found"
     blocked = make_folder(tmp_path, "b", TRAIN, QUERIES)
     (blocked / "results").write_text("a file where the results folder goes")
-    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], good, typo, blocked, "--quiet",
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], good, typo, blocked,
                  expect=None)
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert "1 of 3 folders scored, 2 failed" in result.stdout
@@ -53,7 +53,7 @@ def test_a_mistyped_folder_and_a_results_file_fail_alone_saying_so(cli, tiny_gpt
 
 def test_all_folders_ok_exit_zero(cli, tiny_gpt2, fitted, tmp_path):
     folders = [make_folder(tmp_path, name, TRAIN, QUERIES) for name in ("x", "y")]
-    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["identity"], *folders, "--quiet")
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["identity"], *folders)
     assert "2 of 2 folders scored" in result.stdout
 
 

@@ -194,12 +194,16 @@ def query(config: QueryConfig, quiet: bool) -> None:
     if config.folders:
         failed = [o for o in outcomes if not o.ok]
         for outcome in outcomes:
+            if quiet and not outcome.error:  # --quiet: errors only
+                continue
             status = (f"FAILED: {error_line(outcome.error)}" if outcome.error else
                       f"skipped, results up to date in {outcome.job.output_dir}" if outcome.skipped else
                       f"ok -> {outcome.job.output_dir}")
             typer.echo(f"{outcome.job.name}: {status}", err=bool(outcome.error))
-        typer.echo(f"{len(outcomes) - len(failed) - len(skipped)} of {len(outcomes)} folders scored"
-                   + (f", {len(skipped)} skipped" if skipped else "") + (f", {len(failed)} failed" if failed else ""))
+        if not quiet:
+            typer.echo(f"{len(outcomes) - len(failed) - len(skipped)} of {len(outcomes)} folders scored"
+                       + (f", {len(skipped)} skipped" if skipped else "")
+                       + (f", {len(failed)} failed" if failed else ""))
         if failed:
             raise typer.Exit(max(o.error.exit_code for o in failed))
     elif not quiet:
