@@ -28,6 +28,7 @@ from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
 from if_query.report.ranking import ranked_rows
 from if_query.report.results import INFLUENCES_FILE, QueryResults, read_results
+from if_query.report.summary import score_text
 
 REPORT_FILE = "report.html"
 MAX_HEATMAP_SIDE = 200  # heatmap drawn only when both queries and train examples are at most this many
@@ -112,7 +113,7 @@ def _finite(value: Any) -> bool:
 
 
 def _score(value: Any) -> str:
-    return f"{value:+#.4g}" if _finite(value) else "n/a"
+    return score_text(value) if _finite(value) else "n/a"
 
 
 def _cosine(value: Any) -> str:

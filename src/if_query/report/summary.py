@@ -13,6 +13,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def score_text(value: float) -> str:
+    """A score to 4 significant digits, its sign always shown: trailing zeros kept (+0.1000, columns line up) but
+    not a bare trailing point (+3498, not +3498.)."""
+    return f"{value:+#.4g}".removesuffix(".")
+
+
 def format_summary(results: QueryResults, top_k: int, width: int | None = None) -> str:
     """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query,
     ranked by :mod:`if_query.report.ranking` (the report's and --top-train's key)."""
@@ -31,8 +37,8 @@ def format_summary(results: QueryResults, top_k: int, width: int | None = None) 
             for row in chosen.itertuples(index=False):
                 text = train.loc[row.train_id, "prompt"] + train.loc[row.train_id, "completion"]
                 cosine = getattr(row, "influence_cosine", None)
-                head = (f"    {row.influence_score:+#11.4g}  " + (f"cos {cosine:+.2f}  " if cosine is not None else "")
-                        + f"{row.train_id}: ")
+                head = (f"    {score_text(row.influence_score):>11}  "
+                        + (f"cos {cosine:+.2f}  " if cosine is not None else "") + f"{row.train_id}: ")
                 lines.append(head + _clip(text, width - len(head)))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
