@@ -121,7 +121,7 @@ def test_top_train_keeps_the_extremes_and_their_per_token_scores(cli, tiny_gpt2,
     full = run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "full", "--per-token-scores", train=train)
     assert full.exit_code == 0
     top = run_query(cli, tiny_gpt2, fitted["ekfac"], tmp_path / "top", "--per-token-scores", "--top-train", 3,
-                    "--host-memory-gb", SMALL_BUDGET, train=train)
+                    "--rank-by", "score", "--host-memory-gb", SMALL_BUDGET, train=train)
     assert top.exit_code == 0
     everything, kept = frame(tmp_path / "full"), frame(tmp_path / "top")
     for query_id, rows in everything.groupby("query_id"):

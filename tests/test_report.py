@@ -99,7 +99,7 @@ def scored(tmp_path_factory, cli, tiny_gpt2, fitted):
     out = root / "results"
     cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json", files["train"],
         "--query-json", files["query"], "--output-dir", out, "--per-token-scores", "--report", "--top-k", TOP_K,
-        "--quiet")
+        "--rank-by", "score", "--quiet")
     read = {"keep_default_na": False, "dtype": {"query_id": str, "train_id": str}}
     return {
         "dir": out,

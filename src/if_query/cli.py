@@ -189,7 +189,7 @@ def query(config: QueryConfig, quiet: bool) -> None:
         for outcome in outcomes:
             if outcome.results is not None:
                 typer.echo((f"== {outcome.job.name}\n" if config.folders else "")
-                           + format_summary(outcome.results, config.top_k))
+                           + format_summary(outcome.results, config.top_k, rank_by=config.ranking))
     skipped = [o for o in outcomes if o.skipped]
     if config.folders:
         failed = [o for o in outcomes if not o.ok]

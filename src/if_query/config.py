@@ -29,6 +29,7 @@ EIGENDECOMPOSITION_DTYPES = ("float64", "float32")
 ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see model.loading.CUDA_MATMUL_PRECISION
 GB = 10**9  # every size and memory option: decimal gigabytes, as disks and GPU datasheets count
+RANK_BY = ("cosine", "score")  # --rank-by (if_query.report.ranking)
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
 
 
@@ -69,7 +70,7 @@ def _check_declared(config: Any) -> None:
         if minimum is not None and value is not None and value < minimum:
             qualifier = "at least" if isinstance(minimum, int) and minimum > 0 else ">="
             raise InputError(f"{name} must be {qualifier} {minimum}, got {value}")
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
@@ -240,12 +241,18 @@ class QueryConfig(MemoryOptions):
         1, minimum=1, help="--engine kronfluence only: score in N groups of modules to lower memory.")
     top_train: int | None = option(
         None, minimum=1,
-        help="Keep only each query's K most helpful and K most harmful train examples (by influence_score; ties "
+        help="Keep only each query's K most helpful and K most harmful train examples (by --rank-by; ties "
              "by train_id) in influences.csv, and only the train examples that appear in train.csv.")
     cosine: bool = option(
         True, flags=("--cosine/--no-cosine",),
         help="Compute influence_cosine, which needs every train example's self-influence (its gradient rotated "
              "into the eigenbasis: several times the model's own pass at 13B). --no-cosine drops the column.")
+    rank_by: str | None = option(
+        None, choices=RANK_BY, show_default=False,
+        help="What ranks the train examples in the summary, report.html and --top-train: cosine (influence_cosine: "
+             "which examples point the same way as the query, whatever their gradients' size) or score "
+             "(influence_score: the estimated effect on the query's loss, led by large gradients). Default: cosine, "
+             "score under --no-cosine. Recorded in run.json.")
     refine_steps: int = option(
         0, minimum=0,
         help="Refine each query's inverse-Hessian-vector product by N EK-FAC-preconditioned Neumann steps on the "
@@ -278,6 +285,9 @@ class QueryConfig(MemoryOptions):
         if self.engine == "kronfluence" and (self.train_dataset is not None or self.top_train is not None
                                              or not self.cosine or self.refine_steps):
             raise InputError("--train-dataset, --top-train, --no-cosine and --refine-steps need the default engine")
+        if self.rank_by == "cosine" and not self.cosine:
+            raise InputError("cosine ranks by influence_cosine, which --no-cosine does not compute; use --rank-by "
+                             "score or drop --no-cosine", option="rank_by")
         if self.engine != "kronfluence":
             defaults = {spec.name: spec.default for spec in fields(self)}
             used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) != defaults[name]]
@@ -287,6 +297,11 @@ class QueryConfig(MemoryOptions):
                     "exactly, one module at a time, in bounded memory)"
                 )
         parse_damping(self.damping)  # a bad --damping is refused here, not when scoring starts
+
+    @property
+    def ranking(self) -> str:
+        """--rank-by resolved: cosine where the cosine is computed, else score."""
+        return self.rank_by or ("cosine" if self.cosine else "score")
 
     @property
     def damping_value(self) -> float | None:

@@ -26,7 +26,7 @@ from if_query.atomic import check_writable_dir, write_text_atomic
 from if_query.errors import InputError
 from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
-from if_query.report.ranking import ranked_rows
+from if_query.report.ranking import rank_by_of, ranked_rows
 from if_query.report.results import INFLUENCES_FILE, QueryResults, read_results
 from if_query.report.summary import score_text
 
@@ -190,7 +190,8 @@ class _Page:
         self.tokens: dict[str, list[str] | None] = {}
         self.tokens_drawn = 0
         self.tokens_left_out = 0
-        self.helpful, self.harmful = ranked_rows(results.influences, top_k)
+        self.rank_by = rank_by_of(results.provenance) if results.has_cosine else "score"
+        self.helpful, self.harmful = ranked_rows(results.influences, top_k, self.rank_by)
         drawn = set(self.anchor)
         pairs = {(q, t) for table in (self.helpful, self.harmful) for q, g in table.items() if q in drawn
                  for t in g["train_id"]}
@@ -336,10 +337,12 @@ class _Page:
                 f"{cut}</div>")
 
     def ranked_html(self, query_id: str, kind: str, rows: pd.DataFrame | None) -> str:
-        label = {"helpful": "Most helpful (highest positive scores)",
-                 "harmful": "Most harmful (lowest negative scores)"}[kind]
+        noun = "cosines" if self.rank_by == "cosine" else "scores"
+        label = {"helpful": f"Most helpful (highest positive {noun})",
+                 "harmful": f"Most harmful (lowest negative {noun})"}[kind]
         if rows is None or rows.empty:
-            none = "no training example has a negative score" if kind == "harmful" else "no positive score"
+            none = (f"no training example has a negative {noun[:-1]}" if kind == "harmful"
+                    else f"no positive {noun[:-1]}")
             return f"<h3>{label}</h3><p class=\"note\">None: {none}.</p>"
         skip = {"train_id", "prompt", "completion", "tokens"}
         body = []

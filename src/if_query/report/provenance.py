@@ -38,13 +38,14 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
                    dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
                    query_json: str | Path, train_json: str | Path, plan: dict | None = None,
-                   identity: dict | None = None, date: str | None = None) -> dict[str, Any]:
+                   identity: dict | None = None, date: str | None = None, rank_by: str = "score") -> dict[str, Any]:
     """The ``run.json`` of one results directory.
 
     ``damping`` is the requested damping (None = auto); ``resolved_damping`` the damping each module
     actually used, when the scorer reports it (else ``damping_per_module`` is null); ``plan`` what the run's plan
     decided for the job (:meth:`if_query.plan.run_plan.JobPlan.describe`: budgets, chunks, ranks); ``identity`` what
-    determines its numbers (:mod:`if_query.run.identity`), which ``--skip-done`` compares.
+    determines its numbers (:mod:`if_query.run.identity`), which ``--skip-done`` compares; ``rank_by`` the ranking
+    of the summary, the report and --top-train (:mod:`if_query.report.ranking`), which a regenerated report reuses.
     """
     fit = (metadata or {}).get("fit") or {}
     per_module = None
@@ -68,6 +69,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "max_length": max_length,
         "eos_in_loss": eos_in_loss,
         "per_token_scores": per_token_scores,
+        "rank_by": rank_by,
         "query_json": str(Path(query_json).resolve()),
         "train_json": str(Path(train_json).resolve()),
         "plan": plan,

@@ -199,14 +199,15 @@ class ResultTable:
 
     def summary(self, top_k: int) -> QueryResults:
         """The rows the terminal summary shows (each query's ``top_k`` most helpful and harmful, by
-        :mod:`if_query.report.ranking`), as small frames."""
+        :mod:`if_query.report.ranking` and the run.json's ``rank_by``), as small frames."""
         import pandas as pd
 
-        scores = self.scored.scores.numpy()
+        cosine = self.scored.cosine() if ranking.rank_by_of(self.provenance) == "cosine" else None
+        values = (self.scored.scores if cosine is None else cosine).numpy()
         shown: dict[int, list[int]] = {}
         for q in range(len(self.queries)):
             written = self.written(q)
-            helpful, harmful = ranking.helpful_and_harmful(scores[q, written], [self.train.ids[t] for t in written],
+            helpful, harmful = ranking.helpful_and_harmful(values[q, written], [self.train.ids[t] for t in written],
                                                            top_k)
             shown[q] = [int(written[i]) for i in (*helpful, *harmful)]
         header = self.influence_header()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from if_query.report.ranking import ranked_rows
+from if_query.report.ranking import rank_by_of, ranked_rows
 from if_query.report.results import QueryResults
 
 
@@ -19,18 +19,21 @@ def score_text(value: float) -> str:
     return f"{value:+#.4g}".removesuffix(".")
 
 
-def format_summary(results: QueryResults, top_k: int, width: int | None = None) -> str:
-    """Top-k helpful (highest positive scores) and harmful (lowest negative scores) training examples per query,
-    ranked by :mod:`if_query.report.ranking` (the report's and --top-train's key)."""
+def format_summary(results: QueryResults, top_k: int, width: int | None = None, rank_by: str | None = None) -> str:
+    """Top-k helpful (highest positive values) and harmful (lowest negative values) training examples per query,
+    ranked by :mod:`if_query.report.ranking` by ``rank_by`` (default: the results' run.json's, as the report and
+    --top-train rank)."""
     width = width or shutil.get_terminal_size((100, 20)).columns
     train = results.train.set_index("train_id")
     lines: list[str] = []
-    helpful_rows, harmful_rows = ranked_rows(results.influences, top_k)
+    rank_by = rank_by or rank_by_of(results.provenance)
+    helpful_rows, harmful_rows = ranked_rows(results.influences, top_k, rank_by)
     for query in results.queries.itertuples(index=False):
         lines.append(_clip(f"query {query.query_id} (loss {query.loss:.3g}): {query.prompt}{query.completion}", width))
         for title, chosen in (("helpful", helpful_rows.get(query.query_id, [])),
                               ("harmful", harmful_rows.get(query.query_id, []))):
             if not len(chosen):
+                # (a cosine has its score's sign: "no negative score" whatever the ranking; clients parse these lines)
                 lines.append(f"  most {title}: none (no {'positive' if title == 'helpful' else 'negative'} score)")
                 continue
             lines.append(f"  most {title}:")

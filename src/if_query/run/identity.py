@@ -27,7 +27,7 @@ DESCRIBED = {"weights": "model weights", "factors": "factors", "queries": "query
              "train": "train examples (their tokens)", "refine_data": "--refine-steps fitting data"}
 # The run-query options that change the scores or what is written (anything else: memory, speed, output).
 SCORE_OPTIONS = ("damping", "dtype", "matmul_precision", "max_length", "eos_in_loss", "engine", "cosine",
-                 "per_token_scores", "top_train", "refine_steps", "refine_batch_size", "query_rank")
+                 "per_token_scores", "top_train", "rank_by", "refine_steps", "refine_batch_size", "query_rank")
 
 
 def sequences_digest(sequences: Iterable[TokenizedExample]) -> str:
@@ -52,6 +52,7 @@ def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, 
                                              default=str).encode()).hexdigest(),
         **{name: getattr(config, name) for name in SCORE_OPTIONS},
         "damping": "auto" if config.damping_value is None else config.damping_value,  # "0.10" is "0.1"
+        "rank_by": config.ranking,  # resolved: the default and an explicit --rank-by cosine rank alike
         **resolved,
         "refine_data": refine_data if config.refine_steps else None,
         "queries": queries,

@@ -217,7 +217,9 @@ class QueryRunner:
         config = self.config
         kept = None
         if config.top_train is not None:
-            kept = [ranking.kept(selected.scores[q].numpy(), side.ids, config.top_train)
+            ranked = (selected.cosine() if config.ranking == "cosine" else None)
+            ranked = selected.scores if ranked is None else ranked
+            kept = [ranking.kept(ranked[q].numpy(), side.ids, config.top_train)
                     for q in range(len(prepared.queries))]
         tokens = None
         if config.per_token_scores:
@@ -260,6 +262,7 @@ class QueryRunner:
             max_length=config.max_length, eos_in_loss=config.eos_in_loss,
             per_token_scores=config.per_token_scores, query_json=job.query_json,
             train_json=job.train_json or config.train_dataset, plan=plan, identity=self.identity(prepared),
+            rank_by=config.ranking,
         )
 
     def identity(self, prepared: PreparedJob) -> dict:
