@@ -48,8 +48,9 @@ def run_identity(config: QueryConfig, metadata: dict, queries: str, train: str, 
     return {
         "weights": weights if weights else canonical_model(config.model),
         "revision": config.revision,
-        "factors": hashlib.sha256(json.dumps([fit, metadata.get("completed_at")], sort_keys=True,
-                                             default=str).encode()).hexdigest(),
+        # the fit's arguments and data fingerprints decide the factors (a rerun of the same fit writes the same
+        # numbers); not its completion time, which a resumed or repeated fit rewrites
+        "factors": hashlib.sha256(json.dumps(fit, sort_keys=True, default=str).encode()).hexdigest(),
         **{name: getattr(config, name) for name in SCORE_OPTIONS},
         "damping": "auto" if config.damping_value is None else config.damping_value,  # "0.10" is "0.1"
         "rank_by": config.ranking,  # resolved: the default and an explicit --rank-by cosine rank alike
