@@ -36,15 +36,16 @@ def write_documents(path: Path, count: int) -> Path:
     return path
 
 
-def torchrun(tmp_path: Path, free_bytes: int, *arguments) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def torchrun(tmp_path: Path, free_bytes: int, *arguments, expect: int = 0, **env_vars
+             ) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """run-query on 2 ranks through the probe; each rank's record of what it read and did."""
     out = tmp_path / f"probe-{len(list(tmp_path.glob('probe-*')))}"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PROBE_FREE_BYTES": str(free_bytes),
-           "PROBE_OUT": str(out)}
+           "PROBE_OUT": str(out), **env_vars}
     result = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", str(PROBE), *map(str, arguments)],
                             capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stderr[-3000:]
     return result, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -100,6 +101,23 @@ def test_a_folder_over_the_budget_with_no_train_only_rows_is_scored_by_one_rank(
     assert ranks[0]["captured"] == [len(QUERIES)] and ranks[1]["captured"] == [len(TRAIN)]  # each folder, once
     for folder in folders:
         assert json.loads((folder / "results" / "run.json").read_text())["plan"]["mode"] == "chunks"
+
+
+@needs_torchrun
+def test_a_split_job_that_fails_on_rank_0_alone_fails_on_every_rank(tiny_gpt2, fitted, tmp_path):
+    """Rank 0 runs out of memory scoring the train rows that are queries, before the chunk rounds: every rank
+    hears of it and gives the folder up, instead of the others waiting in a round rank 0 never joins."""
+    rng = np.random.default_rng(3)
+    train = TRAIN + [{"pair_id": f"r{k}", "prompt": " ".join(rng.choice(WORDS, 6)), "completion": " Paris."}
+                     for k in range(12)]
+    write_json(tmp_path / "f" / "train.json", train)
+    write_json(tmp_path / "f" / "query.json", QUERIES + TRAIN[:1])  # train rows that are queries: TRAIN[0], [1]
+    result, ranks = torchrun(tmp_path, 100_000, "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"],
+                             tmp_path / "f", expect=1, PROBE_FAIL_FIRST_SCORE="1")
+    assert "2 ranks split the chunks" in result.stderr  # the premise: a split job
+    assert "FAILED" in result.stderr and "OutOfMemoryError" in result.stderr
+    assert "0 of 1 folders scored, 1 failed" in result.stdout
+    assert ranks[1]["scored"] == []  # rank 1 scored no chunk: the failure stopped the job before the rounds
 
 
 def test_a_corpus_of_hundreds_of_chunks_is_read_and_tokenized_once(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Launched by tests (``torchrun --nproc_per_node=2 tests/torchrun_probe.py RUN-QUERY ARGS``), not collected by pytest.
 Each rank reads another MemAvailable, and another on each read (``PROBE_FREE_BYTES`` x (rank + 1), plus 4 KB per
 earlier read); at exit it writes ``PROBE_OUT/rank<r>.json``: its reads of MemAvailable, the sequences it captured
-per store and the train rows it scored per engine call.
+per store and the train rows it scored per engine call. With ``PROBE_FAIL_FIRST_SCORE`` set, rank 0's first engine
+call runs out of memory.
 """
 
 import atexit
@@ -11,6 +12,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 from if_query.plan import memory
 from if_query.score import engine, engine_scorer
@@ -32,6 +35,9 @@ def counting_capture(model, linears, sequences, *args, **kwargs):
 
 
 def counting_score(queries, train, *args, **kwargs):
+    if RANK == 0 and not scored and os.environ.get("PROBE_FAIL_FIRST_SCORE"):  # rank 0 alone runs out of memory
+        scored.append(0)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     scored.append(len(train.indices))
     return score(queries, train, *args, **kwargs)
 

@@ -183,12 +183,12 @@ class Corpus:
             keys.update(dict.fromkeys(document.extra))
             self.documents_read = number + 1
         cache.close()
+        if not lengths:  # checked before the cache is kept: a second locate() says it again
+            raise InputError(f"{self.path}: no document has a token to attribute", option="train_dataset")
         self._cache, self.extra_keys = cache, list(keys)
         self._lengths = np.array(lengths, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64)
         self._extra_at = np.array(documents, dtype=np.int64)
-        if not len(self._lengths):
-            raise InputError(f"{self.path}: no document has a token to attribute", option="train_dataset")
         logger.info("%s (%s): %d documents read once, %d train examples of at most %d tokens, %d tokens; %d documents "
                     "cut into windows%s", self.path, self.kind, self.documents_read, len(self._lengths), self.limit,
                     int(self._lengths.sum()), cut,

@@ -54,15 +54,26 @@ class Checkpoint:
         if not resume:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        mode = "r+" if resume else "w+"
-        rows = max(train, 1)
-        self.scores = np.memmap(self.directory / "scores.bin", np.float64, mode, shape=(rows, queries or 1))
-        self.train_self = np.memmap(self.directory / "train_self.bin", np.float64, mode, shape=(rows,))
-        self._done = np.memmap(self.directory / "done.bin", np.uint8, mode, shape=(rows,))
+        if resume:
+            try:
+                self._open("r+")
+            except (OSError, ValueError):  # progress.json matches but an array is missing or short: start again
+                logger.warning("Ignoring the partial results in %s: they are incomplete; starting again",
+                               self.directory)
+                resume = False
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory.mkdir(parents=True, exist_ok=True)
         if not resume:
+            self._open("w+")
             write_json_atomic(progress, self._progress())
         elif done := int(self._done[:train].sum()):
             logger.info("Resuming from %s: %d of %d train examples already scored", self.directory, done, train)
+
+    def _open(self, mode: str) -> None:
+        rows = max(self.train, 1)
+        self.scores = np.memmap(self.directory / "scores.bin", np.float64, mode, shape=(rows, self.queries or 1))
+        self.train_self = np.memmap(self.directory / "train_self.bin", np.float64, mode, shape=(rows,))
+        self._done = np.memmap(self.directory / "done.bin", np.uint8, mode, shape=(rows,))
 
     def _progress(self) -> dict:
         return _progress(self.key, self.queries, self.train)
@@ -97,6 +108,9 @@ def done_rows(output_dir: str | Path, key: str, queries: int, train: int) -> np.
         if recorded != _progress(key, queries, train):
             return None
         done = np.fromfile(directory / "done.bin", dtype=np.uint8)
+        rows = max(train, 1)
+        complete = ((directory / "scores.bin").stat().st_size >= rows * max(queries, 1) * 8
+                    and (directory / "train_self.bin").stat().st_size >= rows * 8 and len(done) >= train)
     except (OSError, ValueError):
         return None
-    return done[:train].astype(bool) if len(done) >= train else None
+    return done[:train].astype(bool) if complete else None

@@ -139,9 +139,10 @@ class QueryRunner:
             budgets = resolve_budgets(config.host_memory_bytes, config.workspace_bytes, self.device,
                                       distributed.local_world_size())
             jobs = [self._plan_job(work, prepared, budgets, world) for work in workloads]
-            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if self.corpus else None})
+            corpus = self.corpus is not None and bool(workloads)  # read only when some job scores against it
+            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if corpus else None})
         plan = distributed.broadcast(plan)
-        if self.corpus is not None and self.corpus.digest != plan.extra["corpus"]:
+        if plan.extra["corpus"] is not None and self.corpus.digest != plan.extra["corpus"]:
             raise RunError(f"rank {distributed.rank()} read other windows from the corpus than rank 0 (its tokens "
                            "differ): every rank must read the same files with the same tokenizer",
                            option="train_dataset")
@@ -177,8 +178,13 @@ class QueryRunner:
         """The resumable partial results of a job scored in chunks, on the rank that writes it (None otherwise)."""
         if plan.store is None or plan.at_once or distributed.rank() != plan.rank or not self.resumable(work):
             return None
-        return Checkpoint(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
-                          len(work.train.lengths))
+        checkpoint = Checkpoint(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
+                                len(work.train.lengths))
+        if int(checkpoint.done.sum()) < plan.done_rows:  # rank 0 planned from partial results this rank cannot see
+            raise RunError(f"rank {distributed.rank()} does not see the partial results rank 0 planned from in "
+                           f"{checkpoint.directory} ({plan.done_rows} train examples done): put the output folders on "
+                           "storage every node sees, or remove that directory to start again")
+        return checkpoint
 
     def score(self, prepared: PreparedJob) -> ResultTable | None:
         """One job's results, planned alone (None on the ranks that do not write it)."""

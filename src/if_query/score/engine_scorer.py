@@ -157,13 +157,22 @@ class EngineScorer:
         kept = _ChunkScores(np.zeros((total, len(queries))) if checkpoint is None else checkpoint.scores,
                             np.zeros(total) if checkpoint is None else checkpoint.train_self, checkpoint)
         resolved, query_self = None, None
-        if me == 0 and train.queries and (checkpoint is None or not checkpoint.done[sorted(train.queries)].all()):
-            rows = np.array(sorted(train.queries), dtype=np.int64)  # train rows that are queries: their factors
+
+        def train_queries() -> tuple | None:  # rank 0: the train rows that are queries, from their factors
+            done = checkpoint is not None and checkpoint.done[sorted(train.queries)].all()
+            if me != 0 or not train.queries or done:
+                return None
+            rows = np.array(sorted(train.queries), dtype=np.int64)
             result = self._engine(query_side, engine.Side(query_side.store, [train.queries[i] for i in rows]),
                                   workspace, per_token, refined)
             kept.keep(rows, result.pairwise.numpy(), None if result.train_self is None else result.train_self.numpy(),
                       per_token_pairs(result.per_token, rows))
-            resolved, query_self = result.damping, result.query_self
+            return result.damping, result.query_self
+
+        # in step with the other ranks: a failure here (out of memory, say) fails the job on every rank
+        [done_first] = _on_every_rank(plan.split, train_queries, share=False)
+        if done_first is not None:
+            resolved, query_self = done_first
         last = self._score_rounds(train, plan, query_side, per_token, refined, kept)
         if last is not None:
             resolved, query_self = last
