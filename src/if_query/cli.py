@@ -12,15 +12,16 @@ import inspect
 import logging
 import os
 import sys
+import textwrap
 import traceback
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import click
 import typer
 
 from if_query.config import (
+    GROUPS,
     DemoConfig,
     FitConfig,
     PlanConfig,
@@ -33,11 +34,12 @@ from if_query.config import (
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError, first_line
 
+# Click's plain help (no Rich): it wraps at the terminal's width and never cuts an option's name or text.
+APP_SETTINGS = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": None}
 app = typer.Typer(
     help="Which training examples made the model say this? Influence scores for HuggingFace causal LMs.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **APP_SETTINGS,
 )
 
 def _version(value: bool) -> None:
@@ -96,7 +98,7 @@ def reports_errors(command):
                 traceback.print_exc()
             typer.echo(f"error: {error_line(exc)}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own (its Click is vendored)
             raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -119,7 +121,8 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
     parameters = []
     for spec in cli_fields(config_class):
         meta = spec.metadata
-        kind = typer.Argument if meta["argument"] else functools.partial(typer.Option, *meta["flags"])
+        kind = (functools.partial(typer.Argument, metavar=spec.name.removesuffix("s").upper()) if meta["argument"]
+                else functools.partial(typer.Option, *meta["flags"]))
         info = kind(help=meta["help"], show_default=meta["show_default"])
         default = (spec.default if spec.default is not dataclasses.MISSING
                    else spec.default_factory() if spec.default_factory is not dataclasses.MISSING
@@ -144,6 +147,28 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
     return command
 
 
+def summary(config_class: type) -> str:
+    """The first line of a command's help: ``if-query --help`` lists it whole (Click would cut it to fit)."""
+    return config_class.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+
+
+def write_options(formatter, records: list[tuple[str, str]], name_width: int = 30) -> None:
+    """Click's two-column option list (``HelpFormatter.write_dl``), wrapped at spaces only: Click also breaks
+    lines at hyphens, which splits ``--max-length`` or ``single-run`` in two."""
+    column = min(max(len(name) for name, _ in records), name_width) + 2
+    wrapper = textwrap.TextWrapper(width=max(formatter.width - column - formatter.current_indent, 20),
+                                   break_on_hyphens=False, break_long_words=False)
+    for name, text in records:
+        lines = wrapper.wrap(text) or [""]
+        first = f"{'':>{formatter.current_indent}}{name}"
+        if len(name) + 2 <= column:
+            formatter.write(f"{first:<{column + formatter.current_indent}}{lines[0]}\n")
+        else:
+            formatter.write(f"{first}\n{'':>{column + formatter.current_indent}}{lines[0]}\n")
+        for line in lines[1:]:
+            formatter.write(f"{'':>{column + formatter.current_indent}}{line}\n")
+
+
 def command_class(config_class: type) -> type[typer.core.TyperCommand]:
     """The Click command class of ``config_class``'s command: an option of another command that it is given
     (run-query given ``--strategy``) is said in one line, where it belongs (:func:`~if_query.config.misplaced_option`),
@@ -158,6 +183,22 @@ def command_class(config_class: type) -> type[typer.core.TyperCommand]:
                     typer.echo(f"error: {message}", err=True)
                     raise typer.Exit(2)
             return super().parse_args(ctx, args)
+
+        def format_options(self, ctx, formatter) -> None:
+            """The options in sections, in :data:`~if_query.config.GROUPS` order; --quiet, --verbose and --help
+            last."""
+            groups = {spec.name: spec.metadata["group"] for spec in cli_fields(config_class)}
+            sections: dict[str, list[tuple[str, str]]] = {group: [] for group in (*GROUPS, "Other")}
+            for param in self.get_params(ctx):
+                if (record := param.get_help_record(ctx)) is None:
+                    continue
+                if param.param_type_name == "argument":  # its name alone: "FOLDER...", not "FOLDER <list[Path]>"
+                    record = (param.metavar + ("..." if param.nargs == -1 else ""), record[1])
+                sections[groups.get(param.name, "Other")].append(record)
+            for group, records in sections.items():
+                if records:
+                    with formatter.section(group):
+                        write_options(formatter, records)
 
     return ConfigCommand
 
@@ -235,16 +276,23 @@ def demo(config: DemoConfig, quiet: bool) -> None:
         typer.echo(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
 
 
-fit_hessians_command = app.command("fit-hessians", cls=command_class(FitConfig))(config_command(FitConfig, fit))
-run_query_command = app.command("run-query", cls=command_class(QueryConfig))(config_command(QueryConfig, query))
-report_command = app.command("report", cls=command_class(ReportConfig))(config_command(ReportConfig, report))
-plan_command = app.command("plan", cls=command_class(PlanConfig))(config_command(PlanConfig, plan))
-demo_command = app.command("demo", cls=command_class(DemoConfig))(config_command(DemoConfig, demo))
+def add_command(name: str, config_class: type, action: Callable[[Any, bool], None]) -> Callable:
+    """``if-query NAME``: ``config_class``'s command running ``action`` (returned for the console scripts)."""
+    command = config_command(config_class, action)
+    app.command(name, cls=command_class(config_class), short_help=summary(config_class))(command)
+    return command
+
+
+fit_hessians_command = add_command("fit-hessians", FitConfig, fit)
+run_query_command = add_command("run-query", QueryConfig, query)
+report_command = add_command("report", ReportConfig, report)
+plan_command = add_command("plan", PlanConfig, plan)
+demo_command = add_command("demo", DemoConfig, demo)
 
 
 def _run_alone(command: Callable, config_class: type) -> None:
     """A command as a console script of its own (what ``typer.run`` does, with the command's class)."""
-    alone = typer.Typer(add_completion=False)
+    alone = typer.Typer(**APP_SETTINGS)
     alone.command(cls=command_class(config_class))(command)
     alone()
 

@@ -30,19 +30,24 @@ ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see model.loading.CUDA_MATMUL_PRECISION
 GB = 10**9  # every size and memory option: decimal gigabytes, as disks and GPU datasheets count
 RANK_BY = ("cosine", "score")  # --rank-by (if_query.report.ranking)
+# The sections of every command's --help and options page, in this order (each option names its own).
+GROUPS = ("Inputs", "Outputs", "Approximation", "Precision", "Memory and speed", "Engine", "Hardware")
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
 
 
-def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), minimum: float | None = None,
-           choices: tuple[str, ...] | None = None, argument: bool = False, show_default: bool = True,
-           compare: bool = True) -> Any:
+def option(default: Any = MISSING, *, help: str, group: str, flags: tuple[str, ...] = (),
+           minimum: float | None = None, choices: tuple[str, ...] | None = None, argument: bool = False,
+           show_default: bool = True, compare: bool = True) -> Any:
     """A config field that is also a command-line option (see the module docstring).
 
+    ``group`` is its section of ``--help`` and of the options pages (one of :data:`GROUPS`);
     ``minimum``/``choices`` are checked when the config is made (``None`` always passes); ``argument``
     makes it positional; ``compare=False`` leaves it out of equality (options that do not change results).
     """
-    metadata = {"help": help, "flags": flags, "minimum": minimum, "choices": choices, "argument": argument,
-                "show_default": show_default}
+    if group not in GROUPS:
+        raise ValueError(f"option group {group!r} is not one of {GROUPS}")
+    metadata = {"help": help, "group": group, "flags": flags, "minimum": minimum, "choices": choices,
+                "argument": argument, "show_default": show_default}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, compare=compare)
     return field(default=default, metadata=metadata, compare=compare)
@@ -77,17 +82,19 @@ def _check_declared(config: Any) -> None:
 # --- options that several commands share (each default written once, here) ---
 
 def model_option() -> Any:
-    return option(help="HuggingFace hub name or local directory of a causal LM.")
+    return option(help="HuggingFace hub name or local directory of a causal LM.", group="Inputs")
 
 
 def revision_option() -> Any:
     return option(None, help="Model revision (branch, tag or commit) on the hub. With a local model directory it "
-                             "is not used to load anything, but is recorded and must match the factors' revision.")
+                             "is not used to load anything, but is recorded and must match the factors' revision.",
+                  group="Inputs")
 
 
 def dtype_option() -> Any:
     return option("auto", choices=DTYPE_CHOICES,
-                  help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
+                  help="Model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.",
+                  group="Precision")
 
 
 def matmul_precision_option() -> Any:
@@ -95,15 +102,17 @@ def matmul_precision_option() -> Any:
         "auto", choices=MATMUL_PRECISIONS,
         help="Float32 matrix products on CUDA: ieee (full float32) or tf32 (TensorFloat-32: inputs rounded to 10 "
              "mantissa bits, several times faster on tensor cores); auto = tf32 on CUDA (measured safe: see the "
-             "README), ieee on CPU, which has no TF32. Set explicitly whatever the caller had set, and recorded.")
+             "README), ieee on CPU, which has no TF32. Set explicitly whatever the caller had set, and recorded.",
+        group="Precision")
 
 
 def max_length_option(help: str) -> Any:
-    return option(512, minimum=1, help=help)
+    return option(512, minimum=1, help=help, group="Inputs")
 
 
 def top_k_option(default: int = 5) -> Any:
-    return option(default, minimum=1, compare=False, help="Helpful and harmful training examples shown per query.")
+    return option(default, minimum=1, compare=False, help="Helpful and harmful training examples shown per query.",
+                  group="Outputs")
 
 
 @dataclass
@@ -116,27 +125,32 @@ class FitConfig:
     model: str = model_option()
     hessian_dataset: str = option(
         help="Fitting data: a dataset dir saved with datasets' save_to_disk (input_ids, optional attention_mask "
-             "and labels), or a .json/.jsonl file of prompt/completion records.")
-    output_dir: str = option(help="Where the factors and metadata.json are written.")
+             "and labels), or a .json/.jsonl file of prompt/completion records.", group="Inputs")
+    output_dir: str = option(help="Where the factors and metadata.json are written.", group="Outputs")
     revision: str | None = revision_option()
-    factor_batch_size: int = option(8, minimum=1, help="Batch size for the covariance pass.")
-    lambda_batch_size: int = option(4, minimum=1, help="Batch size for the eigenvalue-correction pass.")
+    factor_batch_size: int = option(8, minimum=1, help="Batch size for the covariance pass.", group="Memory and speed")
+    lambda_batch_size: int = option(4, minimum=1, help="Batch size for the eigenvalue-correction pass.",
+                                    group="Memory and speed")
     strategy: str = option("ekfac", choices=STRATEGIES,
-                           help="Hessian approximation: ekfac, kfac, diagonal or identity.")
-    layer_stride: int = option(1, minimum=1, help="Track the MLP of every Nth transformer block (0, N, 2N...).")
+                           help="Hessian approximation: ekfac, kfac, diagonal or identity.", group="Approximation")
+    layer_stride: int = option(1, minimum=1, help="Track the MLP of every Nth transformer block (0, N, 2N...).",
+                               group="Approximation")
     dtype: str = dtype_option()
-    max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).")
+    max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).",
+                                      group="Inputs")
     max_length: int = max_length_option("Token limit for .json/.jsonl records (prompt cut from the left).")
     fisher: str = option("true", choices=FISHER_TYPES,
-                         help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.")
-    module_partitions: int = option(1, minimum=1, help="Fit the factors in N groups of modules to lower peak memory.")
-    seed: int = option(0, help="Seed of the label sampling (true Fisher).")
+                         help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.",
+                         group="Approximation")
+    module_partitions: int = option(1, minimum=1, help="Fit the factors in N groups of modules to lower peak memory.",
+                                    group="Memory and speed")
+    seed: int = option(0, help="Seed of the label sampling (true Fisher).", group="Approximation")
     matmul_precision: str = matmul_precision_option()
     eigendecomposition_dtype: str = option(
         "float64", choices=EIGENDECOMPOSITION_DTYPES,
         help="Precision of the covariances' eigendecomposition: float64 or float32 (faster; factors are stored "
-             "in float32 either way).")
-    overwrite: bool = option(False, help="Replace factors fitted with other arguments.")
+             "in float32 either way).", group="Precision")
+    overwrite: bool = option(False, help="Replace factors fitted with other arguments.", group="Outputs")
     # Library callers only: replace factors fitted with other arguments or weights, but resume identical
     # ones (the demo's cache).
     refit_if_changed: bool = field(default=False)
@@ -169,39 +183,42 @@ class QueryConfig(MemoryOptions):
     """
 
     model: str = model_option()
-    factors_dir: str = option(help="Output directory of fit-hessians.")
+    factors_dir: str = option(help="Output directory of fit-hessians.", group="Inputs")
     folders: list[Path] | None = option(
         None, argument=True, show_default=False,
-        help="Query folders, each with train.json and query.json; results go to FOLDER/results/.")
-    train_json: Path | None = option(None, help="Training examples (single-run mode).")
+        help="Query folders, each with train.json and query.json; results go to FOLDER/results/.", group="Inputs")
+    train_json: Path | None = option(None, help="Training examples (single-run mode).", group="Inputs")
     train_dataset: Path | None = option(
         None,
         help="A training corpus as the train side, instead of train.json (in single-run mode, and for every "
              "folder): a save_to_disk dataset (input_ids, optional attention_mask and labels; no labels: every "
              "token), a .jsonl or .parquet file of {\"text\": ...} documents (optional \"id\" and extra fields), or "
              "a flat .npy token array (uint16/uint32). Documents longer than --max-length are cut into consecutive "
-             "windows (train_id ID#k).")
-    query_json: Path | None = option(None, help="Query examples (single-run mode).")
-    output_dir: Path | None = option(None, help="Where the CSVs go (single-run mode).")
+             "windows (train_id ID#k).", group="Inputs")
+    query_json: Path | None = option(None, help="Query examples (single-run mode).", group="Inputs")
+    output_dir: Path | None = option(None, help="Where the CSVs go (single-run mode).", group="Outputs")
     revision: str | None = revision_option()
     per_token_scores: bool = option(False, flags=("--per-token-scores",),
-                                    help="Add per-token scores aligned with each train example's tokens.")
+                                    help="Add per-token scores aligned with each train example's tokens.",
+                                    group="Outputs")
     score_batch_size: int = option(
         8, minimum=1,
-        help="Batch size for gradients while scoring: the default of --query-batch-size and --train-batch-size.")
+        help="Batch size for gradients while scoring: the default of --query-batch-size and --train-batch-size.",
+        group="Memory and speed")
     query_batch_size: int | None = option(
         None, minimum=1, show_default=False,
         help="Batch size for query gradients (default: --score-batch-size). Default engine: the queries (an "
              "example that is also a train example counts as a query) go through the model in batches of at most "
-             "this many; Kronfluence engine: its query batch size (and the query-loss pass).")
+             "this many; Kronfluence engine: its query batch size (and the query-loss pass).", group="Memory and speed")
     train_batch_size: int | None = option(
         None, minimum=1, show_default=False,
         help="Batch size for train gradients (default: --score-batch-size). Default engine: the train examples "
              "that are not queries go through the model in batches of at most this many; Kronfluence engine: its "
-             "train batch size (pairwise and self-influence passes).")
+             "train batch size (pairwise and self-influence passes).", group="Memory and speed")
     damping: str = option(
         "auto",
-        help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).")
+        help="Damping added to the Hessian approximation: a number, or auto (0.1 x mean eigenvalue per module).",
+        group="Approximation")
     dtype: str = dtype_option()
     matmul_precision: str = matmul_precision_option()
     max_length: int = max_length_option("Token limit per example; prompts are cut from the left.")
@@ -210,60 +227,68 @@ class QueryConfig(MemoryOptions):
         help="Whether the EOS token that ends each completion is part of the loss being attributed (and of "
              "`loss`). --no-eos-in-loss leaves it out of both gradients: for base models, which are not trained "
              "to stop after a statement, EOS's uncertain prediction can dominate raw scores. The factors are "
-             "fitted with EOS either way.")
+             "fitted with EOS either way.", group="Approximation")
     engine: str = option(
         "if-query", choices=ENGINES,
         help="if-query: exact scores from one forward/backward pass per distinct sequence, in bounded memory "
-             "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.")
+             "(default); kronfluence: Kronfluence's own streaming scorer, a small-scale cross-check.", group="Engine")
     workspace_gb: float | None = option(
         None, minimum=0, compare=False,
         help="Memory for whitened gradients formed at once (on the GPU, or RAM on CPU), in GB of 10^9 bytes; "
-             "default: half the free GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.")
+             "default: half the free GPU memory (a quarter of the free RAM on CPU). Smaller is exact but slower.",
+        group="Memory and speed")
     host_memory_gb: float | None = option(
         None, minimum=0, compare=False,
         help="RAM for the token factors (layer inputs and output gradients) of a folder, in GB of 10^9 bytes; "
              "beyond it the train side is scored in chunks (or the queries spilled to a memory-mapped file in "
-             "--spill-dir). Default: half the free RAM (divided among a host's torchrun ranks), read once.")
+             "--spill-dir). Default: half the free RAM (divided among a host's torchrun ranks), read once.",
+        group="Memory and speed")
     spill_dir: str | None = option(
         None, compare=False,
-        help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).")
+        help="Directory of the spill file (default: the system's temp dir; deleted when the run ends).",
+        group="Memory and speed")
     skip_done: bool = option(
         False, flags=("--skip-done",), compare=False,
         help="Skip folders whose results are complete and were scored with the same settings, weights, factors "
              "and inputs (their run.json's identity); others are scored again, saying what differs (resume an "
-             "interrupted batch of folders).")
+             "interrupted batch of folders).", group="Outputs")
     query_rank: int | None = option(
-        None, minimum=1, help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).")
+        None, minimum=1, help="--engine kronfluence only: low-rank (rank R) query gradients (approximate).",
+        group="Engine")
     queries_per_pass: int | None = option(
         None, minimum=1,
-        help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).")
+        help="--engine kronfluence only: queries held in memory per pass over the train set (default: all).",
+        group="Engine")
     module_partitions: int = option(
-        1, minimum=1, help="--engine kronfluence only: score in N groups of modules to lower memory.")
+        1, minimum=1, help="--engine kronfluence only: score in N groups of modules to lower memory.", group="Engine")
     top_train: int | None = option(
         None, minimum=1,
         help="Keep only each query's K most helpful and K most harmful train examples (by --rank-by; ties "
-             "by train_id) in influences.csv, and only the train examples that appear in train.csv.")
+             "by train_id) in influences.csv, and only the train examples that appear in train.csv.", group="Outputs")
     cosine: bool = option(
         True, flags=("--cosine/--no-cosine",),
         help="Compute influence_cosine, which needs every train example's self-influence (its gradient rotated "
-             "into the eigenbasis: several times the model's own pass at 13B). --no-cosine drops the column.")
+             "into the eigenbasis: several times the model's own pass at 13B). --no-cosine drops the column.",
+        group="Outputs")
     rank_by: str | None = option(
         None, choices=RANK_BY, show_default=False,
         help="What ranks the train examples in the summary, report.html and --top-train: cosine (influence_cosine: "
              "which examples point the same way as the query, whatever their gradients' size) or score "
              "(influence_score: the estimated effect on the query's loss, led by large gradients). Default: cosine, "
-             "score under --no-cosine. Recorded in run.json.")
+             "score under --no-cosine. Recorded in run.json.", group="Outputs")
     refine_steps: int = option(
         0, minimum=0,
         help="Refine each query's inverse-Hessian-vector product by N EK-FAC-preconditioned Neumann steps on the "
              "Gauss-Newton matrix of the fitting data (ASTRA); 0: EK-FAC. Needs the tracked weights three times "
-             "over on the device.")
+             "over on the device.", group="Approximation")
     refine_data: Path | None = option(
-        None, help="Fitting data for --refine-steps (default: the factors' own, checked against their fingerprint).")
-    refine_batch_size: int = option(8, minimum=1, help="Examples per Gauss-Newton batch of --refine-steps.")
+        None, help="Fitting data for --refine-steps (default: the factors' own, checked against their fingerprint).",
+        group="Approximation")
+    refine_batch_size: int = option(8, minimum=1, help="Examples per Gauss-Newton batch of --refine-steps.",
+                                    group="Approximation")
     report: bool = option(
         False, flags=("--report",), compare=False,
-        help="Also write report.html (heatmap, top influences, token colours) into each results dir.")
+        help="Also write report.html (heatmap, top influences, token colours) into each results dir.", group="Outputs")
     top_k: int = top_k_option()
     # Library callers only: the command line recorded in run.json (None: sys.argv).
     command: list[str] | None = field(default=None, compare=False)
@@ -373,12 +398,14 @@ class PlanConfig(MemoryOptions):
     folders: list[Path] | None = same_option(
         QueryConfig, "folders", help="Query folders to plan run-query for (train.json and query.json, tokenized).")
     sequences: int | None = option(
-        None, minimum=1, help="Without folders: distinct sequences in a folder (train = query counts once).")
+        None, minimum=1, help="Without folders: distinct sequences in a folder (train = query counts once).",
+        group="Inputs")
     documents: int | None = option(
         None, minimum=1, help="Without folders: plan a corpus run (--train-dataset) of N documents (windows) of "
-                              "--tokens tokens against --queries queries.")
-    queries: int = option(16, minimum=1, help="Queries scored against the corpus of --documents.")
-    tokens: int = option(512, minimum=1, help="Tokens per sequence (--sequences; also the fitting sequences).")
+                              "--tokens tokens against --queries queries.", group="Inputs")
+    queries: int = option(16, minimum=1, help="Queries scored against the corpus of --documents.", group="Inputs")
+    tokens: int = option(512, minimum=1, help="Tokens per sequence (--sequences; also the fitting sequences).",
+                         group="Inputs")
     revision: str | None = same_option(FitConfig, "revision")
     strategy: str = same_option(FitConfig, "strategy")
     layer_stride: int = same_option(FitConfig, "layer_stride")
@@ -389,7 +416,7 @@ class PlanConfig(MemoryOptions):
     lambda_batch_size: int = same_option(FitConfig, "lambda_batch_size")
     module_partitions: int = same_option(FitConfig, "module_partitions")
     fit_sequences: int = option(10000, minimum=1, help="Fitting sequences (of --tokens tokens), for fit-hessians' "
-                                                       "time.")
+                                                       "time.", group="Inputs")
     max_length: int = same_option(QueryConfig, "max_length")
     score_batch_size: int = same_option(QueryConfig, "score_batch_size")
     per_token_scores: bool = same_option(QueryConfig, "per_token_scores")
@@ -399,15 +426,19 @@ class PlanConfig(MemoryOptions):
     host_memory_gb: float | None = same_option(
         QueryConfig, "host_memory_gb",
         help="As for run-query (GB of 10^9 bytes); default: half of --host-ram-gb, divided among --gpus ranks.")
-    gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB of 10^9 bytes.")
+    gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB of 10^9 bytes.", group="Hardware")
     gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
-                                          "shared out, host memory is divided among the ranks.")
-    host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB of 10^9 bytes (stated, not measured).")
-    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.")
+                                          "shared out, host memory is divided among the ranks.", group="Hardware")
+    host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB of 10^9 bytes (stated, not measured).",
+                                group="Hardware")
+    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.", group="Hardware")
     bf16_tflops: float = option(H100_BF16_TFLOPS, minimum=0,
-                                help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).")
-    tf32_tflops: float = option(H100_TF32_TFLOPS, minimum=0, help="Peak of float32 work under tf32, TFLOP/s.")
-    fp32_tflops: float = option(H100_FP32_TFLOPS, minimum=0, help="Peak of float32 work under ieee, TFLOP/s.")
+                                help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).",
+                                group="Hardware")
+    tf32_tflops: float = option(H100_TF32_TFLOPS, minimum=0, help="Peak of float32 work under tf32, TFLOP/s.",
+                                group="Hardware")
+    fp32_tflops: float = option(H100_FP32_TFLOPS, minimum=0, help="Peak of float32 work under ieee, TFLOP/s.",
+                                group="Hardware")
 
     def __post_init__(self) -> None:
         _check_declared(self)
@@ -418,11 +449,12 @@ class ReportConfig:
     """Write RESULTS_DIR/report.html: one self-contained page (heatmap, top influences, token colours)."""
 
     results_dir: Path = option(argument=True, show_default=False,
-                               help="A run-query results directory (query.csv, train.csv, influences.csv).")
+                               help="A run-query results directory (query.csv, train.csv, influences.csv).",
+                               group="Inputs")
     top_k: int = top_k_option()
     factors_dir: Path | None = option(
         None, help="The fit-hessians directory used, for the page's header (model, revision, strategy); by "
-                   "default the header comes from the results' run.json.")
+                   "default the header comes from the results' run.json.", group="Inputs")
 
     def __post_init__(self) -> None:
         _check_declared(self)
@@ -435,7 +467,8 @@ class DemoConfig:
     output_dir: Path = option(
         Path("if-query-demo"),
         help="Folder the demo writes into (created if missing): factors/ (a cache, reused while the model is "
-             "unchanged) and test_query/ (the bundled query.json and train.json, scored into test_query/results/).")
+             "unchanged) and test_query/ (the bundled query.json and train.json, scored into test_query/results/).",
+        group="Outputs")
     top_k: int = top_k_option(3)
 
     def __post_init__(self) -> None:
