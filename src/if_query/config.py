@@ -144,7 +144,10 @@ class FitConfig:
                          group="Approximation")
     module_partitions: int = option(1, minimum=1, help="Fit the factors in N groups of modules to lower peak memory.",
                                     group="Memory and speed")
-    seed: int = option(0, help="Seed of the label sampling (true Fisher).", group="Approximation")
+    seed: int = option(
+        0, group="Approximation",
+        help="Seed of the true Fisher's labels: each example's labels are a function of (seed, stage, its tokens), "
+             "the same whatever the batch sizes, order, partitions, GPUs or resuming.")
     matmul_precision: str = matmul_precision_option()
     eigendecomposition_dtype: str = option(
         "float64", choices=EIGENDECOMPOSITION_DTYPES,
