@@ -107,15 +107,15 @@ def test_run_query_given_a_fit_option_says_it_comes_from_the_factors(tmp_path, g
     assert "No such option: --bogus" in CliRunner().invoke(cli.app, ["run-query", "--bogus"]).output  # as before
 
 
-def test_the_readme_code_map_lists_every_module():
-    """README's code map names each module of src/if_query once, and each subpackage (``kron/``), and nothing else."""
+def test_the_code_map_lists_every_module():
+    """docs/code-map.md names each module of src/if_query once, and each subpackage (``kron/``), and nothing else."""
     import re
 
     import if_query
 
     package = Path(if_query.__file__).parent
-    readme = (package.parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    page = (package.parents[1] / "docs" / "code-map.md").read_text(encoding="utf-8")
+    section = page.split("# Code map", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `([\w/]+(?:\.py|/))` \|", section, flags=re.MULTILINE)
     modules = sorted([path.relative_to(package).as_posix() for path in package.rglob("*.py")
                       if path.name != "__init__.py"]
@@ -138,31 +138,3 @@ def test_no_module_of_the_package_imports_tiny_world():
             if any("tiny_world" in name for name in names):
                 importers.append(path.name)
     assert importers == []
-
-
-@pytest.mark.parametrize("name", ["fit-hessians", "run-query"])
-def test_the_readme_option_tables_list_every_option_with_its_default(name):
-    """README's table of a command names each of its options; a default written there is the config's."""
-    import re
-
-    import if_query
-
-    readme = (Path(if_query.__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    table = readme.split(f"### {name}\n", 1)[1].split("\n### ", 1)[0].split("\n\n**", 1)[0]
-    documented = {}
-    for line in table.splitlines():
-        cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        for flag in re.findall(r"`--([a-z-]+)", cells[0] if len(cells) >= 2 else ""):
-            documented[flag] = cells[1]
-    for spec in config.cli_fields(COMMANDS[name]):
-        if spec.metadata["argument"]:
-            continue
-        flags = spec.metadata["flags"]
-        flag = (flags[0].split("/")[0] if flags else config.option_name(spec.name)).removeprefix("--")
-        assert flag in documented, f"--{flag} is not in README's {name} table"
-        default, written = _default(spec), documented[flag]
-        expected = ("required" if default is dataclasses.MISSING else ("on" if default else "off")
-                    if isinstance(default, bool) else None if default is None
-                    else f"`{default}`" if isinstance(default, str) else str(default))
-        if written and expected is not None:
-            assert written == expected, (flag, written, expected)

@@ -101,8 +101,9 @@ def matmul_precision_option() -> Any:
     return option(
         "auto", choices=MATMUL_PRECISIONS,
         help="Float32 matrix products on CUDA: ieee (full float32) or tf32 (TensorFloat-32: inputs rounded to 10 "
-             "mantissa bits, several times faster on tensor cores); auto = tf32 on CUDA (measured safe: see the "
-             "README), ieee on CPU, which has no TF32. Set explicitly whatever the caller had set, and recorded.",
+             "mantissa bits, several times faster on tensor cores); auto = tf32 on CUDA (measured safe: see "
+             "docs/precision.md), ieee on CPU, which has no TF32. Set explicitly whatever the caller had set, "
+             "and recorded.",
         group="Precision")
 
 
