@@ -2,11 +2,14 @@
 
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import QUERIES, TRAIN, write_json
+from helpers import QUERIES, TRAIN, assert_close_to_largest, write_json
+from transformers import AutoTokenizer
 
+from if_query.demo.run_demo import DEMO_MODEL
 from if_query.report.html import MAX_HEATMAP_SIDE, write_report
 from if_query.report.results import read_results
 
@@ -54,7 +57,8 @@ class ReportParser(HTMLParser):
                                "n": int(attributes["data-n-tokens"]), "spans": []}
             self.tokens.append(self._token_box)
         if tag == "span" and self._token_box is not None and "tok" in classes:
-            self._span = {"v": float(attributes["data-v"]), "title": attributes["title"], "text": ""}
+            self._span = {"v": float(attributes["data-v"]), "n": int(attributes.get("data-n", 1)),
+                          "title": attributes["title"], "text": ""}
             self._token_box["spans"].append(self._span)
 
     def handle_endtag(self, tag):
@@ -158,6 +162,50 @@ def test_token_spans_map_one_to_one_to_tokens(scored):
             assert f"{value:+.4g}" in span["title"]
             assert json.dumps(token, ensure_ascii=False) in span["title"]
             assert span["text"] == (token.replace("\n", "↵\n") if token else "∅")
+
+
+def test_characters_split_over_tokens_are_shown_whole_in_train_csv_and_the_report(cli, tmp_path):
+    """The demo's byte-level BPE writes é as two tokens and 🙂 as four: train.csv's tokens give "" to a token ending
+    inside a character and the whole character to the token completing it (joining to the record's text, one per
+    per-token score), and the report draws the character once with its tokens' summed score, never U+FFFD."""
+    model = Path(str(DEMO_MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for text in ("Le café", " 🙂."):  # the premise: a character's bytes span several tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)
+    train = [{"pair_id": "cafe", "prompt": "Le café", "completion": " 🙂."},
+             {"pair_id": "plain", "prompt": "Thotro Hand lives in", "completion": " Drellport."}]
+    files = {"train": write_json(tmp_path / "train.json", train),
+             "query": write_json(tmp_path / "query.json", [{**train[0], "pair_id": "q"}])}
+    cli("fit-hessians", "--model", model, "--hessian-dataset", files["train"], "--output-dir", tmp_path / "factors",
+        "--strategy", "identity", "--fisher", "empirical", "--dtype", "float32", "--quiet")
+    out = tmp_path / "results"
+    cli("run-query", "--model", model, "--factors-dir", tmp_path / "factors", "--train-json", files["train"],
+        "--query-json", files["query"], "--output-dir", out, "--per-token-scores", "--report", "--dtype", "float32",
+        "--quiet")
+    assert "\ufffd" not in (out / "train.csv").read_text(encoding="utf-8")
+    assert "\ufffd" not in (out / "report.html").read_text(encoding="utf-8")
+    read = {"keep_default_na": False, "dtype": {"query_id": str, "train_id": str}}
+    tokens = {r.train_id: json.loads(r.tokens) for r in pd.read_csv(out / "train.csv", **read).itertuples()}
+    for record in train:
+        assert "".join(tokens[record["pair_id"]]) == record["prompt"] + record["completion"] + tokenizer.eos_token
+    values = {r.train_id: json.loads(r.per_token_scores) for r in pd.read_csv(out / "influences.csv", **read)
+              .itertuples()}
+    assert all(len(values[t]) == len(tokens[t]) for t in tokens)
+
+    [box] = [box for box in parse(out / "report.html").tokens if box["train"] == "cafe"]
+    pieces, scores = tokens["cafe"], values["cafe"]
+    assert box["n"] == len(pieces) and [s["text"] for s in box["spans"]] == [p for p in pieces if p]
+    sums, total = [], 0.0  # each drawn piece: its token's score plus those of the "" tokens just before it
+    for piece, score in zip(pieces, scores, strict=True):
+        total += score
+        if piece:
+            sums.append(total)
+            total = 0.0
+    assert_close_to_largest([s["v"] for s in box["spans"]], sums, 1e-6)
+    drawn = {s["text"]: s for s in box["spans"]}
+    assert drawn["é"]["n"] == 2 and drawn["🙂"]["n"] == 4 and "the sum of its 4 tokens" in drawn["🙂"]["title"]
+    assert drawn["🙂"]["v"] != pytest.approx(scores[pieces.index("🙂")], rel=1e-3)  # summed, not its last token's
 
 
 def test_report_is_self_contained(scored):

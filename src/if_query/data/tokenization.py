@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from if_query.data.records import Example
+from if_query.data.token_text import TokenText
 from if_query.errors import InputError
 
 IGNORE_INDEX = -100
@@ -142,9 +144,14 @@ class ExampleTokenizer:
     def tokenize_all(self, examples: Sequence[Example], source: str = "") -> list[TokenizedExample]:
         return [self(example, source) for example in examples]
 
+    @cached_property
+    def token_text(self) -> TokenText:
+        return TokenText(self.tokenizer)
+
     def token_strings(self, tokenized: TokenizedExample) -> list[str]:
-        """The text of each token (decoded one by one), aligned with ``input_ids``."""
-        return [self.tokenizer.decode([token_id]) for token_id in tokenized.input_ids]
+        """The text each token adds, aligned with ``input_ids`` (``""`` for a token ending inside a character:
+        see :mod:`if_query.data.token_text`); the strings join to the sequence's text."""
+        return self.token_text(tokenized.input_ids)
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int, pad_to: int | None = None) -> dict:

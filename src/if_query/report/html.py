@@ -4,10 +4,11 @@ The page has a header (model, revision, strategy, factors dir, damping, date: fr
 run.json, else from the factors' metadata.json), a query x train heatmap of
 influence cosines, and per query its most helpful and most harmful training examples in sortable
 tables; with per-token scores, each shown training example's tokens are coloured by their
-contribution to the pair's score. Everything is inline (the style and sorting script of ``report/assets/``), so the
-file opens offline and can be mailed around. All text from the CSVs is escaped. The results are read by
-:func:`if_query.report.results.read_results` and ranked by :mod:`if_query.report.ranking`, as the terminal summary's
-are.
+contribution to the pair's score (the tokens of one character drawn together, their contributions summed:
+:func:`if_query.data.token_text.piece_groups`). Everything is inline (the style and sorting script of
+``report/assets/``), so the file opens offline and can be mailed around. All text from the CSVs is escaped. The
+results are read by :func:`if_query.report.results.read_results` and ranked by :mod:`if_query.report.ranking`, as
+the terminal summary's are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from if_query.atomic import check_writable_dir, write_text_atomic
+from if_query.data.token_text import piece_groups
 from if_query.errors import InputError
 from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
@@ -149,6 +151,21 @@ def _token_text(token: str) -> str:
     if token == "":
         return "∅"
     return token.replace("\r", "␍").replace("\n", "↵\n").replace("\t", "→\t")
+
+
+def _token_classes(token: str, value: float, scale: float) -> str:
+    return " ".join(c for c in ("tok", _level(value, scale), "special" if token == "" else "") if c)
+
+
+def _token_tip(group: range, token: str, values: list[float]) -> str:
+    """A drawn token's tooltip: its position and text and value; a group's positions, text, summed value and
+    each token's own value."""
+    text = json.dumps(token, ensure_ascii=False)
+    if len(group) == 1:
+        return f"#{group.start} {text}: {values[group.start]:+.4g}"
+    own = ", ".join(f"{values[i]:+.4g}" for i in group)
+    return (f"#{group.start}-#{group.stop - 1} {text}: {sum(values[group.start : group.stop]):+.4g}, "
+            f"the sum of its {len(group)} tokens ({own})")
 
 
 def _extras(row: pd.Series, skip: set[str]) -> str:
@@ -314,7 +331,8 @@ class _Page:
         if len(values) != len(tokens):
             return (f"<div class=\"warn\">{len(values)} per-token scores for {len(tokens)} tokens: "
                     "not drawn</div>")
-        drawn = min(len(tokens), MAX_TOKENS_DRAWN)
+        groups = [g for g in piece_groups(tokens) if g.start < MAX_TOKENS_DRAWN]  # a character's tokens together
+        drawn = groups[-1].stop if groups else 0
         if self.tokens_drawn + drawn > MAX_TOKENS_PAGE:
             self.tokens_left_out += 1
             example = self.train.loc[train_id]
@@ -322,14 +340,14 @@ class _Page:
                     f"<div class=\"scale\">token colours left out: the page already draws {self.tokens_drawn} "
                     "tokens</div>")
         self.tokens_drawn += drawn
-        finite = [abs(v) for v in values[:drawn] if math.isfinite(v)]
-        scale = max(finite, default=0.0)
+        sums = [sum(values[g.start : g.stop]) for g in groups]
+        scale = max((abs(v) for v in sums if math.isfinite(v)), default=0.0)
         spans = []
-        for index, (token, value) in enumerate(zip(tokens[:drawn], values[:drawn], strict=True)):
-            tip = f"#{index} {json.dumps(token, ensure_ascii=False)}: {value:+.4g}"
-            classes = " ".join(c for c in ("tok", _level(value, scale), "special" if token == "" else "") if c)
-            spans.append(f"<span class=\"{classes}\" data-v=\"{value:.7g}\" title=\"{esc(tip)}\">"
-                         f"{esc(_token_text(token))}</span>")
+        for group, value in zip(groups, sums, strict=True):
+            token = tokens[group.stop - 1]
+            spans.append(f"<span class=\"{_token_classes(token, value, scale)}\" data-v=\"{value:.7g}\"" +
+                         (f" data-n=\"{len(group)}\"" if len(group) > 1 else "") +
+                         f" title=\"{esc(_token_tip(group, token, values))}\">{esc(_token_text(token))}</span>")
         cut = (f" Only the first {drawn} of {len(tokens)} tokens are drawn." if drawn < len(tokens) else "")
         return (f"<div class=\"tokens\" data-query-id=\"{esc(query_id)}\" data-train-id=\"{esc(train_id)}\" "
                 f"data-n-tokens=\"{len(tokens)}\">{''.join(spans)}</div>"
@@ -400,6 +418,8 @@ class _Page:
                 "<div class=\"legend\"><span>harmful</span><span class=\"bar\"></span><span>helpful</span>"
                 f"<span>— token colours: {esc(PER_TOKEN_MEANING)} Colours are normalised <b>per training "
                 "example</b> (full colour = that example's largest |contribution|). Hover a token for its value. "
+                "A character whose bytes span several tokens is drawn once, on the tokens that complete it, with "
+                "their summed contribution (the hover lists each token's own). "
                 f"At most {MAX_TOKENS_DRAWN} tokens are drawn per example.</span></div>")
             if self.tokens_left_out:
                 token_note += (f"<p class=\"warn\">Token colours left out for {self.tokens_left_out} shown "

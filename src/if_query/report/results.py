@@ -142,7 +142,8 @@ class ResultTable:
     train: TrainSide
     scored: ScoredSet  # one row per query record, one column per train example
     kept: list[np.ndarray] | None = None  # --top-train: the train indices kept for each query
-    tokens: Callable[[int], list[str]] | None = None  # with per-token scores: a train example's token strings
+    tokens: Callable[[int], list[str]] | None = None  # with per-token scores: a train example's token pieces
+    # (one per token, "" inside a split character: if_query.data.token_text)
     provenance: dict | None = None
 
     def written(self, query: int) -> np.ndarray:
