@@ -138,3 +138,18 @@ def test_the_plan_predicts_a_cpu_runs_memory(cli, tmp_path):
     growth = measured["peak"] - measured["baseline"]
     print(f"planned {predicted / GB:.3f} GB, measured growth {growth / GB:.3f} GB")
     assert 0.75 * predicted <= growth <= 1.25 * predicted, (growth, predicted)
+
+
+def test_the_plans_module_groups_are_kronfluences():
+    """The fit's memory is planned per group of modules: the groups Kronfluence's fit makes (``make_modules_partition``,
+    sizes differing by one, the larger first), not groups of ceil(n / p) (4 modules in 3 were planned as 2 + 2)."""
+    from kronfluence.module.utils import make_modules_partition
+
+    from if_query.plan.estimates import module_groups
+    from if_query.plan.sizes import Shape
+
+    for count in range(1, 13):
+        shapes = [Shape(f"m{k}", 1, 1, False) for k in range(count)]
+        for partitions in range(1, count + 1):
+            groups = [[s.name for s in group] for group in module_groups(shapes, partitions)]
+            assert groups == make_modules_partition([s.name for s in shapes], partitions), (count, partitions)

@@ -104,10 +104,12 @@ def _eigen(strategy: str) -> bool:
     return strategy in ("kfac", "ekfac")
 
 
-def _partitions(shapes: Sequence[Shape], partitions: int) -> list[list[Shape]]:
-    """Kronfluence's module partitions: contiguous groups of about equal count."""
-    size = -(-len(shapes) // partitions)
-    return [list(shapes[i : i + size]) for i in range(0, len(shapes), size)]
+def module_groups(shapes: Sequence[Shape], partitions: int) -> list[list[Shape]]:
+    """Kronfluence's module partitions (``make_modules_partition``): ``partitions`` contiguous groups whose sizes
+    differ by one at most, the larger first (5 modules in 3: 2, 2, 1). More partitions than modules: one each."""
+    partitions = max(1, min(partitions, len(shapes)))
+    div, extra = divmod(len(shapes), partitions)
+    return [list(shapes[k * div + min(k, extra) : (k + 1) * div + min(k + 1, extra)]) for k in range(partitions)]
 
 
 # --- run-query ---
@@ -262,7 +264,7 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
     largest = max(per_module.items(), key=lambda item: item[1])
     model_bytes = model.parameters * dtype_bytes
     longest = sorted(fit_lengths)[::-1]
-    groups = _partitions(shapes, partitions)
+    groups = module_groups(shapes, partitions)
 
     def batch(size: int) -> list[Part]:
         tokens = sum(longest[:size])
