@@ -153,3 +153,21 @@ def test_the_plans_module_groups_are_kronfluences():
         for partitions in range(1, count + 1):
             groups = [[s.name for s in group] for group in module_groups(shapes, partitions)]
             assert groups == make_modules_partition([s.name for s in shapes], partitions), (count, partitions)
+
+
+TINY_GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 256, "n_inner": 1024,
+             "n_layer": 4, "n_head": 4, "vocab_size": 1000, "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0}
+
+
+def test_a_model_alone_plans_the_fit_and_says_scoring_was_not_planned(cli, tmp_path):
+    """No folder, --sequences or --documents: the fit's stages are planned (memory and time) and the plan says how
+    to plan scoring too, with exit 0 (it was an error)."""
+    model = write_json(tmp_path / "model" / "config.json", TINY_GPT2).parent
+    text = cli("plan", "--model", model).stdout
+    fit = text.split(" tokens, --module-partitions 1):\n", 1)[1]
+    for stage in ("covariance pass", "eigendecomposition (rank 0)", "lambda pass"):
+        assert re.search(rf"^  device, {re.escape(stage)}: .* of 80\.0 GB: fits$", fit, flags=re.MULTILINE), stage
+    assert re.search(r"fit-hessians FLOPs: .*; \d+ s at the stated peaks", fit)
+    assert "run-query: not planned; to plan it, give --sequences N" in text and "run-query," not in text
+    assert text.endswith("fit-hessians fits; run-query was not planned.\n")
+

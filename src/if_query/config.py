@@ -365,8 +365,10 @@ class PlanConfig(MemoryOptions):
     no GPU is needed, and a directory holding only config.json will do (folders also need its tokenizer). Prints
     the factor sizes, each stage's peak memory per GPU (device and host) and its FLOPs with a time at stated
     peaks, and how a run would go: at once or in chunks, and which ranks score what. Give query folders,
-    --sequences (a folder) or --documents (a corpus), of --tokens tokens. Exits 0 even when the plan does not
-    fit, saying what does not and what to change. Estimates computed from the shapes, not measurements.
+    --sequences (a folder) or --documents (a corpus), of --tokens tokens, to plan scoring; without them the fit
+    alone is planned. Exits 0 even when the plan does not fit, saying what does not and what to change (a fit
+    pass over the GPU's memory: the fewest --module-partitions that fit). Estimates computed from the shapes, not
+    measurements.
     """
 
     model: str = same_option(FitConfig, "model")

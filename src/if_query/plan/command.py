@@ -1,4 +1,5 @@
-"""``if-query plan``: the fit's and the run's plans for a model known only by its ``config.json``.
+"""``if-query plan``: the fit's and the run's plans for a model known only by its ``config.json`` (the fit's alone
+when no folder, --sequences or --documents says what would be scored).
 
 The model is built on the meta device (no weights are read, nothing is downloaded when the config is local, no GPU
 is needed). Each job is planned by :func:`if_query.plan.run_plan.plan_job` and the jobs are shared out by
@@ -17,7 +18,6 @@ from if_query.config import GB, PlanConfig
 from if_query.data.jobs import QueryJob
 from if_query.data.records import load_examples
 from if_query.data.tokenization import ExampleTokenizer, distinct
-from if_query.errors import InputError
 from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
 from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
@@ -25,6 +25,9 @@ from if_query.plan import sizes
 from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
 from if_query.plan.sizes import ModelShape, Shape, human_bytes
+
+NOT_PLANNED = ("run-query: not planned; to plan it, give --sequences N (a folder), --documents N with --queries Q "
+               "(a corpus) or query folders, of --tokens tokens")
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,6 @@ def make_plans(config: PlanConfig) -> Plans:
     host_per_rank = host_ram // gpus
     model_bytes = shape.parameters * dtype_bytes
     workloads = _folder_workloads(config, limit) if config.folders else _stated_workloads(config, tokens)
-    if not workloads:
-        raise InputError("give query folders, --sequences (a folder), or --documents (a corpus; with --queries), "
-                         "each of --tokens tokens, for the run-query part of the plan")
     header = [
         f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
         f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
@@ -181,10 +181,12 @@ def plan_text(config: PlanConfig) -> str:
         lines += _job_lines(name, job)
         peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
         failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
+    if not plans.folders:
+        lines += ["", NOT_PLANNED]
     lines.append("")
     if failing:
         lines += ["Does not fit:"] + [f"  {stage}, {peak.where}: {human_bytes(peak.total)} > "
                                       f"{human_bytes(peak.limit)}; {peak.advice}" for peak, stage in failing]
     else:
-        lines.append("Everything fits.")
+        lines.append("Everything fits." if plans.folders else "fit-hessians fits; run-query was not planned.")
     return "\n".join(lines) + "\n"
