@@ -157,6 +157,7 @@ def test_the_plans_module_groups_are_kronfluences():
 
 TINY_GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 256, "n_inner": 1024,
              "n_layer": 4, "n_head": 4, "vocab_size": 1000, "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0}
+SMALL_FIT = ("--strategy", "kfac", "--tokens", 16, "--factor-batch-size", 1, "--lambda-batch-size", 1)
 
 
 def test_a_model_alone_plans_the_fit_and_says_scoring_was_not_planned(cli, tmp_path):
@@ -171,3 +172,46 @@ def test_a_model_alone_plans_the_fit_and_says_scoring_was_not_planned(cli, tmp_p
     assert "run-query: not planned; to plan it, give --sequences N" in text and "run-query," not in text
     assert text.endswith("fit-hessians fits; run-query was not planned.\n")
 
+
+def _fewest_by_brute_force(config: dict, limit: float, rest: int) -> int | None:
+    """The fewest module partitions whose largest group's covariances fit in ``limit`` besides ``rest`` bytes, from
+    the shapes of a GPT-2 built here (Conv1D weights are (in, out); a bias: in + 1) and Kronfluence's own groups."""
+    from kronfluence.module.utils import make_modules_partition
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**config))
+    covariance = {name: ((m.weight.shape[0] + 1) ** 2 + m.weight.shape[1] ** 2) * 4
+                  for name, m in model.named_modules() if name.endswith((".mlp.c_fc", ".mlp.c_proj"))}
+    for count in range(1, len(covariance) + 1):
+        groups = make_modules_partition(list(covariance), count)
+        if rest + max(sum(covariance[name] for name in group) for group in groups) <= limit:
+            return count
+    return None
+
+
+def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli, tmp_path):
+    """On a 25 MB "GPU" the covariance pass of 8 modules needs more than one partition: the plan names the fewest
+    count N that fits (N fits, N - 1 does not: the same size function at both, and a brute force over Kronfluence's
+    groups of the modules' covariances); on 10 MB not even one module per partition fits, and it says what that
+    would need."""
+    model = write_json(tmp_path / "model" / "config.json", TINY_GPT2).parent
+    text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.025).stdout
+    line = next(line for line in text.splitlines() if "device, covariance pass" in line)
+    fewest = int(re.search(r"DOES NOT FIT; --module-partitions (\d+) \(the fewest that fit both passes\)", line)[1])
+    assert fewest >= 2 and f"--module-partitions {fewest} (the fewest" in text.split("Does not fit:")[1]
+
+    def fit(partitions: int):
+        return plan_module.make_plans(PlanConfig(model=str(model), strategy="kfac", tokens=16, factor_batch_size=1,
+                                                 lambda_batch_size=1, gpu_memory_gb=0.025,
+                                                 module_partitions=partitions)).fit
+
+    assert fit(fewest).covariance.fits and fit(fewest).lambdas.fits
+    assert not fit(fewest - 1).covariance.fits
+    rest = sum(part.bytes for part in fit(1).covariance.parts if not part.name.startswith("covariances"))
+    assert _fewest_by_brute_force(TINY_GPT2, 0.025 * GB, rest) == fewest
+
+    text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.01).stdout
+    assert _fewest_by_brute_force(TINY_GPT2, 0.01 * GB, rest) is None
+    each = fit(8).covariance  # one module per partition: 8 tracked modules
+    assert (f"no --module-partitions fits: with one module per partition (8), the covariance pass needs "
+            f"{plan_module.human_bytes(each.total)}") in text

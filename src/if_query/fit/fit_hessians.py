@@ -131,7 +131,8 @@ def _fit_metadata(config: FitConfig, identity: dict, fingerprint: dict, modules:
 
 def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dtype, lengths: list[int]) -> None:
     """Warn, before fitting on CUDA, about each stage whose planned device memory
-    (:func:`if_query.plan.estimates.plan_fit`, as ``if-query plan`` computes it) exceeds the GPU's."""
+    (:func:`if_query.plan.estimates.plan_fit`, as ``if-query plan`` computes it) exceeds the GPU's, with the
+    plan's advice: for a data pass, the fewest --module-partitions that fit (or what no count can fit)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return
