@@ -78,6 +78,7 @@ class Plans:
     run: RunPlan
     names: list[str]
     gpus: int
+    tokens: int  # per sequence: --tokens, at most the model's positions
 
     @property
     def folders(self) -> list[tuple[str, JobPlan]]:
@@ -129,7 +130,7 @@ def make_plans(config: PlanConfig) -> Plans:
                       config.device, peaks, precision, device_limit, host_per_rank)
     jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
                      world=gpus) for w in workloads]
-    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus)
+    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, tokens)
 
 
 def _job_lines(name: str, job: JobPlan) -> list[str]:
@@ -168,7 +169,7 @@ def plan_text(config: PlanConfig) -> str:
     plans = make_plans(config)
     fit = plans.fit
     lines = plans.header + [
-        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {config.tokens} tokens, "
+        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {plans.tokens} tokens, "
         f"--module-partitions {config.module_partitions}):",
         f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
         f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
