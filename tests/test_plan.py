@@ -216,3 +216,19 @@ def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli,
     each = fit(8).covariance  # one module per partition: 8 tracked modules
     assert (f"no --module-partitions fits: with one module per partition (8), the covariance pass needs "
             f"{plan_module.human_bytes(each.total)}") in text
+
+
+def test_a_cpu_plan_prints_sizes_without_times_and_counts_a_tiny_models_parameters(cli, tmp_path):
+    """--device cpu: no seconds anywhere (the stated peaks are a GPU's; they were an H100's), memory as RAM, and the
+    parameter count of a model of 172,288 parameters in full (it printed "0.00 B"), as the model built here counts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = {**TINY_GPT2, "n_embd": 64, "n_inner": 256, "n_layer": 2, "n_head": 2}
+    model = write_json(tmp_path / "model" / "config.json", config).parent
+    text = cli("plan", "--model", model, "--device", "cpu", "--sequences", 10).stdout
+    count = sum(p.numel() for p in GPT2LMHeadModel(GPT2Config(**config)).parameters())
+    assert count > 0 and f"(gpt2): {count:,} parameters, " in text
+    assert not re.search(r"\d s\b|seconds|TFLOP/s", text), text
+    assert "no times" in text and "device," not in text and "RAM, covariance pass" in text
+    assert re.search(r"fit-hessians FLOPs: .*FLOP$", text, flags=re.MULTILINE)
+    assert text.endswith("Everything fits.\n")

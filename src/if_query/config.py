@@ -405,7 +405,8 @@ class PlanConfig(MemoryOptions):
     gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
                                           "shared out, host memory is divided among the ranks.")
     host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB of 10^9 bytes (stated, not measured).")
-    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.")
+    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU (sizes and "
+                                                       "FLOPs, no times: the stated peaks are a GPU's).")
     bf16_tflops: float = option(H100_BF16_TFLOPS, minimum=0,
                                 help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).")
     tf32_tflops: float = option(H100_TF32_TFLOPS, minimum=0, help="Peak of float32 work under tf32, TFLOP/s.")

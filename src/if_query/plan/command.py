@@ -24,7 +24,7 @@ from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
 from if_query.plan import sizes
 from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
-from if_query.plan.sizes import ModelShape, Shape, human_bytes
+from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_count
 
 NOT_PLANNED = ("run-query: not planned; to plan it, give --sequences N (a folder), --documents N with --queries Q "
                "(a corpus) or query folders, of --tokens tokens")
@@ -78,6 +78,7 @@ class Plans:
     run: RunPlan
     names: list[str]
     gpus: int
+    cuda: bool  # planned for GPUs: times at the stated peaks (a GPU's) and bytes moved to and from the device
     tokens: int  # per sequence: --tokens, at most the model's positions
 
     @property
@@ -106,7 +107,7 @@ def make_plans(config: PlanConfig) -> Plans:
     model_bytes = shape.parameters * dtype_bytes
     workloads = _folder_workloads(config, limit) if config.folders else _stated_workloads(config, tokens)
     header = [
-        f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
+        f"{type(model).__name__} ({hf_config.model_type}): {human_count(shape.parameters)} parameters, "
         f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
         f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
         f"Tracked: {len(shapes)} MLP projections of {len({m.layer for m in modules})} blocks (--layer-stride "
@@ -114,12 +115,14 @@ def make_plans(config: PlanConfig) -> Plans:
         f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
         f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
         f"{human_bytes(host_per_rank)} of host RAM"
-        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "") + "; times at "
-        f"{peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 work "
-        f"({precision}), a tenth of float32's for the eigendecompositions",
+        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "")
+        + (f"; times at {peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 "
+           f"work ({precision}), a tenth of float32's for the eigendecompositions" if cuda
+           else "; sizes and FLOPs only, no times (the stated peaks are a GPU's)"),
     ]
     fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
-                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit)
+                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit,
+                   "device" if cuda else "RAM")
     host = config.host_memory_bytes
     budgets = Budgets(default_host_budget(host_ram, gpus) if host is None else host,
                       "--host-memory-gb" if host is not None else f"half of the host's {human_bytes(host_ram)}"
@@ -130,10 +133,11 @@ def make_plans(config: PlanConfig) -> Plans:
                       config.device, peaks, precision, device_limit, host_per_rank)
     jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
                      world=gpus) for w in workloads]
-    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, tokens)
+    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, cuda=cuda,
+                 tokens=tokens)
 
 
-def _job_lines(name: str, job: JobPlan) -> list[str]:
+def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
     store = job.store
     what = "the queries' token factors" if not job.at_once else "token factors"
     lines = ["", f"run-query, {name} ({store.sequences} distinct sequences{' of queries' if not job.at_once else ''}"
@@ -157,10 +161,11 @@ def _job_lines(name: str, job: JobPlan) -> list[str]:
     peaks = [*store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
     lines += [f"  {peak.describe()}" for peak in peaks]
     moved = job.largest_chunk or store
-    lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: {human_bytes(moved.bytes_from_device)} "
-                 f"off the device, {human_bytes(moved.bytes_to_device)} onto it"
-                 + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
-    lines.append(f"  {store.work.describe()}" + ("" if job.at_once else " (the queries)"))
+    if cuda:
+        lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: "
+                     f"{human_bytes(moved.bytes_from_device)} off the device, {human_bytes(moved.bytes_to_device)} "
+                     "onto it" + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
+    lines.append(f"  {store.work.describe(cuda)}" + ("" if job.at_once else " (the queries)"))
     return lines
 
 
@@ -175,11 +180,11 @@ def plan_text(config: PlanConfig) -> str:
         f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
         f"largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
     lines += [f"  {peak.describe()}" for peak in fit.peaks()]
-    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)"
-                                                if plans.gpus > 1 else ""))
+    split = f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)" if plans.gpus > 1 else ""
+    lines.append(f"  {fit.work.describe(plans.cuda)}{split}")
     failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
     for name, job in plans.folders:
-        lines += _job_lines(name, job)
+        lines += _job_lines(name, job, plans.cuda)
         peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
         failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
     if not plans.folders:

@@ -80,9 +80,10 @@ class Work:
     def seconds(self) -> float:
         return sum(count / peak for count, peak in self.flops.values())
 
-    def describe(self) -> str:
+    def describe(self, timed: bool = True) -> str:
+        """The FLOPs of each part, and (``timed``) the seconds they take at the stated peaks."""
         items = ", ".join(f"{what} {human_flops(count)}" for what, (count, _) in self.flops.items())
-        return f"{self.name}: {items}; {self.seconds:,.0f} s at the stated peaks"
+        return f"{self.name}: {items}" + (f"; {self.seconds:,.0f} s at the stated peaks" if timed else "")
 
 
 @dataclass(frozen=True)
