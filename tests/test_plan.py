@@ -190,11 +190,26 @@ def _fewest_by_brute_force(config: dict, limit: float, rest: int) -> int | None:
     return None
 
 
+def _fit_warnings(config: dict, limit: float) -> list[str]:
+    """What fit-hessians warns before fitting a GPT-2 of ``config`` (on the meta device here) with SMALL_FIT's
+    options, on a GPU of ``limit`` bytes."""
+    from transformers import GPT2Config
+
+    from if_query.config import FitConfig
+    from if_query.fit.fit_hessians import fit_warnings
+    from if_query.model.tracking import find_mlp_modules
+
+    model = loading.meta_model(GPT2Config(**config))
+    fit = FitConfig(model="m", hessian_dataset="d.json", output_dir="out", strategy="kfac", factor_batch_size=1,
+                    lambda_batch_size=1)
+    return fit_warnings(model, find_mlp_modules(model), fit, torch.bfloat16, [16] * 4, int(limit))
+
+
 def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli, tmp_path):
     """On a 25 MB "GPU" the covariance pass of 8 modules needs more than one partition: the plan names the fewest
     count N that fits (N fits, N - 1 does not: the same size function at both, and a brute force over Kronfluence's
-    groups of the modules' covariances); on 10 MB not even one module per partition fits, and it says what that
-    would need."""
+    groups of the modules' covariances), and fit-hessians warns in the same words; on 10 MB not even one module per
+    partition fits, and it says what that would need."""
     model = write_json(tmp_path / "model" / "config.json", TINY_GPT2).parent
     text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.025).stdout
     line = next(line for line in text.splitlines() if "device, covariance pass" in line)
@@ -210,6 +225,9 @@ def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli,
     assert not fit(fewest - 1).covariance.fits
     rest = sum(part.bytes for part in fit(1).covariance.parts if not part.name.startswith("covariances"))
     assert _fewest_by_brute_force(TINY_GPT2, 0.025 * GB, rest) == fewest
+
+    warned = _fit_warnings(TINY_GPT2, 0.025 * GB)  # fit-hessians' check on a GPU of that size: the plan's words
+    assert line.strip() in warned and len(warned) == 2  # and the eigendecomposition's (--eigendecomposition-dtype)
 
     text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.01).stdout
     assert _fewest_by_brute_force(TINY_GPT2, 0.01 * GB, rest) is None
