@@ -367,7 +367,7 @@ class PlanConfig(MemoryOptions):
     peaks, and how a run would go: at once or in chunks, and which ranks score what. Give query folders,
     --sequences (a folder) or --documents (a corpus), of --tokens tokens, to plan scoring; without them the fit
     alone is planned. Exits 0 even when the plan does not fit, saying what does not and what to change (a fit
-    pass over the GPU's memory: the fewest --module-partitions that fit). Estimates computed from the shapes, not
+    pass over the memory: the fewest --module-partitions that fit). Estimates computed from the shapes, not
     measurements.
     """
 

@@ -121,8 +121,8 @@ def make_plans(config: PlanConfig) -> Plans:
            else "; sizes and FLOPs only, no times (the stated peaks are a GPU's)"),
     ]
     fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
-                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit,
-                   "device" if cuda else "RAM")
+                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision,
+                   device_limit if cuda else host_per_rank, "device" if cuda else "RAM")  # CPU: checked against RAM
     host = config.host_memory_bytes
     budgets = Budgets(default_host_budget(host_ram, gpus) if host is None else host,
                       "--host-memory-gb" if host is not None else f"half of the host's {human_bytes(host_ram)}"
