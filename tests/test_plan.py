@@ -138,3 +138,116 @@ def test_the_plan_predicts_a_cpu_runs_memory(cli, tmp_path):
     growth = measured["peak"] - measured["baseline"]
     print(f"planned {predicted / GB:.3f} GB, measured growth {growth / GB:.3f} GB")
     assert 0.75 * predicted <= growth <= 1.25 * predicted, (growth, predicted)
+
+
+def test_the_plans_module_groups_are_kronfluences():
+    """The fit's memory is planned per group of modules: the groups Kronfluence's fit makes (``make_modules_partition``,
+    sizes differing by one, the larger first), not groups of ceil(n / p) (4 modules in 3 were planned as 2 + 2)."""
+    from kronfluence.module.utils import make_modules_partition
+
+    from if_query.plan.estimates import module_groups
+    from if_query.plan.sizes import Shape
+
+    for count in range(1, 13):
+        shapes = [Shape(f"m{k}", 1, 1, False) for k in range(count)]
+        for partitions in range(1, count + 1):
+            groups = [[s.name for s in group] for group in module_groups(shapes, partitions)]
+            assert groups == make_modules_partition([s.name for s in shapes], partitions), (count, partitions)
+
+
+TINY_GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 256, "n_inner": 1024,
+             "n_layer": 4, "n_head": 4, "vocab_size": 1000, "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0}
+SMALL_FIT = ("--strategy", "kfac", "--tokens", 16, "--factor-batch-size", 1, "--lambda-batch-size", 1)
+
+
+def test_a_model_alone_plans_the_fit_and_says_scoring_was_not_planned(cli, tmp_path):
+    """No folder, --sequences or --documents: the fit's stages are planned (memory and time) and the plan says how
+    to plan scoring too, with exit 0 (it was an error)."""
+    model = write_json(tmp_path / "model" / "config.json", TINY_GPT2).parent
+    text = cli("plan", "--model", model).stdout
+    # --tokens 512, cut to the model's 128 positions (the heading said 512 and sized 128)
+    fit = text.split("fit-hessians (ekfac, 10000 sequences of 128 tokens, --module-partitions 1):\n", 1)[1]
+    for stage in ("covariance pass", "eigendecomposition (rank 0)", "lambda pass"):
+        assert re.search(rf"^  device, {re.escape(stage)}: .* of 80\.0 GB: fits$", fit, flags=re.MULTILINE), stage
+    assert re.search(r"fit-hessians FLOPs: .*; \d+ s at the stated peaks", fit)
+    assert "run-query: not planned; to plan it, give --sequences N" in text and "run-query," not in text
+    assert text.endswith("fit-hessians fits; run-query was not planned.\n")
+
+
+def _fewest_by_brute_force(config: dict, limit: float, rest: int) -> int | None:
+    """The fewest module partitions whose largest group's covariances fit in ``limit`` besides ``rest`` bytes, from
+    the shapes of a GPT-2 built here (Conv1D weights are (in, out); a bias: in + 1) and Kronfluence's own groups."""
+    from kronfluence.module.utils import make_modules_partition
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**config))
+    covariance = {name: ((m.weight.shape[0] + 1) ** 2 + m.weight.shape[1] ** 2) * 4
+                  for name, m in model.named_modules() if name.endswith((".mlp.c_fc", ".mlp.c_proj"))}
+    for count in range(1, len(covariance) + 1):
+        groups = make_modules_partition(list(covariance), count)
+        if rest + max(sum(covariance[name] for name in group) for group in groups) <= limit:
+            return count
+    return None
+
+
+def _fit_warnings(config: dict, limit: float) -> list[str]:
+    """What fit-hessians warns before fitting a GPT-2 of ``config`` (on the meta device here) with SMALL_FIT's
+    options, on a GPU of ``limit`` bytes."""
+    from transformers import GPT2Config
+
+    from if_query.config import FitConfig
+    from if_query.fit.fit_hessians import fit_warnings
+    from if_query.model.tracking import find_mlp_modules
+
+    model = loading.meta_model(GPT2Config(**config))
+    fit = FitConfig(model="m", hessian_dataset="d.json", output_dir="out", strategy="kfac", factor_batch_size=1,
+                    lambda_batch_size=1)
+    return fit_warnings(model, find_mlp_modules(model), fit, torch.bfloat16, [16] * 4, int(limit))
+
+
+def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli, tmp_path):
+    """On a 25 MB "GPU" the covariance pass of 8 modules needs more than one partition: the plan names the fewest
+    count N that fits (N fits, N - 1 does not: the same size function at both, and a brute force over Kronfluence's
+    groups of the modules' covariances), and fit-hessians warns in the same words; on 10 MB not even one module per
+    partition fits, and it says what that would need."""
+    model = write_json(tmp_path / "model" / "config.json", TINY_GPT2).parent
+    text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.025).stdout
+    line = next(line for line in text.splitlines() if "device, covariance pass" in line)
+    fewest = int(re.search(r"DOES NOT FIT; --module-partitions (\d+) \(the fewest that fit both passes\)", line)[1])
+    assert fewest >= 2 and f"--module-partitions {fewest} (the fewest" in text.split("Does not fit:")[1]
+
+    def fit(partitions: int):
+        return plan_module.make_plans(PlanConfig(model=str(model), strategy="kfac", tokens=16, factor_batch_size=1,
+                                                 lambda_batch_size=1, gpu_memory_gb=0.025,
+                                                 module_partitions=partitions)).fit
+
+    assert fit(fewest).covariance.fits and fit(fewest).lambdas.fits
+    assert not fit(fewest - 1).covariance.fits
+    rest = sum(part.bytes for part in fit(1).covariance.parts if not part.name.startswith("covariances"))
+    assert _fewest_by_brute_force(TINY_GPT2, 0.025 * GB, rest) == fewest
+
+    warned = _fit_warnings(TINY_GPT2, 0.025 * GB)  # fit-hessians' check on a GPU of that size: the plan's words
+    assert line.strip() in warned and len(warned) == 2  # and the eigendecomposition's (--eigendecomposition-dtype)
+
+    text = cli("plan", "--model", model, *SMALL_FIT, "--gpu-memory-gb", 0.01).stdout
+    assert _fewest_by_brute_force(TINY_GPT2, 0.01 * GB, rest) is None
+    each = fit(8).covariance  # one module per partition: 8 tracked modules
+    assert (f"no --module-partitions fits: with one module per partition (8), the covariance pass needs "
+            f"{plan_module.human_bytes(each.total)}") in text
+
+
+def test_a_cpu_plan_prints_sizes_without_times_and_counts_a_tiny_models_parameters(cli, tmp_path):
+    """--device cpu: no seconds anywhere (the stated peaks are a GPU's; they were an H100's), memory as RAM, and the
+    parameter count of a model of 172,288 parameters in full (it printed "0.00 B"), as the model built here counts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = {**TINY_GPT2, "n_embd": 64, "n_inner": 256, "n_layer": 2, "n_head": 2}
+    model = write_json(tmp_path / "model" / "config.json", config).parent
+    text = cli("plan", "--model", model, "--device", "cpu", "--sequences", 10).stdout
+    count = sum(p.numel() for p in GPT2LMHeadModel(GPT2Config(**config)).parameters())
+    assert count > 0 and f"(gpt2): {count:,} parameters, " in text
+    assert not re.search(r"\d s\b|seconds|TFLOP/s", text), text
+    assert "no times" in text and "device," not in text
+    assert re.search(r"^  RAM, covariance pass: .* of 512\.0 GB: fits$", text, flags=re.MULTILINE)  # --host-ram-gb
+    assert re.search(r"fit-hessians FLOPs: .*FLOP$", text, flags=re.MULTILINE)
+    assert text.endswith("Everything fits.\n")

@@ -394,8 +394,10 @@ class PlanConfig(MemoryOptions):
     no GPU is needed, and a directory holding only config.json will do (folders also need its tokenizer). Prints
     the factor sizes, each stage's peak memory per GPU (device and host) and its FLOPs with a time at stated
     peaks, and how a run would go: at once or in chunks, and which ranks score what. Give query folders,
-    --sequences (a folder) or --documents (a corpus), of --tokens tokens. Exits 0 even when the plan does not
-    fit, saying what does not and what to change. Estimates computed from the shapes, not measurements.
+    --sequences (a folder) or --documents (a corpus), of --tokens tokens, to plan scoring; without them the fit
+    alone is planned. Exits 0 even when the plan does not fit, saying what does not and what to change (a fit
+    pass over the memory: the fewest --module-partitions that fit). Estimates computed from the shapes, not
+    measurements.
     """
 
     model: str = same_option(FitConfig, "model")
@@ -435,7 +437,9 @@ class PlanConfig(MemoryOptions):
                                           "shared out, host memory is divided among the ranks.", group="Hardware")
     host_ram_gb: float = option(512.0, minimum=0, help="The host's RAM, GB of 10^9 bytes (stated, not measured).",
                                 group="Hardware")
-    device: str = option("cuda", choices=DEVICES, help="Plan for CUDA GPUs, or for a run on the CPU.", group="Hardware")
+    device: str = option("cuda", choices=DEVICES, group="Hardware",
+                         help="Plan for CUDA GPUs, or for a run on the CPU (sizes and FLOPs, no times: the stated "
+                              "peaks are a GPU's).")
     bf16_tflops: float = option(H100_BF16_TFLOPS, minimum=0,
                                 help="Peak of the model's passes, TFLOP/s (H100/H200 SXM bf16, dense).",
                                 group="Hardware")

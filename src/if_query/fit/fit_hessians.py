@@ -129,18 +129,25 @@ def _fit_metadata(config: FitConfig, identity: dict, fingerprint: dict, modules:
     }
 
 
+def fit_warnings(model, modules, config: FitConfig, dtype: torch.dtype, lengths: list[int],
+                 device_memory: int) -> list[str]:
+    """Each stage whose planned device memory (:func:`if_query.plan.estimates.plan_fit`, as ``if-query plan``
+    computes it) exceeds ``device_memory``, described as the plan describes it, with its advice: for a data pass,
+    the fewest --module-partitions that fit (or what no count can fit)."""
+    fit = plan_fit([Shape.of(m) for m in modules], ModelShape.of(model, model.config), config.strategy,
+                   dtype.itemsize, config.factor_batch_size, config.lambda_batch_size, config.module_partitions,
+                   lengths, DEFAULT_PEAKS, "ieee", device_memory)
+    return [peak.describe() for peak in fit.peaks() if not peak.fits]
+
+
 def warn_if_fit_does_not_fit(model, modules, config: FitConfig, dtype: torch.dtype, lengths: list[int]) -> None:
-    """Warn, before fitting on CUDA, about each stage whose planned device memory
-    (:func:`if_query.plan.estimates.plan_fit`, as ``if-query plan`` computes it) exceeds the GPU's."""
+    """Warn, before fitting on CUDA, about each stage planned over the GPU's memory (:func:`fit_warnings`)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return
-    fit = plan_fit([Shape.of(m) for m in modules], ModelShape.of(model, model.config), config.strategy,
-                   dtype.itemsize, config.factor_batch_size, config.lambda_batch_size, config.module_partitions,
-                   lengths, DEFAULT_PEAKS, "ieee", torch.cuda.get_device_properties(device).total_memory)
-    for peak in fit.peaks():
-        if not peak.fits:
-            logger.warning("The plan does not fit: %s", peak.describe())
+    memory = torch.cuda.get_device_properties(device).total_memory
+    for warning in fit_warnings(model, modules, config, dtype, lengths, memory):
+        logger.warning("The plan does not fit: %s", warning)
 
 
 def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:

@@ -1,4 +1,5 @@
-"""``if-query plan``: the fit's and the run's plans for a model known only by its ``config.json``.
+"""``if-query plan``: the fit's and the run's plans for a model known only by its ``config.json`` (the fit's alone
+when no folder, --sequences or --documents says what would be scored).
 
 The model is built on the meta device (no weights are read, nothing is downloaded when the config is local, no GPU
 is needed). Each job is planned by :func:`if_query.plan.run_plan.plan_job` and the jobs are shared out by
@@ -17,14 +18,16 @@ from if_query.config import GB, PlanConfig
 from if_query.data.jobs import QueryJob
 from if_query.data.records import load_examples
 from if_query.data.tokenization import ExampleTokenizer, distinct
-from if_query.errors import InputError
 from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
 from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
 from if_query.plan import sizes
 from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
-from if_query.plan.sizes import ModelShape, Shape, human_bytes
+from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_count
+
+NOT_PLANNED = ("run-query: not planned; to plan it, give --sequences N (a folder), --documents N with --queries Q "
+               "(a corpus) or query folders, of --tokens tokens")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Plans:
     run: RunPlan
     names: list[str]
     gpus: int
+    cuda: bool  # planned for GPUs: times at the stated peaks (a GPU's) and bytes moved to and from the device
+    tokens: int  # per sequence: --tokens, at most the model's positions
 
     @property
     def folders(self) -> list[tuple[str, JobPlan]]:
@@ -101,11 +106,8 @@ def make_plans(config: PlanConfig) -> Plans:
     host_per_rank = host_ram // gpus
     model_bytes = shape.parameters * dtype_bytes
     workloads = _folder_workloads(config, limit) if config.folders else _stated_workloads(config, tokens)
-    if not workloads:
-        raise InputError("give query folders, --sequences (a folder), or --documents (a corpus; with --queries), "
-                         "each of --tokens tokens, for the run-query part of the plan")
     header = [
-        f"{type(model).__name__} ({hf_config.model_type}): {shape.parameters / 1e9:.2f} B parameters, "
+        f"{type(model).__name__} ({hf_config.model_type}): {human_count(shape.parameters)} parameters, "
         f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
         f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
         f"Tracked: {len(shapes)} MLP projections of {len({m.layer for m in modules})} blocks (--layer-stride "
@@ -113,12 +115,14 @@ def make_plans(config: PlanConfig) -> Plans:
         f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
         f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
         f"{human_bytes(host_per_rank)} of host RAM"
-        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "") + "; times at "
-        f"{peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 work "
-        f"({precision}), a tenth of float32's for the eigendecompositions",
+        + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "")
+        + (f"; times at {peaks.model / 1e12:g} TFLOP/s for the model, {peaks.engine(precision) / 1e12:g} for float32 "
+           f"work ({precision}), a tenth of float32's for the eigendecompositions" if cuda
+           else "; sizes and FLOPs only, no times (the stated peaks are a GPU's)"),
     ]
     fit = plan_fit(shapes, shape, config.strategy, dtype_bytes, config.factor_batch_size, config.lambda_batch_size,
-                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision, device_limit)
+                   config.module_partitions, [tokens] * config.fit_sequences, peaks, precision,
+                   device_limit if cuda else host_per_rank, "device" if cuda else "RAM")  # CPU: checked against RAM
     host = config.host_memory_bytes
     budgets = Budgets(default_host_budget(host_ram, gpus) if host is None else host,
                       "--host-memory-gb" if host is not None else f"half of the host's {human_bytes(host_ram)}"
@@ -129,10 +133,11 @@ def make_plans(config: PlanConfig) -> Plans:
                       config.device, peaks, precision, device_limit, host_per_rank)
     jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
                      world=gpus) for w in workloads]
-    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus)
+    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, cuda=cuda,
+                 tokens=tokens)
 
 
-def _job_lines(name: str, job: JobPlan) -> list[str]:
+def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
     store = job.store
     what = "the queries' token factors" if not job.at_once else "token factors"
     lines = ["", f"run-query, {name} ({store.sequences} distinct sequences{' of queries' if not job.at_once else ''}"
@@ -156,10 +161,11 @@ def _job_lines(name: str, job: JobPlan) -> list[str]:
     peaks = [*store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
     lines += [f"  {peak.describe()}" for peak in peaks]
     moved = job.largest_chunk or store
-    lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: {human_bytes(moved.bytes_from_device)} "
-                 f"off the device, {human_bytes(moved.bytes_to_device)} onto it"
-                 + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
-    lines.append(f"  {store.work.describe()}" + ("" if job.at_once else " (the queries)"))
+    if cuda:
+        lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: "
+                     f"{human_bytes(moved.bytes_from_device)} off the device, {human_bytes(moved.bytes_to_device)} "
+                     "onto it" + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
+    lines.append(f"  {store.work.describe(cuda)}" + ("" if job.at_once else " (the queries)"))
     return lines
 
 
@@ -168,23 +174,25 @@ def plan_text(config: PlanConfig) -> str:
     plans = make_plans(config)
     fit = plans.fit
     lines = plans.header + [
-        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {config.tokens} tokens, "
+        "", f"fit-hessians ({config.strategy}, {config.fit_sequences} sequences of {plans.tokens} tokens, "
         f"--module-partitions {config.module_partitions}):",
         f"  factors on disk {fit.factors.human()} (covariances {human_bytes(fit.factors.covariance_bytes)}, "
         f"eigenvectors {human_bytes(fit.factors.eigen_bytes)}, lambda {human_bytes(fit.factors.lambda_bytes)}); "
         f"largest module {fit.largest_module[0]}: {human_bytes(fit.largest_module[1])}"]
     lines += [f"  {peak.describe()}" for peak in fit.peaks()]
-    lines.append(f"  {fit.work.describe()}" + (f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)"
-                                                if plans.gpus > 1 else ""))
+    split = f" ({fit.work.seconds / plans.gpus:,.0f} s on {plans.gpus} GPUs)" if plans.gpus > 1 else ""
+    lines.append(f"  {fit.work.describe(plans.cuda)}{split}")
     failing = [(peak, "fit-hessians") for peak in fit.peaks() if not peak.fits]
     for name, job in plans.folders:
-        lines += _job_lines(name, job)
+        lines += _job_lines(name, job, plans.cuda)
         peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
         failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
+    if not plans.folders:
+        lines += ["", NOT_PLANNED]
     lines.append("")
     if failing:
         lines += ["Does not fit:"] + [f"  {stage}, {peak.where}: {human_bytes(peak.total)} > "
                                       f"{human_bytes(peak.limit)}; {peak.advice}" for peak, stage in failing]
     else:
-        lines.append("Everything fits.")
+        lines.append("Everything fits." if plans.folders else "fit-hessians fits; run-query was not planned.")
     return "\n".join(lines) + "\n"

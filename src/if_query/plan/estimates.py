@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from if_query.config import H100_BF16_TFLOPS, H100_FP32_TFLOPS, H100_TF32_TFLOPS
 from if_query.plan import sizes
@@ -56,12 +57,16 @@ class Peak:
     def fits(self) -> bool:
         return self.limit is None or self.total <= self.limit
 
-    def describe(self) -> str:
+    def summary(self) -> str:
+        """The total and its parts ("28.3 MB = model 689.2 KB + ...")."""
         parts = " + ".join(f"{p.name} {human_bytes(p.bytes)}" for p in self.parts if p.bytes)
+        return f"{human_bytes(self.total)} = {parts}"
+
+    def describe(self) -> str:
         verdict = "" if self.limit is None else (
             f" of {human_bytes(self.limit)}: fits" if self.fits
             else f" of {human_bytes(self.limit)}: DOES NOT FIT; {self.advice}")
-        return f"{self.where}: {human_bytes(self.total)} = {parts}{verdict}"
+        return f"{self.where}: {self.summary()}{verdict}"
 
 
 @dataclass
@@ -75,9 +80,10 @@ class Work:
     def seconds(self) -> float:
         return sum(count / peak for count, peak in self.flops.values())
 
-    def describe(self) -> str:
+    def describe(self, timed: bool = True) -> str:
+        """The FLOPs of each part, and (``timed``) the seconds they take at the stated peaks."""
         items = ", ".join(f"{what} {human_flops(count)}" for what, (count, _) in self.flops.items())
-        return f"{self.name}: {items}; {self.seconds:,.0f} s at the stated peaks"
+        return f"{self.name}: {items}" + (f"; {self.seconds:,.0f} s at the stated peaks" if timed else "")
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,12 @@ def _eigen(strategy: str) -> bool:
     return strategy in ("kfac", "ekfac")
 
 
-def _partitions(shapes: Sequence[Shape], partitions: int) -> list[list[Shape]]:
-    """Kronfluence's module partitions: contiguous groups of about equal count."""
-    size = -(-len(shapes) // partitions)
-    return [list(shapes[i : i + size]) for i in range(0, len(shapes), size)]
+def module_groups(shapes: Sequence[Shape], partitions: int) -> list[list[Shape]]:
+    """Kronfluence's module partitions (``make_modules_partition``): ``partitions`` contiguous groups whose sizes
+    differ by one at most, the larger first (5 modules in 3: 2, 2, 1). More partitions than modules: one each."""
+    partitions = max(1, min(partitions, len(shapes)))
+    div, extra = divmod(len(shapes), partitions)
+    return [list(shapes[k * div + min(k, extra) : (k + 1) * div + min(k + 1, extra)]) for k in range(partitions)]
 
 
 # --- run-query ---
@@ -254,46 +262,97 @@ class FitPlan:
         return [self.covariance, self.eigendecomposition, self.lambdas]
 
 
+@dataclass(frozen=True)
+class FitPasses:
+    """The fit's two data passes, whose device memory depends on the module partitions: the covariance pass holds a
+    partition's covariances, the lambda pass its eigenvectors and lambdas (besides the model and a batch's
+    activations). :meth:`fewest_partitions` is the one answer to "how many partitions would fit", for ``if-query
+    plan`` and fit-hessians' warning alike (both read it from :func:`plan_fit`'s advice)."""
+
+    shapes: Sequence[Shape]
+    model: ModelShape
+    strategy: str
+    dtype_bytes: int
+    factor_batch_size: int
+    lambda_batch_size: int
+    fit_lengths: Sequence[int]
+    device_limit: int | None = None
+    where: str = "device"  # "RAM" on the CPU
+
+    @cached_property
+    def _longest(self) -> list[int]:
+        return sorted(self.fit_lengths, reverse=True)
+
+    def _batch(self, size: int) -> list[Part]:
+        tokens = sum(self._longest[:size])  # the batch of the longest sequences
+        return [Part("model", self.model.parameters * self.dtype_bytes),
+                Part(f"activations of a batch of {tokens} tokens",
+                     sizes.activation_bytes(self.model, tokens, self.dtype_bytes, tokens))]
+
+    def covariance(self, partitions: int) -> Peak:
+        """The covariance pass with ``partitions`` module partitions (advice: see :meth:`advice`)."""
+        groups = module_groups(self.shapes, partitions)
+        held = max(sum(sizes.module_factor_sizes(s, self.strategy).covariance_bytes for s in g) for g in groups)
+        return Peak(f"{self.where}, covariance pass", self._batch(self.factor_batch_size) + [
+            Part(f"covariances of a partition ({len(groups)})", held)], self.device_limit)
+
+    def lambdas(self, partitions: int) -> Peak:
+        """The lambda pass with ``partitions`` module partitions (nothing but the batch unless lambdas are fitted)."""
+        fitted = self.strategy in ("ekfac", "diagonal")
+        held = max(sum(sizes.module_factor_sizes(s, self.strategy).eigen_bytes + sizes.whitened_bytes(s) for s in g)
+                   for g in module_groups(self.shapes, partitions))
+        return Peak(f"{self.where}, lambda pass", self._batch(self.lambda_batch_size) + [
+            Part("eigenvectors and lambdas of a partition", held if fitted else 0),
+            Part("per-example gradients", LAMBDA_CHUNK_BYTES if fitted else 0)], self.device_limit)
+
+    def fewest_partitions(self) -> int | None:
+        """The fewest module partitions, from 1 to one module each, at which both passes fit; None when none do.
+        Searched in order, not bisected: a partition's largest group need not shrink with each partition added."""
+        return next((count for count in range(1, len(self.shapes) + 1)
+                     if self.covariance(count).fits and self.lambdas(count).fits), None)
+
+    def advice(self, batch_option: str) -> str:
+        """What to change when a pass does not fit (``batch_option``: the batch size of that pass)."""
+        fewest = self.fewest_partitions()
+        if fewest is not None:
+            return f"--module-partitions {fewest} (the fewest that fit both passes), or a smaller {batch_option}"
+        each = len(self.shapes)
+        over = [(peak, option) for peak, option in ((self.covariance(each), "--factor-batch-size"),
+                                                    (self.lambdas(each), "--lambda-batch-size")) if not peak.fits]
+        return (f"no --module-partitions fits: with one module per partition ({each}), "
+                + "; ".join(f"the {peak.where.split(', ')[-1]} needs {peak.summary()}" for peak, _ in over)
+                + f"; a smaller {' or '.join(option for _, option in over)}, shorter sequences or more memory")
+
+
 def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_bytes: int, factor_batch_size: int,
              lambda_batch_size: int, partitions: int, fit_lengths: Sequence[int], peaks: Peaks,
-             matmul_precision: str, device_limit: int | None = None) -> FitPlan:
+             matmul_precision: str, device_limit: int | None = None, where: str = "device") -> FitPlan:
+    """The fit's factor sizes, its stages' peak memory (``where``: "device", or "RAM" for a fit on the CPU) and
+    FLOPs. A pass that does not fit ``device_limit`` names the fewest module partitions that would
+    (:meth:`FitPasses.fewest_partitions`)."""
     factors = sizes.estimate_factor_sizes(shapes, strategy)
     per_module = {s.name: sizes.module_factor_sizes(s, strategy).total_bytes for s in shapes}
     largest = max(per_module.items(), key=lambda item: item[1])
-    model_bytes = model.parameters * dtype_bytes
-    longest = sorted(fit_lengths)[::-1]
-    groups = _partitions(shapes, partitions)
-
-    def batch(size: int) -> list[Part]:
-        tokens = sum(longest[:size])
-        return [Part("model", model_bytes),
-                Part(f"activations of a batch of {tokens} tokens", sizes.activation_bytes(model, tokens, dtype_bytes,
-                                                                                          tokens))]
-
-    advice = "more --module-partitions, or smaller batches"
-    covariance = Peak("device, covariance pass", batch(factor_batch_size) + [Part(
-        f"covariances of a partition ({len(groups)})",
-        max(sum(sizes.module_factor_sizes(s, strategy).covariance_bytes for s in g) for g in groups))],
-        device_limit, advice)
+    stages = FitPasses(shapes, model, strategy, dtype_bytes, factor_batch_size, lambda_batch_size, fit_lengths,
+                        device_limit, where)
+    covariance, lambdas = stages.covariance(partitions), stages.lambdas(partitions)
+    for peak, option in ((covariance, "--factor-batch-size"), (lambdas, "--lambda-batch-size")):
+        if not peak.fits:
+            peak.advice = stages.advice(option)
     biggest = max((max(s.width, s.out) for s in shapes), default=0) if _eigen(strategy) else 0
-    eigen = Peak("device, eigendecomposition (rank 0)", [Part(
+    eigen = Peak(f"{where}, eigendecomposition (rank 0)", [Part(
         f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
         sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
-    lambda_state = max(sum(sizes.module_factor_sizes(s, strategy).eigen_bytes + sizes.whitened_bytes(s) for s in g)
-                       for g in groups)
-    lambdas = Peak("device, lambda pass", batch(lambda_batch_size) + [
-        Part("eigenvectors and lambdas of a partition", lambda_state if strategy in ("ekfac", "diagonal") else 0),
-        Part("per-example gradients", LAMBDA_CHUNK_BYTES if strategy in ("ekfac", "diagonal") else 0)],
-        device_limit, advice)
     passes = sizes.forward_backward_flops(model, fit_lengths)
+    groups = len(module_groups(shapes, partitions))  # a data pass per group
     engine_peak = peaks.engine(matmul_precision)
-    flops = {"covariance pass": (passes * partitions, peaks.model),
+    flops = {"covariance pass": (passes * groups, peaks.model),
              "covariances": (sum(2 * t * (s.width**2 + s.out**2) for t in fit_lengths for s in shapes), engine_peak)}
     if _eigen(strategy):
         flops["eigendecompositions (float64)"] = (sizes.eigendecomposition_flops(shapes),
                                                   peaks.float32 * EIGH_EFFICIENCY)
     if strategy in ("ekfac", "diagonal"):
-        flops["lambda pass"] = (passes * partitions, peaks.model)
+        flops["lambda pass"] = (passes * groups, peaks.model)
         flops["lambda"] = (sum(sizes.rotation_flops(t, s.out, s.width) if strategy == "ekfac"
                                else 2 * t * s.out * s.width for t in fit_lengths for s in shapes), engine_peak)
     return FitPlan(factors, largest, covariance, eigen, lambdas, Work("fit-hessians FLOPs", flops))

@@ -37,6 +37,13 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def human_count(count: int) -> str:
+    """A count of parameters: "13.72 B", "124.4 M", or every digit below a million ("172,352")."""
+    if count >= 1e9:
+        return f"{count / 1e9:.2f} B"
+    return f"{count / 1e6:.1f} M" if count >= 1e6 else f"{count:,}"
+
+
 def human_flops(count: float) -> str:
     for unit in ("", "K", "M", "G", "T", "P"):
         if abs(count) < 1000 or unit == "P":
