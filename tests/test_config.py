@@ -81,6 +81,17 @@ def test_a_bad_value_is_refused_when_the_config_is_made(config_class, given, cha
         config_class(**{**given, **change})
 
 
+@pytest.mark.parametrize(("change", "option"), [
+    ({"max_length": 0}, "max_length"), ({"engine": "fast"}, "engine"), ({"damping": "lots"}, "damping"),
+    ({"query_rank": 8}, "query_rank"),
+])
+def test_a_refused_value_names_its_option_for_python_callers(change, option):
+    """``exc.option`` is the field; the message names its flag already, so the command line prints it as it is."""
+    with pytest.raises(InputError) as raised:
+        config.QueryConfig(**{**QUERY, **change})
+    assert raised.value.option == option and not raised.value.flag_first
+
+
 def test_valid_values_pass_and_convert():
     query = config.QueryConfig(**QUERY, damping="0.5", workspace_gb=0.5, engine="kronfluence", query_rank=8,
                                score_batch_size=6, train_batch_size=2)

@@ -78,8 +78,8 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 
 def error_line(exc: IfQueryError) -> str:
     """An error as the command line says it: the flag of the setting it is about (``exc.option``, see
-    :mod:`if_query.errors`), then the library's message."""
-    return f"{option_name(exc.option)} {exc}" if exc.option else str(exc)
+    :mod:`if_query.errors`), then the library's message; the message alone where it names the setting itself."""
+    return f"{option_name(exc.option)} {exc}" if exc.option and exc.flag_first else str(exc)
 
 
 def reports_errors(command):

@@ -7,8 +7,9 @@ and nothing else). Fields made with plain ``field`` are set by library callers o
 
 Checks run once, when a config is made (``__post_init__``): the per-field ``minimum`` and
 ``choices`` declared with the option, then the command's own cross-field checks. A failed check
-raises :class:`~if_query.errors.InputError` naming the option, so the CLI prints one line and
-exits with 2.
+raises :class:`~if_query.errors.InputError` naming the option in its message and in ``exc.option``
+(the field), so the CLI prints one line and exits with 2, and a Python caller knows which argument
+was refused. A library caller may give a path as a string or a ``Path`` (:func:`_as_declared`).
 
 This module imports no torch, transformers or Kronfluence, so ``--help`` stays fast.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +69,37 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _refused(message: str, option: str) -> InputError:
+    """A config check's error: its message names the option's flag, ``exc.option`` the field."""
+    return InputError(message, option, flag_first=False)
+
+
+def _as_declared(config: Any) -> None:
+    """Paths and strings as their fields declare them, whichever a library caller gave: a path field given a
+    string made a Path (a list field given one path, a list of it), a string field given a Path made a string."""
+    for spec in fields(config):
+        value, declared = getattr(config, spec.name), str(spec.type)
+        if value is None:
+            continue
+        if declared.startswith("list[Path]"):
+            setattr(config, spec.name, [Path(v) for v in ([value] if isinstance(value, str | PathLike) else value)])
+        elif declared.startswith("Path") and isinstance(value, str):
+            setattr(config, spec.name, Path(value))
+        elif declared.startswith("str") and isinstance(value, PathLike):
+            setattr(config, spec.name, str(value))
+
+
 def _check_declared(config: Any) -> None:
+    _as_declared(config)
     for spec in cli_fields(type(config)):
         value = getattr(config, spec.name)
         name = spec.metadata["flags"][0] if spec.metadata["flags"] else option_name(spec.name)
         minimum, choices = spec.metadata["minimum"], spec.metadata["choices"]
         if minimum is not None and value is not None and value < minimum:
             qualifier = "at least" if isinstance(minimum, int) and minimum > 0 else ">="
-            raise InputError(f"{name} must be {qualifier} {minimum}, got {value}")
+            raise _refused(f"{name} must be {qualifier} {minimum}, got {value}", spec.name)
         if choices is not None and value is not None and value not in choices:
-            raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+            raise _refused(f"unknown {name} {value!r}; choose one of {', '.join(choices)}", spec.name)
 
 
 # --- options that several commands share (each default written once, here) ---
@@ -321,10 +344,8 @@ class QueryConfig(MemoryOptions):
             defaults = {spec.name: spec.default for spec in fields(self)}
             used = [name for name in KRONFLUENCE_ONLY if getattr(self, name) != defaults[name]]
             if used:
-                raise InputError(
-                    f"{option_name(used[0])} applies only to --engine kronfluence (the default engine scores "
-                    "exactly, one module at a time, in bounded memory)"
-                )
+                raise _refused(f"{option_name(used[0])} applies only to --engine kronfluence (the default engine "
+                               "scores exactly, one module at a time, in bounded memory)", used[0])
         parse_damping(self.damping)  # a bad --damping is refused here, not when scoring starts
 
     @property
@@ -365,9 +386,9 @@ def parse_damping(damping: str) -> float | None:
     try:
         value = float(damping)
     except ValueError:
-        raise InputError(f"--damping must be a number or 'auto', got {damping!r}") from None
+        raise _refused(f"--damping must be a number or 'auto', got {damping!r}", "damping") from None
     if value < 0 or not math.isfinite(value):
-        raise InputError(f"--damping must be a finite number >= 0 or 'auto', got {damping}")
+        raise _refused(f"--damping must be a finite number >= 0 or 'auto', got {damping}", "damping")
     return value
 
 

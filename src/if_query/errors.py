@@ -6,17 +6,20 @@ from __future__ import annotations
 class IfQueryError(Exception):
     """Base class: a failure with a one-line, user-facing message.
 
-    ``option``: the setting the message is about, as its config field (``"train_dataset"``), when the message
-    starts with that setting's value (``"data/corpus.jsonl: not found"``). The library never spells a flag
-    there: the command line prefixes the flag (``--train-dataset data/corpus.jsonl: not found``), a Python
-    caller reads the field from ``exc.option``.
+    ``option``: the setting the message is about, as its config field (``"train_dataset"``); a Python caller reads
+    it from ``exc.option`` (None: no one setting). ``flag_first``: whether the command line puts that setting's
+    flag before the message. True (the default) where the message starts with the setting's value
+    (``"data/corpus.jsonl: not found"``, which the library never prefixes with a flag: the command line prints
+    ``--train-dataset data/corpus.jsonl: not found``); False where the message already names the setting
+    (``"--max-length must be at least 1, got 0"``, the configs' checks), which the command line prints as it is.
     """
 
     exit_code = 1
 
-    def __init__(self, message: str, option: str | None = None):
+    def __init__(self, message: str, option: str | None = None, *, flag_first: bool = True):
         super().__init__(message)
         self.option = option
+        self.flag_first = flag_first
 
 
 class InputError(IfQueryError):

@@ -27,7 +27,7 @@ class JobOutcome:
 
 def collect(outcomes: list[JobOutcome], mine: set[int]) -> None:
     """Fill in the outcomes of the jobs other ranks scored (their status, results from disk)."""
-    status = {i: (o.error.exit_code, str(o.error), o.error.option) if o.error
+    status = {i: (o.error.exit_code, str(o.error), o.error.option, o.error.flag_first) if o.error
               else ("skipped" if o.skipped else "ok")
               for i, o in enumerate(outcomes) if i in mine}
     for shard in distributed.gather(status):
@@ -37,7 +37,8 @@ def collect(outcomes: list[JobOutcome], mine: set[int]) -> None:
                 continue
             outcome.error = None
             if isinstance(state, tuple):
-                outcome.error = (InputError if state[0] == InputError.exit_code else RunError)(*state[1:])
+                kind = InputError if state[0] == InputError.exit_code else RunError
+                outcome.error = kind(state[1], state[2], flag_first=state[3])
             elif state == "skipped":
                 outcome.skipped = True
             else:
