@@ -83,7 +83,8 @@ def test_a_bad_value_is_refused_when_the_config_is_made(config_class, given, cha
 
 @pytest.mark.parametrize(("change", "option"), [
     ({"max_length": 0}, "max_length"), ({"engine": "fast"}, "engine"), ({"damping": "lots"}, "damping"),
-    ({"query_rank": 8}, "query_rank"),
+    ({"query_rank": 8}, "query_rank"), ({"output_dir": Path("o")}, "folders"), ({"folders": None}, "train_json"),
+    ({"folders": None, "train_json": Path("t.json"), "query_json": Path("q.json")}, "output_dir"),
 ])
 def test_a_refused_value_names_its_option_for_python_callers(change, option):
     """``exc.option`` is the field; the message names its flag already, so the command line prints it as it is."""

@@ -319,24 +319,42 @@ class QueryConfig(MemoryOptions):
     top_k: int = top_k_option()
     # Library callers only: the command line recorded in run.json (None: sys.argv).
     command: list[str] | None = field(default=None, compare=False)
+    # Library callers only (if_query.api makes them): query and train records given in memory, a list of validated
+    # if_query.data.records.Example each, instead of query_json and train_json (single-run mode).
+    queries: list | None = field(default=None)
+    train: list | None = field(default=None)
+    # Library callers only: False lets single-run mode leave output_dir None: the results are returned, not written.
+    output_required: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         _check_declared(self)
-        single = (self.train_json, self.query_json, self.output_dir)
+        single = (self.train_json, self.query_json, self.output_dir, self.queries, self.train)
         if self.folders and any(value is not None for value in single):
-            raise InputError("give either query folders or --train-json/--query-json/--output-dir, not both")
-        train = self.train_json if self.train_dataset is None else self.train_dataset
-        if not self.folders and any(value is None for value in (train, self.query_json, self.output_dir)):
-            raise InputError("give query folders, or all of --train-json (or --train-dataset), --query-json and "
-                             "--output-dir")
-        if self.train_json is not None and self.train_dataset is not None:
-            raise InputError("give --train-json or --train-dataset, not both")
+            raise _refused("give either query folders or --train-json/--query-json/--output-dir, not both", "folders")
+        given = {"train_json": self.train_json if self.train is None else self.train,
+                 "query_json": self.query_json if self.queries is None else self.queries,
+                 "output_dir": self.output_dir if self.output_required else True}
+        if self.train_dataset is not None:
+            given["train_json"] = self.train_dataset
+        missing = [name for name, value in given.items() if value is None]
+        if not self.folders and missing:
+            raise _refused("give query folders, or all of --train-json (or --train-dataset), --query-json and "
+                           "--output-dir", missing[0])
+        if self.query_json is not None and self.queries is not None:
+            raise _refused("give query records or --query-json, not both", "queries")
+        if self.train_json is not None and self.train is not None:
+            raise _refused("give train records or --train-json, not both", "train")
+        if self.train_dataset is not None and (self.train_json is not None or self.train is not None):
+            raise _refused("give --train-json or --train-dataset, not both", "train_dataset")
         if self.train_dataset is not None and self.per_token_scores and self.top_train is None:
-            raise InputError("--per-token-scores with --train-dataset needs --top-train (per-token scores of every "
-                             "pair of a corpus would not fit anywhere)")
+            raise _refused("--per-token-scores with --train-dataset needs --top-train (per-token scores of every "
+                           "pair of a corpus would not fit anywhere)", "per_token_scores")
         if self.engine == "kronfluence" and (self.train_dataset is not None or self.top_train is not None
                                              or not self.cosine or self.refine_steps):
-            raise InputError("--train-dataset, --top-train, --no-cosine and --refine-steps need the default engine")
+            raise _refused("--train-dataset, --top-train, --no-cosine and --refine-steps need the default engine",
+                           "engine")
+        if self.report and not self.folders and self.output_dir is None:
+            raise _refused("--report writes report.html into the results directory: give --output-dir", "report")
         if self.rank_by == "cosine" and not self.cosine:
             raise InputError("cosine ranks by influence_cosine, which --no-cosine does not compute; use --rank-by "
                              "score or drop --no-cosine", option="rank_by")

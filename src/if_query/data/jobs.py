@@ -1,5 +1,5 @@
 """The jobs a run-query config names: each query folder's files (``query.json``, ``train.json``, ``results/``), or the
-single-run mode's three paths."""
+single-run mode's paths (or records a library caller gave in memory)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,45 @@ from pathlib import Path
 
 from if_query.atomic import check_writable_dir
 from if_query.config import QueryConfig
-from if_query.data.records import load_examples
+from if_query.data.records import Example, load_examples
 from if_query.errors import InputError
 
 
 @dataclass(frozen=True)
 class QueryJob:
-    """One unit of work: a query file and a train side (a train file, or the corpus) scored into a directory."""
+    """One unit of work: queries and a train side (train records, or the corpus) scored into a directory.
+
+    Records come from a file, or are given in memory (``queries``/``train``, validated examples: a library caller's;
+    their file is then None). ``output_dir`` None: the results are returned, not written (library callers)."""
 
     name: str
-    query_json: Path
-    train_json: Path | None  # None: the train side is the --train-dataset corpus
-    output_dir: Path
+    query_json: Path | None
+    train_json: Path | None  # None, and no train records: the train side is the --train-dataset corpus
+    output_dir: Path | None
+    queries: list[Example] | None = None
+    train: list[Example] | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, corpus: bool = False) -> QueryJob:
         folder = Path(folder)
         return cls(str(folder), folder / "query.json", None if corpus else folder / "train.json", folder / "results")
+
+    @property
+    def has_train_records(self) -> bool:
+        """Whether the train side is records (a file or in memory), not the corpus."""
+        return self.train_json is not None or self.train is not None
+
+    def query_examples(self) -> tuple[list[Example], str]:
+        """The query records (read and validated from their file, or as given) and what errors call them."""
+        return self._examples(self.queries, self.query_json, "queries")
+
+    def train_examples(self) -> tuple[list[Example], str]:
+        """The train records and what errors call them (only when :attr:`has_train_records`)."""
+        return self._examples(self.train, self.train_json, "train")
+
+    @staticmethod
+    def _examples(given: list[Example] | None, path: Path | None, name: str) -> tuple[list[Example], str]:
+        return (given, name) if given is not None else (load_examples(path), str(path))
 
 
 def query_jobs(config: QueryConfig) -> list[QueryJob]:
@@ -32,13 +54,13 @@ def query_jobs(config: QueryConfig) -> list[QueryJob]:
     corpus = config.train_dataset is not None
     if config.folders:
         return [QueryJob.from_folder(folder, corpus) for folder in config.folders]
-    return [QueryJob("query", config.query_json, config.train_json, config.output_dir)]
+    return [QueryJob("query", config.query_json, config.train_json, config.output_dir, config.queries, config.train)]
 
 
 def check_inputs(config: QueryConfig) -> None:
     """What a single run reads and writes, checked before torch is imported (InputError, one line): its records
-    files (read and validated), the corpus's path and the output directory. With query folders each folder's
-    errors are its own and are found as it is prepared."""
+    files (read and validated), the corpus's path and the output directory (when it writes). With query folders
+    each folder's errors are its own and are found as it is prepared."""
     if config.folders:
         return
     for path in (config.query_json, config.train_json):
@@ -46,4 +68,5 @@ def check_inputs(config: QueryConfig) -> None:
             load_examples(path)
     if config.train_dataset is not None and not Path(config.train_dataset).exists():
         raise InputError(f"{config.train_dataset}: not found", option="train_dataset")
-    check_writable_dir(config.output_dir, "output_dir")
+    if config.output_dir is not None:
+        check_writable_dir(config.output_dir, "output_dir")

@@ -12,6 +12,7 @@ does. Batches are padded on the right to their own longest sequence, padding pos
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,12 @@ class ExampleTokenizer:
     def warn_capped(self) -> None:
         """Warn once about the records the position cap cut (see the class docstring)."""
         warn_capped(self.requested_length, self.position_limit, self.cut, self.seen)
+
+    def again(self) -> ExampleTokenizer:
+        """This tokenizer for another run: the same tokenizer and limits, no record counted or cut yet."""
+        fresh = copy.copy(self)
+        fresh.cut, fresh.seen = [], 0
+        return fresh
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -37,7 +37,7 @@ def _float_or_none(value: Any) -> float | None:
 def run_provenance(*, command: list[str] | None, model: str, revision: str | None, factors_dir: str | Path,
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
                    dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
-                   query_json: str | Path, train_json: str | Path, plan: dict | None = None,
+                   query_json: str | Path | None, train_json: str | Path | None, plan: dict | None = None,
                    identity: dict | None = None, date: str | None = None, rank_by: str = "score") -> dict[str, Any]:
     """The ``run.json`` of one results directory.
 
@@ -45,7 +45,8 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
     actually used, when the scorer reports it (else ``damping_per_module`` is null); ``plan`` what the run's plan
     decided for the job (:meth:`if_query.plan.run_plan.JobPlan.describe`: budgets, chunks, ranks); ``identity`` what
     determines its numbers (:mod:`if_query.run.identity`), which ``--skip-done`` compares; ``rank_by`` the ranking
-    of the summary, the report and --top-train (:mod:`if_query.report.ranking`), which a regenerated report reuses.
+    of the summary, the report and --top-train (:mod:`if_query.report.ranking`), which a regenerated report reuses;
+    ``query_json``/``train_json`` None: records a library caller gave in memory (recorded as null).
     """
     fit = (metadata or {}).get("fit") or {}
     per_module = None
@@ -70,8 +71,8 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "eos_in_loss": eos_in_loss,
         "per_token_scores": per_token_scores,
         "rank_by": rank_by,
-        "query_json": str(Path(query_json).resolve()),
-        "train_json": str(Path(train_json).resolve()),
+        "query_json": None if query_json is None else str(Path(query_json).resolve()),
+        "train_json": None if train_json is None else str(Path(train_json).resolve()),
         "plan": plan,
         "identity": identity,
         "versions": package_versions(),

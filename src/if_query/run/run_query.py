@@ -14,6 +14,7 @@ scores and writes); every other job is scored by one rank alone, jobs shared out
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -25,7 +26,6 @@ from if_query.atomic import check_writable_dir
 from if_query.config import QueryConfig
 from if_query.data.corpus import Corpus
 from if_query.data.jobs import QueryJob, query_jobs
-from if_query.data.records import load_examples
 from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample, distinct
 from if_query.errors import IfQueryError, InputError, RunError
 from if_query.fit.metadata import load_complete_metadata
@@ -56,11 +56,16 @@ from if_query.score.sequences import TrainSequences
 
 logger = logging.getLogger(__name__)
 class QueryRunner:
-    """Loads the model and factors once, then scores any number of jobs."""
+    """Loads the model and factors once, then scores any number of jobs.
 
-    def __init__(self, config: QueryConfig, quiet: bool = False):
+    ``results``: what each job's outcome keeps in memory, ``"summary"`` (each query's ``--top-k`` most helpful and
+    harmful rows: what the terminal summary prints, small whatever the run) or ``"all"`` (every written row, as
+    :meth:`~if_query.report.results.ResultTable.frames`)."""
+
+    def __init__(self, config: QueryConfig, quiet: bool = False, results: str = "summary"):
         self.config = config
         self.quiet = quiet
+        self.results = results
         if config.spill_dir is not None:  # where token factors may be spilled: checked before any work
             check_writable_dir(config.spill_dir, "spill_dir")
         self.metadata = load_complete_metadata(config.factors_dir)  # checked against the model: load_scorer
@@ -69,8 +74,7 @@ class QueryRunner:
         self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
         limit = position_limit(self.hf_config)
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
-        self.corpus = (None if config.train_dataset is None
-                       else Corpus(config.train_dataset, self.example_tokenizer, config.spill_dir))
+        self.corpus = self._corpus(config, self.example_tokenizer)
         self.scorer = None  # EngineScorer or KronfluenceScorer, once the model is loaded
         self.device = distributed.device()
         self.matmul_precision = resolve_matmul_precision(config.matmul_precision, self.device)
@@ -78,17 +82,36 @@ class QueryRunner:
         self.refine_examples = (refine_examples(config, self.metadata, self.hf_config, self.dtype, self.device,
                                                 self.example_tokenizer) if config.refine_steps else [])
 
+    def for_jobs(self, config: QueryConfig) -> QueryRunner:
+        """A runner of ``config``: other jobs (records, files, a corpus, output directories) scored with this runner's
+        options, sharing its tokenizer, factors and model, which it loads first if it has not yet (once for every
+        runner made this way: the :class:`~if_query.api.Attributor`'s calls). ``config`` may differ from this
+        runner's only in what it scores and where it writes; its corpus is read by the new runner's run."""
+        self.load_scorer()
+        runner = copy.copy(self)
+        runner.config = config
+        runner.example_tokenizer = self.example_tokenizer.again()
+        runner.corpus = self._corpus(config, runner.example_tokenizer)
+        return runner
+
+    @staticmethod
+    def _corpus(config: QueryConfig, example_tokenizer: ExampleTokenizer) -> Corpus | None:
+        """The --train-dataset corpus (read when the run locates it), or None."""
+        return None if config.train_dataset is None else Corpus(config.train_dataset, example_tokenizer,
+                                                                  config.spill_dir)
+
     def prepare(self, job: QueryJob) -> PreparedJob:
         """Check the job's folder and where it writes, read, validate and tokenize its files (raises InputError;
         loads no model)."""
         if self.config.folders and not (folder := job.query_json.parent).is_dir():
             raise InputError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
-        check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
-        queries = load_examples(job.query_json)
-        prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, str(job.query_json)))
-        if job.train_json is not None:
-            prepared.train = load_examples(job.train_json)
-            prepared.train_tokens = self.example_tokenizer.tokenize_all(prepared.train, str(job.train_json))
+        if job.output_dir is not None:
+            check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
+        queries, source = job.query_examples()
+        prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, source))
+        if job.has_train_records:
+            prepared.train, source = job.train_examples()
+            prepared.train_tokens = self.example_tokenizer.tokenize_all(prepared.train, source)
         return prepared
 
     def load_scorer(self) -> EngineScorer:
@@ -154,16 +177,17 @@ class QueryRunner:
         if not isinstance(self.scorer, EngineScorer):  # Kronfluence's data parallel path: every rank, rank 0 writes
             return JobPlan(name, len(work.train.lengths), 0, None, split=world > 1, world=world)
         done = None
-        if self.resumable(work):
-            done = done_rows(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
-                             len(work.train.lengths))
+        if (directory := self._partial_dir(work, prepared)) is not None:
+            done = done_rows(directory, work.key, len(work.queries), len(work.train.lengths))
         return plan_job(name, self.scorer.context(), budgets, [len(q) for q in work.queries], work.train.lengths,
                         list(work.train.queries), done, world)
 
-    def resumable(self, work: Workload) -> bool:
-        """Whether a chunked job keeps partial results: unless its per-token scores come from the chunk pass
-        (they are not kept on disk)."""
-        return not (self.config.per_token_scores and self.config.top_train is None)
+    def _partial_dir(self, work: Workload, prepared: dict[int, PreparedJob]) -> Path | None:
+        """Where a chunked job keeps its partial results: its (first) job's output directory; None when it writes
+        nothing, or when its per-token scores come from the chunk pass (they are not kept on disk)."""
+        if self.config.per_token_scores and self.config.top_train is None:
+            return None
+        return prepared[work.jobs[0]].job.output_dir
 
     def _log_plan(self, plan: RunPlan) -> None:
         budgets = plan.budgets
@@ -176,10 +200,10 @@ class QueryRunner:
 
     def _checkpoint(self, work: Workload, prepared: dict[int, PreparedJob], plan: JobPlan) -> Checkpoint | None:
         """The resumable partial results of a job scored in chunks, on the rank that writes it (None otherwise)."""
-        if plan.store is None or plan.at_once or distributed.rank() != plan.rank or not self.resumable(work):
+        directory = self._partial_dir(work, prepared)
+        if plan.store is None or plan.at_once or distributed.rank() != plan.rank or directory is None:
             return None
-        checkpoint = Checkpoint(prepared[work.jobs[0]].job.output_dir, work.key, len(work.queries),
-                                len(work.train.lengths))
+        checkpoint = Checkpoint(directory, work.key, len(work.queries), len(work.train.lengths))
         if int(checkpoint.done.sum()) < plan.done_rows:  # rank 0 planned from partial results this rank cannot see
             raise RunError(f"rank {distributed.rank()} does not see the partial results rank 0 planned from in "
                            f"{checkpoint.directory} ({plan.done_rows} train examples done): put the output folders on "
@@ -289,6 +313,9 @@ class QueryRunner:
         jobs = query_jobs(self.config) if jobs is None else jobs
         stop_on_error = not self.config.folders
         ranks = distributed.world_size() > 1 and self.config.engine != "kronfluence"
+        if ranks and any(job.output_dir is None for job in jobs):
+            raise InputError("under torchrun results travel between ranks as files: give output_dir",
+                             option="output_dir", flag_first=False)
         if ranks:
             distributed.start_folder_sharding()
         outcomes = [JobOutcome(job) for job in jobs]
@@ -337,6 +364,8 @@ class QueryRunner:
         if self.config.skip_done:
             for index in list(prepared):
                 job = prepared[index].job
+                if job.output_dir is None:  # nothing written, nothing to compare with
+                    continue
                 if (reason := stale(job.output_dir, self.identity(prepared[index]))) is None:
                     logger.info("Skipping %s: its results are complete and were scored with the same settings, "
                                 "weights, factors and inputs", job.name)
@@ -367,8 +396,9 @@ class QueryRunner:
         for outcome, (table, _) in zip(outcomes, results, strict=True):
             try:
                 if table is not None:
-                    outcome.files = self.write(table, outcome.job.output_dir)
-                    outcome.results = table.summary(self.config.top_k)
+                    if outcome.job.output_dir is not None:
+                        outcome.files = self.write(table, outcome.job.output_dir)
+                    outcome.results = table.frames() if self.results == "all" else table.summary(self.config.top_k)
                 errors.append(None)
             except IfQueryError as exc:
                 errors.append(exc)
