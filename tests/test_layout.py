@@ -26,6 +26,7 @@ LAYERS = [
     {"report"},
     {"run"},
     {"demo"},
+    {"api"},
     {"cli"},
 ]
 STAGE = {name: level for level, names in enumerate(LAYERS) for name in names}
@@ -98,6 +99,12 @@ def test_the_run_query_path_imports_no_kronfluence_pandas_or_dynamo():
     loaded = loaded_after("import if_query.run.run_query")
     assert not loaded & {"kronfluence", "pandas", "torch._dynamo"}, loaded & {"kronfluence", "pandas",
                                                                               "torch._dynamo"}
+
+
+def test_the_python_api_imports_no_torch_until_it_runs():
+    heavy = {"torch", "transformers", "kronfluence", "pandas"}
+    assert not loaded_after("import if_query") & heavy
+    assert not loaded_after("from if_query import Attributor, fit_hessians, run_query, QueryConfig") & heavy
 
 
 def test_help_version_and_input_errors_come_back_before_torch(tmp_path):

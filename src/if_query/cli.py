@@ -1,7 +1,8 @@
 """Command line: parse options, call the library, print. Exit codes: 0 ok, 2 bad input, 1 failure.
 
 The commands' options, defaults, help and checks are the fields of their config dataclasses
-(:mod:`if_query.config`); :func:`config_command` turns a config class into a Typer command.
+(:mod:`if_query.config`); :func:`config_command` turns a config class into a Typer command, which calls one
+function of the Python API (:mod:`if_query.api`) with that config and prints what it returns.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
+from if_query import api
 from if_query.config import (
     GROUPS,
     DemoConfig,
@@ -204,26 +206,16 @@ def command_class(config_class: type) -> type[typer.core.TyperCommand]:
 
 
 def fit(config: FitConfig, quiet: bool) -> None:
-    from if_query.fit.fit_hessians import fit_hessians
-
-    metadata = fit_hessians(config, quiet=quiet)
+    fitted = api.fit_hessians(config, quiet=quiet)
     if not quiet:
-        typer.echo(
-            f"Fitted {metadata['fit']['strategy']} factors for {len(metadata['tracked_modules'])} modules on "
-            f"{metadata['fit']['num_examples']} examples -> {config.output_dir}"
-        )
+        typer.echo(f"Fitted {fitted.strategy} factors for {len(fitted.modules)} modules on {fitted.num_examples} "
+                   f"examples -> {config.output_dir}")
 
 
 def query(config: QueryConfig, quiet: bool) -> None:
-    from if_query.data.jobs import check_inputs
-    from if_query.fit.metadata import load_complete_metadata
-
-    check_inputs(config)  # records and paths, before torch is imported: input errors come back at once
-    load_complete_metadata(config.factors_dir)
+    outcomes = api.run_query(config, quiet=quiet, results="summary")  # inputs checked before torch is imported
     from if_query.report.summary import format_summary
-    from if_query.run.run_query import QueryRunner
 
-    outcomes = QueryRunner(config, quiet=quiet).run()
     if not is_main_rank():  # under torchrun every rank knows every outcome; rank 0 alone reports them
         return
     if not quiet:
@@ -253,17 +245,13 @@ def query(config: QueryConfig, quiet: bool) -> None:
 
 
 def report(config: ReportConfig, quiet: bool) -> None:
-    from if_query.report.html import report_results_dir
-
-    path = report_results_dir(config.results_dir, config.factors_dir, config.top_k)
+    path = api.write_report(config)
     if not quiet:
         typer.echo(f"Wrote {path}")
 
 
 def plan(config: PlanConfig, quiet: bool) -> None:
-    from if_query.plan.command import plan_text
-
-    typer.echo(plan_text(config), nl=False)
+    typer.echo(api.estimate_plan(config).text, nl=False)
 
 
 def demo(config: DemoConfig, quiet: bool) -> None:

@@ -1,0 +1,118 @@
+"""The Python API (``if_query.api``): one loaded Attributor scores several query sets with one model load and the
+scores of the command line; results come back as DataFrames and are written only where an output directory is
+given; errors name the argument they are about; the public names are importable without torch."""
+
+import json
+
+import pandas as pd
+import pytest
+from helpers import QUERIES, TRAIN, assert_close_to_largest, score_matrix, write_json
+
+import if_query
+from if_query import Attributor, InputError, QueryConfig, run_query
+from if_query.report.results import read_results
+from if_query.run import compatibility
+
+SMALL_BUDGET = 0.0001  # GB of token factors: the train side is scored in chunks (none kept: nothing is written)
+CORPUS = [{"id": f"d{k}", "text": text} for k, text in enumerate(
+    ["Alice lives in Paris and Bob works as a doctor.", "Carol plays the violin.", "Dave lives in Rome."])]
+
+
+@pytest.fixture
+def counted_loads(monkeypatch):
+    """The model loads of run-query's path, counted (``calls[0]``)."""
+    calls = [0]
+    load = compatibility.load_model
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(compatibility, "load_model", counting)
+    return calls
+
+
+def test_three_query_sets_through_one_attributor_load_the_model_once_and_score_as_the_cli(
+        cli, tiny_gpt2, fitted, tmp_path, monkeypatch, counted_loads):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS))
+    sets = [  # (queries as Attributor.score takes them, as a file, the train side's score() argument and CLI flags)
+        (QUERIES, {"train": TRAIN}, ["--train-json", write_json(tmp_path / "train.json", TRAIN)]),
+        (pd.DataFrame(TRAIN[:2]), {"train": tmp_path / "train.json"},
+         ["--train-json", tmp_path / "train.json"]),
+        (write_json(tmp_path / "q3.json", QUERIES[1:]), {"corpus": corpus}, ["--train-dataset", corpus]),
+    ]
+    with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], host_memory_gb=SMALL_BUDGET,
+                    quiet=True) as attributor:
+        assert counted_loads[0] == 1
+        scored = [attributor.score(queries, **train) for queries, train, _ in sets]
+    assert counted_loads[0] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "q3.json", "train.json"]  # nothing written
+
+    for number, ((queries, _, flags), results) in enumerate(zip(sets, scored, strict=True)):
+        query_file = queries if not isinstance(queries, list | pd.DataFrame) else write_json(
+            tmp_path / f"cli-{number}.json", queries if isinstance(queries, list) else queries.to_dict("records"))
+        out = tmp_path / f"cli-{number}"
+        cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--query-json", query_file,
+            "--output-dir", out, "--host-memory-gb", SMALL_BUDGET, "--quiet", *flags)
+        written = read_results(out)
+        query_ids, train_ids = written.queries["query_id"].tolist(), written.train["train_id"].tolist()
+        assert results.queries["query_id"].tolist() == query_ids and results.train["train_id"].tolist() == train_ids
+        assert_close_to_largest(score_matrix(results.influences, query_ids, train_ids),
+                                score_matrix(written.influences, query_ids, train_ids))
+        assert_close_to_largest(results.influences["influence_cosine"], written.influences["influence_cosine"])
+        assert_close_to_largest(results.queries["loss_sum"], written.queries["loss_sum"])
+        assert results.provenance["identity"] == written.provenance["identity"]  # the same inputs, as tokens
+    assert counted_loads[0] == 4  # and each CLI run its own
+    assert scored[0].provenance["query_json"] is None and scored[0].provenance["train_json"] is None
+    assert scored[0].queries["kind"].tolist() == [q["kind"] for q in QUERIES]  # extra fields carried
+
+
+def test_run_query_returns_every_row_and_writes_only_where_told(tiny_gpt2, fitted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = [{"prompt": q["prompt"], "completion": q["completion"]} for q in QUERIES]  # ids from their index
+    [outcome] = run_query(model=tiny_gpt2, factors_dir=fitted["ekfac"], queries=records, train=TRAIN, quiet=True)
+    assert list(tmp_path.iterdir()) == [] and outcome.files == []
+    assert outcome.results.queries["query_id"].tolist() == ["0", "1", "2"]
+    assert len(outcome.results.influences) == len(QUERIES) * len(TRAIN)  # every pair, not the summary's
+    config = QueryConfig(model=str(tiny_gpt2), factors_dir=str(fitted["ekfac"]), queries=None,
+                         query_json=write_json(tmp_path / "q.json", QUERIES), train_json=tmp_path / "t.json",
+                         output_dir=tmp_path / "out", top_train=1)
+    write_json(tmp_path / "t.json", TRAIN)
+    [written] = run_query(config, quiet=True)
+    assert sorted(p.name for p in written.files) == ["influences.csv", "query.csv", "run.json", "train.csv"]
+    assert len(written.results.influences) == 2 * len(QUERIES)  # top_train=1: the most helpful and most harmful
+    assert written.results.provenance["query_json"] == str(tmp_path / "q.json")
+
+
+def test_errors_name_the_argument_they_are_about(tiny_gpt2, fitted, tmp_path):
+    with pytest.raises(InputError) as raised:
+        Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], damping="lots")
+    assert (raised.value.option, str(raised.value)) == ("damping", "--damping must be a number or 'auto', got 'lots'")
+    with pytest.raises(InputError) as raised:
+        Attributor(model=tiny_gpt2, factors_dir=tmp_path / "none")
+    assert raised.value.option == "factors_dir"
+    with pytest.raises(TypeError, match="score"):
+        Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], folders=[tmp_path])
+    with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], quiet=True) as attributor:
+        bad = [QUERIES[0], {"pair_id": "x", "prompt": "p", "completion": ""}]
+        with pytest.raises(InputError) as raised:
+            attributor.score(bad, TRAIN)
+        assert (raised.value.option, str(raised.value)) == ("queries", "queries: record 1 (pair_id 'x'): empty "
+                                                                       "completion")
+        with pytest.raises(InputError) as raised:
+            attributor.score(QUERIES, TRAIN, corpus=tmp_path / "c.jsonl")
+        assert raised.value.option == "train"
+        with pytest.raises(InputError) as raised:
+            attributor.score(QUERIES, tmp_path / "missing.json")
+        assert "missing.json: file not found" in str(raised.value)
+        assert len(attributor.score(QUERIES[:1], TRAIN[:1]).influences) == 1  # still usable after errors
+
+
+def test_the_public_names_are_importable_and_listed():
+    for name in if_query.__all__:
+        assert getattr(if_query, name) is not None, name
+    assert {"fit_hessians", "run_query", "Attributor", "estimate_plan", "write_report"} <= set(if_query.__all__)
+    with pytest.raises(AttributeError):
+        if_query.QueryRunner  # noqa: B018 - private: not re-exported
