@@ -47,7 +47,16 @@ CHUNK_ROWS = 200_000  # rows of influences.csv read at a time when collecting pe
 
 @dataclass
 class QueryResults:
-    """Results as frames: what the terminal summary and the report read (folder-sized, or a summary's rows)."""
+    """One job's results as frames, with the CSVs' columns (the Python API returns it; the terminal summary and the
+    report read it): every row (``run_query``'s default, ``Attributor.score``, :func:`read_results`) or a summary's.
+
+    - ``queries``: one row per query record: ``query_id``, ``prompt``, ``completion``, ``loss`` (mean cross-entropy
+      per predicted completion token, nats), ``loss_sum`` (their sum: the loss attributed), extra fields.
+    - ``train``: one row per train example written: ``train_id``, ``prompt``, ``completion``, ``tokens`` (with
+      per-token scores: JSON text), extra fields.
+    - ``influences``: one row per (query, train) pair written, query-major: ``query_id``, ``train_id``,
+      ``influence_score``, ``influence_cosine`` (in [-1, 1]; unless --no-cosine), ``per_token_scores`` (JSON text).
+    """
 
     queries: pd.DataFrame
     train: pd.DataFrame

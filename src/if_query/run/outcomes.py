@@ -14,6 +14,10 @@ from if_query.report.results import QueryResults, read_results
 
 @dataclass
 class JobOutcome:
+    """What became of one job (a query folder, or the single run): its ``results`` (None when it failed or was
+    skipped; the summary's rows or every row, as the runner was asked), the ``files`` it wrote (none when it had no
+    output directory), whether ``skipped`` (--skip-done) and its ``error``."""
+
     job: QueryJob
     error: IfQueryError | None = None
     results: QueryResults | None = None
