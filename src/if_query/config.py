@@ -130,6 +130,12 @@ def matmul_precision_option() -> Any:
         group="Precision")
 
 
+def chat_template_option() -> Any:
+    return option(False, flags=("--chat-template",), group="Inputs",
+                  help="Format prompt/completion records as one user turn and one assistant turn through the "
+                       "tokenizer's chat template (instruct models). Records with 'messages' always use it.")
+
+
 def max_length_option(help: str) -> Any:
     return option(512, minimum=1, help=help, group="Inputs")
 
@@ -163,6 +169,7 @@ class FitConfig:
     max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).",
                                       group="Inputs")
     max_length: int = max_length_option("Token limit for .json/.jsonl records (prompt cut from the left).")
+    chat_template: bool = chat_template_option()
     fisher: str = option("true", choices=FISHER_TYPES,
                          help="true: labels sampled from the model (true Fisher); empirical: the data's own labels.",
                          group="Approximation")
@@ -249,6 +256,7 @@ class QueryConfig(MemoryOptions):
     dtype: str = dtype_option()
     matmul_precision: str = matmul_precision_option()
     max_length: int = max_length_option("Token limit per example; prompts are cut from the left.")
+    chat_template: bool = chat_template_option()
     eos_in_loss: bool = option(
         True, flags=("--eos-in-loss/--no-eos-in-loss",),
         help="Whether the EOS token that ends each completion is part of the loss being attributed (and of "
@@ -463,6 +471,7 @@ class PlanConfig(MemoryOptions):
     fit_sequences: int = option(10000, minimum=1, help="Fitting sequences (of --tokens tokens), for fit-hessians' "
                                                        "time.", group="Inputs")
     max_length: int = same_option(QueryConfig, "max_length")
+    chat_template: bool = same_option(QueryConfig, "chat_template")
     score_batch_size: int = same_option(QueryConfig, "score_batch_size")
     per_token_scores: bool = same_option(QueryConfig, "per_token_scores")
     workspace_gb: float | None = same_option(QueryConfig, "workspace_gb", help="As for run-query (GB of 10^9 bytes); "

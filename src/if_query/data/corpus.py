@@ -6,7 +6,8 @@ Formats:
   when there are none); ``id`` names a row, other columns are carried as extra fields;
 - a ``.jsonl`` or ``.parquet`` file of ``{"text": ...}`` documents (optional ``id`` and extra fields): each
   tokenized as the tokenizer encodes text (its BOS when it adds one), the EOS token appended, every token
-  labelled;
+  labelled; a document with ``messages`` instead of ``text`` is a conversation, tokenized through the chat
+  template with every assistant turn labelled (:mod:`if_query.data.chat`);
 - a flat ``.npy`` token array (uint16/uint32, the format OLMo's training data ships in): cut into
   consecutive sequences of ``--max-length`` tokens, named by their index.
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from if_query.data.records import messages_of
 from if_query.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizedExample, bos_prefix
 from if_query.errors import InputError
 
@@ -106,18 +108,24 @@ class Corpus:
 
         def flush() -> Iterator[Document]:
             nonlocal index
-            encoded = text_tokenizer([r["text"] for r in batch], add_special_tokens=False)["input_ids"]
-            for record, ids in zip(batch, encoded, strict=True):
-                tokens = bos + list(ids) + eos
+            texts = [r["text"] for r in batch if "messages" not in r]
+            encoded = iter(text_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+            for record in batch:
                 name = str(record["id"]) if "id" in record and record["id"] is not None else str(index)
-                extra = {k: v for k, v in record.items() if k not in ("text", "id")}
-                yield Document(name, tokens, tokens, extra)
+                extra = {k: v for k, v in record.items() if k not in ("text", "messages", "id")}
+                if "messages" in record:  # a conversation: through the chat template, every assistant turn labelled
+                    where = f"{self.path}: document {index}"
+                    tokens = self.tokenizer.conversation_tokens(messages_of(record["messages"], where), f"{where}: ")
+                    yield Document(name, list(tokens.input_ids), list(tokens.labels), extra)
+                else:
+                    ids = bos + list(next(encoded)) + eos
+                    yield Document(name, ids, ids, extra)
                 index += 1
             batch.clear()
 
         for number, record in enumerate(records):
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f"{self.path}: document {number} has no string field 'text'",
+            if not isinstance(record, dict) or not (isinstance(record.get("text"), str) or "messages" in record):
+                raise InputError(f"{self.path}: document {number} has no string field 'text' (nor 'messages')",
                                  option="train_dataset")
             batch.append(record)
             if len(batch) == BATCH:

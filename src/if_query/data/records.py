@@ -1,7 +1,9 @@
 """JSON records -> validated examples.
 
-A records file is a JSON list (or JSON Lines) of objects with string fields ``pair_id``,
-``prompt`` and ``completion``; every other field is carried through to the CSVs as ``extra``.
+A records file is a JSON list (or JSON Lines) of objects with a string ``pair_id`` and either string
+fields ``prompt`` and ``completion``, or ``messages``: a conversation, a list of ``{"role", "content"}``
+strings ending with an assistant turn (tokenized through the chat template: :mod:`if_query.data.chat`).
+Every other field is carried through to the CSVs as ``extra``.
 """
 
 from __future__ import annotations
@@ -11,19 +13,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from if_query.data.chat import Messages
 from if_query.errors import InputError
 
 REQUIRED_FIELDS = ("pair_id", "prompt", "completion")
+CONVERSATION_FIELDS = ("pair_id", "messages")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt/completion record; ``extra`` keeps the other JSON fields in file order."""
+    """One record; ``extra`` keeps the other JSON fields in file order. A conversation keeps its turns in
+    ``messages`` ((role, content), ...), its last assistant turn as ``completion`` and an empty ``prompt``
+    until the chat template renders it (:meth:`~if_query.data.tokenization.ExampleTokenizer.shown`)."""
 
     pair_id: str
     prompt: str
     completion: str
     extra: dict[str, Any] = field(default_factory=dict)
+    messages: Messages | None = None
+
+
+def messages_of(value: Any, where: str) -> Messages:
+    """A record's ``messages``, checked: a non-empty list of {"role", "content"} strings ending with an assistant
+    turn (the one a query is scored on)."""
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    turns = []
+    for number, turn in enumerate(value):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise InputError(f"{where}: message {number} must be an object with string 'role' and 'content'")
+        turns.append((turn["role"], turn["content"]))
+    if turns[-1][0] != "assistant":
+        raise InputError(f"{where}: the conversation must end with an assistant turn (the one scored), not "
+                         f"{turns[-1][0]!r}")
+    return tuple(turns)
 
 
 def _read_json_values(path: Path) -> Any:
@@ -78,21 +101,29 @@ def parse_records(values: Any, source: str) -> list[Example]:
         where = f"{source}: {_describe(index, record)}"
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for name in REQUIRED_FIELDS:
+        conversation = "messages" in record
+        if conversation and ("prompt" in record or "completion" in record):
+            raise InputError(f"{where}: give 'messages' or 'prompt' and 'completion', not both")
+        required = CONVERSATION_FIELDS if conversation else REQUIRED_FIELDS
+        for name in required:
             if name not in record:
                 raise InputError(f"{where}: missing field {name!r}")
-            if not isinstance(record[name], str):
+            if name != "messages" and not isinstance(record[name], str):
                 raise InputError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
         if not record["pair_id"]:
             raise InputError(f"{where}: empty pair_id")
-        if not record["completion"]:
+        messages = messages_of(record["messages"], where) if conversation else None
+        if not (messages[-1][1] if conversation else record["completion"]):
             raise InputError(f"{where}: empty completion")
         pair_id = record["pair_id"]
         if pair_id in seen:
             raise InputError(f"{where}: duplicate pair_id (first seen at record {seen[pair_id]})")
         seen[pair_id] = index
-        extra = {key: value for key, value in record.items() if key not in REQUIRED_FIELDS}
-        examples.append(Example(pair_id, record["prompt"], record["completion"], extra))
+        extra = {key: value for key, value in record.items() if key not in required}
+        if conversation:
+            examples.append(Example(pair_id, "", messages[-1][1], extra, messages))
+        else:
+            examples.append(Example(pair_id, record["prompt"], record["completion"], extra))
     return examples
 
 

@@ -8,11 +8,18 @@ predicted from a token before it: the tokenizer's BOS when it adds one, else the
 token, else (empty prompt, no BOS: GPT-2 and friends) the EOS token as a start token, as GPT-2
 does. Batches are padded on the right to their own longest sequence, padding positions labelled
 -100 and masked.
+
+Conversations (records with ``messages``, or every record under ``--chat-template``) are tokenized through
+the tokenizer's chat template instead (:mod:`if_query.data.chat`): its pieces tokenized one by one, no BOS
+or EOS added, the assistant turns' content and closing labelled (the closing not under
+``--no-eos-in-loss``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +28,7 @@ from functools import cached_property
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from if_query.data.chat import Conversation, as_messages, check_template, render
 from if_query.data.records import Example
 from if_query.data.token_text import TokenText
 from if_query.errors import InputError
@@ -90,8 +98,11 @@ class ExampleTokenizer:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, eos_in_loss: bool = True,
-                 position_limit: int | None = None):
+                 position_limit: int | None = None, chat_template: bool = False):
         self.tokenizer = prepare_tokenizer(tokenizer)
+        self.chat_template = chat_template  # --chat-template: prompt/completion records as conversations
+        if chat_template:
+            check_template(tokenizer)
         self.requested_length = max_length
         self.position_limit = position_limit
         self.max_length = capped_length(max_length, position_limit)
@@ -118,10 +129,64 @@ class ExampleTokenizer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def __call__(self, example: Example, source: str = "") -> TokenizedExample:
+    def _messages(self, example: Example):
+        if example.messages is not None:
+            return example.messages
+        return as_messages(example.prompt, example.completion) if self.chat_template else None
+
+    def _conversation(self, example: Example, where: str, every_turn: bool) -> Conversation:
+        return render(self.tokenizer, self._messages(example), every_turn, f"{where}pair_id {example.pair_id!r}")
+
+    def shown(self, example: Example, source: str = "", every_turn: bool = True) -> Example:
+        """The example as the CSVs show it: a conversation's ``prompt`` is its rendering up to the last
+        assistant turn's content (the template's text included), its ``completion`` that content."""
+        if self._messages(example) is None:
+            return example
+        conversation = self._conversation(example, f"{source}: " if source else "", every_turn)
+        return dataclasses.replace(example, prompt=conversation.prompt, completion=conversation.completion)
+
+    def conversation_tokens(self, messages, where: str) -> TokenizedExample:
+        """A corpus document's conversation, every assistant turn labelled, uncut (the corpus cuts it into
+        windows)."""
+        return self._tokenize_conversation(Example("", "", "", messages=tuple(messages)), where, True, cut=False)
+
+    def _tokenize_conversation(self, example: Example, where: str, every_turn: bool,
+                               cut: bool = True) -> TokenizedExample:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        last_turn = 0  # where the last labelled turn starts
+        for piece in self._conversation(example, where, every_turn).pieces:
+            ids = self._ids(piece.text)
+            if piece.labelled and not piece.closing:
+                last_turn = len(input_ids)
+            scored = piece.labelled and (self.eos_in_loss or not piece.closing)
+            input_ids += ids
+            labels += ids if scored else [IGNORE_INDEX] * len(ids)
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            raise InputError(f"{where}pair_id {example.pair_id!r}: no assistant token to score (an empty turn, and "
+                             "its closing left out by --no-eos-in-loss)")
+        drop = len(input_ids) - self.max_length
+        if cut and drop > 0:  # cut from the left, keeping one token before the last labelled turn
+            if drop > last_turn - 1:
+                raise InputError(f"{where}pair_id {example.pair_id!r}: the last assistant turn is "
+                                 f"{len(input_ids) - last_turn} tokens with what closes it, and needs one token "
+                                 f"before it: longer than {self._limit()}")
+            self.cut.append(f"{where}pair_id {example.pair_id!r}")
+            if not self.capped:
+                logger.warning("%spair_id %r: %d tokens exceed --max-length %d; dropping %d tokens from the left",
+                               where, example.pair_id, len(input_ids), self.max_length, drop)
+            input_ids, labels = input_ids[drop:], labels[drop:]
+        return TokenizedExample(tuple(input_ids), tuple(labels))
+
+    def __call__(self, example: Example, source: str = "", every_turn: bool = True) -> TokenizedExample:
+        """The example's tokens and labels. A conversation labels every assistant turn, or only its last one
+        (``every_turn=False``: queries)."""
+        where = f"{source}: " if source else ""
+        if self._messages(example) is not None:
+            self.seen += 1
+            return self._tokenize_conversation(example, where, every_turn)
         prompt = self._ids(example.prompt)
         completion = self._ids(example.completion) + ([self.tokenizer.eos_token_id] if self.eos_in_loss else [])
-        where = f"{source}: " if source else ""
         self.seen += 1
         if not completion:
             raise InputError(f"{where}pair_id {example.pair_id!r}: the completion has no tokens, and without "
@@ -148,8 +213,15 @@ class ExampleTokenizer:
         labels = [IGNORE_INDEX] * (len(start) + len(prompt)) + completion
         return TokenizedExample(tuple(input_ids), tuple(labels))
 
-    def tokenize_all(self, examples: Sequence[Example], source: str = "") -> list[TokenizedExample]:
-        return [self(example, source) for example in examples]
+    def template_digest(self, examples: Sequence[Example]) -> str | None:
+        """The first 16 hex digits of the chat template's sha256 when any of ``examples`` is rendered with it."""
+        if not any(self._messages(example) is not None for example in examples):
+            return None
+        return hashlib.sha256(self.tokenizer.chat_template.encode()).hexdigest()[:16]
+
+    def tokenize_all(self, examples: Sequence[Example], source: str = "", every_turn: bool = True
+                     ) -> list[TokenizedExample]:
+        return [self(example, source, every_turn) for example in examples]
 
     @cached_property
     def token_text(self) -> TokenText:

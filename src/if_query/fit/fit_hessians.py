@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 # Entries of a fit's identity that fits recorded before they existed, with the value those fits used.
-IDENTITY_BEFORE = {"matmul_precision": "ieee"}
+IDENTITY_BEFORE = {"matmul_precision": "ieee", "chat_template": False}
 
 
 def fit_arguments(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
@@ -52,6 +52,7 @@ def fit_arguments(config: FitConfig, dtype: torch.dtype, examples: list[Tokenize
         "layer_stride": config.layer_stride,
         "hessian_dataset": str(Path(config.hessian_dataset).resolve()),
         "hessian_dataset_fingerprint": dataset_fingerprint(examples),
+        "chat_template": config.chat_template,
         "num_examples": len(examples),
         "factor_batch_size": config.factor_batch_size,
         "lambda_batch_size": config.lambda_batch_size,
@@ -123,7 +124,8 @@ def _fit_metadata(config: FitConfig, identity: dict, fingerprint: dict, modules:
         "weights": fingerprint,
         "tracked_modules": [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias} for m in modules],
         "estimated_factor_bytes": factor_bytes,
-        "hessian_data": {"max_length": config.max_length, "max_examples": config.max_examples},  # to read it again
+        "hessian_data": {"max_length": config.max_length, "max_examples": config.max_examples,  # to read it again
+                         "chat_template": config.chat_template},
         "versions": package_versions(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -158,7 +160,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     tokenizer = loading.load_tokenizer(config.model, config.revision)
     hf_config = loading.load_config(config.model, config.revision)
     limit = loading.position_limit(hf_config)
-    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit)
+    example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit,
+                                         chat_template=config.chat_template)
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
                                      loading.vocabulary_size(hf_config))
     dtype = loading.resolve_dtype(config.dtype)

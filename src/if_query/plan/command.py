@@ -43,11 +43,12 @@ class Workload:
 def _folder_workloads(config: PlanConfig, limit: int | None) -> list[Workload]:
     """Each query folder's distinct sequences, tokenized as run-query would."""
     tokenizer = ExampleTokenizer(load_tokenizer(config.model, config.revision), config.max_length,
-                                 position_limit=limit)
+                                 position_limit=limit, chat_template=config.chat_template)
     workloads = []
     for folder in config.folders:
         job = QueryJob.from_folder(folder)
-        queries, _ = distinct([tokenizer(e, str(job.query_json)) for e in load_examples(job.query_json)])
+        queries, _ = distinct([tokenizer(e, str(job.query_json), every_turn=False)
+                               for e in load_examples(job.query_json)])
         train, _ = distinct([tokenizer(e, str(job.train_json)) for e in load_examples(job.train_json)])
         position = set(queries)
         workloads.append(Workload(str(folder), [len(q) for q in queries], [len(t) for t in train],

@@ -37,6 +37,7 @@ def _float_or_none(value: Any) -> float | None:
 def run_provenance(*, command: list[str] | None, model: str, revision: str | None, factors_dir: str | Path,
                    metadata: dict | None, damping: float | None, resolved_damping: dict[str, Any] | None,
                    dtype: str, matmul_precision: str, max_length: int, eos_in_loss: bool, per_token_scores: bool,
+                   chat_template: str | None = None,
                    query_json: str | Path | None, train_json: str | Path | None, plan: dict | None = None,
                    identity: dict | None = None, date: str | None = None, rank_by: str = "score") -> dict[str, Any]:
     """The ``run.json`` of one results directory.
@@ -46,7 +47,8 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
     decided for the job (:meth:`if_query.plan.run_plan.JobPlan.describe`: budgets, chunks, ranks); ``identity`` what
     determines its numbers (:mod:`if_query.run.identity`), which ``--skip-done`` compares; ``rank_by`` the ranking
     of the summary, the report and --top-train (:mod:`if_query.report.ranking`), which a regenerated report reuses;
-    ``query_json``/``train_json`` None: records a library caller gave in memory (recorded as null).
+    ``query_json``/``train_json`` None: records a library caller gave in memory (recorded as null);
+    ``chat_template`` the digest of the chat template the records were rendered with (None: none was).
     """
     fit = (metadata or {}).get("fit") or {}
     per_module = None
@@ -69,6 +71,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "matmul_precision": matmul_precision,
         "max_length": max_length,
         "eos_in_loss": eos_in_loss,
+        "chat_template": chat_template,
         "per_token_scores": per_token_scores,
         "rank_by": rank_by,
         "query_json": None if query_json is None else str(Path(query_json).resolve()),

@@ -26,8 +26,9 @@ from if_query.report.results import RESULT_FILES
 DESCRIBED = {"weights": "model weights", "factors": "factors", "queries": "query records (their tokens)",
              "train": "train examples (their tokens)", "refine_data": "--refine-steps fitting data"}
 # The run-query options that change the scores or what is written (anything else: memory, speed, output).
-SCORE_OPTIONS = ("damping", "dtype", "matmul_precision", "max_length", "eos_in_loss", "engine", "cosine",
-                 "per_token_scores", "top_train", "rank_by", "refine_steps", "refine_batch_size", "query_rank")
+SCORE_OPTIONS = ("damping", "dtype", "matmul_precision", "max_length", "eos_in_loss", "chat_template", "engine",
+                 "cosine", "per_token_scores", "top_train", "rank_by", "refine_steps", "refine_batch_size",
+                 "query_rank")
 
 
 def sequences_digest(sequences: Iterable[TokenizedExample]) -> str:

@@ -38,7 +38,8 @@ def refine_examples(config, metadata: dict, hf_config, dtype: torch.dtype, devic
         raise InputError("needs the factors' fitting data, and their metadata.json does not say how it was "
                          "tokenized (fitted by an older if-query); give --refine-data", option="refine_steps")
     tokenizer = ExampleTokenizer(example_tokenizer.tokenizer, data["max_length"],
-                                 position_limit=example_tokenizer.position_limit)
+                                 position_limit=example_tokenizer.position_limit,
+                                 chat_template=data.get("chat_template", False))
     examples = load_hessian_examples(fit["hessian_dataset"], tokenizer, data["max_examples"])
     if dataset_fingerprint(examples) != fit["hessian_dataset_fingerprint"]:
         raise InputError(f"needs the factors' fitting data, and {fit['hessian_dataset']} changed since the fit "

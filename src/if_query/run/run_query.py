@@ -73,7 +73,8 @@ class QueryRunner:
         self.tokenizer = load_tokenizer(config.model, config.revision)
         self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
         limit = position_limit(self.hf_config)
-        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit)
+        self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit,
+                                                  config.chat_template)
         self.corpus = self._corpus(config, self.example_tokenizer)
         self.scorer = None  # EngineScorer or KronfluenceScorer, once the model is loaded
         self.device = distributed.device()
@@ -107,11 +108,14 @@ class QueryRunner:
             raise InputError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
         if job.output_dir is not None:
             check_writable_dir(job.output_dir, None if self.config.folders else "output_dir")
+        tokenizer = self.example_tokenizer  # a conversation's query is scored on its last assistant turn alone
         queries, source = job.query_examples()
-        prepared = PreparedJob(job, queries, self.example_tokenizer.tokenize_all(queries, source))
+        prepared = PreparedJob(job, [tokenizer.shown(query, source, every_turn=False) for query in queries],
+                               tokenizer.tokenize_all(queries, source, every_turn=False))
         if job.has_train_records:
-            prepared.train, source = job.train_examples()
-            prepared.train_tokens = self.example_tokenizer.tokenize_all(prepared.train, source)
+            train, source = job.train_examples()
+            prepared.train = [tokenizer.shown(example, source) for example in train]
+            prepared.train_tokens = tokenizer.tokenize_all(train, source)
         return prepared
 
     def load_scorer(self) -> EngineScorer:
@@ -290,6 +294,7 @@ class QueryRunner:
             metadata=self.metadata, damping=config.damping_value, resolved_damping=resolved_damping,
             dtype=str(self.dtype).removeprefix("torch."), matmul_precision=self.matmul_precision,
             max_length=config.max_length, eos_in_loss=config.eos_in_loss,
+            chat_template=self.example_tokenizer.template_digest(prepared.queries + (prepared.train or [])),
             per_token_scores=config.per_token_scores, query_json=job.query_json,
             train_json=job.train_json or config.train_dataset, plan=plan, identity=self.identity(prepared),
             rank_by=config.ranking,
