@@ -145,16 +145,16 @@ def bm25_scores(queries: list[dict], records: list[dict]) -> np.ndarray:
 
 def attention_projections(model) -> list:
     """GPT-2's attention projections (``attn.c_attn``, fused q/k/v, and ``attn.c_proj``) as if-query's
-    ``MlpProjection`` records (name, block, shape), so ``tracking.make_trackable`` swaps their ``Conv1D``."""
+    ``TrackedModule`` records (name, block, shape), so ``tracking.make_trackable`` swaps their ``Conv1D``."""
     from transformers.pytorch_utils import Conv1D
 
-    from if_query.model.tracking import MlpProjection
+    from if_query.model.tracking import TrackedModule
 
     found = []
     for name, module in model.named_modules():
         if re.fullmatch(r".*\.h\.(\d+)\.attn\.(c_attn|c_proj)", name) and isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
-            found.append(MlpProjection(name, int(name.split(".")[-3]), out_features, in_features, True))
+            found.append(TrackedModule(name, int(name.split(".")[-3]), out_features, in_features, True))
     return found
 
 
@@ -376,11 +376,11 @@ def refinement_model(model_dir, layer_stride: int = 1) -> tuple:
     """(model, {name: nn.Linear}): the model as run-query loads it (float32, MLP projections tracked, Conv1D
     swapped), with eager attention (twice differentiable) and gradients on the tracked weights only."""
     from if_query.model.loading import load_model
-    from if_query.model.tracking import track_mlp_modules
+    from if_query.model.tracking import track_modules
 
     model = load_model(str(model_dir), None, torch.float32)
     model.set_attn_implementation("eager")
-    model, modules = track_mlp_modules(model, layer_stride)
+    model, modules = track_modules(model, layer_stride)
     model.requires_grad_(False)
     linears = {m.name: model.get_submodule(m.name) for m in modules}
     for parameter in _tracked_parameters(linears):

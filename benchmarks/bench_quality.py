@@ -390,14 +390,14 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
     from if_query.data.records import load_examples
     from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     tokenizer = load_tokenizer(str(built["model_dir"]))
     example_tokenizer = ExampleTokenizer(tokenizer, 512)
     train = example_tokenizer.tokenize_all(load_examples(built["train_json"]))
     queries = example_tokenizer.tokenize_all(load_examples(built["query_json"]))
     model = load_model(str(built["model_dir"]), None, torch.float32)
-    modules = find_mlp_modules(model) + (bench_lds.attention_projections(model) if attention else [])
+    modules = find_tracked_modules(model) + (bench_lds.attention_projections(model) if attention else [])
     model = make_trackable(model, modules)
 
     task = bare_task([m.name for m in modules], tokenizer.eos_token_id, without_eos)

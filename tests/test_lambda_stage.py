@@ -37,7 +37,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     from if_query.kron.factors import FACTORS_NAME
     from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, wrap_tracked_modules
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     shutil.copytree(fitted, out)
     for path in (out / "factors_hessian").iterdir():
@@ -51,7 +51,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     tokenizer = load_tokenizer(config.model)
     examples = sorted(load_hessian_examples(config.hessian_dataset, ExampleTokenizer(tokenizer, 512), None), key=len)
     model = load_model(config.model, None, torch.float32)
-    modules = find_mlp_modules(model, 1)
+    modules = find_tracked_modules(model, 1)
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=config.seed)
     task.set_stage("lambda")
@@ -162,10 +162,10 @@ def test_interrupted_lambda_stage_resumes_to_the_same_files(cli, tiny_gpt2, fitt
 def _tracked(model_dir: Path):
     from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     model = load_model(str(model_dir), None, torch.float32)
-    modules = find_mlp_modules(model, 1)
+    modules = find_tracked_modules(model, 1)
     model = make_trackable(model, modules)
     linears = {m.name: model.get_submodule(m.name) for m in modules}
     tokenizer = ExampleTokenizer(load_tokenizer(str(model_dir)), 512).tokenizer  # sets the padding token

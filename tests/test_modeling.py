@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from if_query.errors import InputError
-from if_query.model.tracking import find_mlp_modules, make_trackable
+from if_query.model.tracking import find_tracked_modules, make_trackable
 
 EXPECTED_SUFFIXES = {
     "gpt2": {"mlp.c_fc", "mlp.c_proj"},
@@ -25,7 +25,7 @@ def build(family, layers=4):
 @pytest.mark.parametrize("family", sorted(EXPECTED_SUFFIXES))
 def test_finds_mlp_projections_of_every_block(family):
     model = build(family)
-    modules = find_mlp_modules(model)
+    modules = find_tracked_modules(model)
     assert sorted({m.layer for m in modules}) == [0, 1, 2, 3]
     for layer in range(4):
         suffixes = {m.name.split(f".{layer}.", 1)[1] for m in modules if m.layer == layer}
@@ -39,19 +39,19 @@ def test_finds_mlp_projections_of_every_block(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_layer_stride_keeps_every_nth_block(family):
-    modules = find_mlp_modules(build(family, layers=5), layer_stride=2)
+    modules = find_tracked_modules(build(family, layers=5), layer_stride=2)
     assert sorted({m.layer for m in modules}) == [0, 2, 4]
 
 
 def test_no_mlp_modules_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(InputError, match="no MLP modules"):
-        find_mlp_modules(model)
+    with pytest.raises(InputError, match="no MLP projections"):
+        find_tracked_modules(model)
 
 
 def test_conv1d_swap_is_numerically_identical():
     model = build("gpt2", layers=2)
-    modules = find_mlp_modules(model)
+    modules = find_tracked_modules(model)
     ids = torch.tensor([[3, 5, 7, 9, 11]])
     with torch.no_grad():
         before = model(ids).logits
@@ -66,9 +66,9 @@ def test_conv1d_swap_is_numerically_identical():
 def test_modules_that_see_one_input_are_found(family):
     """gate_proj and up_proj see the very same tensor (their token factors are kept once); nothing else does,
     even though the probe's freed activations could reuse each other's memory."""
-    from if_query.model.tracking import track_mlp_modules
+    from if_query.model.tracking import track_modules
 
-    _, modules = track_mlp_modules(build(family, layers=3), 1)
+    _, modules = track_modules(build(family, layers=3), 1)
     shared = {m.name: m.input_from for m in modules if m.input_from}
     if family == "gpt2":
         assert shared == {}
@@ -96,7 +96,7 @@ def test_matmul_precision_is_set_explicitly_whatever_was_set_before(monkeypatch)
 
 @pytest.mark.parametrize("family", ["llama", "olmo2", "qwen2", "gpt2", "gpt_neox"])
 def test_the_plans_name_rule_agrees_with_the_probe(family):
-    from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name, track_mlp_modules
+    from if_query.model.tracking import find_tracked_modules, shared_inputs_by_name, track_modules
 
-    _, probed = track_mlp_modules(build(family, layers=2), 1)
-    assert shared_inputs_by_name(find_mlp_modules(build(family, layers=2))) == probed
+    _, probed = track_modules(build(family, layers=2), 1)
+    assert shared_inputs_by_name(find_tracked_modules(build(family, layers=2))) == probed
