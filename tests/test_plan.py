@@ -138,3 +138,31 @@ def test_the_plan_predicts_a_cpu_runs_memory(cli, tmp_path):
     growth = measured["peak"] - measured["baseline"]
     print(f"planned {predicted / GB:.3f} GB, measured growth {growth / GB:.3f} GB")
     assert 0.75 * predicted <= growth <= 1.25 * predicted, (growth, predicted)
+
+
+def _llama_modules(config: dict, track: str) -> list[tuple[int, int, bool]]:
+    """One block's tracked modules of ``track`` as (out, in, reads an earlier one's input), from the config alone:
+    q_proj (h x h), k_proj and v_proj (kv x h, grouped-query attention, reading q_proj's input), o_proj (h x h);
+    gate_proj and up_proj (i x h, up reading gate's input), down_proj (h x i)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    attention = [(h, h, False), (kv, h, True), (kv, h, True), (h, h, False)]
+    mlp = [(i, h, False), (i, h, True), (h, i, False)]
+    return {"mlp": mlp, "attention": attention, "all-linear": attention + mlp}[track]
+
+
+@pytest.mark.parametrize("track", ["attention", "all-linear"])
+def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
+    """Llama-3-8B (grouped-query attention: k and v 4x smaller than q) with --track attention and all-linear: the
+    factors (EK-FAC) and token factors per token of the modules derived here from the config."""
+    write_json(tmp_path / "model" / "config.json", LLAMA3_8B)
+    modules, blocks = _llama_modules(LLAMA3_8B, track), LLAMA3_8B["num_hidden_layers"]
+    factors = blocks * sum((2 * (a * a + g * g) + a + g + a * g) * 4 for g, a, _ in modules)
+    per_token = blocks * sum(g + (0 if shared else a) for g, a, shared in modules) * 2  # bfloat16
+    result = cli("plan", "--model", tmp_path / "model", "--track", track, "--sequences", 8, "--tokens", 64)
+    text = result.stdout
+    what = "attention projections" if track == "attention" else "linear layers"
+    assert f"Tracked: {blocks * len(modules)} {what} of {blocks} blocks (--track {track}" in text
+    assert f"factors on disk {factors / GB:.1f} GB" in text
+    assert f"token factors {per_token / 1e6:.1f} MB per token" in text
+    assert "k_proj, v_proj read q_proj's input" in text
