@@ -69,6 +69,7 @@ def test_identity_scores_are_gradient_dot_products_over_the_tracked_parameters(c
     assert {name.split(".", 3)[3] for name in tracked} == set(suffixes)
 
     frame = run_query(cli, models[family], factors, query_files, tmp_path / "out", "--per-token-scores")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["track"] == track
     reference = Reference(models[family], suffixes=suffixes)
     expected = (reference.gradients(QUERIES) @ reference.gradients(TRAIN).T).numpy()
     got = score_matrix(frame, [q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN])
