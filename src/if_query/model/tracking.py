@@ -146,10 +146,9 @@ def mixture_of_experts(config) -> str | None:
 
 
 def expert_modules(model: nn.Module) -> list[str]:
-    """The modules that hold a mixture-of-experts MLP's experts: named ``experts`` (a list of linear layers under
-    older transformers, one module of fused 3-D parameters under transformers 5), or holding a 3-D parameter."""
-    return [name for name, module in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "experts" or any(p.dim() == 3 for p in module.parameters(recurse=False))]
+    """The modules that hold a mixture-of-experts MLP's experts, named ``experts`` in every family (one module of
+    fused 3-D parameters under transformers 5, a list of linear layers under older versions), for messages."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
 
 
 def refuse_experts(model: nn.Module, kind: TrackKind) -> None:
