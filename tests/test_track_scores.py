@@ -77,9 +77,11 @@ def test_identity_scores_are_gradient_dot_products_over_the_tracked_parameters(c
     assert_close_to_largest(_per_token_sums(frame), frame["influence_score"], 1e-4)
 
 
-# all-linear on Llama-GQA holds attention (q/k/v sharing one input and rotation) and the MLP; GPT-2's fused c_attn;
-# a mixture-of-experts model's attention (Mixtral's is the same code: checked above against autograd).
-EKFAC_CASES = [("llama_gqa", "all-linear"), ("gpt2", "attention"), ("olmoe", "attention")]
+# all-linear on Llama-GQA holds attention (q/k/v sharing one input and rotation) and the MLP; OLMo-2's attention
+# (q and k normed after their projections); GPT-2's fused c_attn (biased), alone and with the MLP; a
+# mixture-of-experts model's attention (Mixtral's is the same code: checked above against autograd).
+EKFAC_CASES = [("llama_gqa", "all-linear"), ("olmo2", "attention"), ("gpt2", "attention"), ("gpt2", "all-linear"),
+               ("olmoe", "attention")]
 
 
 @pytest.mark.parametrize(("family", "track"), EKFAC_CASES)
@@ -126,3 +128,19 @@ def test_run_query_follows_the_factors_and_refuses_a_track_of_its_own(cli, model
     result = cli("fit-hessians", "--model", model, "--hessian-dataset", hessian_data, "--output-dir", factors,
                  "--track", "mlp", "--strategy", "identity", "--quiet", expect=None)
     assert_one_line_error(result, 2, "track was 'attention', now 'mlp'")
+
+
+def test_factors_that_record_no_track_are_mlp_factors(cli, tiny_gpt2, fitted, query_files, tmp_path):
+    """Fits made before --track existed tracked the MLP: run-query tracks it for them, and fit-hessians with the
+    same arguments (--track mlp by default) resumes them instead of refusing them as another fit."""
+    import shutil
+
+    old = shutil.copytree(fitted["identity"], tmp_path / "old")
+    metadata = json.loads((old / "metadata.json").read_text())
+    del metadata["fit"]["track"]
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    run_query(cli, tiny_gpt2, old, query_files, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["track"] == "mlp"
+    cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", fitted["data"], "--output-dir", old,
+        "--strategy", "identity", "--factor-batch-size", 3, "--lambda-batch-size", 2, "--fisher", "empirical",
+        "--quiet")
