@@ -173,7 +173,7 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     model, modules = tracking.track_modules(model, config.layer_stride, config.track)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
-        "Tracking %d %s in %d layers (--track %s); factors need about %s in memory and on disk",
+        "Tracking %d %s of %d blocks (--track %s); factors need about %s in memory and on disk",
         len(modules), tracking.track_kind(config.track).what, len({m.layer for m in modules}), config.track,
         sizes.human(),
     )
