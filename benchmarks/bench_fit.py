@@ -213,7 +213,7 @@ def build_workload(args: argparse.Namespace, work: Path) -> Workload:
     from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.kron.fit import CompletionLossTask, factor_arguments, wrap_tracked_modules
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     model_dir = work / f"model-{args.layers}"
     records = olmo2_and_records(model_dir, args, args.examples + args.queries + args.train)
@@ -223,7 +223,7 @@ def build_workload(args: argparse.Namespace, work: Path) -> Workload:
     example_tokenizer = ExampleTokenizer(tokenizer, 512)
     ordered = sorted(load_hessian_examples(str(fit_json), example_tokenizer, None), key=len)
     model = load_model(str(model_dir), None, torch.float32)
-    modules = find_mlp_modules(model, args.layer_stride)
+    modules = find_tracked_modules(model, args.layer_stride)
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=0)
     model = wrap_tracked_modules(model, task)

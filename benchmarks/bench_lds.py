@@ -1,4 +1,4 @@
-"""The quality benchmark's counterfactual half: LDS, its ceiling, BM25, attention tracking and ASTRA.
+"""The quality benchmark's counterfactual half: LDS, its ceiling, BM25 and ASTRA.
 
 Imported by ``bench_quality.py`` (the one entry point: ``--lds M``, ``--self-check``); nothing here runs alone.
 
@@ -21,9 +21,6 @@ The ceiling
 BM25
     ``rank_bm25.BM25Okapi`` over the training records' texts (prompt + completion, lower-cased words), each
     query's text as the query: a score that knows words, not the model.
-Attention
-    bare Kronfluence tracking GPT-2's attention projections (the fused ``c_attn`` and ``attn.c_proj``, swapped
-    from ``Conv1D`` to ``nn.Linear`` like the MLP's) as well as the MLP's; if-query's ``src/`` tracks MLPs only.
 ASTRA (Wang et al. 2025, arXiv 2507.14740), a prototype of ``run-query --refine-steps N``
     :func:`refine_ihvp` (see its docstring); :func:`astra_scores` runs it on a benchmark seed and
     :func:`check_against_dense` (``--self-check``) checks it against dense matrices on a model tracking 2,128
@@ -128,7 +125,7 @@ def lds(scores: np.ndarray, subsets: np.ndarray, losses: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# BM25, and the attention projections bare Kronfluence can track
+# BM25
 # ---------------------------------------------------------------------------------------------
 
 
@@ -141,21 +138,6 @@ def bm25_scores(queries: list[dict], records: list[dict]) -> np.ndarray:
 
     index = BM25Okapi([words(r) for r in records])
     return np.stack([index.get_scores(words(q)) for q in queries])
-
-
-def attention_projections(model) -> list:
-    """GPT-2's attention projections (``attn.c_attn``, fused q/k/v, and ``attn.c_proj``) as if-query's
-    ``MlpProjection`` records (name, block, shape), so ``tracking.make_trackable`` swaps their ``Conv1D``."""
-    from transformers.pytorch_utils import Conv1D
-
-    from if_query.model.tracking import MlpProjection
-
-    found = []
-    for name, module in model.named_modules():
-        if re.fullmatch(r".*\.h\.(\d+)\.attn\.(c_attn|c_proj)", name) and isinstance(module, Conv1D):
-            in_features, out_features = module.weight.shape
-            found.append(MlpProjection(name, int(name.split(".")[-3]), out_features, in_features, True))
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +358,11 @@ def refinement_model(model_dir, layer_stride: int = 1) -> tuple:
     """(model, {name: nn.Linear}): the model as run-query loads it (float32, MLP projections tracked, Conv1D
     swapped), with eager attention (twice differentiable) and gradients on the tracked weights only."""
     from if_query.model.loading import load_model
-    from if_query.model.tracking import track_mlp_modules
+    from if_query.model.tracking import track_modules
 
     model = load_model(str(model_dir), None, torch.float32)
     model.set_attn_implementation("eager")
-    model, modules = track_mlp_modules(model, layer_stride)
+    model, modules = track_modules(model, layer_stride)
     model.requires_grad_(False)
     linears = {m.name: model.get_submodule(m.name) for m in modules}
     for parameter in _tracked_parameters(linears):

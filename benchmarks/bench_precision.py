@@ -90,14 +90,14 @@ def capture(model_dir: Path, records: list[dict], layer_stride: int):
     from if_query.data.records import Example
     from if_query.data.tokenization import ExampleTokenizer
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import track_mlp_modules
+    from if_query.model.tracking import track_modules
     from if_query.score.capture import capture_token_factors
     from if_query.score.store import TokenFactorStore
 
     tokenizer = load_tokenizer(str(model_dir))
     make = ExampleTokenizer(tokenizer, 512)
     examples = [make(Example(r["pair_id"], r["prompt"], r["completion"])) for r in records]
-    model, modules = track_mlp_modules(load_model(str(model_dir), None, torch.bfloat16, torch.device("cpu")),
+    model, modules = track_modules(load_model(str(model_dir), None, torch.bfloat16, torch.device("cpu")),
                                        layer_stride)
     linears = {m.name: model.get_submodule(m.name) for m in modules}
     shared = {m.name: m.input_from for m in modules if m.input_from}

@@ -8,9 +8,11 @@ predict what leaving training records out does to a query's loss (LDS)?
     uv run python benchmarks/bench_quality.py --world facts2-early --seeds 0 1 2 --lds 32 --ceiling-subsets 16
                                                               # + LDS over 32 subset models per seed (the LDS methods)
     uv run python benchmarks/bench_quality.py --self-check    # ASTRA against dense matrices (~1 min)
+    uv run python benchmarks/bench_quality.py --world facts2-early docs --seeds 0 1 2 3 4 --lds 32 \
+        --ceiling-subsets 16 --methods tracks             # --track mlp, attention, all-linear: if-query and Kronfluence
 
-The LDS, its ceiling, BM25, attention tracking and the ASTRA prototype live in bench_lds.py (its docstring says
-what each is); this file is the one entry point.
+The LDS, its ceiling, BM25 and the ASTRA prototype live in bench_lds.py (its docstring says what each is); this
+file is the one entry point.
 
 Worlds (if_query.demo.tiny_world; one world, model and sampling seed per benchmark seed)
     facts2        the headline: 40 made-up people x {city, job}, every fact in ONE phrasing ("Zorvan Quill lives
@@ -45,7 +47,8 @@ Queries (completion = the true fact); the correct answer is the phrasing-a train
     rank = 1 + the number of OTHER records scoring >= it); top-1 accuracy and mean reciprocal rank (MRR), for
     influence_cosine (how if-query ranks) and the raw influence score.
 
-Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's mean eigenvalue, unless named)
+Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's mean eigenvalue, unless named;
+"--methods tracks" = the 6 methods of the two --track rows below and the two defaults)
     kronfluence        bare Kronfluence, called directly: a task written as in Kronfluence's examples (true Fisher:
                        labels drawn with torch.multinomial from the global RNG, seeded with the seed), fit_all_factors
                        + compute_pairwise_scores + compute_self_scores on the same model, tokenized data and damping
@@ -70,8 +73,12 @@ Methods (EK-FAC on the 4 MLP projections, damping "auto" = 0.1 x each module's m
     identity           plain gradient dot products (no Hessian): the floor.
     if-query-diagonal, if-query-kfac
                        fit_hessians --strategy diagonal / kfac + run-query's scorer.
-    kronfluence-attn   bare Kronfluence tracking the attention projections too (c_attn, attn.c_proj; benchmark-only:
-                       if-query tracks MLPs).
+    if-query-attention, if-query-all-linear
+                       fit-hessians --track attention (the 4 attention projections: c_attn, attn.c_proj of each
+                       block) / --track all-linear (those and the MLP's: 8) + run-query's scorer.
+    kronfluence-attention, kronfluence-all-linear
+                       bare Kronfluence tracking the same modules (kronfluence-all-linear is the kronfluence-attn of
+                       earlier tables: the MLP and the attention projections).
     bm25               BM25 (rank_bm25) of each query's text against each record's text: a baseline without a model.
     if-query-astra N   if-query's EK-FAC factors, each inverse-Hessian-vector product refined by N steps of
                        EK-FAC-preconditioned Neumann iteration on the exact Gauss-Newton matrix of the fitting data
@@ -156,9 +163,14 @@ SELF_CHECK_WORLD = WorldSpec(relations=("city",), b_fraction=0.0, steps=30, n_pe
                              n_head=2, vocab_size=300)
 METHODS = ("identity", "kronfluence", "kronfluence-x4", "kronfluence-noeos", "if-query", "if-query-old",
            "if-query-empirical", "if-query-noeos", "if-query-wholeseq", "if-query-mixed")  # the default run's
-EXTRA_METHODS = ("if-query-diagonal", "if-query-kfac", "kronfluence-attn", "bm25", "if-query-astra", "if-query-refine")
+TRACKS = ("mlp", "attention", "all-linear")  # fit-hessians --track; the methods below name the others
+TRACK_METHODS = tuple(f"{engine}{'' if track == 'mlp' else '-' + track}" for track in TRACKS
+                      for engine in ("kronfluence", "if-query"))
+EXTRA_METHODS = ("if-query-diagonal", "if-query-kfac", "bm25", "if-query-astra", "if-query-refine",
+                 *(m for m in TRACK_METHODS if m not in METHODS))
 LDS_METHODS = ("identity", "if-query-diagonal", "if-query-kfac", "if-query", "kronfluence", "kronfluence-x4", "bm25",
-               "if-query-mixed", "kronfluence-attn", "if-query-astra")
+               "if-query-mixed", "kronfluence-all-linear", "if-query-astra")
+PRESETS = {"tracks": TRACK_METHODS}  # --methods tracks
 DEFAULT_REFINE_STEPS = (0, 5, 20, 50)
 DEFAULT_CEILING_SUBSETS = 8
 QUICK_METHODS = ("kronfluence", "if-query", "if-query-old", "if-query-mixed")
@@ -255,14 +267,14 @@ def retrieval(scores, built: dict) -> dict:
 
 
 def fit_if_query(built: dict, name: str, strategy: str = "ekfac", fisher: str = "true", seed: int = 0,
-                 hessian_dataset: Path | None = None) -> Path:
+                 hessian_dataset: Path | None = None, track: str = "mlp") -> Path:
     from if_query.config import FitConfig
     from if_query.fit.fit_hessians import fit_hessians
 
     factors_dir = built["work"] / f"factors-{name}"
     config = FitConfig(model=str(built["model_dir"]), hessian_dataset=str(hessian_dataset or built["train_json"]),
                        output_dir=str(factors_dir), strategy=strategy, fisher=fisher, seed=seed,
-                       factor_batch_size=FIT_BATCH, lambda_batch_size=FIT_BATCH)
+                       factor_batch_size=FIT_BATCH, lambda_batch_size=FIT_BATCH, track=track)
     fit_hessians(config, quiet=True)
     return factors_dir
 
@@ -378,10 +390,10 @@ def bare_task(tracked: list[str], eos: int, without_eos: bool):
 
 
 def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, without_eos: bool = False,
-                       attention: bool = False):
+                       track: str = "mlp"):
     """(raw, cosine) matrices from Kronfluence's Analyzer on the same model, tokenized data and damping rule.
     ``without_eos``: the EOS label is left out of the measurement and of the train loss when scoring (not
-    when fitting). ``attention``: GPT-2's attention projections are tracked too (bench_lds.attention_projections)."""
+    when fitting). ``track``: the modules tracked, as fit-hessians --track finds them."""
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -390,14 +402,14 @@ def kronfluence_scores(built: dict, seed: int, name: str, repeats: int = 1, with
     from if_query.data.records import load_examples
     from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     tokenizer = load_tokenizer(str(built["model_dir"]))
     example_tokenizer = ExampleTokenizer(tokenizer, 512)
     train = example_tokenizer.tokenize_all(load_examples(built["train_json"]))
     queries = example_tokenizer.tokenize_all(load_examples(built["query_json"]))
     model = load_model(str(built["model_dir"]), None, torch.float32)
-    modules = find_mlp_modules(model) + (bench_lds.attention_projections(model) if attention else [])
+    modules = find_tracked_modules(model, 1, track)
     model = make_trackable(model, modules)
 
     task = bare_task([m.name for m in modules], tokenizer.eos_token_id, without_eos)
@@ -489,6 +501,15 @@ def _strategy(strategy: str):
     return lambda run: score_if_query(run.built, fit_if_query(run.built, strategy, strategy=strategy, seed=run.seed))
 
 
+def _kronfluence_track(track: str):
+    return lambda run: kronfluence_scores(run.built, run.seed, f"kronfluence-{track}", track=track)
+
+
+def _if_query_track(track: str):
+    return lambda run: score_if_query(run.built, fit_if_query(run.built, f"if-query-{track}", seed=run.seed,
+                                                              track=track))
+
+
 def _bm25(run: SeedRun):
     scores = bench_lds.bm25_scores(run.built["queries"], run.built["train_records"])
     return scores, scores
@@ -501,7 +522,8 @@ METHOD_SCORES = {  # method -> (raw, cosine) matrices (queries x train) of one s
     "kronfluence": lambda run: kronfluence_scores(run.built, run.seed, "kronfluence"),
     "kronfluence-x4": lambda run: kronfluence_scores(run.built, run.seed, "kronfluence-x4", repeats=4),
     "kronfluence-noeos": lambda run: kronfluence_scores(run.built, run.seed, "kronfluence-noeos", without_eos=True),
-    "kronfluence-attn": lambda run: kronfluence_scores(run.built, run.seed, "kronfluence-attn", attention=True),
+    **{f"kronfluence-{track}": _kronfluence_track(track) for track in TRACKS[1:]},
+    **{f"if-query-{track}": _if_query_track(track) for track in TRACKS[1:]},
     "if-query": _default_ekfac,
     "if-query-old": _old_sampling,
     "if-query-empirical": lambda run: score_if_query(run.built, fit_if_query(run.built, "if-query-empirical",
@@ -611,12 +633,14 @@ def mean_se(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
 
 
-def paired(runs: list[dict], method: str, score: str, query: str, metric: str) -> str:
-    """Mean ± se of (method - bare Kronfluence) over the seeds that ran both, and how many seeds are above/below."""
-    both = [s["results"] for s in runs if method in s["results"] and BASELINE in s["results"]]
-    if method == BASELINE or not both:
+def paired(runs: list[dict], method: str, score: str, query: str, metric: str, baseline: str = BASELINE) -> str:
+    """Mean ± se of (method - baseline, bare Kronfluence by default) over the seeds that ran both, and how many
+    seeds are above/below."""
+    both = [s["results"] for s in runs if method in s["results"] and baseline in s["results"]
+            and metric in s["results"][method][score][query] and metric in s["results"][baseline][score][query]]
+    if method == baseline or not both:
         return ""
-    differences = [r[method][score][query][metric] - r[BASELINE][score][query][metric] for r in both]
+    differences = [r[method][score][query][metric] - r[baseline][score][query][metric] for r in both]
     above, below = sum(d > 0.0005 for d in differences), sum(d < -0.0005 for d in differences)
     return f"{mean_se(differences).replace('0.', '.').replace('-.', '−.')} ({above}↑ {below}↓)"
 
@@ -700,6 +724,41 @@ def lds_lines(runs: list[dict], methods: list[str]) -> list[str]:
     return lines + [""] + astra_lines(runs)
 
 
+def track_method(engine: str, track: str) -> str:
+    return engine if track == "mlp" else f"{engine}-{track}"
+
+
+def track_lines(runs: list[dict], methods: list[str]) -> list[str]:
+    """Which layers to track: each --track kind's if-query and bare Kronfluence (tracking the same modules), paired
+    against each other and against the same engine tracking the MLP (none: fewer than two kinds were run)."""
+    tracks = [t for t in TRACKS if all(track_method(e, t) in methods for e in ("if-query", "kronfluence"))]
+    if len(tracks) < 2:
+        return []
+    lds = bool(values(runs, "if-query", "raw", "b", "lds"))
+    metrics = ([("raw", "lds", "LDS (b)")] if lds else []) + [("cosine", "top1", "top-1 (b) cosine"),
+                                                              ("raw", "top1", "top-1 (a) raw")]
+    header = ["--track", "engine", "n"]
+    for _, _, label in metrics:
+        header += [label, "Δ vs Kronfluence, same modules", "Δ vs --track mlp"]
+    lines = ["#### Which layers to track (--track): if-query and bare Kronfluence on the same modules", "",
+             "Δ: paired differences over the seeds (↑ / ↓: seeds above / below); the query set of LDS and top-1 "
+             "(b) is the other phrasing (b), that of top-1 (a) raw the training phrasing (a). Seconds: fit and "
+             "scoring per seed.", "", "| " + " | ".join(header + ["seconds"]) + " |",
+             "|" + "---|" * (len(header) + 1)]
+    for track in tracks:
+        for engine in ("if-query", "kronfluence"):
+            method = track_method(engine, track)
+            cells = [f"`{track}`", engine, str(len(values(runs, method, "cosine", "b", "top1")))]
+            for score, metric, _ in metrics:
+                query = "a" if metric == "top1" and score == "raw" else "b"
+                cells += [mean_se(values(runs, method, score, query, metric)),
+                          paired(runs, method, score, query, metric, track_method("kronfluence", track)),
+                          paired(runs, method, score, query, metric, engine)]
+            seconds = [s["seconds"][method] for s in runs if method in s["seconds"]]
+            lines.append("| " + " | ".join(cells + [f"{statistics.fmean(seconds):.1f}"]) + " |")
+    return lines + [""]
+
+
 def astra_lines(runs: list[dict]) -> list[str]:
     """ASTRA's per-seed diagnostics, averaged: step size, residuals, cost against EK-FAC scoring."""
     astra = [(s["extra"]["astra"], s["extra"]["ekfac_score_s"]) for s in runs if "astra" in s["extra"]]
@@ -734,7 +793,8 @@ def report(per_seed: list[dict], args: argparse.Namespace, command: str, runtime
     for world in args.worlds:
         runs = [s for s in per_seed if s["world"] == world]
         methods = list(dict.fromkeys(m for s in runs for m in s["results"]))
-        lines += [world_title(world, runs), "", *retrieval_lines(runs, methods), *lds_lines(runs, methods)]
+        lines += [world_title(world, runs), "", *retrieval_lines(runs, methods), *lds_lines(runs, methods),
+                  *track_lines(runs, methods)]
     lines.append(f"Runtime: {runtime_s:.0f} s ({os.cpu_count()} CPUs, {args.threads} torch thread(s)).")
     return "\n".join(lines) + "\n"
 
@@ -744,9 +804,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", dest="worlds", nargs="+", default=list(DEFAULT_WORLDS), choices=list(WORLDS))
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0..9 (quick: 0 1)")
-    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS + EXTRA_METHODS,
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS + EXTRA_METHODS + tuple(PRESETS),
                     help=f"default: {' '.join(METHODS)} (quick: {' '.join(QUICK_METHODS)}; --lds: "
-                         f"{' '.join(LDS_METHODS)})")
+                         f"{' '.join(LDS_METHODS)}); tracks: {' '.join(TRACK_METHODS)}")
     ap.add_argument("--lds", type=int, default=0, metavar="M",
                     help="also train M subset models per seed and report each method's LDS (bench_lds.py)")
     ap.add_argument("--ceiling-subsets", type=int, default=DEFAULT_CEILING_SUBSETS, metavar="C",
@@ -769,6 +829,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds = [0, 1] if args.quick else list(range(10))
     if args.methods is None:
         args.methods = list(QUICK_METHODS if args.quick else LDS_METHODS if args.lds else METHODS)
+    args.methods = list(dict.fromkeys(m for given in args.methods for m in PRESETS.get(given, (given,))))
     if args.relative_dampings is None:
         args.relative_dampings = [] if args.quick else list(DEFAULT_RELATIVE)
     if any(r <= 0 or not math.isfinite(r) for r in args.relative_dampings):

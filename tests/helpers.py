@@ -22,7 +22,9 @@ from transformers import (
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    MixtralConfig,
     Olmo2Config,
+    OlmoeConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -104,6 +106,17 @@ def tiny_config(family: str, vocab_size: int, layers: int = 2, positions: int = 
     if family == "llama":
         return LlamaConfig(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
                            num_key_value_heads=2, max_position_embeddings=positions, **common)
+    if family == "llama_gqa":  # grouped-query attention: k_proj and v_proj (8, 16) smaller than q_proj (16, 16)
+        return LlamaConfig(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=positions, **common)
+    if family == "olmoe":  # mixture of experts: experts fused into 3-D parameters (transformers 5)
+        return OlmoeConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=16, num_attention_heads=4,
+                           num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=positions, **common)
+    if family == "mixtral":
+        return MixtralConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=16, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=positions, **common)
     if family == "olmo2":
         return Olmo2Config(num_hidden_layers=layers, hidden_size=16, intermediate_size=24, num_attention_heads=2,
                            num_key_value_heads=2, max_position_embeddings=positions, **common)
@@ -183,7 +196,7 @@ def assert_one_line_error(result, code, *fragments):
 # --- Brute-force reference --------------------------------------------------------------------------------------------
 # Independent reference computations with plain autograd (no Kronfluence, no if_query scoring code).
 
-MLP_SUFFIXES = (".mlp.c_fc", ".mlp.c_proj")
+MLP_SUFFIXES = (".mlp.c_fc", ".mlp.c_proj")  # GPT-2's MLP projections (what --track mlp tracks in it)
 
 
 def reference_tokens(tokenizer, prompt: str, completion: str, max_length: int | None = None
@@ -201,15 +214,17 @@ def reference_tokens(tokenizer, prompt: str, completion: str, max_length: int | 
 
 
 class Reference:
-    """The model in float64; ``params`` are the weights and biases of the MLP modules of ``layers``."""
+    """The model in float64; ``params`` are the weights and biases of the modules named ``suffixes`` (GPT-2's MLP
+    projections by default) in blocks ``layers`` (``modules``: those modules, in the model's order)."""
 
-    def __init__(self, model_dir, layers=(0, 1)):
+    def __init__(self, model_dir, layers=(0, 1), suffixes=MLP_SUFFIXES):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-        self.params = []
-        for name, module in self.model.named_modules():
-            if name.endswith(MLP_SUFFIXES) and int(name.split(".")[2]) in layers:
-                self.params += [module.weight, module.bias]
+        if self.model._can_set_experts_implementation():  # mixture of experts: grouped_mm has no float64 kernel
+            self.model.set_experts_implementation("eager")
+        self.modules = [(name, module) for name, module in self.model.named_modules()
+                        if name.endswith(tuple(suffixes)) and int(name.split(".")[2]) in layers]
+        self.params = [p for _, module in self.modules for p in (module.weight, module.bias) if p is not None]
 
     def loss(self, record, labels_override=None, max_length=None) -> torch.Tensor:
         ids, labels = reference_tokens(self.tokenizer, record["prompt"], record["completion"], max_length)
@@ -235,10 +250,11 @@ def per_position_contributions(reference: Reference, query, train) -> torch.Tens
     """Identity-strategy per-token scores of ``train`` for ``query``, position by position: with autograd
     hooks on the tracked modules, position s contributes sum over modules of a_s^T dW_q g_s + db_q . g_s, where
     a_s is the module's input at s, g_s the gradient of the train loss w.r.t. its output at s, and (dW_q, db_q)
-    the query's loss gradient w.r.t. the module's weight and bias (GPT-2 Conv1D: y = x W + b)."""
-    query_grads = torch.autograd.grad(reference.loss(query), reference.params)
-    modules = [m for name, m in reference.model.named_modules() if name.endswith(MLP_SUFFIXES)
-               and any(m.weight is p for p in reference.params)]
+    the query's loss gradient w.r.t. the module's weight and bias (GPT-2 Conv1D: y = x W + b; nn.Linear:
+    y = x Wᵀ + b)."""
+    grads = dict(zip((id(p) for p in reference.params),
+                     torch.autograd.grad(reference.loss(query), reference.params), strict=True))
+    modules = [m for _, m in reference.modules]
     captured: dict[int, list[torch.Tensor]] = {}
 
     def hook(index):
@@ -255,8 +271,11 @@ def per_position_contributions(reference: Reference, query, train) -> torch.Tens
             handle.remove()
         reference.model.zero_grad(set_to_none=True)
     total = 0
-    for i, _ in enumerate(modules):
+    for i, module in enumerate(modules):
         inputs, output_grads = captured[i]
-        weight, bias = query_grads[2 * i], query_grads[2 * i + 1]
-        total = total + torch.einsum("si,io,so->s", inputs, weight, output_grads) + output_grads @ bias
+        weight = grads[id(module.weight)]
+        pattern = "si,oi,so->s" if isinstance(module, torch.nn.Linear) else "si,io,so->s"
+        total = total + torch.einsum(pattern, inputs, weight, output_grads)
+        if module.bias is not None:
+            total = total + output_grads @ grads[id(module.bias)]
     return total

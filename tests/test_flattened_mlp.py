@@ -13,19 +13,19 @@ from transformers import AutoModelForCausalLM
 from if_query.errors import InputError
 from if_query.fit.metadata import METADATA_FILE, canonical_model
 from if_query.model.fingerprint import weights_fingerprint
-from if_query.model.tracking import MlpProjection, find_mlp_modules, probe_inputs
+from if_query.model.tracking import TrackedModule, find_tracked_modules, probe_inputs
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "olmo2", "gpt_neox", "qwen2"])
 def test_token_shaped_families_pass(family):
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(make_tokenizer()))).eval()
-    probe_inputs(model, find_mlp_modules(model))
+    probe_inputs(model, find_tracked_modules(model))
 
 
 def test_opt_is_refused():
     model = AutoModelForCausalLM.from_config(tiny_config("opt", len(make_tokenizer()))).eval()
     with pytest.raises(InputError, match=r"OPTForCausalLM \(model type 'opt'\) is not supported.*flattened"):
-        probe_inputs(model, find_mlp_modules(model))
+        probe_inputs(model, find_tracked_modules(model))
 
 
 class Toy(nn.Module):
@@ -43,7 +43,7 @@ class Toy(nn.Module):
 
 
 def test_the_probe_sees_the_real_input_shape():
-    tracked = [MlpProjection("fc1", 0, 4, 4, True)]
+    tracked = [TrackedModule("fc1", 0, 4, 4, True)]
     probe_inputs(Toy(flatten=False), tracked)
     with pytest.raises(InputError, match=r"fc1: \[4, 4\] for 2 sequences of 2 tokens"):
         probe_inputs(Toy(flatten=True), tracked)
@@ -68,7 +68,7 @@ def test_fit_and_query_refuse_opt(cli, fitted, query_files, tmp_path):
     metadata["fit"]["model"] = canonical_model(str(opt))
     metadata["fit"]["weights_fingerprint"] = weights_fingerprint(str(opt))["digest"]
     metadata["tracked_modules"] = [{"name": m.name, "layer": m.layer, "shape": m.shape, "bias": m.bias}
-                                   for m in find_mlp_modules(model)]
+                                   for m in find_tracked_modules(model)]
     assert any(m["name"].endswith("fc1") for m in metadata["tracked_modules"])
     (old / METADATA_FILE).write_text(json.dumps(metadata))
     result = cli("run-query", "--model", opt, "--factors-dir", old, "--train-json", query_files["train"],

@@ -37,7 +37,7 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     from if_query.kron.factors import FACTORS_NAME
     from if_query.kron.fit import CompletionLossTask, factor_arguments, make_analyzer, wrap_tracked_modules
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     shutil.copytree(fitted, out)
     for path in (out / "factors_hessian").iterdir():
@@ -47,11 +47,12 @@ def kronfluence_lambda(model_dir: Path, data: Path, fitted: Path, out: Path, arg
     config = FitConfig(model=str(model_dir), hessian_dataset=str(data), output_dir=str(out),
                        strategy=options.get("--strategy", "ekfac"), fisher=options.get("--fisher", "true"),
                        seed=int(options.get("--seed", 0)),
-                       module_partitions=int(options.get("--module-partitions", 1)))
+                       module_partitions=int(options.get("--module-partitions", 1)),
+                       track=options.get("--track", "mlp"))
     tokenizer = load_tokenizer(config.model)
     examples = sorted(load_hessian_examples(config.hessian_dataset, ExampleTokenizer(tokenizer, 512), None), key=len)
     model = load_model(config.model, None, torch.float32)
-    modules = find_mlp_modules(model, 1)
+    modules = find_tracked_modules(model, 1, config.track)
     model = make_trackable(model, modules)
     task = CompletionLossTask([m.name for m in modules], seed=config.seed)
     task.set_stage("lambda")
@@ -85,12 +86,13 @@ def tiny_olmo2(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-olmo2"), "olmo2")
 
 
-CASES = [  # (family, options): EK-FAC with bias (GPT-2) and without (OLMo-2), diagonal, both Fishers
+CASES = [  # (family, options): EK-FAC with bias (GPT-2) and without (OLMo-2), diagonal, both Fishers, all linear layers
     ("gpt2", ["--strategy", "ekfac", "--fisher", "true"]),
     ("olmo2", ["--strategy", "ekfac", "--fisher", "true", "--seed", "3"]),
     ("gpt2", ["--strategy", "diagonal", "--fisher", "true"]),
     ("gpt2", ["--strategy", "ekfac", "--fisher", "empirical"]),
     ("olmo2", ["--strategy", "ekfac", "--fisher", "true", "--module-partitions", "2"]),
+    ("gpt2", ["--strategy", "ekfac", "--fisher", "empirical", "--track", "all-linear"]),
 ]
 
 
@@ -162,10 +164,10 @@ def test_interrupted_lambda_stage_resumes_to_the_same_files(cli, tiny_gpt2, fitt
 def _tracked(model_dir: Path):
     from if_query.data.tokenization import Collator, ExampleTokenizer
     from if_query.model.loading import load_model, load_tokenizer
-    from if_query.model.tracking import find_mlp_modules, make_trackable
+    from if_query.model.tracking import find_tracked_modules, make_trackable
 
     model = load_model(str(model_dir), None, torch.float32)
-    modules = find_mlp_modules(model, 1)
+    modules = find_tracked_modules(model, 1)
     model = make_trackable(model, modules)
     linears = {m.name: model.get_submodule(m.name) for m in modules}
     tokenizer = ExampleTokenizer(load_tokenizer(str(model_dir)), 512).tokenizer  # sets the padding token

@@ -197,12 +197,12 @@ def _fit_warnings(config: dict, limit: float) -> list[str]:
 
     from if_query.config import FitConfig
     from if_query.fit.fit_hessians import fit_warnings
-    from if_query.model.tracking import find_mlp_modules
+    from if_query.model.tracking import find_tracked_modules
 
     model = loading.meta_model(GPT2Config(**config))
     fit = FitConfig(model="m", hessian_dataset="d.json", output_dir="out", strategy="kfac", factor_batch_size=1,
                     lambda_batch_size=1)
-    return fit_warnings(model, find_mlp_modules(model), fit, torch.bfloat16, [16] * 4, int(limit))
+    return fit_warnings(model, find_tracked_modules(model), fit, torch.bfloat16, [16] * 4, int(limit))
 
 
 def test_a_fit_that_does_not_fit_names_the_fewest_module_partitions_that_do(cli, tmp_path):
@@ -251,3 +251,31 @@ def test_a_cpu_plan_prints_sizes_without_times_and_counts_a_tiny_models_paramete
     assert re.search(r"^  RAM, covariance pass: .* of 512\.0 GB: fits$", text, flags=re.MULTILINE)  # --host-ram-gb
     assert re.search(r"fit-hessians FLOPs: .*FLOP$", text, flags=re.MULTILINE)
     assert text.endswith("Everything fits.\n")
+
+
+def _llama_modules(config: dict, track: str) -> list[tuple[int, int, bool]]:
+    """One block's tracked modules of ``track`` as (out, in, reads an earlier one's input), from the config alone:
+    q_proj (h x h), k_proj and v_proj (kv x h, grouped-query attention, reading q_proj's input), o_proj (h x h);
+    gate_proj and up_proj (i x h, up reading gate's input), down_proj (h x i)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    attention = [(h, h, False), (kv, h, True), (kv, h, True), (h, h, False)]
+    mlp = [(i, h, False), (i, h, True), (h, i, False)]
+    return {"mlp": mlp, "attention": attention, "all-linear": attention + mlp}[track]
+
+
+@pytest.mark.parametrize("track", ["attention", "all-linear"])
+def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
+    """Llama-3-8B (grouped-query attention: k and v 4x smaller than q) with --track attention and all-linear: the
+    factors (EK-FAC) and token factors per token of the modules derived here from the config."""
+    write_json(tmp_path / "model" / "config.json", LLAMA3_8B)
+    modules, blocks = _llama_modules(LLAMA3_8B, track), LLAMA3_8B["num_hidden_layers"]
+    factors = blocks * sum((2 * (a * a + g * g) + a + g + a * g) * 4 for g, a, _ in modules)
+    per_token = blocks * sum(g + (0 if shared else a) for g, a, shared in modules) * 2  # bfloat16
+    result = cli("plan", "--model", tmp_path / "model", "--track", track, "--sequences", 8, "--tokens", 64)
+    text = result.stdout
+    what = "attention projections" if track == "attention" else "linear layers"
+    assert f"Tracked: {blocks * len(modules)} {what} of {blocks} blocks (--track {track}" in text
+    assert f"factors on disk {factors / GB:.1f} GB" in text
+    assert f"token factors {per_token / 1e6:.1f} MB per token" in text
+    assert "k_proj, v_proj read q_proj's input" in text

@@ -32,6 +32,7 @@ ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see model.loading.CUDA_MATMUL_PRECISION
 GB = 10**9  # every size and memory option: decimal gigabytes, as disks and GPU datasheets count
 RANK_BY = ("cosine", "score")  # --rank-by (if_query.report.ranking)
+TRACK_CHOICES = ("mlp", "attention", "all-linear")  # --track: if_query.model.tracking.TRACK_KINDS, one entry each
 # The sections of every command's --help and options page, in this order (each option names its own).
 GROUPS = ("Inputs", "Outputs", "Approximation", "Precision", "Memory and speed", "Engine", "Hardware")
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
@@ -147,7 +148,8 @@ def top_k_option(default: int = 5) -> Any:
 
 @dataclass
 class FitConfig:
-    """Fit Hessian factors (EK-FAC, K-FAC, diagonal or identity) on a model's MLP modules.
+    """Fit Hessian factors (EK-FAC, K-FAC, diagonal or identity) on a model's MLP projections (or the layers --track
+    names).
 
     Rerun with the same arguments to resume an interrupted fit from its last complete stage.
     """
@@ -163,8 +165,14 @@ class FitConfig:
                                     group="Memory and speed")
     strategy: str = option("ekfac", choices=STRATEGIES,
                            help="Hessian approximation: ekfac, kfac, diagonal or identity.", group="Approximation")
-    layer_stride: int = option(1, minimum=1, help="Track the MLP of every Nth transformer block (0, N, 2N...).",
+    layer_stride: int = option(1, minimum=1, help="Track the layers of every Nth transformer block (0, N, 2N...).",
                                group="Approximation")
+    track: str = option(
+        "mlp", choices=TRACK_CHOICES, group="Approximation",
+        help="Which layers of the blocks to attribute through: mlp (the MLP projections), attention (the attention "
+             "projections: q/k/v/o, GPT-2's c_attn and c_proj) or all-linear (every linear layer of the blocks; "
+             "never the embeddings or the LM head). Recorded with the factors, which run-query follows. "
+             "Mixture-of-experts models: attention only.")
     dtype: str = dtype_option()
     max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).",
                                       group="Inputs")
@@ -462,6 +470,7 @@ class PlanConfig(MemoryOptions):
     revision: str | None = same_option(FitConfig, "revision")
     strategy: str = same_option(FitConfig, "strategy")
     layer_stride: int = same_option(FitConfig, "layer_stride")
+    track: str = same_option(FitConfig, "track")
     dtype: str = same_option(FitConfig, "dtype", help="Model weights dtype, as in the other commands; the plan is "
                              "for a GPU, so auto is bfloat16 (float32 with --device cpu).")
     matmul_precision: str = same_option(FitConfig, "matmul_precision")

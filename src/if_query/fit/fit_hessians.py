@@ -1,4 +1,4 @@
-"""fit-hessians: fit Kronfluence's Hessian factors on the tracked MLP modules and record metadata."""
+"""fit-hessians: fit Kronfluence's Hessian factors on the tracked modules (``--track``) and record metadata."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 # Entries of a fit's identity that fits recorded before they existed, with the value those fits used.
-IDENTITY_BEFORE = {"matmul_precision": "ieee", "chat_template": False}
+IDENTITY_BEFORE = {"matmul_precision": "ieee", "chat_template": False, "track": "mlp"}
 
 
 def fit_arguments(config: FitConfig, dtype: torch.dtype, examples: list[TokenizedExample],
@@ -50,6 +50,7 @@ def fit_arguments(config: FitConfig, dtype: torch.dtype, examples: list[Tokenize
         "strategy": config.strategy,
         "dtype": str(dtype).removeprefix("torch."),
         "layer_stride": config.layer_stride,
+        "track": config.track,
         "hessian_dataset": str(Path(config.hessian_dataset).resolve()),
         "hessian_dataset_fingerprint": dataset_fingerprint(examples),
         "chat_template": config.chat_template,
@@ -179,11 +180,12 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
 
     if model is None:
         model = loading.load_model(config.model, config.revision, dtype)
-    model, modules = tracking.track_mlp_modules(model, config.layer_stride)
+    model, modules = tracking.track_modules(model, config.layer_stride, config.track)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
-        "Tracking %d MLP modules in %d layers; factors need about %s in memory and on disk",
-        len(modules), len({m.layer for m in modules}), sizes.human(),
+        "Tracking %d %s of %d blocks (--track %s); factors need about %s in memory and on disk",
+        len(modules), tracking.track_kind(config.track).what, len({m.layer for m in modules}), config.track,
+        sizes.human(),
     )
     warn_if_fit_does_not_fit(model, modules, config, dtype, [len(e) for e in examples])
     task = kron.CompletionLossTask([m.name for m in modules], seed=config.seed)

@@ -1,9 +1,17 @@
-"""Which layers are tracked: the MLP projections of a model (found by name, their inputs probed), GPT-2's
-``Conv1D`` swapped for ``nn.Linear`` (Kronfluence wraps only linear layers); flattened-token MLPs refused."""
+"""Which layers are tracked (``--track``): the linear layers of a kind (MLP projections, attention projections, or
+every linear layer of the blocks), found by name, their inputs probed; GPT-2's ``Conv1D`` swapped for ``nn.Linear``
+(Kronfluence wraps only linear layers); flattened-token modules and mixture-of-experts MLPs refused.
+
+A kind is one :class:`TrackKind` entry of :data:`TRACK_KINDS` (its names are ``config.TRACK_CHOICES``): which
+modules of a block it selects, by their path inside the block, and whether it would reach a mixture-of-experts
+MLP. Every tracked module is a linear map applied to each token, so everything downstream (token factors, the
+engine, the lambda stage, per-token scores, the plan's sizes) is the same for every kind.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,14 +28,48 @@ MLP_PROJECTION_NAMES = frozenset(
      "fc1", "fc2", "fc_in", "fc_out"}
 )
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
-# Where a forward pass cannot run (a meta-device model for the plan): the projection that reads the very input
-# of another in the same MLP, as the probe finds it in every family that has both (tests/test_modeling.py).
-SHARED_INPUT_BY_NAME = {"up_proj": "gate_proj"}
+# Where a forward pass cannot run (a meta-device model for the plan): projections of one module that read the very
+# same input, as the probe finds them in every family that has them (tests/test_tracking.py): the MLP's gate_proj and
+# up_proj, the attention's q_proj, k_proj and v_proj (the block's hidden states). The first of a group in the model's
+# order (OPT declares k_proj first) keeps the input; the others read it.
+SHARED_INPUT_GROUPS = (frozenset({"gate_proj", "up_proj"}), frozenset({"q_proj", "k_proj", "v_proj"}))
+# Mixture-of-experts models, known from their config: any of these attributes above 1, or one of these model types.
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+MOE_MODEL_TYPES = frozenset(
+    {"olmoe", "flex_olmo", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "dbrx",
+     "jamba", "granitemoe", "granitemoeshared", "granitemoehybrid", "phimoe", "jetmoe", "gpt_oss", "minimax",
+     "llama4", "llama4_text", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "switch_transformers"}
+)
+
+
+def _in_attention(path: tuple[str, ...]) -> bool:
+    return any(_ATTENTION.search(part) for part in path)
 
 
 @dataclass(frozen=True)
-class MlpProjection:
-    """An MLP projection whose Hessian is approximated: its name in the model, its block, its weight
+class TrackKind:
+    """One ``--track`` choice: ``selects`` says, from a linear layer's path inside its block (``("self_attn",
+    "q_proj")``), whether it is tracked; ``what`` names the modules in messages; ``reaches_experts``: whether it
+    would track a mixture-of-experts MLP (refused: the experts are not linear layers applied to every token)."""
+
+    name: str
+    what: str
+    selects: Callable[[tuple[str, ...]], bool]
+    reaches_experts: bool
+
+
+TRACK_KINDS = {kind.name: kind for kind in (
+    TrackKind("mlp", "MLP projections", lambda path: not _in_attention(path) and path[-1] in MLP_PROJECTION_NAMES,
+              reaches_experts=True),
+    TrackKind("attention", "attention projections", _in_attention, reaches_experts=False),
+    TrackKind("all-linear", "linear layers", lambda path: True, reaches_experts=True),
+)}
+DEFAULT_TRACK = "mlp"
+
+
+@dataclass(frozen=True)
+class TrackedModule:
+    """A linear layer whose Hessian is approximated: its name in the model, its block, its weight
     shape (out, in) and whether it has a bias (the bias column of :mod:`if_query.score.per_example`)."""
 
     name: str
@@ -42,43 +84,87 @@ class MlpProjection:
         return [self.out_features, self.in_features]
 
 
-def _layer_index(name: str) -> int | None:
-    """The transformer block index of a module name (first integer component), if the module is in
-    a block's MLP (no attention component after the index)."""
+def _block_path(name: str) -> tuple[int, tuple[str, ...]] | None:
+    """(block index, the path inside the block) of a module name: the first integer component is the block."""
     parts = name.split(".")
     for position, part in enumerate(parts):
         if part.isdigit():
-            if any(_ATTENTION.search(rest) for rest in parts[position + 1 :]):
-                return None
-            return int(part)
+            rest = tuple(parts[position + 1 :])
+            return (int(part), rest) if rest else None
     return None
 
 
-def find_mlp_modules(model: nn.Module, layer_stride: int = 1) -> list[MlpProjection]:
-    """The MLP projection modules of blocks 0, N, 2N, ... (N = ``layer_stride``).
+def track_kind(track: str) -> TrackKind:
+    try:
+        return TRACK_KINDS[track]
+    except KeyError:
+        raise InputError(f"unknown --track {track!r}; choose one of {', '.join(TRACK_KINDS)}") from None
 
-    Never the LM head, the embeddings or attention projections.
+
+def find_tracked_modules(model: nn.Module, layer_stride: int = 1, track: str = DEFAULT_TRACK) -> list[TrackedModule]:
+    """The linear layers of kind ``track`` in blocks 0, N, 2N, ... (N = ``layer_stride``), in the model's order.
+
+    Never the LM head or the embeddings (they are in no block). A mixture-of-experts model (known from its config)
+    is refused for the kinds that would reach its experts (:func:`refuse_experts`).
     """
+    kind = track_kind(track)
+    if kind.reaches_experts:
+        refuse_experts(model, kind)
     found = []
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in MLP_PROJECTION_NAMES:
-            continue
         if not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        layer = _layer_index(name)
-        if layer is None or layer % layer_stride:
+        where = _block_path(name)
+        if where is None or where[0] % layer_stride or not kind.selects(where[1]):
             continue
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
         else:
             out_features, in_features = module.weight.shape
-        found.append(MlpProjection(name, layer, out_features, in_features, module.bias is not None))
+        found.append(TrackedModule(name, where[0], out_features, in_features, module.bias is not None))
     if not found:
-        raise InputError(
-            f"no MLP modules found in {type(model).__name__}: if-query knows the MLP projections of GPT-2, "
-            "Llama, OLMo, OLMo-2, Qwen2, Mistral, GPT-NeoX/Pythia, OPT, GPT-J and Phi"
-        )
+        known = ("if-query knows the MLP projections of GPT-2, Llama, OLMo, OLMo-2, Qwen2, Mistral, GPT-NeoX/Pythia, "
+                 "OPT, GPT-J and Phi" if kind.name == "mlp" else
+                 "attention projections are linear layers under a module named *attn* or *attention* in a block"
+                 if kind.name == "attention" else "linear layers are nn.Linear or GPT-2's Conv1D in a numbered block")
+        raise InputError(f"no {kind.what} found in {type(model).__name__} (--track {kind.name}): {known}")
     return found
+
+
+def mixture_of_experts(config) -> str | None:
+    """Why ``config`` (a HuggingFace config) is a mixture-of-experts model (``"num_experts = 4"``), or None."""
+    for candidate in (config, getattr(config, "text_config", None)):
+        if candidate is None:
+            continue
+        for key in MOE_CONFIG_KEYS:
+            value = getattr(candidate, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                return f"{key} = {value}"
+        if getattr(candidate, "model_type", None) in MOE_MODEL_TYPES:
+            return f"model type {candidate.model_type!r}"
+    return None
+
+
+def expert_modules(model: nn.Module) -> list[str]:
+    """The modules that hold a mixture-of-experts MLP's experts, named ``experts`` in every family (one module of
+    fused 3-D parameters under transformers 5, a list of linear layers under older versions), for messages."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
+
+
+def refuse_experts(model: nn.Module, kind: TrackKind) -> None:
+    """Refuse (one line) tracking ``kind`` in a mixture-of-experts model: its experts are not linear layers that see
+    every token (fused (experts, out, in) parameters; or, under older transformers, linear layers fed only the
+    tokens routed to them, flattened), and tracking the MLPs' other linear layers (Qwen2-MoE's shared expert)
+    would silently leave them out. Detected from the config, not from module names."""
+    why = mixture_of_experts(getattr(model, "config", None))
+    if why is None:
+        return
+    experts = expert_modules(model)
+    named = (f"its experts ({experts[0]}" + (f" and {len(experts) - 1} more" if len(experts) > 1 else "") + ")"
+             if experts else "its experts")
+    raise InputError(f"{kind.name}: {type(model).__name__} is a mixture-of-experts model ({why}) and {named} are not "
+                     f"linear layers that see every token, so if-query cannot attribute through them; "
+                     f"--track attention works", option="track")
 
 
 def conv1d_to_linear(module: Conv1D) -> nn.Linear:
@@ -91,7 +177,7 @@ def conv1d_to_linear(module: Conv1D) -> nn.Linear:
     return linear
 
 
-def make_trackable(model: nn.Module, modules: list[MlpProjection]) -> nn.Module:
+def make_trackable(model: nn.Module, modules: list[TrackedModule]) -> nn.Module:
     """Replace tracked ``Conv1D`` modules by ``nn.Linear`` so Kronfluence can wrap them."""
     for tracked in modules:
         module = model.get_submodule(tracked.name)
@@ -105,9 +191,10 @@ class _ProbeDone(Exception):
     """Raised by the probe's hooks once every tracked module has been seen (skips the rest)."""
 
 
-def probe_inputs(model: nn.Module, modules: list[MlpProjection]) -> list[MlpProjection]:
+def probe_inputs(model: nn.Module, modules: list[TrackedModule]) -> list[TrackedModule]:
     """Refuse a model whose tracked modules do not see (batch, tokens, features) inputs, and note which
-    modules see the very input tensor of an earlier one (``input_from``: Llama's up_proj that of gate_proj).
+    modules see the very input tensor of an earlier one (``input_from``: Llama's up_proj that of gate_proj,
+    k_proj and v_proj that of q_proj).
 
     Some families (OPT: its decoder layer reshapes hidden states to (batch * tokens, hidden) before
     fc1/fc2) feed the MLP flattened tokens; Kronfluence would then treat every token as an example
@@ -147,7 +234,7 @@ def probe_inputs(model: nn.Module, modules: list[MlpProjection]) -> list[MlpProj
     if flat:
         family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise InputError(
-            f"{type(model).__name__} (model type {family!r}) is not supported: its MLP modules see tokens "
+            f"{type(model).__name__} (model type {family!r}) is not supported: its tracked modules see tokens "
             f"flattened to (batch * tokens, features) (e.g. {flat[0]}: {list(seen[flat[0]])} for {batch} "
             f"sequences of {tokens} tokens), so Kronfluence would take every token for an example"
         )
@@ -160,19 +247,35 @@ def probe_inputs(model: nn.Module, modules: list[MlpProjection]) -> list[MlpProj
     return probed
 
 
-def shared_inputs_by_name(modules: list[MlpProjection]) -> list[MlpProjection]:
-    """``input_from`` from the names alone (SHARED_INPUT_BY_NAME), for a model that cannot run a probe."""
-    names = {m.name for m in modules}
+def shared_inputs_by_name(modules: list[TrackedModule]) -> list[TrackedModule]:
+    """``input_from`` from the names alone (SHARED_INPUT_GROUPS), for a model that cannot run a probe."""
+    first: dict[tuple[str, frozenset], str] = {}
     result = []
     for module in modules:
         parent, _, leaf = module.name.rpartition(".")
-        source = f"{parent}.{SHARED_INPUT_BY_NAME[leaf]}" if leaf in SHARED_INPUT_BY_NAME else None
-        result.append(replace(module, input_from=source if source in names else None))
+        group = next((g for g in SHARED_INPUT_GROUPS if leaf in g), None)
+        source = None if group is None else first.setdefault((parent, group), module.name)
+        result.append(replace(module, input_from=source if source != module.name else None))
     return result
 
 
-def track_mlp_modules(model: nn.Module, layer_stride: int) -> tuple[nn.Module, list[MlpProjection]]:
-    """The model ready for tracking (Conv1D swapped) and its MLP projections of every ``layer_stride``-th
+def describe_shared_inputs(modules: list[TrackedModule]) -> str:
+    """Which tracked modules read another's input, by their names in a block: ``"up_proj reads gate_proj's input;
+    k_proj, v_proj read q_proj's"`` ("" when none do)."""
+    readers: dict[str, list[str]] = {}
+    for module in modules:
+        if module.input_from is not None:
+            leaf = module.name.rsplit(".", 1)[-1]
+            group = readers.setdefault(module.input_from.rsplit(".", 1)[-1], [])
+            if leaf not in group:
+                group.append(leaf)
+    return "; ".join(f"{', '.join(leaves)} read{'s' if len(leaves) == 1 else ''} {source}'s input"
+                     for source, leaves in readers.items())
+
+
+def track_modules(model: nn.Module, layer_stride: int, track: str = DEFAULT_TRACK
+                  ) -> tuple[nn.Module, list[TrackedModule]]:
+    """The model ready for tracking (Conv1D swapped) and its modules of kind ``track`` in every ``layer_stride``-th
     block, after checking that they see (batch, tokens, features) inputs (and which share one)."""
-    modules = probe_inputs(model, find_mlp_modules(model, layer_stride))
+    modules = probe_inputs(model, find_tracked_modules(model, layer_stride, track))
     return make_trackable(model, modules), modules

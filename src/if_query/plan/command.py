@@ -20,7 +20,7 @@ from if_query.data.records import load_examples
 from if_query.data.tokenization import ExampleTokenizer, distinct
 from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
-from if_query.model.tracking import find_mlp_modules, shared_inputs_by_name
+from if_query.model.tracking import describe_shared_inputs, find_tracked_modules, shared_inputs_by_name, track_kind
 from if_query.plan import sizes
 from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
@@ -92,7 +92,7 @@ def make_plans(config: PlanConfig) -> Plans:
     hf_config = load_config(config.model, config.revision)
     model = loading.meta_model(hf_config)
     shape = ModelShape.of(model, hf_config)
-    modules = shared_inputs_by_name(find_mlp_modules(model, config.layer_stride))
+    modules = shared_inputs_by_name(find_tracked_modules(model, config.layer_stride, config.track))
     shapes = [Shape.of(m) for m in modules]
     cuda = config.device == "cuda"
     dtype = DTYPES["bfloat16" if cuda else "float32"] if config.dtype == "auto" else DTYPES[config.dtype]
@@ -111,9 +111,10 @@ def make_plans(config: PlanConfig) -> Plans:
         f"{type(model).__name__} ({hf_config.model_type}): {human_count(shape.parameters)} parameters, "
         f"{human_bytes(model_bytes)} in {str(dtype).removeprefix('torch.')}; {shape.layers} blocks, hidden "
         f"{shape.hidden}, MLP {shape.intermediate}, vocabulary {shape.vocab}",
-        f"Tracked: {len(shapes)} MLP projections of {len({m.layer for m in modules})} blocks (--layer-stride "
-        f"{config.layer_stride}); token factors {human_bytes(sizes.token_factor_bytes_per_token(shapes, dtype_bytes))}"
-        f" per token" + ("; up_proj shares gate_proj's input" if any(s.shares_input for s in shapes) else ""),
+        f"Tracked: {len(shapes)} {track_kind(config.track).what} of {len({m.layer for m in modules})} blocks "
+        f"(--track {config.track}, --layer-stride {config.layer_stride}); token factors "
+        f"{human_bytes(sizes.token_factor_bytes_per_token(shapes, dtype_bytes))} per token"
+        + (f"; {shared}" if (shared := describe_shared_inputs(modules)) else ""),
         f"Per {'GPU' if cuda else 'process'}: {human_bytes(device_limit) + ' of device memory and ' if cuda else ''}"
         f"{human_bytes(host_per_rank)} of host RAM"
         + (f" (the host's {config.host_ram_gb:g} GB shared by {gpus} ranks)" if gpus > 1 else "")

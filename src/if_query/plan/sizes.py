@@ -69,7 +69,7 @@ class Shape:
 
     @classmethod
     def of(cls, module) -> Shape:
-        """From an :class:`~if_query.model.loading.MlpProjection`."""
+        """From a :class:`~if_query.model.tracking.TrackedModule`."""
         return cls(module.name, module.out_features, module.in_features, module.bias, module.input_from is not None)
 
 
@@ -104,7 +104,7 @@ def module_factor_sizes(shape: Shape, strategy: str) -> FactorSizes:
 
 
 def estimate_factor_sizes(modules: Sequence, strategy: str) -> FactorSizes:
-    """Bytes of the factors Kronfluence stores for ``strategy`` (modules: MlpProjection or Shape)."""
+    """Bytes of the factors Kronfluence stores for ``strategy`` (modules: TrackedModule or Shape)."""
     sizes = [module_factor_sizes(m if isinstance(m, Shape) else Shape.of(m), strategy) for m in modules]
     return FactorSizes(sum(s.covariance_bytes for s in sizes), sum(s.eigen_bytes for s in sizes),
                        sum(s.lambda_bytes for s in sizes))

@@ -65,6 +65,7 @@ def run_provenance(*, command: list[str] | None, model: str, revision: str | Non
         "factors_dir": str(Path(factors_dir).resolve()),
         "strategy": fit.get("strategy"),
         "layer_stride": fit.get("layer_stride"),
+        "track": fit.get("track", "mlp") if fit else None,  # which layers (fits that record none tracked the MLP)
         "damping": "auto" if damping is None else damping,
         "damping_per_module": per_module,
         "dtype": dtype,

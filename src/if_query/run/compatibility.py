@@ -22,7 +22,7 @@ from if_query.fit.metadata import canonical_model
 from if_query.kron.factors import HessianFactors
 from if_query.model.fingerprint import weights_fingerprint
 from if_query.model.loading import load_model
-from if_query.model.tracking import MlpProjection, track_mlp_modules
+from if_query.model.tracking import DEFAULT_TRACK, TrackedModule, track_modules
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ _warned: set[str] = set()
 
 
 def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dtype
-                           ) -> tuple[nn.Module, list[MlpProjection], HessianFactors | None]:
-    """Load run-query's model (``config.model`` at ``config.revision``, in ``dtype``) with the MLP modules the
-    factors in ``config.factors_dir`` track, refusing factors that do not fit it.
+                           ) -> tuple[nn.Module, list[TrackedModule], HessianFactors | None]:
+    """Load run-query's model (``config.model`` at ``config.revision``, in ``dtype``) with the modules the
+    factors in ``config.factors_dir`` track (the fit's ``--track``: MLP projections for fits that record none),
+    refusing factors that do not fit it.
 
     ``metadata`` is the fit's ``metadata.json``. The checks, in order, each an InputError about ``factors_dir``
     (its ``option``) saying what to do:
@@ -47,7 +48,8 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
        (:class:`~if_query.kron.factors.HessianFactors`) whichever engine scores; with --engine kronfluence,
        Kronfluence's loader reads them again when its scorer is built
        (:class:`~if_query.kron.streaming.StreamingScorer`);
-    4. the model, tracked with the fit's layer stride, has the modules the factors cover (names and shapes).
+    4. the model, tracked with the fit's layer stride and kind (``--track``), has the modules the factors cover
+       (names and shapes).
 
     Returns the model, its tracked modules and the default engine's factor reader (None with --engine
     kronfluence).
@@ -60,7 +62,8 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
     model = load_model(config.model, config.revision, dtype)
     if not checked:  # a hub model not cached before load_model downloaded it
         check_fingerprint(*fingerprint_args, loaded=True)
-    model, modules = track_mlp_modules(model, metadata["fit"]["layer_stride"])
+    track = metadata["fit"].get("track", DEFAULT_TRACK)
+    model, modules = track_modules(model, metadata["fit"]["layer_stride"], track)
     _refuse_other_model(metadata, factors_dir, {"tracked_modules": [[m.name, m.shape] for m in modules]})
     return model, modules, None if config.engine == "kronfluence" else factors
 
@@ -97,7 +100,7 @@ def describe_model_mismatch(fitted: dict, given: dict) -> str:
         ours, theirs = given["tracked_modules"], fitted["tracked_modules"]
         differ = next((f"{a} vs {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
                       f"{len(theirs)} modules vs {len(ours)}")
-        reasons.append(f"the factors track other MLP modules than this model has (fitted vs now: {differ}); "
+        reasons.append(f"the factors track other modules than this model has (fitted vs now: {differ}); "
                        "the weights' architecture changed: refit")
     return "; ".join(reasons)
 

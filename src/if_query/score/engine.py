@@ -25,10 +25,10 @@ self-influences are row-wise dot products, per-token products are taken in place
 scores a quarter of the workspace is set aside for them: the preconditioned W and the mapped output
 gradients (T, in') of as many queries as fit there (at least one) at a time.
 
-Modules that see the same input (Llama/OLMo's gate_proj and up_proj) share one slab of inputs; when
-their activation eigenvectors are also identical (they are fitted on the same inputs, so they are unless
-the factors say otherwise: checked), the rotated inputs ``Â`` of the first are kept for the second if
-they fit in an eighth of the workspace.
+Modules that see the same input (Llama/OLMo's gate_proj and up_proj; q_proj, k_proj and v_proj) share one
+slab of inputs; when consecutive ones' activation eigenvectors are also identical (they are fitted on the same
+inputs, so they are unless the factors say otherwise: checked), the rotated inputs ``Â`` of the first are kept
+for the next if they fit in an eighth of the workspace.
 
 Cost per example and module: rotations 2 T (in'² + out²) FLOPs, W 2 T out in' FLOPs, products
 2 out in' per pair. When T is large enough that rotating the summed gradient

@@ -19,7 +19,7 @@ from if_query.config import QueryConfig
 from if_query.data.tokenization import TokenizedExample
 from if_query.errors import RunError
 from if_query.kron.factors import HessianFactors
-from if_query.model.tracking import MlpProjection
+from if_query.model.tracking import TrackedModule
 from if_query.plan.estimates import DEFAULT_PEAKS, Context, ScorePlan
 from if_query.plan.memory import ram_filesystem, return_freed_memory_to_the_os
 from if_query.plan.run_plan import JobPlan
@@ -53,7 +53,7 @@ class EngineScorer:
     across the ranks). ``factors``: the fit's reader, opened (and so its files checked) by
     :func:`~if_query.run.compatibility.load_model_for_factors`."""
 
-    def __init__(self, model: nn.Module, modules: list[MlpProjection], factors: HessianFactors, config: QueryConfig,
+    def __init__(self, model: nn.Module, modules: list[TrackedModule], factors: HessianFactors, config: QueryConfig,
                  pad_token_id: int, device: torch.device, matmul_precision: str, refine_batches: list[dict],
                  quiet: bool = False):
         """``matmul_precision``: as the run resolved it; ``refine_batches``: --refine-steps' collated fitting batches

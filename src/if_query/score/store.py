@@ -19,9 +19,9 @@ class TokenFactorStore:
     ``output_grads(m, i)`` is (T_i, out), in ``dtype``. Each module's rows are contiguous: its slabs
     ``module_inputs(m)`` (tokens, in) and ``module_output_grads(m)`` (tokens, out) are what the engine copies
     to the device, one module at a time. Modules that see the same input tensor (``shared_inputs``: {module:
-    the earlier module whose input it sees}, e.g. up_proj -> gate_proj) share one inputs slab. Stored in RAM
-    when they fit ``host_budget`` bytes, otherwise in a memory-mapped file in ``spill_dir`` (deleted at
-    once: nothing is left behind).
+    the earlier module whose input it sees}, e.g. up_proj -> gate_proj, k_proj -> q_proj) share one inputs slab.
+    Stored in RAM when they fit ``host_budget`` bytes, otherwise in a memory-mapped file in ``spill_dir`` (deleted
+    at once: nothing is left behind).
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], lengths: Sequence[int], dtype: torch.dtype,
