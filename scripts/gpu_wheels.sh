@@ -12,5 +12,5 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "kronfluence==$(locked kronfluence)" "einconv==$(locked einconv)" "datasets==$(locked datasets)" \
-    "dill==$(locked dill)" "multiprocess==$(locked multiprocess)"
+    "dill==$(locked dill)" "multiprocess==$(locked multiprocess)" "peft==$(locked peft)"
 ls .whl

@@ -32,7 +32,8 @@ ENGINES = ("if-query", "kronfluence")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")  # auto: see model.loading.CUDA_MATMUL_PRECISION
 GB = 10**9  # every size and memory option: decimal gigabytes, as disks and GPU datasheets count
 RANK_BY = ("cosine", "score")  # --rank-by (if_query.report.ranking)
-TRACK_CHOICES = ("mlp", "attention", "all-linear")  # --track: if_query.model.tracking.TRACK_KINDS, one entry each
+# --track: if_query.model.tracking.TRACK_KINDS, one entry each
+TRACK_CHOICES = ("mlp", "attention", "all-linear", "lora")
 # The sections of every command's --help and options page, in this order (each option names its own).
 GROUPS = ("Inputs", "Outputs", "Approximation", "Precision", "Memory and speed", "Engine", "Hardware")
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
@@ -109,6 +110,12 @@ def model_option() -> Any:
     return option(help="HuggingFace hub name or local directory of a causal LM.", group="Inputs")
 
 
+def base_model_option() -> Any:
+    return option(None, group="Inputs",
+                  help="With --model a LoRA/PEFT adapter folder (adapter_config.json): its base model, a hub name or "
+                       "a local directory (default: the adapter's base_model_name_or_path).")
+
+
 def revision_option() -> Any:
     return option(None, help="Model revision (branch, tag or commit) on the hub. With a local model directory it "
                              "is not used to load anything, but is recorded and must match the factors' revision.",
@@ -160,6 +167,7 @@ class FitConfig:
              "and labels), or a .json/.jsonl file of prompt/completion records.", group="Inputs")
     output_dir: str = option(help="Where the factors and metadata.json are written.", group="Outputs")
     revision: str | None = revision_option()
+    base_model: str | None = base_model_option()
     factor_batch_size: int = option(8, minimum=1, help="Batch size for the covariance pass.", group="Memory and speed")
     lambda_batch_size: int = option(4, minimum=1, help="Batch size for the eigenvalue-correction pass.",
                                     group="Memory and speed")
@@ -171,8 +179,9 @@ class FitConfig:
         "mlp", choices=TRACK_CHOICES, group="Approximation",
         help="Which layers of the blocks to attribute through: mlp (the MLP projections), attention (the attention "
              "projections: q/k/v/o, GPT-2's c_attn and c_proj) or all-linear (every linear layer of the blocks; "
-             "never the embeddings or the LM head). Recorded with the factors, which run-query follows. "
-             "Mixture-of-experts models: attention only.")
+             "never the embeddings or the LM head), or lora (a LoRA adapter's own lora_A and lora_B matrices: what "
+             "fine-tuning changed; the other kinds track an adapter's model with the adapter merged in). Recorded "
+             "with the factors, which run-query follows. Mixture-of-experts models: attention only.")
     dtype: str = dtype_option()
     max_examples: int | None = option(None, minimum=1, help="Use only the first N examples (default: all).",
                                       group="Inputs")
@@ -240,6 +249,7 @@ class QueryConfig(MemoryOptions):
     query_json: Path | None = option(None, help="Query examples (single-run mode).", group="Inputs")
     output_dir: Path | None = option(None, help="Where the CSVs go (single-run mode).", group="Outputs")
     revision: str | None = revision_option()
+    base_model: str | None = base_model_option()
     per_token_scores: bool = option(False, flags=("--per-token-scores",),
                                     help="Add per-token scores aligned with each train example's tokens.",
                                     group="Outputs")
@@ -468,6 +478,7 @@ class PlanConfig(MemoryOptions):
     tokens: int = option(512, minimum=1, help="Tokens per sequence (--sequences; also the fitting sequences).",
                          group="Inputs")
     revision: str | None = same_option(FitConfig, "revision")
+    base_model: str | None = same_option(FitConfig, "base_model")
     strategy: str = same_option(FitConfig, "strategy")
     layer_stride: int = same_option(FitConfig, "layer_stride")
     track: str = same_option(FitConfig, "track")

@@ -158,8 +158,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     output_dir = Path(config.output_dir)
     check_writable_dir(output_dir, "output_dir")  # before anything is loaded: not found out after the work
     created = not output_dir.exists()
-    tokenizer = loading.load_tokenizer(config.model, config.revision)
-    hf_config = loading.load_config(config.model, config.revision)
+    tokenizer = loading.load_tokenizer(config.model, config.revision, config.base_model)
+    hf_config = loading.load_config(config.model, config.revision, config.base_model)
     limit = loading.position_limit(hf_config)
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit,
                                          chat_template=config.chat_template)
@@ -168,18 +168,20 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     dtype = loading.resolve_dtype(config.dtype)
     precision = loading.resolve_matmul_precision(config.matmul_precision)
     loading.set_matmul_precision(precision)
-    fingerprint = weights_fingerprint(config.model, config.revision)
+    fingerprint = weights_fingerprint(config.model, config.revision, base_model=config.base_model)
     model = None
     if fingerprint is None:  # a hub model whose weights are not in the local cache yet: load (download) first
-        model = loading.load_model(config.model, config.revision, dtype)
-        fingerprint = weights_fingerprint(config.model, config.revision)
+        model = loading.load_model(config.model, config.revision, dtype, base_model=config.base_model,
+                                   merge_adapter=config.track != "lora")
+        fingerprint = weights_fingerprint(config.model, config.revision, base_model=config.base_model)
         if fingerprint is None:
             raise RunError(f"cannot find the weight files of {config.model!r} in the HuggingFace cache")
     identity = fit_arguments(config, dtype, examples, fingerprint, precision)
     clear = _check_previous_fit(output_dir, identity, config.overwrite, config.refit_if_changed)
 
     if model is None:
-        model = loading.load_model(config.model, config.revision, dtype)
+        model = loading.load_model(config.model, config.revision, dtype, base_model=config.base_model,
+                                   merge_adapter=config.track != "lora")
     model, modules = tracking.track_modules(model, config.layer_stride, config.track)
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from if_query.data.tokenization import TokenizedExample
 from if_query.errors import InputError
+from if_query.model.adapter import find_adapter
 
 FULL_HASH_LIMIT = 256 * 1024**2  # larger files are sampled
 SAMPLE_CHUNKS = 32
@@ -102,7 +103,8 @@ def _hub_fingerprint(model: str, revision: str | None, cache_dir: str | Path | N
             "config": config_hash, "weights": weights}
 
 
-def weights_fingerprint(model: str, revision: str | None = None, cache_dir: str | Path | None = None) -> dict | None:
+def weights_fingerprint(model: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                        base_model: str | None = None) -> dict | None:
     """A fingerprint of the weights ``AutoModelForCausalLM.from_pretrained(model, revision)`` loads.
 
     ``digest`` (16 hex digits) is what is compared; the other entries say where it came from.
@@ -117,7 +119,15 @@ def weights_fingerprint(model: str, revision: str | None = None, cache_dir: str 
       the cache stores ``config.json`` and the weight files (sha256 for LFS files). The digest covers
       those hashes, not the commit, so a commit that changes only other files keeps the factors.
       None when the weights are not in the cache yet (call again after loading the model).
+    - A LoRA/PEFT adapter folder (:mod:`if_query.model.adapter`): its base model's fingerprint and the sha256 of the
+      adapter's configuration and weights, together: factors fitted for one adapter are refused for another.
     """
+    if (adapter := find_adapter(model, base_model)) is not None:
+        base = weights_fingerprint(adapter.base, revision, cache_dir)
+        if base is None:
+            return None
+        files = {p.name: _sha256_file(p) for p in adapter.files}
+        return {"digest": _digest(base["digest"], files), "source": "adapter", "base": base, "adapter": files}
     path = Path(model)
     if path.is_dir():
         return _local_fingerprint(path)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # transformers' modeling_utils pulls torch._dynamo (fp8/deepg
 from if_query import distributed
 from if_query.config import DTYPE_CHOICES
 from if_query.errors import InputError, first_line
+from if_query.model.adapter import apply_adapter, find_adapter
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # --dtype
 
@@ -57,9 +58,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
-def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(model: str, revision: str | None = None, base_model: str | None = None
+                   ) -> PreTrainedTokenizerBase:
     """The model's tokenizer; a model folder without one is refused saying what to do (transformers would make
-    up an empty tokenizer for some families)."""
+    up an empty tokenizer for some families). An adapter folder (:mod:`if_query.model.adapter`) without one uses
+    its base model's."""
+    adapter = find_adapter(model, base_model)
+    if adapter is not None and not any((adapter.path / name).is_file() for name in TOKENIZER_FILES):
+        model = adapter.base
     if Path(model).is_dir() and not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
                          "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
@@ -74,8 +80,10 @@ def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokeniz
     return tokenizer
 
 
-def load_config(model: str, revision: str | None = None) -> PretrainedConfig:
-    """The model's configuration (config.json alone: no weights are read)."""
+def load_config(model: str, revision: str | None = None, base_model: str | None = None) -> PretrainedConfig:
+    """The model's configuration (config.json alone: no weights are read); an adapter's is its base model's."""
+    if (adapter := find_adapter(model, base_model)) is not None:
+        model = adapter.base
     try:
         return AutoConfig.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
@@ -108,18 +116,21 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
                 from exc
 
 
-def load_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | None = None
-               ) -> PreTrainedModel:
+def load_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | None = None,
+               base_model: str | None = None, merge_adapter: bool = True) -> PreTrainedModel:
     """The model in ``dtype``, loaded straight onto ``device`` (default: this rank's, see
     :func:`if_query.distributed.device`): under torchrun each rank's weights go to its own GPU, never all of
-    them into host RAM at once."""
+    them into host RAM at once. An adapter folder is loaded over its base model, merged into it unless
+    ``merge_adapter`` is False (``--track lora``)."""
     device = device or distributed.device()
+    adapter = find_adapter(model, base_model)
+    source = model if adapter is None else adapter.base
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype, device_map={"": device})
+        loaded = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, device_map={"": device})
     except (OSError, ValueError) as exc:
-        raise _cannot_load("the model", model, exc) from exc
+        raise _cannot_load("the model", source, exc) from exc
     loaded.eval()
-    return loaded
+    return loaded if adapter is None else apply_adapter(loaded, adapter, merge_adapter)
 
 
 def _cannot_load(what: str, model: str, exc: Exception) -> InputError:

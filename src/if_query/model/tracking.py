@@ -63,6 +63,8 @@ TRACK_KINDS = {kind.name: kind for kind in (
               reaches_experts=True),
     TrackKind("attention", "attention projections", _in_attention, reaches_experts=False),
     TrackKind("all-linear", "linear layers", lambda path: True, reaches_experts=True),
+    TrackKind("lora", "LoRA matrices (lora_A, lora_B)", lambda path: "lora_A" in path or "lora_B" in path,
+              reaches_experts=False),
 )}
 DEFAULT_TRACK = "mlp"
 
@@ -126,7 +128,9 @@ def find_tracked_modules(model: nn.Module, layer_stride: int = 1, track: str = D
         known = ("if-query knows the MLP projections of GPT-2, Llama, OLMo, OLMo-2, Qwen2, Mistral, GPT-NeoX/Pythia, "
                  "OPT, GPT-J and Phi" if kind.name == "mlp" else
                  "attention projections are linear layers under a module named *attn* or *attention* in a block"
-                 if kind.name == "attention" else "linear layers are nn.Linear or GPT-2's Conv1D in a numbered block")
+                 if kind.name == "attention" else "it tracks a LoRA/PEFT adapter's own matrices: give --model an "
+                 "adapter folder (adapter_config.json)" if kind.name == "lora"
+                 else "linear layers are nn.Linear or GPT-2's Conv1D in a numbered block")
         raise InputError(f"no {kind.what} found in {type(model).__name__} (--track {kind.name}): {known}")
     return found
 

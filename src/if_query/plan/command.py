@@ -42,7 +42,7 @@ class Workload:
 
 def _folder_workloads(config: PlanConfig, limit: int | None) -> list[Workload]:
     """Each query folder's distinct sequences, tokenized as run-query would."""
-    tokenizer = ExampleTokenizer(load_tokenizer(config.model, config.revision), config.max_length,
+    tokenizer = ExampleTokenizer(load_tokenizer(config.model, config.revision, config.base_model), config.max_length,
                                  position_limit=limit, chat_template=config.chat_template)
     workloads = []
     for folder in config.folders:
@@ -89,7 +89,7 @@ class Plans:
 
 def make_plans(config: PlanConfig) -> Plans:
     """The fit and run plans of a :class:`~if_query.config.PlanConfig`."""
-    hf_config = load_config(config.model, config.revision)
+    hf_config = load_config(config.model, config.revision, config.base_model)
     model = loading.meta_model(hf_config)
     shape = ModelShape.of(model, hf_config)
     modules = shared_inputs_by_name(find_tracked_modules(model, config.layer_stride, config.track))

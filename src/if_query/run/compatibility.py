@@ -57,12 +57,13 @@ def load_model_for_factors(config: QueryConfig, metadata: dict, dtype: torch.dty
     factors_dir = config.factors_dir
     _refuse_other_model(metadata, factors_dir, {"revision": config.revision})
     fingerprint_args = (metadata, config.model, config.revision, factors_dir)
-    checked = check_fingerprint(*fingerprint_args)
+    checked = check_fingerprint(*fingerprint_args, base_model=config.base_model)
     factors = HessianFactors(factors_dir)  # every file the strategy needs, readable, whichever engine scores
-    model = load_model(config.model, config.revision, dtype)
-    if not checked:  # a hub model not cached before load_model downloaded it
-        check_fingerprint(*fingerprint_args, loaded=True)
     track = metadata["fit"].get("track", DEFAULT_TRACK)
+    model = load_model(config.model, config.revision, dtype, base_model=config.base_model,
+                       merge_adapter=track != "lora")
+    if not checked:  # a hub model not cached before load_model downloaded it
+        check_fingerprint(*fingerprint_args, loaded=True, base_model=config.base_model)
     model, modules = track_modules(model, metadata["fit"]["layer_stride"], track)
     _refuse_other_model(metadata, factors_dir, {"tracked_modules": [[m.name, m.shape] for m in modules]})
     return model, modules, None if config.engine == "kronfluence" else factors
@@ -106,7 +107,7 @@ def describe_model_mismatch(fitted: dict, given: dict) -> str:
 
 
 def check_fingerprint(metadata: dict, model: str, revision: str | None = None, factors_dir: str | Path = "",
-                      loaded: bool = False, cache_dir: str | Path | None = None) -> bool:
+                      loaded: bool = False, cache_dir: str | Path | None = None, base_model: str | None = None) -> bool:
     """Refuse factors fitted for other weights (InputError naming both digests).
 
     ``metadata`` is the fit's ``metadata.json``; the weights are those ``model`` at ``revision`` loads
@@ -124,7 +125,7 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
         return True
     recorded = fit.get("weights_fingerprint")
     other = fit.get("model") != canonical_model(model)
-    current = None if recorded is None else weights_fingerprint(model, revision, cache_dir)
+    current = None if recorded is None else weights_fingerprint(model, revision, cache_dir, base_model)
     if other and (current is None or current["digest"] != recorded):
         found = "" if current is None else f" (weights fingerprint {recorded} in the factors, {current['digest']} now)"
         _refuse_other_model(metadata, factors_dir, {"model": canonical_model(model)}, found)

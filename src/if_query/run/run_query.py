@@ -70,8 +70,9 @@ class QueryRunner:
             check_writable_dir(config.spill_dir, "spill_dir")
         self.metadata = load_complete_metadata(config.factors_dir)  # checked against the model: load_scorer
         self.dtype = resolve_dtype(config.dtype)
-        self.tokenizer = load_tokenizer(config.model, config.revision)
-        self.hf_config = load_config(config.model, config.revision)  # read once: positions, the refine check
+        self.tokenizer = load_tokenizer(config.model, config.revision, config.base_model)
+        # read once: positions, the refine check
+        self.hf_config = load_config(config.model, config.revision, config.base_model)
         limit = position_limit(self.hf_config)
         self.example_tokenizer = ExampleTokenizer(self.tokenizer, config.max_length, config.eos_in_loss, limit,
                                                   config.chat_template)

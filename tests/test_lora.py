@@ -1,0 +1,81 @@
+"""LoRA / PEFT adapters (model/adapter.py): --track lora scores through the adapter's own matrices, --track mlp through
+the model with the adapter merged in, each against brute-force autograd; factors of one adapter refused for another."""
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import QUERIES, TRAIN, assert_close_to_largest, assert_one_line_error, fit_args, reference_tokens, \
+    save_tiny_model, write_json
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny Llama and two LoRA adapters over it (q, v, up and down projections), lora_B not zero: PEFT starts it at
+    zero, which would make every lora_A gradient zero and the test trivial."""
+    root = tmp_path_factory.mktemp("lora")
+    base_dir = save_tiny_model(root / "base", "llama")
+    made = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, init_lora_weights=False,
+                            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+        peft_model = get_peft_model(base, config)
+        assert all(p.abs().max() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)  # the premise
+        peft_model.save_pretrained(root / f"adapter{seed}")
+        made.append(root / f"adapter{seed}")
+    return base_dir, made
+
+
+def gradient_dots(model, params, tokenizer):
+    """Brute force: the summed-loss gradients of ``params`` for each record (float64), then query · train."""
+    def gradients(records):
+        rows = []
+        for record in records:
+            ids, labels = reference_tokens(tokenizer, record["prompt"], record["completion"])
+            logits = model(torch.tensor([ids])).logits[0]
+            loss = F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100, reduction="sum")
+            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        return torch.stack(rows)
+    return gradients(QUERIES) @ gradients(TRAIN).T
+
+
+@pytest.mark.parametrize("track", ["lora", "mlp"])
+def test_an_adapter_scores_as_brute_force_autograd(adapters, tmp_path, cli, track):
+    base_dir, (adapter, _) = adapters
+    data = write_json(tmp_path / "fit.json", TRAIN)
+    cli(*fit_args(adapter, data, tmp_path / "factors", "--strategy", "identity", "--track", track))
+    files = {"train": write_json(tmp_path / "t.json", TRAIN), "query": write_json(tmp_path / "q.json", QUERIES)}
+    cli("run-query", "--model", adapter, "--factors-dir", tmp_path / "factors", "--train-json", files["train"],
+        "--query-json", files["query"], "--output-dir", tmp_path / "out", "--quiet")
+    frame = pd.read_csv(tmp_path / "out" / "influences.csv")
+    got = frame.pivot(index="query_id", columns="train_id", values="influence_score")
+    got = got.loc[[q["pair_id"] for q in QUERIES], [t["pair_id"] for t in TRAIN]].to_numpy()
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    model = PeftModel.from_pretrained(base, adapter).eval()  # eval: LoRA's dropout off, as if-query runs it
+    if track == "lora":
+        params = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+        assert len(params) == 2 * 4 * 2  # (A, B) x 4 projections x 2 blocks
+    else:
+        model = model.merge_and_unload()
+        params = [p for n, p in model.named_parameters() if ".mlp." in n]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    assert_close_to_largest(got, gradient_dots(model, params, AutoTokenizer.from_pretrained(base_dir)))
+
+
+def test_factors_of_one_adapter_are_refused_for_another_and_lora_needs_an_adapter(adapters, tmp_path, cli):
+    base_dir, (first, second) = adapters
+    data = write_json(tmp_path / "fit.json", TRAIN)
+    cli(*fit_args(first, data, tmp_path / "factors", "--strategy", "identity", "--track", "lora"))
+    files = {"train": write_json(tmp_path / "t.json", TRAIN), "query": write_json(tmp_path / "q.json", QUERIES)}
+    result = cli("run-query", "--model", second, "--factors-dir", tmp_path / "factors", "--train-json",
+                 files["train"], "--query-json", files["query"], "--output-dir", tmp_path / "out", expect=2)
+    assert_one_line_error(result, 2, "weights fingerprint")
+    assert not (tmp_path / "out" / "influences.csv").exists()
+    result = cli(*fit_args(base_dir, data, tmp_path / "base-factors", "--track", "lora"), expect=2)
+    assert_one_line_error(result, 2, "--track lora", "adapter folder")
