@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import QUERIES, TRAIN, assert_close_to_largest, assert_one_line_error, fit_args, reference_tokens, \
-    save_tiny_model, write_json
+from helpers import (
+    QUERIES,
+    TRAIN,
+    assert_close_to_largest,
+    assert_one_line_error,
+    fit_args,
+    reference_tokens,
+    save_tiny_model,
+    write_json,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
