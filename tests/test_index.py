@@ -23,7 +23,7 @@ from if_query.plan.sizes import Shape
 WORDS = "the a of in is lives works plays city job Alice Bob Carol Dave Paris Rome Oslo Lima and to".split()
 MODULES = [Shape(f"transformer.h.{layer}.mlp.{name}", out, inp, True)
            for layer in (0, 1) for name, out, inp in (("c_fc", 64, 16), ("c_proj", 16, 64))]
-SKETCH = ["--sketch-dim", "6", "--scaling-rank", "2", "--row-dtype", "float32"]
+SKETCH = ["--sketch", "gaussian", "--sketch-dim", "6", "--scaling-rank", "2", "--row-dtype", "float32"]
 
 
 def corpus(directory: Path, tokenizer, lengths=(5, 20, 8, 30, 3, 14, 26)) -> tuple[Path, list[list[int]]]:
@@ -52,24 +52,30 @@ def module_gradients(reference: Reference, ids: list[int]) -> list[torch.Tensor]
     return [torch.cat([grads[i].T, grads[i + 1][:, None]], dim=1) for i in range(0, len(grads), 2)]
 
 
-def test_rows_are_the_sketch_of_brute_force_gradients(cli, tiny_gpt2, fitted, tmp_path):
+@pytest.mark.parametrize("kind", ["gaussian", "eigen"])
+def test_rows_are_the_sketch_of_brute_force_gradients(cli, tiny_gpt2, fitted, tmp_path, kind):
     reference = Reference(tiny_gpt2)
     docs, windows = corpus(tmp_path, reference.tokenizer)
-    index(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "index")
+    index(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "index", "--sketch", kind)
     store = IndexStore.open(tmp_path / "index")
     manifest = store.manifest
     assert manifest["complete"] and manifest["windows"] == len(windows)
     assert manifest["tracked_modules"] == [s.name for s in MODULES] and manifest["row_dim"] == 4 * 36
     factors = HessianFactors(fitted["ekfac"])
     sketches = [ModuleSketch.make(s, factors.preconditioner(s.name, None, torch.device("cpu")), 6, 2, 0,
-                                  torch.device("cpu")) for s in MODULES]
+                                  torch.device("cpu"), kind) for s in MODULES]
     expected = []
     for ids in windows:
         row = []
         for sketch, gradient in zip(sketches, module_gradients(reference, ids), strict=True):
             rotated = sketch.pre.q_g.double().T @ gradient @ sketch.pre.q_a.double()
-            row.append((sketch.omega_g.double().T @ (sketch.approx.double() * rotated) @ sketch.omega_a.double())
-                       .flatten())
+            whitened = sketch.scale.double() * rotated
+            if kind == "eigen":  # the block of W on the kept eigenvectors: W itself there
+                kept_rows, kept_columns = sketch.kept
+                row.append(whitened[kept_rows][:, kept_columns].flatten())
+            else:
+                row.append((sketch.omega_g.double().T @ (sketch.approx.double() * rotated)
+                            @ sketch.omega_a.double()).flatten())
         expected.append(torch.cat(row))
     expected = torch.stack(expected).detach()
     assert_close_to_largest(store.rows(), expected, 1e-4)

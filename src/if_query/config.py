@@ -37,7 +37,8 @@ GROUPS = ("Inputs", "Outputs", "Approximation", "Precision", "Memory and speed",
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
 ROW_DTYPES = ("float16", "float32")  # if-query index --row-dtype
 # if-query index's defaults and run-query --index's, chosen from the measurement in benchmarks/README.md (Index)
-SKETCH_DIM, SCALING_RANK, INDEX_CANDIDATES = 32, 4, 100
+SKETCH_KINDS = ("eigen", "gaussian")  # if_query.index.sketch.SKETCHES
+INDEX_SKETCH, SKETCH_DIM, SCALING_RANK, INDEX_CANDIDATES = "eigen", 32, 4, 100
 
 
 def option(default: Any = MISSING, *, help: str, group: str, flags: tuple[str, ...] = (),
@@ -470,14 +471,20 @@ class IndexConfig:
     max_length: int = same_option(QueryConfig, "max_length")
     chat_template: bool = same_option(QueryConfig, "chat_template")
     eos_in_loss: bool = same_option(QueryConfig, "eos_in_loss")
+    sketch: str = option(
+        INDEX_SKETCH, choices=SKETCH_KINDS,
+        help="eigen: each module's whitened gradient kept on the block of its eigenbasis (k rows x k columns) that "
+             "carries the most whitened energy, S applied exactly; gaussian: Gaussian projections of both sides, "
+             "with S approximated by its rank --scaling-rank SVD (docs/index.md compares them).",
+        group="Approximation")
     sketch_dim: int = option(
         SKETCH_DIM, minimum=1,
-        help="k: each module's whitened gradient (out x in') is sketched to k x k numbers (Gaussian projections of "
-             "both sides). A row is modules x k^2 numbers.", group="Approximation")
+        help="k: each module's whitened gradient (out x in') is sketched to k x k numbers. A row is modules x k^2 "
+             "numbers.", group="Approximation")
     scaling_rank: int = option(
         SCALING_RANK, minimum=1,
-        help="R: each module's EK-FAC scaling is approximated by its rank-R truncated SVD for the sketch (its error is "
-             "recorded in the manifest); the cost of sketching grows with R.", group="Approximation")
+        help="--sketch gaussian: each module's EK-FAC scaling is approximated by its rank-R truncated SVD (its error "
+             "is recorded in the manifest); the cost of sketching grows with R.", group="Approximation")
     seed: int = option(0, help="Seed of the Gaussian projections (recorded; queries use the same).",
                        group="Approximation")
     row_dtype: str = option("float16", choices=ROW_DTYPES, help="How rows are stored: float16 or float32.",

@@ -90,7 +90,7 @@ class IndexRunner(QueryRunner):
         scorer = self.load_scorer()
         sketch = self.index.manifest["sketch"]
         started = time.perf_counter()
-        sketches = module_sketches(scorer, sketch["k"], sketch["scaling_rank"], sketch["seed"])
+        sketches = module_sketches(scorer, sketch)
         rows = query_rows(scorer, sketches, work.queries, self.config.batch_sizes()[0], self.config.index_query_form)
         top, bottom = self.index.shortlist(rows, self.config.candidates, self.config.ranking == "cosine")
         chosen = np.unique(np.concatenate([top.ravel(), bottom.ravel()]))

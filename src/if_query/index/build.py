@@ -40,11 +40,16 @@ def query_config(config: IndexConfig) -> QueryConfig:
                        chat_template=config.chat_template, eos_in_loss=config.eos_in_loss, spill_dir=config.spill_dir)
 
 
-def module_sketches(scorer, k: int, rank: int, seed: int) -> list[ModuleSketch]:
-    """Every tracked module's sketch operators on the scorer's device."""
+def module_sketches(scorer, sketch: dict) -> list[ModuleSketch]:
+    """Every tracked module's sketch operators on the scorer's device, as the manifest's ``sketch`` says."""
     setup = scorer.setup
-    return [ModuleSketch.make(shape, setup.factors.preconditioner(shape.name, setup.damping, setup.device), k, rank,
-                              seed, setup.device) for shape in setup.shapes]
+    return [ModuleSketch.make(shape, setup.factors.preconditioner(shape.name, setup.damping, setup.device),
+                              sketch["k"], sketch["scaling_rank"], sketch["seed"], setup.device, sketch["kind"])
+            for shape in setup.shapes]
+
+
+def sketch_of(config: IndexConfig) -> dict:
+    return {"kind": config.sketch, "seed": config.seed, "k": config.sketch_dim, "scaling_rank": config.scaling_rank}
 
 
 def sketch_batch(model, recorder: LayerRecorder, sketches: list[ModuleSketch], batch: dict) -> torch.Tensor:
@@ -68,10 +73,10 @@ def _manifest(config: IndexConfig, runner: QueryRunner, sketches: list[ModuleSke
         "tracked_modules": [s.shape.name for s in sketches],
         "corpus": {"path": str(config.train_dataset), "digest": corpus.digest, "tokens": int(corpus.lengths().sum())},
         "windows": len(corpus.lengths()),
-        "sketch": {"seed": config.seed, "k": config.sketch_dim, "scaling_rank": config.scaling_rank},
+        "sketch": sketch_of(config),
         "row_dtype": config.row_dtype, "shard_rows": config.shard_rows, "row_dim": int(offsets[-1]),
         "modules": [{"name": s.shape.name, "offset": int(offsets[i]), "dim": s.dim, "scaling_rank": s.rank,
-                     "scaling_error": s.error, "damping": s.pre.damping} for i, s in enumerate(sketches)],
+                     "error": s.error, "damping": s.pre.damping} for i, s in enumerate(sketches)],
         "complete": False,
     }
 
@@ -114,7 +119,7 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
     if len(set(digests)) > 1:
         raise RunError("the ranks read other windows from the corpus: every rank must read the same files with the "
                        "same tokenizer", option="train_dataset")
-    sketches = module_sketches(scorer, config.sketch_dim, config.scaling_rank, config.seed)
+    sketches = module_sketches(scorer, sketch_of(config))
     manifest = _manifest(config, runner, sketches)
     lengths = corpus.lengths()
     failure = None
@@ -132,9 +137,10 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
     if store.manifest.get("complete"):
         logger.info("%s is complete (%d windows): nothing to do", config.output_dir, store.windows)
         return store.manifest
-    logger.info("Indexing %d windows (%d tokens) into %s: %d modules, k = %d, scaling rank %d (relative error of the "
-                "scaling %s), rows of %d numbers (%s each, %s in all)%s", store.windows, int(lengths.sum()),
-                config.output_dir, len(sketches), config.sketch_dim, config.scaling_rank,
+    logger.info("Indexing %d windows (%d tokens) into %s: %d modules, %s sketch, k = %d%s (error per module %s), "
+                "rows of %d numbers (%s each, %s in all)%s", store.windows, int(lengths.sum()), config.output_dir,
+                len(sketches), config.sketch, config.sketch_dim,
+                f", scaling rank {config.scaling_rank}" if config.sketch == "gaussian" else "",
                 " / ".join(f"{s.error:.3f}" for s in sketches), store.dim,
                 human_bytes(store.dim * np.dtype(store.row_dtype).itemsize),
                 human_bytes(store.dim * np.dtype(store.row_dtype).itemsize * store.windows),
@@ -152,8 +158,7 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
             for start in range(0, len(order), config.batch_size):
                 chosen = order[start : start + config.batch_size]
                 batch = {k: v.to(device) for k, v in collate(corpus.windows(base + chosen)).items()}
-                rows = sketch_batch(model, recorder, sketches, batch).cpu().numpy().astype(store.row_dtype)
-                store.record(shard, chosen, rows, (rows.astype(np.float64) ** 2).sum(axis=1))
+                store.record(shard, chosen, sketch_batch(model, recorder, sketches, batch).cpu().numpy())
                 bar.update(len(chosen))
     logger.info("Indexed %d windows in %.1f s", sum(len(t) for t in todo.values()), time.perf_counter() - started)
     distributed.gather(None)  # every rank's shards are done

@@ -67,12 +67,16 @@ class ModuleSketch:
     scale: torch.Tensor
     approx: torch.Tensor
     error: float
+    block: torch.Tensor | None = None  # eigen: S on the kept block (k_g, k_a)
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eigen: the kept rows and columns of the eigenbasis
 
     @classmethod
-    def make(cls, shape: Shape, pre: Preconditioner, k: int, rank: int, seed: int,
-             device: torch.device) -> ModuleSketch:
+    def make(cls, shape: Shape, pre: Preconditioner, k: int, rank: int, seed: int, device: torch.device,
+             kind: str = "gaussian") -> ModuleSketch:
         scale = (pre.scale if pre.scale is not None
                  else torch.ones(shape.out, shape.width, device=device))  # identity: S = 1
+        if kind == "eigen":
+            return cls._eigen(shape, pre, k, scale, device)
         u, v, error = low_rank_scaling(scale, rank)
         omega_g = gaussian(shape.out, k, seed, shape.name, "g").to(device)
         omega_a = gaussian(shape.width, k, seed, shape.name, "a").to(device)
@@ -84,9 +88,28 @@ class ModuleSketch:
             right = pre.q_a @ right
         return cls(shape, k, len(u), left, right, omega_g, omega_a, pre, scale, u.T @ v, error)
 
+    @classmethod
+    def _eigen(cls, shape: Shape, pre: Preconditioner, k: int, scale: torch.Tensor,
+               device: torch.device) -> ModuleSketch:
+        """The block of W in the eigenbasis whose rows and columns carry the most whitened energy: entry (i, j) of a
+        training gradient's W has expected square ``Λ_ij / (Λ_ij + λ) = 1 - λ S_ij²`` (EK-FAC's Λ is the gradients'
+        second moment there), so the kept rows are the k of largest summed energy, the columns likewise, and S is
+        applied exactly on the block (no approximation of S, no randomness). ``error``: the energy left out."""
+        damping = pre.damping or 0.0
+        energy = (1 - damping * scale.double() ** 2).clamp_min(0) if pre.scale is not None else scale.double()
+        rows = torch.topk(energy.sum(1), min(k, shape.out)).indices.sort().values
+        columns = torch.topk(energy.sum(0), min(k, shape.width)).indices.sort().values
+        left = (pre.q_g[:, rows] if pre.q_g is not None
+                else torch.eye(shape.out, device=device)[:, rows])  # (out, k_g)
+        right = (pre.q_a[:, columns] if pre.q_a is not None
+                 else torch.eye(shape.width, device=device)[:, columns])  # (in', k_a)
+        block = scale[rows][:, columns]
+        error = 1 - float(energy[rows][:, columns].sum() / energy.sum().clamp_min(1e-300))
+        return cls(shape, k, 1, left, right, left, right, pre, scale, scale, error, block, (rows, columns))
+
     @property
     def dim(self) -> int:
-        return self.k * self.k
+        return self.left.shape[1] * self.right.shape[1] // (self.rank * self.rank)
 
     def rows(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
         """Rows (batch, k * k) float32 of a batch's token factors: ``inputs`` (batch, T, in) and ``output_grads``
@@ -94,9 +117,10 @@ class ModuleSketch:
         a = with_bias_column(inputs.float(), self.shape.bias) @ self.right  # (batch, T, R k)
         g = output_grads.float() @ self.left  # (batch, T, R k)
         batch, tokens = a.shape[:2]
-        a = a.reshape(batch, tokens * self.rank, self.k)  # the T and r sums taken in one product
-        g = g.reshape(batch, tokens * self.rank, self.k)
-        return (g.transpose(1, 2) @ a).reshape(batch, -1)
+        a = a.reshape(batch, tokens * self.rank, -1)  # the T and r sums taken in one product
+        g = g.reshape(batch, tokens * self.rank, -1)
+        product = g.transpose(1, 2) @ a
+        return (product if self.block is None else product * self.block).reshape(batch, -1)
 
     def rotated(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
         """R = Q_gᵀ Gᵀ [A, 1] Q_a (batch, out, in') float32: the dense rotated gradients (the query side)."""
@@ -107,6 +131,9 @@ class ModuleSketch:
     def dense_rows(self, rotated: torch.Tensor, form: str) -> torch.Tensor:
         """Rows (batch, k * k) of dense rotated gradients (batch, out, in'): ``symmetric`` sketches S_R ⊙ R,
         ``unbiased`` (S² / S_R) ⊙ R (see the module docstring)."""
+        if self.kept is not None:  # eigen: the block itself, exact
+            rows, columns = self.kept
+            return (rotated[:, rows][:, :, columns] * self.block).reshape(len(rotated), -1)
         if form == "symmetric":
             weighted = rotated * self.approx
         else:

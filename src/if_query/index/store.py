@@ -1,13 +1,14 @@
 """An index directory: its manifest, its rows in memory-mapped shard files, and the shortlist read from them.
 
 ``INDEX/manifest.json`` says what the rows are of (:data:`IDENTITY_KEYS`: weights, factors, damping, dtype,
-``--max-length``, the corpus's windows; the tracked modules; the sketch: seed, R, k, the row's dtype and each
-module's place in the row and its scaling's error) and whether the index is complete. Windows are cut into shards
-of ``shard_rows`` consecutive windows: ``shard-NNNNN.rows`` (windows, D) float16/float32,
-``shard-NNNNN.norms`` (windows,) float64 (each row's squared norm: the self-influence estimate the cosine divides
-by) and ``shard-NNNNN.done`` (one byte per window). A batch's rows and norms are flushed before its done bytes are
-set and flushed, so a window marked done is complete: a rerun with the same manifest does only the rest, whatever
-its number of ranks (shard s is rank s mod N's). ``lengths.npy`` holds every window's tokens.
+``--max-length``, the corpus's windows; the tracked modules; the sketch: kind, seed, R, k, the row's dtype and each
+module's place in the row and its error) and whether the index is complete. Windows are cut into shards of
+``shard_rows`` consecutive windows: ``shard-NNNNN.rows`` (windows, D) float16/float32, each row divided by its norm
+(whitened gradients overflow float16's range: unit rows never do), ``shard-NNNNN.norms`` (windows,) float64 (each
+row's squared norm: the self-influence estimate the cosine divides by, and the raw score's scale) and
+``shard-NNNNN.done`` (one byte per window). A batch's rows and norms are flushed before its done bytes are set and
+flushed, so a window marked done is complete: a rerun with the same manifest does only the rest, whatever its number
+of ranks (shard s is rank s mod N's). ``lengths.npy`` holds every window's tokens.
 
 Disk: D × (2 or 4) + 9 bytes per window, D = Σ_modules k² (4 modules at k = 32 in float16: 8 KB).
 """
@@ -120,10 +121,11 @@ class IndexStore:
     def done_count(self) -> int:
         return sum(int(self.done(s).sum()) for s in range(self.shards))
 
-    def record(self, shard: int, local: np.ndarray, rows: np.ndarray, norms: np.ndarray) -> None:
-        """Windows ``local`` (offsets in the shard) have ``rows`` (n, D) and squared norms ``norms`` (n,)."""
+    def record(self, shard: int, local: np.ndarray, rows: np.ndarray) -> None:
+        """Windows ``local`` (offsets in the shard) have ``rows`` (n, D): kept as unit rows and squared norms."""
         values, squared, done = self._map(shard)
-        values[local] = rows.astype(self.row_dtype)
+        norms = (rows.astype(np.float64) ** 2).sum(axis=1)
+        values[local] = (rows / np.sqrt(np.where(norms > 0, norms, 1.0))[:, None]).astype(self.row_dtype)
         squared[local] = norms
         values.flush()
         squared.flush()
@@ -148,10 +150,10 @@ class IndexStore:
             values, squared, _ = self._map(shard)
             for start in range(0, len(span), chunk_rows):
                 stop = min(start + chunk_rows, len(span))
-                rows = torch.from_numpy(np.array(values[start:stop], dtype=np.float32))
-                key = (queries @ rows.T).double()  # (Q, n)
-                if cosine:
-                    key /= torch.from_numpy(np.asarray(squared[start:stop])).clamp_min(1e-300).sqrt()
+                rows = torch.from_numpy(np.array(values[start:stop], dtype=np.float32))  # unit rows
+                key = (queries @ rows.T).double()  # (Q, n): the cosine's order
+                if not cosine:
+                    key *= torch.from_numpy(np.array(squared[start:stop])).sqrt()
                 where = torch.arange(span.start + start, span.start + stop).expand(len(queries), -1)
                 for name, sign in (("top", 1.0), ("bottom", -1.0)):
                     best, at = sides[name]
@@ -166,5 +168,6 @@ class IndexStore:
 
     def rows(self) -> np.ndarray:
         """Every row, (windows, D) float32 (small indexes and tests: the shortlist never holds them all)."""
-        return np.concatenate([np.asarray(self._map(s)[0][: len(self.shard_range(s))], dtype=np.float32)
-                               for s in range(self.shards)])
+        units = np.concatenate([np.asarray(self._map(s)[0][: len(self.shard_range(s))], dtype=np.float32)
+                                for s in range(self.shards)])
+        return units * np.sqrt(self.norms()).astype(np.float32)[:, None]
