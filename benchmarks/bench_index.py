@@ -52,6 +52,27 @@ def cpu(function, *args, **kwargs):
     return value, time.process_time() - start
 
 
+def floor_seconds_per_token(model_dir: Path, documents: list[str], batch: int = 8) -> float:
+    """CPU seconds of a frozen-weight forward and backward pass (activation gradients only) per token, in this
+    process (bench_corpus.py's floor: no benchmark imports another)."""
+    from if_query.data.tokenization import TokenizedExample, collate, prepare_tokenizer
+    from if_query.model.loading import load_model, load_tokenizer
+    from if_query.score.capture import forward_backward, frozen_weights
+
+    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)))
+    model = load_model(str(model_dir), None, torch.float32, torch.device("cpu"))
+    examples = []
+    for text in documents:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(TokenizedExample(tuple(ids[:MAX_LENGTH]), tuple(ids[:MAX_LENGTH])))
+    tokens = sum(len(e) for e in examples)
+    start = time.process_time()
+    with frozen_weights(model):
+        for k in range(0, len(examples), batch):
+            forward_backward(model, collate(examples[k : k + batch], tokenizer.pad_token_id))
+    return (time.process_time() - start) / tokens
+
+
 def write_corpus(records: list[dict], count: int, path: Path, seed: int) -> Path:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as file:
@@ -118,7 +139,7 @@ def index_options(model, factors, corpus, out, k, rank, kind) -> dict:
                 sketch=kind, sketch_dim=k, scaling_rank=rank, quiet=True)
 
 
-def answer(model, factors, corpus, queries, index, m, out, form="unbiased"):
+def answer(model, factors, corpus, queries, index, m, out, form="symmetric"):
     return api.run_query(model=model, factors_dir=factors, train_dataset=corpus, query_json=queries, output_dir=out,
                          max_length=MAX_LENGTH, index=index, candidates=m, top_train=TOP, index_query_form=form,
                          quiet=True)
@@ -132,7 +153,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--sketches", nargs="+", default=["gaussian", "eigen"])
     parser.add_argument("--default-sketch", default="eigen")
-    parser.add_argument("--default-k", type=int, default=32)
+    parser.add_argument("--default-k", type=int, default=64)
     parser.add_argument("--default-rank", type=int, default=4)
     parser.add_argument("--default-candidates", type=int, default=20)
     parser.add_argument("--queries", type=int, default=16)
@@ -159,10 +180,9 @@ def main() -> None:
     n = args.documents
     exact_cos, exact_raw, ids, exact_s = exact_run(model, factors, corpora[n], queries, work / "exact")
     print(f"exact run, N = {n}: {exact_s:.1f} CPU s ({len(query_records)} queries)", flush=True)
-    import bench_corpus  # the floor, as bench_corpus measures it
-
-    texts = [json.loads(line)["text"] for line in corpora[n].read_text().splitlines()]
-    floor_per_token = bench_corpus.floor_seconds_per_token(Path(model), texts, batch=8)
+    texts = sorted((json.loads(line)["text"] for line in corpora[n].read_text().splitlines()), key=len)  # as the
+    # index batches its windows: by length, little padding
+    floor_per_token = floor_seconds_per_token(Path(model), texts, batch=8)
     rows = []
     settings = [("gaussian", k, rank) for rank in args.ranks for k in args.ks] + [("eigen", k, 1) for k in args.ks]
     for kind, k, rank in settings:
@@ -175,7 +195,7 @@ def main() -> None:
             store = IndexStore.open(out)
             train_rows, norms = store.rows(), store.norms()
             entry = {"sketch": kind, "k": k, "R": rank, "build_s": build_s, "floor_s": floor_per_token * tokens,
-                     "bytes_per_token": store.dim * 2 / tokens * 1.0, "row_bytes": store.dim * 2,
+                     "bytes_per_token": store.dim * 2 * store.windows / tokens, "row_bytes": store.dim * 2,
                      "scaling_error": [m["error"] for m in manifest["modules"]]}
             entry["build_ratio"] = entry["build_s"] / entry["floor_s"]
             for form in ("unbiased", "symmetric"):

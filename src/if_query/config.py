@@ -38,7 +38,7 @@ KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # ru
 ROW_DTYPES = ("float16", "float32")  # if-query index --row-dtype
 # if-query index's defaults and run-query --index's, chosen from the measurement in benchmarks/README.md (Index)
 SKETCH_KINDS = ("eigen", "gaussian")  # if_query.index.sketch.SKETCHES
-INDEX_SKETCH, SKETCH_DIM, SCALING_RANK, INDEX_CANDIDATES = "eigen", 32, 4, 100
+INDEX_SKETCH, SKETCH_DIM, SCALING_RANK, INDEX_CANDIDATES = "eigen", 64, 4, 100
 
 
 def option(default: Any = MISSING, *, help: str, group: str, flags: tuple[str, ...] = (),
@@ -346,7 +346,7 @@ class QueryConfig(MemoryOptions):
     queries: list | None = field(default=None)
     train: list | None = field(default=None)
     # Library callers only (benchmarks): how --index sketches a query (if_query.index.sketch.QUERY_FORMS).
-    index_query_form: str = field(default="unbiased")
+    index_query_form: str = field(default="symmetric")
     # Library callers only: False lets single-run mode leave output_dir None: the results are returned, not written.
     output_required: bool = field(default=True, compare=False)
 
@@ -554,6 +554,11 @@ class PlanConfig(MemoryOptions):
     host_memory_gb: float | None = same_option(
         QueryConfig, "host_memory_gb",
         help="As for run-query (GB of 10^9 bytes); default: half of --host-ram-gb, divided among --gpus ranks.")
+    sketch: str = same_option(IndexConfig, "sketch", help="With --documents: the index's sketch (if-query index).")
+    sketch_dim: int = same_option(IndexConfig, "sketch_dim", help="With --documents: the index's k (if-query index).")
+    scaling_rank: int = same_option(IndexConfig, "scaling_rank",
+                                    help="With --documents and --sketch gaussian: the index's R (if-query index).")
+    row_dtype: str = same_option(IndexConfig, "row_dtype", help="With --documents: the index's row dtype.")
     gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB of 10^9 bytes.", group="Hardware")
     gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
                                           "shared out, host memory is divided among the ranks.", group="Hardware")
