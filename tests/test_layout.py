@@ -25,6 +25,7 @@ LAYERS = [
     {"fit"},
     {"report"},
     {"run"},
+    {"index"},
     {"demo"},
     {"api"},
     {"cli"},

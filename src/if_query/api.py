@@ -35,7 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from if_query.config import FitConfig, PlanConfig, QueryConfig, ReportConfig
+from if_query.config import FitConfig, IndexConfig, PlanConfig, QueryConfig, ReportConfig
 from if_query.errors import InputError
 
 if TYPE_CHECKING:
@@ -185,9 +185,27 @@ def run_query(config: QueryConfig | None = None, /, *, quiet: bool = False, resu
     if results not in RESULTS:
         raise ValueError(f"results must be one of {', '.join(RESULTS)}, got {results!r}")
     config = _query_config(config, options)
+    if config.index is not None:  # the corpus's index shortlists, the engine scores the candidates
+        from if_query.index.answer import IndexRunner
+
+        return IndexRunner(config, quiet=quiet, results=results).run()
     from if_query.run.run_query import QueryRunner
 
     return QueryRunner(config, quiet=quiet, results=results).run()
+
+
+def index_corpus(config: IndexConfig | None = None, /, *, quiet: bool = False, **options: Any) -> dict:
+    """Index a corpus once for many query sets (``if-query index``; docs/index.md). ``config``/``options``: an
+    :class:`~if_query.config.IndexConfig` or its fields (``model``, ``factors_dir``, ``train_dataset``,
+    ``output_dir``; ``sketch_dim``, ``scaling_rank``, ...). Resumes an interrupted build. Returns the index's
+    manifest (what it was built for, the sketch, the windows)."""
+    config = _config(IndexConfig, config, options)
+    from if_query.fit.metadata import load_complete_metadata
+
+    load_complete_metadata(config.factors_dir)  # before torch is imported
+    from if_query.index.build import build_index
+
+    return build_index(config, quiet=quiet)
 
 
 class Attributor:
@@ -207,6 +225,8 @@ class Attributor:
         given = sorted(set(options) & set(JOB_FIELDS))
         if given:
             raise TypeError(f"Attributor takes what to score in score(), not {', '.join(given)}")
+        if options.get("index") is not None or (config is not None and config.index is not None):
+            raise TypeError("Attributor does not read an index yet: use run_query(index=...)")
         jobs = {name: None for name in JOB_FIELDS} | {"queries": [], "train": []}  # none yet: score() gives them
         self.config = _checked(_config(QueryConfig, config, {"output_required": False, **options, **jobs}))
         from if_query.run.run_query import QueryRunner

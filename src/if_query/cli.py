@@ -26,6 +26,7 @@ from if_query.config import (
     GROUPS,
     DemoConfig,
     FitConfig,
+    IndexConfig,
     PlanConfig,
     QueryConfig,
     ReportConfig,
@@ -244,6 +245,12 @@ def query(config: QueryConfig, quiet: bool) -> None:
                    else f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
 
 
+def index(config: IndexConfig, quiet: bool) -> None:
+    manifest = api.index_corpus(config, quiet=quiet)
+    if not quiet and is_main_rank():
+        typer.echo(f"Indexed {manifest['windows']} windows of {config.train_dataset} -> {config.output_dir}")
+
+
 def report(config: ReportConfig, quiet: bool) -> None:
     path = api.write_report(config)
     if not quiet:
@@ -273,6 +280,7 @@ def add_command(name: str, config_class: type, action: Callable[[Any, bool], Non
 
 fit_hessians_command = add_command("fit-hessians", FitConfig, fit)
 run_query_command = add_command("run-query", QueryConfig, query)
+index_command = add_command("index", IndexConfig, index)
 report_command = add_command("report", ReportConfig, report)
 plan_command = add_command("plan", PlanConfig, plan)
 demo_command = add_command("demo", DemoConfig, demo)

@@ -37,6 +37,10 @@ TRACK_CHOICES = ("mlp", "attention", "all-linear", "lora")
 # The sections of every command's --help and options page, in this order (each option names its own).
 GROUPS = ("Inputs", "Outputs", "Approximation", "Precision", "Memory and speed", "Engine", "Hardware")
 KRONFLUENCE_ONLY = ("query_rank", "queries_per_pass", "module_partitions")  # run-query options of that engine
+ROW_DTYPES = ("float16", "float32")  # if-query index --row-dtype
+# if-query index's defaults and run-query --index's, chosen from the measurement in benchmarks/README.md (Index)
+SKETCH_KINDS = ("eigen", "gaussian")  # if_query.index.sketch.SKETCHES
+INDEX_SKETCH, SKETCH_DIM, SCALING_RANK, INDEX_CANDIDATES = "eigen", 64, 4, 100
 
 
 def option(default: Any = MISSING, *, help: str, group: str, flags: tuple[str, ...] = (),
@@ -318,6 +322,16 @@ class QueryConfig(MemoryOptions):
         None, minimum=1,
         help="Keep only each query's K most helpful and K most harmful train examples (by --rank-by; ties "
              "by train_id) in influences.csv, and only the train examples that appear in train.csv.", group="Outputs")
+    index: Path | None = option(
+        None,
+        help="An index of the --train-dataset corpus (if-query index): each query's --candidates best and worst "
+             "windows by the index's estimate are read back from the corpus and scored exactly; no pass over the "
+             "corpus. Needs --top-train. An index built for other weights, factors, damping, --max-length or "
+             "another corpus is refused. See docs/index.md.", group="Inputs")
+    candidates: int = option(
+        INDEX_CANDIDATES, minimum=1,
+        help="With --index: windows shortlisted per query at each end of the ranking (its most helpful and its "
+             "most harmful by the index), scored exactly (the union over the queries).", group="Approximation")
     cosine: bool = option(
         True, flags=("--cosine/--no-cosine",),
         help="Compute influence_cosine, which needs every train example's self-influence (its gradient rotated "
@@ -349,6 +363,8 @@ class QueryConfig(MemoryOptions):
     # if_query.data.records.Example each, instead of query_json and train_json (single-run mode).
     queries: list | None = field(default=None)
     train: list | None = field(default=None)
+    # Library callers only (benchmarks): how --index sketches a query (if_query.index.sketch.QUERY_FORMS).
+    index_query_form: str = field(default="symmetric")
     # Library callers only: False lets single-run mode leave output_dir None: the results are returned, not written.
     output_required: bool = field(default=True, compare=False)
 
@@ -379,6 +395,9 @@ class QueryConfig(MemoryOptions):
                                              or not self.cosine or self.refine_steps):
             raise _refused("--train-dataset, --top-train, --no-cosine and --refine-steps need the default engine",
                            "engine")
+        if self.index is not None and (self.train_dataset is None or self.top_train is None):
+            raise _refused("--index shortlists windows of the --train-dataset corpus it indexes and keeps each "
+                           "query's --top-train K of them: give both", "index")
         if self.report and not self.folders and self.output_dir is None:
             raise _refused("--report writes report.html into the results directory: give --output-dir", "report")
         if self.rank_by == "cosine" and not self.cosine:
@@ -446,6 +465,61 @@ def same_option(config_class: type, name: str, help: str | None = None) -> Any:
     return field(default=spec.default, metadata=metadata, compare=spec.compare)
 
 
+@dataclass
+class IndexConfig:
+    """Index a training corpus once for many query sets: each window's whitened gradient, sketched per module.
+
+    One frozen-weight forward and backward pass per window of --train-dataset (windows as run-query cuts them); per
+    tracked module the EK-FAC scaling approximated by a rank --scaling-rank sum and the whitened gradient sketched to
+    --sketch-dim x --sketch-dim numbers from the window's token factors. Rows, their squared norms and a manifest go to
+    --output-dir; run-query --index shortlists each query's candidates from them and scores those exactly. Rerun with
+    the same arguments to resume; under torchrun each rank indexes its share of the shards. See docs/index.md.
+    """
+
+    model: str = same_option(QueryConfig, "model")
+    factors_dir: str = same_option(QueryConfig, "factors_dir")
+    train_dataset: Path = option(
+        help="The corpus to index, in any format run-query's --train-dataset reads (windows of --max-length tokens).",
+        group="Inputs")
+    output_dir: Path = option(help="The index directory (manifest.json, shard files).", group="Outputs")
+    revision: str | None = same_option(QueryConfig, "revision")
+    damping: str = same_option(QueryConfig, "damping")
+    dtype: str = same_option(QueryConfig, "dtype")
+    matmul_precision: str = same_option(QueryConfig, "matmul_precision")
+    max_length: int = same_option(QueryConfig, "max_length")
+    chat_template: bool = same_option(QueryConfig, "chat_template")
+    eos_in_loss: bool = same_option(QueryConfig, "eos_in_loss")
+    sketch: str = option(
+        INDEX_SKETCH, choices=SKETCH_KINDS,
+        help="eigen: each module's whitened gradient kept on the block of its eigenbasis (k rows x k columns) that "
+             "carries the most whitened energy, S applied exactly; gaussian: Gaussian projections of both sides, "
+             "with S approximated by its rank --scaling-rank SVD (docs/index.md compares them).",
+        group="Approximation")
+    sketch_dim: int = option(
+        SKETCH_DIM, minimum=1,
+        help="k: each module's whitened gradient (out x in') is sketched to k x k numbers. A row is modules x k^2 "
+             "numbers.", group="Approximation")
+    scaling_rank: int = option(
+        SCALING_RANK, minimum=1,
+        help="--sketch gaussian: each module's EK-FAC scaling is approximated by its rank-R truncated SVD (its error "
+             "is recorded in the manifest); the cost of sketching grows with R.", group="Approximation")
+    seed: int = option(0, help="Seed of the Gaussian projections (recorded; queries use the same).",
+                       group="Approximation")
+    row_dtype: str = option("float16", choices=ROW_DTYPES, help="How rows are stored: float16 or float32.",
+                            group="Outputs")
+    shard_rows: int = option(65536, minimum=1, help="Windows per shard file (shard s is indexed by rank s mod N).",
+                             group="Outputs")
+    batch_size: int = option(8, minimum=1, help="Windows per forward and backward pass.", group="Memory and speed")
+    spill_dir: str | None = option(None, compare=False, help="Directory of the corpus's token cache (default: the "
+                                   "system's temp dir; deleted when the run ends).", group="Memory and speed")
+    overwrite: bool = option(False, help="Replace an index built with other arguments in --output-dir.",
+                             group="Outputs")
+
+    def __post_init__(self) -> None:
+        _check_declared(self)
+        parse_damping(self.damping)
+
+
 DEVICES = ("cuda", "cpu")
 # Dense datasheet peaks of an H100 or H200 SXM (the same compute), FLOP/s: the plan's stated times.
 H100_BF16_TFLOPS, H100_TF32_TFLOPS, H100_FP32_TFLOPS = 989.4, 494.7, 66.9
@@ -500,6 +574,11 @@ class PlanConfig(MemoryOptions):
     host_memory_gb: float | None = same_option(
         QueryConfig, "host_memory_gb",
         help="As for run-query (GB of 10^9 bytes); default: half of --host-ram-gb, divided among --gpus ranks.")
+    sketch: str = same_option(IndexConfig, "sketch", help="With --documents: the index's sketch (if-query index).")
+    sketch_dim: int = same_option(IndexConfig, "sketch_dim", help="With --documents: the index's k (if-query index).")
+    scaling_rank: int = same_option(IndexConfig, "scaling_rank",
+                                    help="With --documents and --sketch gaussian: the index's R (if-query index).")
+    row_dtype: str = same_option(IndexConfig, "row_dtype", help="With --documents: the index's row dtype.")
     gpu_memory_gb: float = option(80.0, minimum=0, help="Memory of each GPU, GB of 10^9 bytes.", group="Hardware")
     gpus: int = option(1, minimum=1, help="GPUs (torchrun ranks) on the host: fitting is data parallel, folders are "
                                           "shared out, host memory is divided among the ranks.", group="Hardware")

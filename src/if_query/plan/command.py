@@ -9,7 +9,7 @@ the host's memory) instead of measured free memory: the chunk count and the rank
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from if_query.model.loading import DTYPES, load_config, load_tokenizer, position
 from if_query.model.tracking import describe_shared_inputs, find_tracked_modules, shared_inputs_by_name, track_kind
 from if_query.plan import sizes
 from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
+from if_query.plan.index_size import index_lines
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
 from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_count
 
@@ -81,6 +82,7 @@ class Plans:
     gpus: int
     cuda: bool  # planned for GPUs: times at the stated peaks (a GPU's) and bytes moved to and from the device
     tokens: int  # per sequence: --tokens, at most the model's positions
+    index: list[str] = field(default_factory=list)  # with --documents: if-query index's size and build time
 
     @property
     def folders(self) -> list[tuple[str, JobPlan]]:
@@ -135,8 +137,11 @@ def make_plans(config: PlanConfig) -> Plans:
                       config.device, peaks, precision, device_limit, host_per_rank)
     jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
                      world=gpus) for w in workloads]
+    index = [] if not config.documents else index_lines(
+        shapes, shape, config.documents, tokens, config.queries, config.sketch_dim, config.sketch, config.scaling_rank,
+        config.row_dtype, peaks.model if cuda else None, peaks.engine(precision) if cuda else None, gpus)
     return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, cuda=cuda,
-                 tokens=tokens)
+                 tokens=tokens, index=index)
 
 
 def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
@@ -189,6 +194,7 @@ def plan_text(config: PlanConfig) -> str:
         lines += _job_lines(name, job, plans.cuda)
         peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
         failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
+    lines += plans.index
     if not plans.folders:
         lines += ["", NOT_PLANNED]
     lines.append("")
