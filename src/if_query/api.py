@@ -17,7 +17,8 @@ message and ``exc.option``, the argument it is about; a failure while running ra
 - :func:`demo_model`: the bundled tiny GPT-2 (``if-query demo``'s model).
 
 Records given in memory (``queries=``, ``train=``) are a list of dicts (or a pandas DataFrame) of ``prompt`` and
-``completion`` strings (or ``messages``, a conversation: :mod:`if_query.data.chat`), an optional ``pair_id`` (default: the record's index in the list, as a string) and any other
+``completion`` strings (or ``messages``, a conversation: :mod:`if_query.data.chat`), an optional ``pair_id``
+(default: the record's index in the list, as a string) and any other
 fields, which are carried into the results' columns; they are validated as records files are (one-line errors
 naming ``queries`` or ``train``, the record and the problem). A path there is a records file (``.json`` list or
 JSON Lines), as ``query_json``/``train_json``. ``docs/python.md`` has worked examples.
