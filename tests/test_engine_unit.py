@@ -35,10 +35,20 @@ class RandomFactors:
                 q_a = self.modules[same_inputs[name]][0]
             self.modules[name] = (q_a, q_g, curvature)
 
-    def preconditioner(self, name, damping, device):
+    def read(self, name):
+        """The module's factors as a file would hold them (what the engine copies to the device)."""
         q_a, q_g, curvature = self.modules[name]
+        return {"q_a": q_a.float(), "q_g": q_g.float(), "curvature": curvature}
+
+    ranges = read  # no files: the host tensors stand for their ranges
+
+    def prepare(self, tensors, damping):
         damping = 0.5 if damping is None else damping
-        return Preconditioner(q_a.float(), q_g.float(), (curvature + damping).rsqrt().float(), damping)
+        return Preconditioner(tensors["q_a"], tensors["q_g"], (tensors["curvature"] + damping).rsqrt().float(),
+                              damping)
+
+    def preconditioner(self, name, damping, device):
+        return self.prepare(self.read(name), damping)
 
     def same_activation_eigenvectors(self, name, other):
         return torch.equal(self.modules[name][0], self.modules[other][0])
@@ -144,9 +154,11 @@ def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, sam
     assert store.nbytes == 13 * (5 + 4 + 6 + 4 + 6) * 4  # the shared input counted once
     factors = RandomFactors(shapes=GATED, bias=GATED_BIAS, same_inputs={"up": "gate"} if same_eigenvectors else None)
     queries, train = [3, 0], [1, 3, 2, 0, 4]
-    staged = Transfers(torch.device("cpu"), staging_bytes=64, staged=True)  # the device path, on the CPU
+    staged = Transfers(torch.device("cpu"), bounce_bytes=64, staged=True)  # the device path, on the CPU
     result = run_engine(store, factors, GATED_BIAS, queries, train, True, 10**9, {"up"}, transfers=staged)
-    assert result.bytes_to_device == store.nbytes  # every slab moved once, the shared input once
+    factor_bytes = sum(t.numel() * t.element_size() for name in GATED for t in factors.read(name).values())
+    assert result.factor_bytes_to_device == factor_bytes  # every module's factors moved once
+    assert result.bytes_to_device == store.nbytes + factor_bytes  # every slab moved once, the shared input once
     expected, self_scores, per_token = dense_scores(store, factors, queries, train, GATED_BIAS)
     assert_close_to_largest(result.pairwise, expected, 1e-5)
     assert_close_to_largest(result.train_self, self_scores[train], 1e-5)
@@ -162,7 +174,7 @@ def test_a_shared_input_is_kept_once_and_rotated_once(tmp_path, monkeypatch, sam
 
 def test_token_factors_reach_the_device_through_staging_buffers_unchanged():
     """The staging path (run here on the CPU with unpinned buffers): chunks of 100 bytes, two buffers."""
-    transfers = Transfers(torch.device("cpu"), staging_bytes=100, staged=True)
+    transfers = Transfers(torch.device("cpu"), bounce_bytes=100, staged=True)
     host = torch.randn(37, 11).to(torch.bfloat16)  # 814 bytes: 9 chunks
     moved = transfers.to_device(host)
     assert moved.dtype == torch.bfloat16 and torch.equal(moved, host) and moved.data_ptr() != host.data_ptr()
@@ -254,3 +266,52 @@ def test_queries_and_a_train_chunk_in_two_stores(tmp_path, cosine, workspace):
     else:
         assert result.query_self is None and result.train_self is None
         assert result.unrotated_modules >= 1  # the premise: the unrotated form ran
+
+
+# ---- the pipeline: module m+1's copies on their way while module m is scored
+
+
+def test_the_next_modules_copies_are_issued_before_this_modules_results_land(tmp_path):
+    """A recording stream (the CPU's :class:`Streams` with its log): every module's copies (factors and slabs)
+    are issued before the previous module is retired (its compute waited for, the one synchronisation per module)
+    and the compute stream waits for a module's copies before computing it; the scores land once, at the end."""
+    from if_query.score.streams import Streams
+
+    store = filled_store(10**9, tmp_path, GATED, {"up": "gate"})
+    factors = RandomFactors(shapes=GATED, bias=GATED_BIAS, same_inputs={"up": "gate"})
+    streams = Streams(record=True)
+    transfers = Transfers(torch.device("cpu"), bounce_bytes=64, staged=True, streams=streams)
+    result = run_engine(store, factors, GATED_BIAS, [3, 0], [1, 3, 2, 0, 4], True, 10**9, {"up"},
+                        transfers=transfers)
+    log = streams.log
+    names = list(GATED)
+
+    def at(what, name):
+        return log.index((what, name))
+
+    for m, name in enumerate(names):
+        assert at("copy", name) < at("copied", name) < at("wait", name) < at("computed", name)
+        if m + 1 < len(names):
+            assert at("copy", names[m + 1]) < at("retire", name)  # m+1 on its way before m is waited for
+            assert at("computed", name) < at("copy", names[m + 1])  # ... once m is queued
+        if 1 <= m < len(names) - 1:  # at most two modules' copies on the device: m-1 done before m+1 comes
+            assert at("retire", names[m - 1]) < at("copy", names[m + 1])
+    assert [entry for entry in log if entry[0] == "land"] == [("land", "scores")] and log[-1] == ("land", "scores")
+    expected, _, _ = dense_scores(store, factors, [3, 0], [1, 3, 2, 0, 4], GATED_BIAS)
+    assert_close_to_largest(result.pairwise, expected, 1e-5)
+
+
+def test_resident_factors_are_copied_once_across_calls(tmp_path):
+    """``Setup.resident``: the prepared factors stay on the device, so a second call (the next folder or chunk)
+    moves token factors alone."""
+    store = filled_store(10**9, tmp_path)
+    factors = RandomFactors()
+    transfers = Transfers(torch.device("cpu"), staged=True)
+    shapes = [Shape(name, out, inp, BIAS[name]) for name, (out, inp) in SHAPES.items()]
+    setup = engine.Setup(factors, shapes, None, torch.device("cpu"), transfers=transfers, resident={})
+    first = engine.score(engine.Side(store, [3, 0]), engine.Side(store, [1, 2]), setup, 10**9, False)
+    second = engine.score(engine.Side(store, [3, 0]), engine.Side(store, [1, 2]), setup, 10**9, False)
+    factor_bytes = sum(t.numel() * t.element_size() for name in SHAPES for t in factors.read(name).values())
+    assert first.factor_bytes_to_device == factor_bytes and second.factor_bytes_to_device == 0
+    assert first.bytes_to_device == second.bytes_to_device + factor_bytes == store.nbytes + factor_bytes
+    assert torch.equal(first.pairwise, second.pairwise)

@@ -279,3 +279,41 @@ def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
     assert f"factors on disk {factors / GB:.1f} GB" in text
     assert f"token factors {per_token / 1e6:.1f} MB per token" in text
     assert "k_proj, v_proj read q_proj's input" in text
+
+
+@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00001")], ids=["at-once", "chunks"])
+def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gpt2, fitted, query_files, tmp_path,
+                                                                     monkeypatch, extra):
+    """A run on the CPU through the device path's copies (staged transfers, unpinned buffers) planned as for a GPU
+    (a device 1 TB large: the factors stay resident across a chunked job's calls): the bytes it counts onto the
+    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers."""
+    import dataclasses
+
+    from helpers import run_query
+
+    from if_query.score import engine_scorer
+    from if_query.score.transfer import Transfers
+
+    held = []
+
+    class Staged(Transfers):
+        def __init__(self, device, **options):
+            super().__init__(device, staged=True, **options)
+
+        def close(self):
+            held.append(self.pinned_bytes)
+            super().close()
+
+    context = engine_scorer.EngineScorer.context
+    monkeypatch.setattr(engine_scorer, "Transfers", Staged)
+    monkeypatch.setattr(engine_scorer.EngineScorer, "context",
+                        lambda self: dataclasses.replace(context(self), device_type="cuda", device_limit=10**12))
+    run_query(cli, tiny_gpt2, fitted["ekfac"], query_files, tmp_path / "out", *extra)
+    plan = json.loads((tmp_path / "out" / "run.json").read_text())["plan"]
+    assert plan["mode"] == ("chunks" if extra else "at once")
+    planned, counted = plan["moved"], plan["moved_counted"]
+    assert counted == {key: planned[key] for key in counted}, (planned, counted)
+    assert counted["factor_bytes_to_device"] > 0 and counted["from_device_bytes"] > 0  # the premise: bytes moved
+    if extra:
+        assert plan["factors_resident"] and planned["engine_calls"] > 1  # factors once for several calls
+    assert held == [plan["pinned_bytes"]]  # sized once from the plan, returned at the end

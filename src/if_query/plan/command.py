@@ -167,11 +167,15 @@ def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
     lines.append(f"  ranks: {job.ranks()}")
     peaks = [*store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
     lines += [f"  {peak.describe()}" for peak in peaks]
-    moved = job.largest_chunk or store
+    moved = job.moved
     if cuda:
-        lines.append(f"  moved per {'chunk' if job.largest_chunk else 'folder'}: "
-                     f"{human_bytes(moved.bytes_from_device)} off the device, {human_bytes(moved.bytes_to_device)} "
-                     "onto it" + (f" ({len(job.chunks):,} chunks)" if job.largest_chunk else ""))
+        factors = (f"factors {human_bytes(store.factor_bytes)} once, kept on the device" if job.resident
+                   else f"factors {human_bytes(moved.factors_to_device)} of it: "
+                        f"{human_bytes(store.factor_bytes)} per engine call")
+        lines.append(f"  moved in all: {human_bytes(moved.from_device)} off the device, {human_bytes(moved.to_device)} "
+                     f"onto it ({factors}; {moved.engine_calls:,} engine call{'s' if moved.engine_calls != 1 else ''})"
+                     f"; pinned host buffers {human_bytes(job.pinned.total)} (2 bounce slots of "
+                     f"{human_bytes(job.pinned.bounce)}, landing {human_bytes(job.pinned.landing)})")
     lines.append(f"  {store.work.describe(cuda)}" + ("" if job.at_once else " (the queries)"))
     return lines
 

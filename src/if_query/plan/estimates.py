@@ -134,12 +134,22 @@ class ScorePlan:
     workspace_used: int
     at_once: bool
     block: int
-    bytes_to_device: int
-    bytes_from_device: int
+    bytes_to_device: int  # one engine call over this store: its token factors and (unless resident) the factors
+    bytes_from_device: int  # its token factors, captured (padding is not moved)
     capture: Peak
     scoring: Peak
     host: Peak
     work: Work
+    factor_bytes_to_device: int = 0  # of bytes_to_device: every module's factors, as stored
+    factor_bytes: int = 0  # every module's factors as the engine copies them (whether moved per call or once)
+    resident: bool = False  # every module's prepared factors kept on the device across the job's engine calls
+    bounce_bytes: int = 0  # each of the two pinned bounce slots
+    landing_bytes: int = 0  # the pinned landing buffer
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Pinned host memory: the two bounce slots and the landing buffer."""
+        return 2 * self.bounce_bytes + self.landing_bytes
 
     def line(self) -> str:
         """The one plan line run-query logs before a folder."""
@@ -150,7 +160,14 @@ class ScorePlan:
                 f"{human_bytes(self.token_factor_bytes)} {where} (budget {human_bytes(self.host_budget)}); "
                 f"workspace {human_bytes(self.workspace_used)} of {human_bytes(self.workspace_budget)} ({layout}); "
                 f"device peak {human_bytes(max(self.capture.total, self.scoring.total))}; moved "
-                f"{human_bytes(self.bytes_from_device)} off the device, {human_bytes(self.bytes_to_device)} onto it")
+                f"{human_bytes(self.bytes_from_device)} off the device, {human_bytes(self.bytes_to_device)} onto it "
+                f"({self.factors_moved()}); pinned {human_bytes(self.pinned_bytes)}")
+
+    def factors_moved(self) -> str:
+        """How the factors travel, in words."""
+        if self.resident:
+            return f"factors {human_bytes(self.factor_bytes)} once, kept on the device"
+        return f"factors {human_bytes(self.factor_bytes_to_device)} of it"
 
     def peaks(self) -> list[Peak]:
         return [self.capture, self.scoring, self.host]
@@ -204,34 +221,48 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
                                                                                         dtype_bytes, batch_labelled)),
         Part("its output gradients", output_grads)], device_limit if on_device else None,
         "a smaller --score-batch-size")
+    factor_bytes = sum(sizes.factor_read_bytes(s, strategy) for s in shapes) if on_device else 0
+    prepared = sum(sizes.preconditioner_bytes(s, strategy)[0] for s in shapes)
     worst, worst_total, at_once, block, used = None, -1, True, count, 0
-    for shape in shapes:
-        width_bytes = sizes.whitened_bytes(shape)
-        scratch, capacity = sizes.workspace_split(workspace_budget, shape, per_token)
-        module_at_once = capacity >= count
-        module_used = (count if module_at_once else 2 * (capacity // 2)) * width_bytes
-        parts = [Part("model", model_bytes),
-                 Part(f"factors of {shape.name.rsplit('.', 1)[-1]}",
-                      sizes.preconditioner_bytes(shape, strategy)[1]),
-                 Part("its token factors", sizes.slab_bytes(shape, tokens, dtype_bytes) if on_device else 0),
-                 Part("whitened gradients", module_used)]
-        if per_token:
-            one = sizes.per_token_scratch_bytes(shape, longest)
-            parts.append(Part("per-token scratch", min(count, max(1, scratch // one)) * one))
-        total = sum(p.bytes for p in parts)
-        if total > worst_total:
-            worst, worst_total = parts, total
-        at_once = at_once and module_at_once
-        block = min(block, count if module_at_once else capacity // 2)
-        used = max(used, module_used)
+    for resident in ((True, False) if on_device and device_limit is not None else (False,)):
+        worst, worst_total, at_once, block, used = None, -1, True, count, 0
+        for index, shape in enumerate(shapes):
+            following = shapes[index + 1] if index + 1 < len(shapes) else None
+            width_bytes = sizes.whitened_bytes(shape)
+            scratch, capacity = sizes.workspace_split(workspace_budget, shape, per_token)
+            module_at_once = capacity >= count
+            module_used = (count if module_at_once else 2 * (capacity // 2)) * width_bytes
+            factors_part = (Part("every module's factors, kept", prepared + sizes.preconditioner_bytes(
+                shape, strategy)[1] - sizes.preconditioner_bytes(shape, strategy)[0]) if resident else
+                Part(f"factors of {shape.name.rsplit('.', 1)[-1]}", sizes.preconditioner_bytes(shape, strategy)[1]))
+            parts = [Part("model", model_bytes), factors_part,
+                     Part("the next module's factors, arriving", 0 if resident or following is None or not on_device
+                          else sizes.factor_read_bytes(following, strategy)),
+                     Part("its token factors", sizes.slab_bytes(shape, tokens, dtype_bytes) if on_device else 0),
+                     Part("the next module's", 0 if following is None or not on_device else tokens * dtype_bytes * (
+                         following.out + (0 if following.shares_input else following.inp))),
+                     Part("whitened gradients", module_used)]
+            if per_token:
+                one = sizes.per_token_scratch_bytes(shape, longest)
+                parts.append(Part("per-token scratch", min(count, max(1, scratch // one)) * one))
+            total = sum(p.bytes for p in parts)
+            if total > worst_total:
+                worst, worst_total = parts, total
+            at_once = at_once and module_at_once
+            block = min(block, count if module_at_once else capacity // 2)
+            used = max(used, module_used)
+        if not resident or worst_total <= device_limit:
+            break
+    resident = on_device and worst[1].name.startswith("every")
     scoring = Peak("device, scoring" if on_device else "RAM, scoring (besides the token factors)", worst,
                    device_limit if on_device else None, "a smaller --workspace-gb (exact, in blocks)")
+    bounce = sizes.bounce_slot_bytes(shapes, strategy) if on_device else 0
+    landing = sizes.landing_bytes(sorted(lengths)[-batch_size:], shapes, dtype_bytes) if on_device else 0
     host = Peak("host" if on_device else "RAM", [
         Part("token factors" if not spilled else "token factors (spill file: page cache)", 0 if spilled
              else token_factors),
-        Part("pinned staging", 2 * sizes.STAGING_BYTES + batch_tokens * sizes.token_factor_bytes_per_token(
-            shapes, dtype_bytes) if on_device else 0)] + ([] if on_device else [
-                Part("capture or scoring", max(capture.total, scoring.total))]), host_limit,
+        Part("pinned bounce slots and landing buffer", 2 * bounce + landing)] + ([] if on_device else [
+            Part("capture or scoring", max(capture.total, scoring.total))]), host_limit,
         "a smaller --host-memory-gb (the rest is spilled to --spill-dir)")
     work = Work("run-query FLOPs", {
         "forward and backward": (sizes.forward_backward_flops(model, lengths), peaks.model),
@@ -241,9 +272,10 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
         "Gram": (sum(2 * count * count * s.out * s.width for s in shapes) * (1 if at_once else 2),
                  peaks.engine(matmul_precision)),
     })
+    moved_factors = factor_bytes if on_device else 0
     return ScorePlan(count, tokens, token_factors, host_budget, spilled, workspace_budget, used, at_once, block,
-                     token_factors if on_device else 0, token_factors if on_device else 0, capture, scoring, host,
-                     work)
+                     token_factors + moved_factors if on_device else 0, token_factors if on_device else 0, capture,
+                     scoring, host, work, moved_factors, factor_bytes, resident, bounce, landing)
 
 
 # --- fit-hessians ---

@@ -78,6 +78,35 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class Moved:
+    """Bytes a job moves across the bus, every engine call of it together (the token factors captured off the
+    device; onto it, each call's token factors and, unless resident, every module's factors), as the run counts
+    them (``run.json``: ``moved``, planned and counted)."""
+
+    to_device: int = 0
+    factors_to_device: int = 0
+    from_device: int = 0
+    engine_calls: int = 0
+
+    def describe(self) -> dict:
+        return {"to_device_bytes": self.to_device, "factor_bytes_to_device": self.factors_to_device,
+                "from_device_bytes": self.from_device, "engine_calls": self.engine_calls}
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The pinned host buffers of a run, sized once from every job's plan (the largest): two bounce slots and the
+    landing buffer of one batch."""
+
+    bounce: int = 0
+    landing: int = 0
+
+    @property
+    def total(self) -> int:
+        return 2 * self.bounce + self.landing
+
+
+@dataclass(frozen=True)
 class JobPlan:
     """One job's decisions (see the module docstring)."""
 
@@ -92,6 +121,14 @@ class JobPlan:
     split: bool = False  # chunks shared among the ranks
     rank: int = 0  # the rank that scores it alone, or (split) gathers and writes it
     world: int = 1
+    moved: Moved = Moved()
+    pinned: Pinned = Pinned()  # the run's (plan_run sets it: every job's the same)
+
+    @property
+    def resident(self) -> bool:
+        """Whether every module's prepared factors stay on the device across the job's engine calls."""
+        plans = [p for p in (self.store, self.largest_chunk) if p is not None]
+        return bool(plans) and all(p.resident for p in plans)
 
     def with_rank(self, rank: int) -> JobPlan:
         """This job given to ``rank`` (a split job's chunks keep their ranks)."""
@@ -141,6 +178,9 @@ class JobPlan:
             "chunk_budget_bytes": self.chunk_budget or None,
             "resumed_rows": self.done_rows,
             "ranks": self.ranks(),
+            "factors_resident": self.resident,
+            "moved": self.moved.describe(),
+            "pinned_bytes": self.pinned.total,
         }
 
 
@@ -152,6 +192,7 @@ class RunPlan:
     world: int
     jobs: tuple[JobPlan, ...]
     extra: dict = field(default_factory=dict)  # what the ranks check they agree on (e.g. the corpus's digest)
+    pinned: Pinned = Pinned()  # the pinned host buffers, sized once for every job
 
 
 def plan_chunks(lengths: np.ndarray, bytes_per_token: int, budget: int) -> list[np.ndarray]:
@@ -181,8 +222,9 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
     everything = (query_tokens + int(train_lengths[train_only].sum())) * per_token
     if not done.any() and everything <= budgets.host:
         lengths = [*query_lengths, *train_lengths[train_only].tolist()]
-        return JobPlan(name, len(train_lengths), 0, context.store(lengths, budgets.workspace_for(everything),
-                                                                     budgets.host), world=world)
+        store = context.store(lengths, budgets.workspace_for(everything), budgets.host)
+        moved = Moved(store.bytes_to_device, store.factor_bytes_to_device, store.bytes_from_device, 1)
+        return JobPlan(name, len(train_lengths), 0, store, world=world, moved=moved)
     query_bytes = query_tokens * per_token
     query_spilled = query_bytes > budgets.host
     chunk_budget = max(budgets.host - (0 if query_spilled else query_bytes), per_token)
@@ -195,19 +237,40 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
         biggest = max(groups, key=lambda rows: int(train_lengths[rows].sum()))
         largest = context.store(train_lengths[biggest].tolist(), workspace, chunk_budget)
     chunks = tuple(Chunk(rows, k % world if split else 0) for k, rows in enumerate(groups))
-    return JobPlan(name, len(train_lengths), int(done.sum()), context.store(list(query_lengths), workspace,
-                                                                            budgets.host),
-                   False, chunks, chunk_budget, largest, split, 0, world)
+    store = context.store(list(query_lengths), workspace, budgets.host)
+    moved = _chunked_moved(store, largest, groups, train_lengths, per_token, train_queries, done)
+    return JobPlan(name, len(train_lengths), int(done.sum()), store, False, chunks, chunk_budget, largest, split, 0,
+                   world, moved)
+
+
+def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[np.ndarray], train_lengths: np.ndarray,
+                   per_token: int, train_queries: Sequence[int], done: np.ndarray) -> Moved:
+    """What a chunked job moves: its queries' token factors off the device once and onto it with every engine call
+    (each chunk, the train rows that are queries, or the queries alone when nothing else is left), each chunk's
+    token factors once each way, and the factors with every call (once, when resident)."""
+    if queries.bytes_from_device == 0:  # the CPU: nothing moves
+        return Moved(engine_calls=len(groups))
+    queries_call = bool(len(train_queries)) and not done[list(train_queries)].all()
+    calls = len(groups) + int(queries_call) + int(not groups and not queries_call)
+    chunk_bytes = sum(int(train_lengths[rows].sum()) for rows in groups) * per_token
+    resident = queries.resident and (largest is None or largest.resident)
+    factors = queries.factor_bytes * (1 if resident else calls)
+    return Moved(chunk_bytes + calls * queries.token_factor_bytes + factors, factors,
+                 queries.bytes_from_device + chunk_bytes, calls)
 
 
 def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:
     """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn."""
     alone = 0
     planned = []
+    stores = [p for job in jobs for p in (job.store, job.largest_chunk) if p is not None]
+    pinned = Pinned(max((p.bounce_bytes for p in stores), default=0), max((p.landing_bytes for p in stores),
+                                                                          default=0))
     for job in jobs:
+        job = replace(job, pinned=pinned)
         if job.split:
             planned.append(job.with_rank(0))
         else:
             planned.append(job.with_rank(alone % world))
             alone += 1
-    return RunPlan(budgets, world, tuple(planned), dict(extra or {}))
+    return RunPlan(budgets, world, tuple(planned), dict(extra or {}), pinned)

@@ -24,7 +24,9 @@ BYTES_PER_DOUBLE = 8  # float64: the curvature while a module's factors are prep
 # product fed to down_proj). An estimate (about 8.9 GB for OLMo-2-13B at 2 x 500 tokens), not a measurement.
 ACTIVATION_HIDDEN_PER_TOKEN = 11
 ACTIVATION_INTERMEDIATE_PER_TOKEN = 4
-STAGING_BYTES = 256 * 1024**2  # each of the two pinned host-to-device staging buffers (score/transfer.py)
+STAGING_BYTES = 256 * 1024**2  # the least size of each of the two pinned bounce slots (score/transfer.py)
+ALIGNMENT = 64  # bytes: where each tensor starts in the pinned landing buffer (score/transfer.py)
+COUNT_BYTES = 8  # a module's lambda count (num_lambda_processed): one int64
 LOGIT_COPIES = 3  # logits at labelled positions: the model's, their float32 copy, the softmax gradient
 
 
@@ -120,6 +122,32 @@ def preconditioner_bytes(shape: Shape, strategy: str) -> tuple[int, int]:
     eigenvectors = (a * a + g * g) * BYTES_PER_FLOAT if strategy in ("kfac", "ekfac") else 0
     preparing = g * a * (BYTES_PER_FLOAT + BYTES_PER_DOUBLE)
     return eigenvectors + scale, eigenvectors + scale + preparing
+
+
+def factor_read_bytes(shape: Shape, strategy: str) -> int:
+    """Bytes of one module's factors as the engine copies them to the device, as stored: float32 eigenvectors
+    (K-FAC, EK-FAC), the lambda and its count (EK-FAC, diagonal) or the eigenvalues (K-FAC)."""
+    a, g = shape.width, shape.out
+    eigenvectors = (a * a + g * g) * BYTES_PER_FLOAT if strategy in ("kfac", "ekfac") else 0
+    if strategy in ("ekfac", "diagonal"):
+        return eigenvectors + g * a * BYTES_PER_FLOAT + COUNT_BYTES
+    return eigenvectors + (a + g) * BYTES_PER_FLOAT if strategy == "kfac" else 0
+
+
+def bounce_slot_bytes(shapes: Sequence[Shape], strategy: str) -> int:
+    """Each of the two pinned bounce slots: one module's factors as stored (the largest), at least
+    ``STAGING_BYTES`` (a spilled slab goes through in slot-sized pieces)."""
+    return max([STAGING_BYTES, *(factor_read_bytes(s, strategy) for s in shapes)])
+
+
+def landing_bytes(lengths: Sequence[int], shapes: Sequence[Shape], dtype_bytes: int) -> int:
+    """The pinned landing buffer for one batch of sequences of ``lengths``: each example's inputs (each input once)
+    and output gradients of every module, each view starting ``ALIGNMENT``-aligned."""
+    def aligned(count: int) -> int:
+        return -(-count // ALIGNMENT) * ALIGNMENT
+
+    return sum(aligned(t * dtype_bytes * (s.out if kind else s.inp)) for t in lengths for s in shapes
+               for kind in (0, 1) if kind or not s.shares_input)
 
 
 # --- token factors and the engine's working memory ---

@@ -238,6 +238,8 @@ class QueryRunner:
         if scored is None:
             return [(None, checkpoint)] + [(None, None)] * (len(work.jobs) - 1)
         recorded = plan.describe(budgets)
+        if isinstance(scorer, EngineScorer) and scorer.last_moved is not None:
+            recorded["moved_counted"] = scorer.last_moved  # what this rank's transfers counted, beside the plan's
         return [(self._table(prepared[index], query_index, work, scored, budgets, recorded),
                  checkpoint if number == 0 else None)
                 for number, (index, query_index) in enumerate(zip(work.jobs, work.query_index, strict=True))]
@@ -348,6 +350,8 @@ class QueryRunner:
                     if stop_on_error and not ranks:
                         raise error
                     outcomes[index].error = error
+        if isinstance(self.scorer, EngineScorer):
+            self.scorer.close()  # the pinned buffers go back at the end of the run
         if ranks:
             collect(outcomes, {i for i in range(len(jobs)) if writer[i] == distributed.rank()})
             if stop_on_error and (failed := [o for o in outcomes if o.error is not None]):

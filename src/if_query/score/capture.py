@@ -111,7 +111,7 @@ def capture_token_factors(model: nn.Module, modules: dict[str, nn.Linear], examp
     forward/backward pass per batch of indices in ``batches`` (each index once), and return each
     example's summed completion loss, (num_examples,) float64. A batch's factors leave the device in one
     go (:class:`~if_query.score.transfer.Transfers`: non-blocking copies into pinned memory, one synchronisation),
-    in the model's dtype."""
+    in the model's dtype, each example's positions alone (no padding)."""
     collate = Collator(pad_token_id)
     transfers = transfers or Transfers(device)
     losses = torch.empty(len(examples), dtype=torch.float64)
@@ -120,10 +120,13 @@ def capture_token_factors(model: nn.Module, modules: dict[str, nn.Linear], examp
             indices = list(indices)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
             losses[indices] = forward_backward(model, batch).double().cpu()
-            landed = transfers.to_host({**{f"inputs:{name}": recorder.inputs[name] for name in store.input_groups},
-                                        **{f"output_grads:{name}": recorder.output_grads[name] for name in modules}})
+            landed = transfers.to_host({  # each example's own positions: padding never leaves the device
+                (key, row): tensor[row, : store.lengths[example]]
+                for key, tensor in [*((f"inputs:{name}", recorder.inputs[name]) for name in store.input_groups),
+                                    *((f"output_grads:{name}", recorder.output_grads[name]) for name in modules)]
+                for row, example in enumerate(indices)})
             for row, example in enumerate(indices):
-                store.put(example, landed, row)
+                store.put(example, {key: value for (key, at), value in landed.items() if at == row})
             recorder.clear()
             if progress is not None:
                 progress(len(indices))

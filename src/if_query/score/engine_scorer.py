@@ -4,6 +4,7 @@ says: at once, or the train side in chunks (on one rank, or split across the ran
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from if_query.score.capture import capture_token_factors
 from if_query.score.scored import ScoredSet, per_token_pairs
 from if_query.score.sequences import TrainSequences
 from if_query.score.store import TokenFactorStore
-from if_query.score.transfer import Transfers
+from if_query.score.transfer import FACTORS, Transfers
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,26 @@ class EngineScorer:
         self.dtype = next(model.parameters()).dtype
         self.model_shape = ModelShape.of(model, model.config)
         self.matmul_precision = matmul_precision
-        self.transfers = Transfers(device)  # its pinned buffers serve every folder
-        self.setup = engine.Setup(factors, self.shapes, config.damping_value, device, config.cosine, self.transfers)
+        self.transfers: Transfers | None = None  # sized by the first job's plan (the run's pinned sizes), kept
+        self.setup = engine.Setup(factors, self.shapes, config.damping_value, device, config.cosine)
         self.refine_batches = refine_batches
+        self.last_moved: dict | None = None  # what the last job moved, as the transfers counted it
+
+    def _prepare(self, plan: JobPlan) -> None:
+        """The run's pinned buffers, sized once from the plan (every job carries the run's sizes), and where the
+        plan says so, the factors kept on the device for the job's engine calls (else dropped)."""
+        if self.transfers is None:
+            bounce = plan.pinned.bounce or None
+            self.transfers = Transfers(self.device, **({"bounce_bytes": bounce} if bounce else {}),
+                                       landing_bytes=plan.pinned.landing or None)
+        self.setup = dataclasses.replace(self.setup, transfers=self.transfers,
+                                         resident={} if plan.resident else None)
+
+    def close(self) -> None:
+        """Return the pinned buffers and the kept factors (the end of a run)."""
+        if self.transfers is not None:
+            self.transfers.close()
+        self.setup = dataclasses.replace(self.setup, resident=None)
 
     def context(self) -> Context:
         """What the plan's sizes depend on (shapes, model, strategy, dtype, options, the device)."""
@@ -115,17 +133,24 @@ class EngineScorer:
         with torch.enable_grad():
             inverse = refine.Inverse(self.factors, self.shapes, self.config.damping_value, self.device)
             return refine.refine_queries(refine.GaussNewton(self.model, self.shapes), inverse,
-                                         engine.gradients(queries, self.shapes, self.device), self.refine_batches,
-                                         self.config.refine_steps)
+                                         engine.gradients(queries, self.shapes, self.device, self.transfers),
+                                         self.refine_batches, self.config.refine_steps)
 
     def score(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: JobPlan, checkpoint=None,
               per_token: bool | None = None) -> ScoredSet | None:
         """Every (query, train) score, as ``plan`` says (at once, or in its chunks). None on the ranks that do not
         write the job (a split job's ranks other than 0)."""
         per_token = self.config.per_token_scores if per_token is None else per_token
+        self._prepare(plan)
+        before = (self.transfers.to_device_bytes, self.transfers.moved[FACTORS], self.transfers.to_host_bytes)
         if plan.at_once:
-            return self.score_at_once(queries, train, plan.store, per_token)
-        return self._score_in_chunks(queries, train, plan, checkpoint, per_token)
+            result = self.score_at_once(queries, train, plan.store, per_token)
+        else:
+            result = self._score_in_chunks(queries, train, plan, checkpoint, per_token)
+        after = (self.transfers.to_device_bytes, self.transfers.moved[FACTORS], self.transfers.to_host_bytes)
+        self.last_moved = dict(zip(("to_device_bytes", "factor_bytes_to_device", "from_device_bytes"),
+                                   (b - a for a, b in zip(before, after, strict=True)), strict=True))
+        return result
 
     def score_at_once(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: ScorePlan,
                       per_token: bool) -> ScoredSet:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from if_query.kron.factors import FileRange
 
 
 class TokenFactorStore:
@@ -21,7 +24,8 @@ class TokenFactorStore:
     to the device, one module at a time. Modules that see the same input tensor (``shared_inputs``: {module:
     the earlier module whose input it sees}, e.g. up_proj -> gate_proj, k_proj -> q_proj) share one inputs slab.
     Stored in RAM when they fit ``host_budget`` bytes, otherwise in a memory-mapped file in ``spill_dir`` (deleted
-    at once: nothing is left behind).
+    at once: nothing is left behind; its descriptor stays open while the store lives, so that a slab is read with
+    ``os.pread`` straight into a pinned buffer: :meth:`slab_source`).
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], lengths: Sequence[int], dtype: torch.dtype,
@@ -44,20 +48,26 @@ class TokenFactorStore:
             try:
                 os.ftruncate(handle, self.nbytes)
                 flat = torch.from_file(path, shared=True, size=self.tokens * row, dtype=dtype)
-            finally:
+            except BaseException:
                 os.close(handle)
+                raise
+            finally:
                 os.unlink(path)  # the mapping stays valid; the file vanishes with the process
-            self.spill_path = path
+            self.spill_path, self._fd = path, handle
+            weakref.finalize(self, os.close, handle)
         else:
             flat = torch.empty(self.tokens * row, dtype=dtype)
-            self.spill_path = None
+            self.spill_path, self._fd = None, -1
         self._inputs: dict[str, torch.Tensor] = {}
         self._output_grads: dict[str, torch.Tensor] = {}
+        self._starts: dict[tuple[str, str], int] = {}  # (kind, module) -> the slab's first element
         start = 0
         for name, (out, inp) in self.shapes.items():
             if self.input_of[name] == name:
+                self._starts["inputs", name] = start
                 self._inputs[name] = flat[start : start + self.tokens * inp].view(self.tokens, inp)  # (tokens, in)
                 start += self.tokens * inp
+            self._starts["output_grads", name] = start
             self._output_grads[name] = flat[start : start + self.tokens * out].view(self.tokens, out)  # (tokens, out)
             start += self.tokens * out
 
@@ -75,17 +85,29 @@ class TokenFactorStore:
     def module_output_grads(self, module: str) -> torch.Tensor:
         return self._output_grads[module]
 
+    def slab_source(self, kind: str, module: str) -> torch.Tensor | FileRange:
+        """What the device copies a slab from (``kind``: ``inputs`` or ``output_grads``): the RAM slab itself, or
+        for a spilled store its range of the spill file (read straight into a pinned buffer, not through the
+        mapping's pages by a host copy)."""
+        slab = self.module_inputs(module) if kind == "inputs" else self.module_output_grads(module)
+        if not self.spilled:
+            return slab
+        owner = self.input_of[module] if kind == "inputs" else module
+        itemsize = slab.element_size()
+        return FileRange(self.spill_path, self._starts[kind, owner] * itemsize, slab.numel() * itemsize, slab.dtype,
+                         tuple(slab.shape), self._fd)
+
     def inputs(self, module: str, example: int) -> torch.Tensor:
         return self.module_inputs(module)[self.rows(example)]
 
     def output_grads(self, module: str, example: int) -> torch.Tensor:
         return self._output_grads[module][self.rows(example)]
 
-    def put(self, example: int, landed: dict[str, torch.Tensor], row: int) -> None:
-        """Copy batch row ``row`` (its first T_i positions) of a batch's host copies: ``landed`` holds
-        ``"inputs:<group>"`` (batch, tokens, in) and ``"output_grads:<module>"`` (batch, tokens, out)."""
-        rows, length = self.rows(example), self.lengths[example]
+    def put(self, example: int, landed: dict[str, torch.Tensor]) -> None:
+        """Copy one example's host copies into the store: ``landed`` holds ``"inputs:<group>"`` (T_i, in) and
+        ``"output_grads:<module>"`` (T_i, out)."""
+        rows = self.rows(example)
         for name in self._inputs:
-            self._inputs[name][rows] = landed[f"inputs:{name}"][row, :length]
+            self._inputs[name][rows] = landed[f"inputs:{name}"]
         for name in self.shapes:
-            self._output_grads[name][rows] = landed[f"output_grads:{name}"][row, :length]
+            self._output_grads[name][rows] = landed[f"output_grads:{name}"]
