@@ -19,6 +19,7 @@ only stops cutting off ranks that wait for a slow one.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -99,6 +100,16 @@ def start_folder_sharding() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    atexit.register(_stop_group)
+
+
+def _stop_group() -> None:
+    """Tear the group down before the interpreter does: a gloo group left to the interpreter's shutdown can abort
+    the process ("terminate called without an active exception", seen on a rank that finished first)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather(value: object) -> list[object]:
