@@ -278,6 +278,24 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
                      scoring, host, work, moved_factors, factor_bytes, resident, bounce, landing)
 
 
+def plan_refine(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_bytes: int, batch_tokens: int,
+                limit: int | None, where: str = "device") -> Peak:
+    """``--refine-steps``' device memory, from what it holds (:mod:`if_query.score.refine`): the model, every module's
+    prepared factors (P), one fitting batch's activations (the VJP's forward keeps them; the JVP's forward carries
+    tangents beside its activations but keeps none) and one query's vectors."""
+    factors = sum(sizes.preconditioner_bytes(s, strategy)[0] for s in shapes)
+    preparing = max((sizes.preconditioner_bytes(s, strategy)[1] - sizes.preconditioner_bytes(s, strategy)[0]
+                     for s in shapes), default=0)
+    return Peak(f"{where}, --refine-steps", [
+        Part("model", model.parameters * dtype_bytes),
+        Part("every module's factors", factors + preparing),
+        Part(f"activations of a fitting batch of {batch_tokens} tokens", sizes.activation_bytes(
+            model, batch_tokens, dtype_bytes, batch_tokens)),
+        Part(f"one query's vectors ({sizes.REFINE_COPIES} x the tracked weights in float32)",
+             sizes.refine_vector_bytes(shapes))], limit,
+        "track fewer blocks (--layer-stride), a smaller --refine-batch-size, or run without --refine-steps")
+
+
 # --- fit-hessians ---
 
 
