@@ -390,9 +390,10 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
         if not peak.fits:
             peak.advice = stages.advice(option)
     biggest = max((max(s.width, s.out) for s in shapes), default=0) if _eigen(strategy) else 0
-    eigen = Peak(f"{where}, eigendecomposition (rank 0)", [Part(
-        f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
-        sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
+    eigen = Peak(f"{where}, eigendecomposition (rank 0)", [
+        Part("model", model.parameters * dtype_bytes),  # still on the device while rank 0 decomposes
+        Part(f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
+             sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
     passes = sizes.forward_backward_flops(model, fit_lengths)
     groups = len(module_groups(shapes, partitions))  # a data pass per group
     engine_peak = peaks.engine(matmul_precision)
