@@ -252,8 +252,7 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
             block = min(block, count if module_at_once else capacity // 2)
             used = max(used, module_used)
         if not resident or worst_total <= device_limit:
-            break
-    resident = on_device and worst[1].name.startswith("every")
+            break  # the factors kept where that fits, else copied per call
     scoring = Peak("device, scoring" if on_device else "RAM, scoring (besides the token factors)", worst,
                    device_limit if on_device else None, "a smaller --workspace-gb (exact, in blocks)")
     bounce = sizes.bounce_slot_bytes(shapes, strategy) if on_device else 0
