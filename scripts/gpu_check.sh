@@ -16,9 +16,19 @@
 # torchrun uses 2 ranks where the machine has 2 or more GPUs: fit-hessians data parallel (NCCL reductions), and
 # run-query sharding two copies of the folder. With one GPU, NCCL will not put two ranks on it: torchrun runs one
 # rank, and sharding and the reductions stay untested (the script says so).
-# Each run has its own timeout (RUN_TIMEOUT, seconds). Also runs on a CPU-only machine (every "GPU" run then runs
-# on the CPU): a check of the script itself.
+# Then scripts/gpu_check_scale.py: a random OLMo-2 (gate/up shared inputs) with more tokens than one bounce slot,
+# blocks, a spill file, --no-cosine, --per-token-scores, --refine-steps 2 and a corpus in chunks against the plain
+# run's scores, and the pipeline's timing on CUDA (scoring <= 1.2 x max(copies alone, compute alone)).
+# Each run has its own timeout (RUN_TIMEOUT, seconds) and the whole script a deadline (DEADLINE, 300 s: the device
+# budget also pays the machine's start and a rerun). Also runs on a CPU-only machine (every "GPU" run then runs
+# on the CPU; SCALE_ARGS="--tokens 1600 --hidden 64 --mlp 256" keeps the second part small): a check of the script.
 set -uo pipefail
+if [ -z "${IFQ_UNDER_DEADLINE:-}" ]; then
+  IFQ_UNDER_DEADLINE=1 timeout "${DEADLINE:-300}" bash "$0" "$@"
+  code=$?
+  [ "$code" -eq 124 ] && echo "GPU check FAILED: past the ${DEADLINE:-300} s deadline"
+  exit "$code"
+fi
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${1:-${OUT:-/tmp/if-query-gpu-check}}
@@ -114,5 +124,7 @@ for run_dir in sorted(out.glob("q-*/*/results")):
     print(f"{name:<22}{rel:>12.2e}{float(rho.mean()):>15.5f}{float(rho.min()):>14.5f}  {'ok' if ok else 'FAILED'}")
 sys.exit(1 if bad else 0)
 PY
+# shellcheck disable=SC2086
+$PY scripts/gpu_check_scale.py "$OUT/scale" ${SCALE_ARGS:-} || failed=1
 if [ "$failed" -ne 0 ]; then echo "GPU check FAILED"; else echo "GPU check passed"; fi
 exit "$failed"

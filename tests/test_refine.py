@@ -87,3 +87,25 @@ def test_no_refinement_step_is_the_ekfac_score(cli, tiny_gpt2, setup, monkeypatc
     monkeypatch.setattr(refine, "refine", lambda gn, inverse, gradient, batches, steps, alpha: (inverse(gradient), 0))
     unrefined, _ = scores(cli, tiny_gpt2, root, "zero", "--refine-steps", 1)
     assert_close_to_largest(unrefined, ekfac, 1e-5)
+
+
+def test_the_refine_check_counts_the_peak_a_cpu_run_measures():
+    """--refine-steps' peak on the CPU (tests/refine_peak_probe.py: a random OLMo-2 whose MLPs dominate, one query,
+    2 steps; the resident high-water mark reset just before refining) is what the check and ``if-query plan
+    --refine-steps`` count for one query's vectors: REFINE_COPIES x the tracked weights in float32 and P's
+    temporaries of the largest block (4.33 x here; 4.15 measured; the previous code measured 5.9 against the 3 it
+    counted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from if_query.plan.sizes import Shape, refine_vector_bytes
+
+    probe = Path(__file__).with_name("refine_peak_probe.py")
+    measured = json.loads(subprocess.run([sys.executable, str(probe)], capture_output=True, text=True,
+                                         check=True).stdout.strip().splitlines()[-1])
+    shapes = [Shape(f"{k}.{name}", *((6144, 384) if name != "down_proj" else (384, 6144)), False)
+              for k in range(2) for name in ("gate_proj", "up_proj", "down_proj")]
+    assert measured["tracked_bytes"] == sum(s.out * s.width for s in shapes) * 4
+    planned = refine_vector_bytes(shapes) / measured["tracked_bytes"]
+    assert 0.85 * planned <= measured["multiple"] <= 1.1 * planned, (measured, planned)

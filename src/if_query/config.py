@@ -346,8 +346,9 @@ class QueryConfig(MemoryOptions):
     refine_steps: int = option(
         0, minimum=0,
         help="Refine each query's inverse-Hessian-vector product by N EK-FAC-preconditioned Neumann steps on the "
-             "Gauss-Newton matrix of the fitting data (ASTRA); 0: EK-FAC. Needs the tracked weights three times "
-             "over on the device.", group="Approximation")
+             "Gauss-Newton matrix of the fitting data (ASTRA); 0: EK-FAC. Needs the model, every module's factors "
+             "and four times the tracked weights in float32 on the device (if-query plan --refine-steps says how "
+             "much).", group="Approximation")
     refine_data: Path | None = option(
         None, help="Fitting data for --refine-steps (default: the factors' own, checked against their fingerprint).",
         group="Approximation")
@@ -568,6 +569,10 @@ class PlanConfig(MemoryOptions):
     chat_template: bool = same_option(QueryConfig, "chat_template")
     score_batch_size: int = same_option(QueryConfig, "score_batch_size")
     per_token_scores: bool = same_option(QueryConfig, "per_token_scores")
+    refine_steps: int = same_option(QueryConfig, "refine_steps", help="As for run-query: plan its device memory "
+                                    "(the model, every module's factors, a fitting batch of --refine-batch-size x "
+                                    "--max-length tokens, one query's vectors).")
+    refine_batch_size: int = same_option(QueryConfig, "refine_batch_size")
     workspace_gb: float | None = same_option(QueryConfig, "workspace_gb", help="As for run-query (GB of 10^9 bytes); "
                                              "default: half of the GPU's memory left by the model (CPU: a quarter "
                                              "of the free RAM).")

@@ -22,7 +22,7 @@ from if_query.model import loading
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
 from if_query.model.tracking import describe_shared_inputs, find_tracked_modules, shared_inputs_by_name, track_kind
 from if_query.plan import sizes
-from if_query.plan.estimates import Context, FitPlan, plan_fit, stated_peaks
+from if_query.plan.estimates import Context, FitPlan, Peak, plan_fit, plan_refine, stated_peaks
 from if_query.plan.index_size import index_lines
 from if_query.plan.run_plan import Budgets, JobPlan, RunPlan, default_host_budget, plan_job, plan_run
 from if_query.plan.sizes import ModelShape, Shape, human_bytes, human_count
@@ -83,6 +83,7 @@ class Plans:
     cuda: bool  # planned for GPUs: times at the stated peaks (a GPU's) and bytes moved to and from the device
     tokens: int  # per sequence: --tokens, at most the model's positions
     index: list[str] = field(default_factory=list)  # with --documents: if-query index's size and build time
+    refine: Peak | None = None  # --refine-steps' device memory (None without it)
 
     @property
     def folders(self) -> list[tuple[str, JobPlan]]:
@@ -140,8 +141,11 @@ def make_plans(config: PlanConfig) -> Plans:
     index = [] if not config.documents else index_lines(
         shapes, shape, config.documents, tokens, config.queries, config.sketch_dim, config.sketch, config.scaling_rank,
         config.row_dtype, peaks.model if cuda else None, peaks.engine(precision) if cuda else None, gpus)
+    refine = plan_refine(shapes, shape, config.strategy, dtype_bytes, config.refine_batch_size * config.max_length,
+                         device_limit if cuda else host_per_rank, "device" if cuda else "RAM") \
+        if config.refine_steps else None
     return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, cuda=cuda,
-                 tokens=tokens, index=index)
+                 tokens=tokens, index=index, refine=refine)
 
 
 def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
@@ -199,6 +203,10 @@ def plan_text(config: PlanConfig) -> str:
         peaks = [*job.store.peaks(), *(job.largest_chunk.peaks() if job.largest_chunk else [])]
         failing += [(peak, f"run-query ({name})") for peak in peaks if not peak.fits]
     lines += plans.index
+    if plans.refine is not None:
+        lines += ["", f"run-query --refine-steps {config.refine_steps} (--refine-batch-size "
+                  f"{config.refine_batch_size}, --max-length {config.max_length}):", f"  {plans.refine.describe()}"]
+        failing += [(plans.refine, "run-query --refine-steps")] if not plans.refine.fits else []
     if not plans.folders:
         lines += ["", NOT_PLANNED]
     lines.append("")

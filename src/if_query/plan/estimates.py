@@ -252,8 +252,7 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
             block = min(block, count if module_at_once else capacity // 2)
             used = max(used, module_used)
         if not resident or worst_total <= device_limit:
-            break
-    resident = on_device and worst[1].name.startswith("every")
+            break  # the factors kept where that fits, else copied per call
     scoring = Peak("device, scoring" if on_device else "RAM, scoring (besides the token factors)", worst,
                    device_limit if on_device else None, "a smaller --workspace-gb (exact, in blocks)")
     bounce = sizes.bounce_slot_bytes(shapes, strategy) if on_device else 0
@@ -276,6 +275,24 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
     return ScorePlan(count, tokens, token_factors, host_budget, spilled, workspace_budget, used, at_once, block,
                      token_factors + moved_factors if on_device else 0, token_factors if on_device else 0, capture,
                      scoring, host, work, moved_factors, factor_bytes, resident, bounce, landing)
+
+
+def plan_refine(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_bytes: int, batch_tokens: int,
+                limit: int | None, where: str = "device") -> Peak:
+    """``--refine-steps``' device memory, from what it holds (:mod:`if_query.score.refine`): the model, every module's
+    prepared factors (P), one fitting batch's activations (the VJP's forward keeps them; the JVP's forward carries
+    tangents beside its activations but keeps none) and one query's vectors."""
+    factors = sum(sizes.preconditioner_bytes(s, strategy)[0] for s in shapes)
+    preparing = max((sizes.preconditioner_bytes(s, strategy)[1] - sizes.preconditioner_bytes(s, strategy)[0]
+                     for s in shapes), default=0)
+    return Peak(f"{where}, --refine-steps", [
+        Part("model", model.parameters * dtype_bytes),
+        Part("every module's factors", factors + preparing),
+        Part(f"activations of a fitting batch of {batch_tokens} tokens", sizes.activation_bytes(
+            model, batch_tokens, dtype_bytes, batch_tokens)),
+        Part(f"one query's vectors ({sizes.REFINE_COPIES} x the tracked weights in float32)",
+             sizes.refine_vector_bytes(shapes))], limit,
+        "track fewer blocks (--layer-stride), a smaller --refine-batch-size, or run without --refine-steps")
 
 
 # --- fit-hessians ---
@@ -372,9 +389,10 @@ def plan_fit(shapes: Sequence[Shape], model: ModelShape, strategy: str, dtype_by
         if not peak.fits:
             peak.advice = stages.advice(option)
     biggest = max((max(s.width, s.out) for s in shapes), default=0) if _eigen(strategy) else 0
-    eigen = Peak(f"{where}, eigendecomposition (rank 0)", [Part(
-        f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
-        sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
+    eigen = Peak(f"{where}, eigendecomposition (rank 0)", [
+        Part("model", model.parameters * dtype_bytes),  # still on the device while rank 0 decomposes
+        Part(f"largest covariance ({biggest}²) in float64 x{EIGH_COPIES}", EIGH_COPIES * biggest * biggest *
+             sizes.BYTES_PER_DOUBLE)], device_limit, "--eigendecomposition-dtype float32")
     passes = sizes.forward_backward_flops(model, fit_lengths)
     groups = len(module_groups(shapes, partitions))  # a data pass per group
     engine_peak = peaks.engine(matmul_precision)

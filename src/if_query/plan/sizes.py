@@ -173,6 +173,19 @@ def per_token_scratch_bytes(shape: Shape, longest: int) -> int:
     return whitened_bytes(shape) + longest * shape.width * BYTES_PER_FLOAT
 
 
+# --- --refine-steps ---
+
+REFINE_COPIES = 4  # float32 copies of the tracked weights held at once for one query (measured: tests/test_refine.py)
+REFINE_MODULE_TEMPORARIES = 2  # ... and of the largest module's block while P maps one block (its rotations)
+
+
+def refine_vector_bytes(shapes: Sequence[Shape]) -> int:
+    """Device bytes of one query's refinement vectors (g, v, the residual and the update, or H v's pullback) and
+    P's temporaries (score/refine.py)."""
+    blocks = [s.out * s.width * BYTES_PER_FLOAT for s in shapes]
+    return REFINE_COPIES * sum(blocks) + REFINE_MODULE_TEMPORARIES * max(blocks, default=0)
+
+
 # --- model passes ---
 
 

@@ -1,5 +1,7 @@
-"""``--refine-steps``' fitting examples: refused before the model loads where one query's g, v and H v will not fit
-beside the model; the factors' own fitting data by default, checked unchanged since the fit."""
+"""``--refine-steps``' fitting examples: refused before the model loads where refinement will not fit the device (the
+model, every module's factors, a fitting batch's passes and one query's vectors: :func:`~if_query.plan.estimates.
+plan_refine`, what ``if-query plan --refine-steps`` prints); the factors' own fitting data by default, checked
+unchanged since the fit."""
 
 from __future__ import annotations
 
@@ -10,27 +12,27 @@ from if_query.data.tokenization import ExampleTokenizer, TokenizedExample
 from if_query.errors import InputError
 from if_query.model.fingerprint import dataset_fingerprint
 from if_query.model.loading import meta_model
+from if_query.plan.estimates import plan_refine
 from if_query.plan.memory import host_memory_total
-from if_query.plan.sizes import ModelShape, Shape, human_bytes
-from if_query.score.refine import refine_bytes
+from if_query.plan.sizes import ModelShape, Shape
 
 
 def refine_examples(config, metadata: dict, hf_config, dtype: torch.dtype, device: torch.device,
                     example_tokenizer: ExampleTokenizer) -> list[TokenizedExample]:
-    """--refine-steps: refuse (before the model loads) where g, v and H v will not fit the device; the
+    """--refine-steps: refuse (before the model loads) where refinement will not fit the device (or the RAM); the
     fitting examples of the Gauss-Newton batches (the factors' own by default, checked unchanged)."""
     shapes = [Shape(m["name"], m["shape"][0], m["shape"][1], m["bias"]) for m in metadata["tracked_modules"]]
-    model_bytes = ModelShape.of(meta_model(hf_config), hf_config).parameters * dtype.itemsize
-    vectors, _ = refine_bytes(shapes, 1)
+    model = ModelShape.of(meta_model(hf_config), hf_config)
     if device.type == "cuda":
-        limit, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+        limit, where = torch.cuda.get_device_properties(device).total_memory, "device"
     else:  # the physical RAM: every rank must come to the same verdict
-        limit, where = host_memory_total(), "the RAM"
-    if vectors + model_bytes > limit:
-        raise InputError(f"needs g, v and H v of one query on the device ({human_bytes(vectors)}: the tracked "
-                         f"weights three times in float32) besides the model ({human_bytes(model_bytes)}), more "
-                         f"than {where} ({human_bytes(limit)}); track fewer blocks (--layer-stride) or run "
-                         "without it", option="refine_steps")
+        limit, where = host_memory_total(), "RAM"
+    fitted = metadata.get("hessian_data") or {}
+    max_length = config.max_length if config.refine_data is not None else fitted.get("max_length", config.max_length)
+    peak = plan_refine(shapes, model, metadata["fit"].get("strategy", "ekfac"), dtype.itemsize,
+                       config.refine_batch_size * max_length, limit, where)
+    if not peak.fits:
+        raise InputError(f"needs {peak.describe()}", option="refine_steps")
     fit, data = metadata["fit"], metadata.get("hessian_data")
     if config.refine_data is not None:
         return load_hessian_examples(config.refine_data, example_tokenizer)

@@ -517,6 +517,7 @@ def gradients(side: Side, shapes: Sequence[Shape], device: torch.device,
         with transfers.streams.copying(shape.name):
             inputs = transfers.to_device(side.store.slab_source("inputs", shape.name))
             output_grads = transfers.to_device(side.store.slab_source("output_grads", shape.name))
+        transfers.streams.wait(transfers.streams.copied(shape.name), shape.name)
         view = _Module(side.store, shape, Preconditioner(None, None, None, None), inputs, output_grads, None)
         for row, example in enumerate(side.indices):
             result[row][shape.name] = view.gradient(example).cpu()

@@ -91,6 +91,7 @@ class EngineScorer:
         """Return the pinned buffers and the kept factors (the end of a run)."""
         if self.transfers is not None:
             self.transfers.close()
+        self.transfers = None  # the next run sizes its own from its plan
         self.setup = dataclasses.replace(self.setup, resident=None)
 
     def context(self) -> Context:

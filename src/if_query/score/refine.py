@@ -22,9 +22,14 @@ Scores are ``<v_q, G_tᵀ [A_t, 1]>`` against each train example's plain gradien
 ``sqrt(<v_q, g_q> · t_self)``, where the train side's self-influence stays EK-FAC's (refining every train
 example too would cost N refinements).
 
-Memory: g, v and H v of one query at a time (three copies of the tracked weights in float32), plus the model and
-one fitting batch's JVP/VJP activations, on the device; the refined v of every query on the host until they are
-scored. :func:`refine_bytes` counts them for the refusal before the model loads.
+Memory, on the device: the model; every module's prepared EK-FAC factors (``Inverse``: Q_a, Q_g and S, as the
+engine holds one module's); one fitting batch's JVP/VJP activations; and of one query at a time (the others' g and
+every refined v wait on the host) ``REFINE_COPIES`` (:mod:`if_query.plan.sizes`) copies of the tracked weights in
+float32: g, v, the residual
+(made in place from H v) and the update, or during ``H v`` the pullback's weight-sized result and its blocks. The
+JVP's primals are the model's own weights (no float32 copy of them) and its tangents v cast to the model's dtype
+inside the forward as before (the same numbers). :func:`refine_bytes` counts these for the check before the model
+loads and for ``if-query plan --refine-steps``; ``tests/test_refine.py`` measures the peak on the CPU.
 """
 
 from __future__ import annotations
@@ -39,27 +44,31 @@ from torch.func import functional_call, jvp, vjp
 
 from if_query.kron.factors import HessianFactors
 from if_query.model import loss as loss_module
-from if_query.plan.sizes import BYTES_PER_FLOAT, Shape
+from if_query.plan.sizes import BYTES_PER_FLOAT, Shape, refine_vector_bytes
 
 logger = logging.getLogger(__name__)
 POWER_ITERATIONS = 10
 
 
 def refine_bytes(shapes: Sequence[Shape], queries: int) -> tuple[int, int]:
-    """(device bytes of the vectors, host bytes of the refined queries)."""
-    weights = sum(s.out * s.width for s in shapes) * BYTES_PER_FLOAT
-    return 3 * weights, queries * weights
+    """(device bytes of one query's vectors and P's temporaries, host bytes of every query's g and refined v)."""
+    return refine_vector_bytes(shapes), 2 * queries * sum(s.out * s.width for s in shapes) * BYTES_PER_FLOAT
 
 
 Blocks = dict[str, torch.Tensor]  # module name -> (out, in') float32
 
 
-def _add(a: Blocks, b: Blocks, scale: float = 1.0) -> Blocks:
-    return {k: a[k] + scale * b[k] for k in a}
+DOT_CHUNK = 1 << 20  # elements upcast at a time by _dot
 
 
 def _dot(a: Blocks, b: Blocks) -> float:
-    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+    """<a, b> accumulated in float64, a million elements at a time (no float64 copy of a block)."""
+    total = None
+    for k in a:
+        for x, y in zip(a[k].reshape(-1).split(DOT_CHUNK), b[k].reshape(-1).split(DOT_CHUNK), strict=True):
+            part = (x.double() * y.double()).sum()
+            total = part if total is None else total.add_(part)
+    return 0.0 if total is None else float(total)  # one synchronisation
 
 
 @contextmanager
@@ -110,9 +119,18 @@ class GaussNewton:
                                   + ([self.linears[s.name].bias.detach().float()[:, None]] if s.bias else []), dim=1)
                 for s in self.shapes}
 
+    def _primals(self) -> dict[str, torch.Tensor]:
+        """The tracked parameters themselves, in the model's dtype (no copy)."""
+        primals = {}
+        for s in self.shapes:
+            primals[f"{s.name}.weight"] = self.linears[s.name].weight.detach()
+            if s.bias:
+                primals[f"{s.name}.bias"] = self.linears[s.name].bias.detach()
+        return primals
+
     def product(self, batch: dict, v: Blocks) -> Blocks:
         """The mean over the batch's examples of each example's summed-token-loss Gauss-Newton matrix, times v."""
-        primals = self._weights(self.current())
+        primals = self._primals()
         names = list(primals)
         positions = loss_module.labelled_columns(batch)
         labels = batch["labels"][:, 1:][:, positions]  # (batch, columns)
@@ -125,15 +143,15 @@ class GaussNewton:
                 "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
             return out[:, :-1][:, positions].float()  # (batch, columns, vocab)
 
-        tangents = tuple(self._weights(v)[n] for n in names)
+        tangents = tuple(t.to(primals[n].dtype) for n, t in self._weights(v).items())  # cast as inside: same numbers
         with eager_attention(self.model):  # forward-mode AD has no fused attention kernels
             value, jv = jvp(logits, tuple(primals[n] for n in names), tangents)
         p = torch.softmax(value, dim=-1)
         hjv = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) * mask  # the cross-entropy's Hessian
         _, pullback = vjp(logits, *(primals[n] for n in names))
-        product = self._blocks(pullback(hjv))
+        product = self._blocks([t.float() for t in pullback(hjv)])
         count = batch["input_ids"].shape[0]
-        return {k: t.detach() / count for k, t in product.items()}
+        return {k: t.detach().div_(count) for k, t in product.items()}
 
 
 class Inverse:
@@ -141,7 +159,9 @@ class Inverse:
     refinement serves models whose tracked weights fit there three times over)."""
 
     def __init__(self, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None, device):
-        self.pre = {s.name: factors.preconditioner(s.name, damping, device) for s in shapes}
+        self.pre = {}
+        for s in shapes:
+            self.pre[s.name] = factors.preconditioner(s.name, damping, device)
         self.damping = {name: float(pre.damping or 0.0) for name, pre in self.pre.items()}
 
     def __call__(self, v: Blocks) -> Blocks:
@@ -154,10 +174,10 @@ def _precondition(preconditioners: dict, v: Blocks) -> Blocks:
     for name, block in v.items():
         pre = preconditioners[name]
         if pre.scale is None:
-            result[name] = block
+            result[name] = block.clone()  # a new vector, as for the others (refine updates v in place)
             continue
-        rotated = block if pre.q_a is None else pre.q_g.T @ block @ pre.q_a
-        rotated = rotated * pre.scale.square()
+        rotated = block.clone() if pre.q_a is None else pre.q_g.T @ block @ pre.q_a
+        rotated.mul_(pre.scale).mul_(pre.scale)  # S² ⊙, in place
         result[name] = rotated if pre.q_a is None else pre.q_g @ rotated @ pre.q_a.T
     return result
 
@@ -169,16 +189,20 @@ def refine(gauss_newton: GaussNewton, inverse: Inverse, gradient: Blocks, batche
     v = inverse(gradient)
     best = None
     for step in range(steps):
-        hv = gauss_newton.product(next(batches), v)
-        residual = {k: gradient[k] - hv[k] - damping[k] * v[k] for k in v}  # g - (H + Λ) v
+        residual = gauss_newton.product(next(batches), v)  # H v, made g - (H + Λ) v in place
+        for k in residual:
+            residual[k].neg_().add_(gradient[k]).sub_(v[k], alpha=damping[k])
         update = inverse(residual)  # P (g - (H + Λ) v)
         size = max(_dot(residual, update), 0.0) ** 0.5  # the residual in P's norm: it shrinks every step
+        del residual
         if best is not None and size > best:
             logger.warning("Refinement stopped after %d of %d steps: the residual grew (%.3g > %.3g)", step, steps,
                            size, best)
             return v, step
         best = size
-        v = _add(v, update, alpha)
+        for k in v:
+            v[k].add_(update[k], alpha=alpha)
+        del update
     return v, steps
 
 
@@ -186,13 +210,17 @@ def step_size(gauss_newton: GaussNewton, inverse: Inverse, batch: dict, like: Bl
               iterations: int = POWER_ITERATIONS) -> float:
     """1 / the largest eigenvalue of P (H_B + Λ), by power iterations from a random start (seed 0)."""
     generator = torch.Generator().manual_seed(0)
-    x = {k: torch.randn(t.shape, generator=generator).to(t.device) for k, t in like.items()}
+    device = next(gauss_newton.model.parameters()).device
+    x = {k: torch.randn(t.shape, generator=generator).to(device) for k, t in like.items()}
     eigenvalue = 1.0
     for _ in range(iterations):
         norm = _dot(x, x) ** 0.5
         x = {k: t / norm for k, t in x.items()}
         hx = gauss_newton.product(batch, x)
-        x = inverse({k: hx[k] + inverse.damping[k] * x[k] for k in x})
+        for k in hx:
+            hx[k].add_(x[k], alpha=inverse.damping[k])  # (H + Λ) x, in place
+        x = inverse(hx)
+        del hx
         eigenvalue = _dot(x, x) ** 0.5  # |P (H + Λ) x| for a unit x: the largest eigenvalue, in the limit
     return 1.0 / max(eigenvalue, 1e-30)
 
@@ -202,13 +230,16 @@ def refine_queries(gauss_newton: GaussNewton, inverse: Inverse, gradients: list[
     """Every query's refined v (on the host) and its refined self-influence <v, g>, (queries,) float64."""
     if not gradients:
         return [], torch.zeros(0, dtype=torch.float64)
+    device = next(gauss_newton.model.parameters()).device
     alpha = step_size(gauss_newton, inverse, batches[0], gradients[0])
     logger.info("Refining %d queries: %d Neumann steps of size %.3g (1 / the largest eigenvalue of P (H + damping)), "
                 "on %d fitting batches", len(gradients), steps, alpha, len(batches))
     refined, own = [], []
-    for gradient in gradients:
+    for host_gradient in gradients:  # one query's g on the device at a time
+        gradient = {k: t.to(device) for k, t in host_gradient.items()}
         cycle = (batches[k % len(batches)] for k in range(steps))
         v, _ = refine(gauss_newton, inverse, gradient, cycle, steps, alpha)
         own.append(_dot(v, gradient))
         refined.append({k: t.cpu() for k, t in v.items()})
+        del gradient, v
     return refined, torch.tensor(own, dtype=torch.float64)
