@@ -144,6 +144,41 @@ def test_candidates_are_scored_exactly_and_a_mismatched_index_is_refused(cli, ti
     assert_one_line_error(refused, 2, "--top-train")
 
 
+def test_an_answer_reads_no_document_of_the_corpus_the_index_keeps(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
+    from if_query.data.corpus import Corpus
+
+    reference = Reference(tiny_gpt2)
+    docs, windows = corpus(tmp_path, reference.tokenizer)
+    read = []
+    original = Corpus._jsonl
+
+    def counted(self):
+        for document in original(self):
+            read.append(document.name)
+            yield document
+
+    monkeypatch.setattr(Corpus, "_jsonl", counted)
+    index(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "index")
+    assert len(read) == 7  # the build reads each document once
+    read.clear()
+    run_query(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "kept", "--index", tmp_path / "index",
+              "--candidates", 2)
+    assert read == []  # the candidates' windows came from the index's copy
+    # the same documents written with other spacing: other bytes, so the corpus is read again (each document once)
+    # and its windows checked against the index's: the same results
+    lines = [json.loads(line) for line in docs.read_text().splitlines()]
+    docs.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines))
+    run_query(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "read", "--index", tmp_path / "index",
+              "--candidates", 2)
+    assert sorted(read) == sorted(f"d{k}" for k in range(7))
+    kept, again = frame(tmp_path / "kept"), frame(tmp_path / "read")
+    assert (kept[["query_id", "train_id"]] == again[["query_id", "train_id"]]).all().all()
+    assert_close_to_largest(kept["influence_score"], again["influence_score"], 1e-6)
+    kept_rows = pd.read_csv(tmp_path / "kept" / "train.csv").sort_values("train_id")
+    again_rows = pd.read_csv(tmp_path / "read" / "train.csv").sort_values("train_id")
+    assert kept_rows["completion"].tolist() == again_rows["completion"].tolist()
+
+
 def test_a_killed_build_resumes_and_other_arguments_are_refused(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
     reference = Reference(tiny_gpt2)
     docs, windows = corpus(tmp_path, reference.tokenizer)

@@ -15,7 +15,9 @@ A document longer than the token limit is cut into consecutive windows of that m
 train example named ``ID#k`` (k from 0). The corpus is read once per run (:meth:`Corpus.locate`: no model, before
 any scoring): every document read and tokenized once, its windows' tokens written to an anonymous cache file, never
 held in memory; :meth:`Corpus.windows` then reads chosen windows by range, :meth:`Corpus.rows` their train.csv rows
-(``train_id``, an empty ``prompt``, the decoded ``completion``, extras), from the cache.
+(``train_id``, an empty ``prompt``, the decoded ``completion``, extras), from the cache. :meth:`Corpus.save` keeps the
+located windows in a directory (``if-query index`` keeps them with the index) and :meth:`Corpus.saved` reads them back
+without reading a document, for the same bytes (:func:`file_digest`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ logger = logging.getLogger(__name__)
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 NPY_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
 BATCH = 1024  # documents read (and tokenized) at a time
+SAVED_FILES = {"tokens": "tokens.i32", "labels": "labels.i32", "extra": "extra.jsonl"}
+SAVED_INDEX = "windows.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a corpus's bytes: the file's, or a directory's files' (relative names included, in sorted order).
+    Reading bytes is far cheaper than tokenizing them: it tells saved windows' corpus from another."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -202,6 +219,55 @@ class Corpus:
                     int(self._lengths.sum()), cut,
                     f"; {skipped} windows with nothing to predict skipped" if skipped else "")
 
+    def save(self, directory: str | Path) -> None:
+        """Keep the located windows (tokens, labels, extras, names) in ``directory``, with the corpus's
+        :func:`file_digest`: written beside, then renamed into place."""
+        self.locate()
+        directory = Path(directory)
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        files = {"tokens": self._cache.tokens_file, "labels": self._cache.labels_file, "extra": self._cache.extra_file}
+        for name, file in files.items():
+            if file is not None:
+                file.flush()
+                file.seek(0)
+                with open(partial / SAVED_FILES[name], "wb") as out:
+                    shutil.copyfileobj(file, out)
+                file.seek(0, 2)
+        (partial / SAVED_INDEX).write_text(json.dumps({
+            "file_digest": file_digest(self.path), "digest": self._cache.digest, "kind": self.kind,
+            "documents": self.documents_read, "extra_keys": self.extra_keys, "ids": self._ids,
+            "lengths": self._lengths.tolist(), "extra_at": self._extra_at.tolist()}))
+        shutil.rmtree(directory, ignore_errors=True)
+        partial.rename(directory)
+
+    @staticmethod
+    def saved_digest(directory: str | Path) -> str | None:
+        """The :attr:`digest` of the windows kept in ``directory`` (None: none kept)."""
+        index = Path(directory) / SAVED_INDEX
+        return json.loads(index.read_text())["digest"] if index.exists() else None
+
+    @classmethod
+    def saved(cls, directory: str | Path, path: str | Path, tokenizer: ExampleTokenizer) -> Corpus | None:
+        """The corpus at ``path`` located from the windows :meth:`save` kept in ``directory``, no document read;
+        None when nothing is kept there or ``path``'s bytes are not those the windows were cut from."""
+        directory = Path(directory)
+        if not (directory / SAVED_INDEX).exists():
+            return None
+        kept = json.loads((directory / SAVED_INDEX).read_text())
+        corpus = cls(path, tokenizer)
+        if kept["file_digest"] != file_digest(path):
+            return None
+        corpus._cache = _TokenCache.opened(directory, kept["digest"])
+        corpus._ids, corpus.extra_keys = kept["ids"], kept["extra_keys"]
+        corpus._lengths = np.array(kept["lengths"], dtype=np.int64)
+        corpus._offsets = np.concatenate([[0], np.cumsum(corpus._lengths)]).astype(np.int64)
+        corpus._extra_at = np.array(kept["extra_at"], dtype=np.int64)
+        logger.info("%s (%s): %d windows, %d tokens, read from %s (no document read)", corpus.path, corpus.kind,
+                    len(corpus._lengths), int(corpus._lengths.sum()), directory)
+        return corpus
+
     @property
     def digest(self) -> str:
         """sha256 of every window's tokens and labels, in order: what the corpus contributes to the scores."""
@@ -275,6 +341,32 @@ class _TokenCache:
         self._files["extra"].write(line)
         self._extra_bytes += len(line)
         return at
+
+    @property
+    def tokens_file(self):
+        return self._files["tokens"]
+
+    @property
+    def labels_file(self):
+        return self._labels
+
+    @property
+    def extra_file(self):
+        return self._files["extra"]
+
+    @classmethod
+    def opened(cls, directory: Path, digest: str) -> _TokenCache:
+        """The cache :meth:`Corpus.save` kept in ``directory``, mapped for reading."""
+        cache = cls.__new__(cls)
+        cache._directory, cache.digest = directory, digest
+        cache._files = {"extra": open(directory / SAVED_FILES["extra"], "rb")}
+        size = (directory / SAVED_FILES["tokens"]).stat().st_size // 4
+        cache._tokens, cache._extra_bytes, cache._hash = size, 0, None
+        cache.tokens = np.memmap(directory / SAVED_FILES["tokens"], np.int32, "r", shape=(size,)) if size else None
+        labels = directory / SAVED_FILES["labels"]
+        cache._labels = None
+        cache.labels = np.memmap(labels, np.int32, "r", shape=(size,)) if labels.exists() and size else None
+        return cache
 
     def close(self) -> None:
         """Writing is over: map the token files."""

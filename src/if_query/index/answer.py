@@ -5,7 +5,8 @@ rows are formed (one forward and backward pass per query, each module's rotated 
 it, sketched with the index's projections: :meth:`~if_query.index.sketch.ModuleSketch.dense_rows`), scored against
 every row of the index by chunked products over its memory-mapped shards (no pass over the corpus), and each query's
 ``--candidates`` best and worst windows by the run's ranking (cosine: divided by the row's norm) kept. The union of
-the queries' candidates is read back from the corpus by location and is the train side the engine scores exactly,
+the queries' candidates is read back by location (from the windows the index keeps, when ``--train-dataset`` has the
+bytes they were cut from: no document is read or tokenized again) and is the train side the engine scores exactly,
 planned, written and reported as any corpus run's (``influences.csv`` holds exact scores; ``run.json`` records the
 index and M under ``index``). An index built for other weights, factors, damping, dtype, ``--max-length``, tracked
 modules or another corpus, or left incomplete, is refused in one line before any query is scored.
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from if_query.data.corpus import Corpus
 from if_query.data.tokenization import Collator, TokenizedExample
 from if_query.errors import InputError
 from if_query.index.build import module_sketches
 from if_query.index.sketch import ModuleSketch
-from if_query.index.store import IndexStore, mismatch
+from if_query.index.store import CORPUS, IndexStore, mismatch
 from if_query.report.results import TrainSide
 from if_query.run.run_query import QueryRunner
 from if_query.run.workload import PreparedJob, Workload, corpus_workload
@@ -60,6 +62,9 @@ class IndexRunner(QueryRunner):
     def __init__(self, config, quiet: bool = False, results: str = "summary"):
         super().__init__(config, quiet, results)
         self.index = IndexStore.open(Path(config.index))  # a directory that is no index: refused before the model
+        kept = Corpus.saved(self.index.directory / CORPUS, config.train_dataset, self.example_tokenizer)
+        if kept is not None:  # else the corpus is read as any run reads it, and its windows checked against the index
+            self.corpus = kept
         self.digest = hashlib.sha256(json.dumps(self.index.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.shortlisted: dict = {}
 

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from if_query import __version__, distributed
 from if_query.atomic import check_writable_dir
 from if_query.config import IndexConfig, QueryConfig
+from if_query.data.corpus import Corpus
 from if_query.data.tokenization import Collator
 from if_query.errors import InputError, RunError
 from if_query.index.sketch import ModuleSketch
-from if_query.index.store import FORMAT, IDENTITY_KEYS, IndexStore, read_manifest
+from if_query.index.store import CORPUS, FORMAT, IDENTITY_KEYS, IndexStore, read_manifest
 from if_query.plan.sizes import human_bytes
 from if_query.run.run_query import QueryRunner
 from if_query.score.capture import LayerRecorder, forward_backward, frozen_weights
@@ -126,6 +127,8 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
     if me == 0:
         try:
             store = _open(config, manifest, lengths)
+            if Corpus.saved_digest(store.directory / CORPUS) != corpus.digest:
+                corpus.save(store.directory / CORPUS)  # run-query --index reads its candidates from here
         except InputError as exc:
             failure = exc
     if any(distributed.gather(failure is not None)):  # every rank stops when rank 0 refuses the directory

@@ -8,7 +8,9 @@ module's place in the row and its error) and whether the index is complete. Wind
 row's squared norm: the self-influence estimate the cosine divides by, and the raw score's scale) and
 ``shard-NNNNN.done`` (one byte per window). A batch's rows and norms are flushed before its done bytes are set and
 flushed, so a window marked done is complete: a rerun with the same manifest does only the rest, whatever its number
-of ranks (shard s is rank s mod N's). ``lengths.npy`` holds every window's tokens.
+of ranks (shard s is rank s mod N's). ``lengths.npy`` holds every window's tokens; ``corpus/`` the windows themselves
+(:meth:`~if_query.data.corpus.Corpus.save`: 4 bytes a token), which ``run-query --index`` reads its candidates from
+instead of reading the corpus again.
 
 Disk: D × (2 or 4) + 9 bytes per window, D = Σ_modules k² (4 modules at k = 32 in float16: 8 KB).
 """
@@ -27,6 +29,7 @@ from if_query.fit.metadata import write_json_atomic
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+CORPUS = "corpus"  # the windows, as Corpus.save keeps them
 FORMAT = 1
 ROW_DTYPES = {"float16": np.float16, "float32": np.float32}
 # What the rows' numbers depend on: a run-query --index whose own values differ is refused (run.identity's names)
