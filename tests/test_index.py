@@ -18,7 +18,7 @@ from if_query.index import build
 from if_query.index.sketch import ModuleSketch, low_rank_scaling
 from if_query.index.store import IndexStore
 from if_query.kron.factors import HessianFactors
-from if_query.plan.sizes import Shape
+from if_query.plan.sizes import Shape, human_bytes
 
 WORDS = "the a of in is lives works plays city job Alice Bob Carol Dave Paris Rome Oslo Lima and to".split()
 MODULES = [Shape(f"transformer.h.{layer}.mlp.{name}", out, inp, True)
@@ -164,6 +164,13 @@ def test_an_answer_reads_no_document_of_the_corpus_the_index_keeps(cli, tiny_gpt
     run_query(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "kept", "--index", tmp_path / "index",
               "--candidates", 2)
     assert read == []  # the candidates' windows came from the index's copy
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    tokens = manifest["corpus"]["tokens"]
+    per_token = (tmp_path / "index" / "corpus" / "tokens.i32").stat().st_size / tokens
+    # if-query plan counts the same row and the same bytes per token of the windows' copy
+    plan = cli("plan", "--model", tiny_gpt2, "--documents", 3, "--tokens", 10, *SKETCH).stdout
+    assert f"a row: {manifest['row_dim']:,} numbers" in plan
+    assert f"copy of the windows {human_bytes(per_token * 30)}" in plan
     # the same documents written with other spacing: other bytes, so the corpus is read again (each document once)
     # and its windows checked against the index's: the same results
     lines = [json.loads(line) for line in docs.read_text().splitlines()]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from if_query.plan.sizes import ModelShape, Shape, forward_backward_flops, human_bytes, human_flops
 
 ROW_BYTES = {"float16": 2, "float32": 4}
+WINDOW_TOKEN_BYTES = 4  # the index's copy of the windows (int32 token ids; as much again where labels differ)
 
 
 def row_numbers(shapes: Sequence[Shape], k: int, sketch: str) -> int:
@@ -36,7 +37,8 @@ def index_lines(shapes: Sequence[Shape], model: ModelShape, windows: int, tokens
     lines = ["", f"if-query index ({sketch} sketch, k = {k}{f', scaling rank {rank}' if sketch == 'gaussian' else ''},"
              f" rows in {row_dtype}) of {windows} windows of {tokens} tokens:",
              f"  a row: {numbers:,} numbers, {human_bytes(row)}; the index {human_bytes(row * windows)} "
-             f"({row / tokens:,.0f} bytes per token)",
+             f"({row / tokens:,.0f} bytes per token) and its copy of the windows "
+             f"{human_bytes(WINDOW_TOKEN_BYTES * tokens * windows)}",
              f"  build: the forward and backward passes {human_flops(passes)} + sketches {human_flops(sketching)} "
              f"(+{100 * sketching / passes:.1f}%)"]
     if model_flops_per_s and float32_flops_per_s:
