@@ -95,3 +95,17 @@ def test_size_estimate_matches_written_factors(fitted, strategy):
     metadata = json.loads((fitted[strategy] / METADATA_FILE).read_text())
     written = sum(p.stat().st_size for p in (fitted[strategy] / "factors_hessian").glob("*.safetensors"))
     assert 0.8 * written <= metadata["estimated_factor_bytes"] <= 1.05 * written
+
+
+def test_more_module_partitions_than_modules_are_refused_before_the_model_loads(cli, tiny_gpt2, fitted, tmp_path,
+                                                                             monkeypatch):
+    from helpers import assert_one_line_error
+
+    from if_query.model import loading
+
+    loads = []
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(a))
+    result = cli("fit-hessians", "--model", tiny_gpt2, "--hessian-dataset", fitted["data"], "--output-dir",
+                 tmp_path / "f", "--module-partitions", "5", expect=2)  # the tiny model tracks 4 MLP projections
+    assert_one_line_error(result, 2, "--module-partitions 5 is more than the 4 tracked modules")
+    assert loads == [] and not (tmp_path / "f").exists()

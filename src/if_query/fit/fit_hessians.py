@@ -161,6 +161,9 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     tokenizer = loading.load_tokenizer(config.model, config.revision, config.base_model)
     hf_config = loading.load_config(config.model, config.revision, config.base_model)
     limit = loading.position_limit(hf_config)
+    if config.track != "lora":  # an adapter's matrices are known once it is loaded: checked after tracking below
+        tracked = tracking.find_tracked_modules(loading.meta_model(hf_config), config.layer_stride, config.track)
+        tracking.check_partitions(config.module_partitions, len(tracked))
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit,
                                          chat_template=config.chat_template)
     examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
@@ -183,6 +186,8 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         model = loading.load_model(config.model, config.revision, dtype, base_model=config.base_model,
                                    merge_adapter=config.track != "lora")
     model, modules = tracking.track_modules(model, config.layer_stride, config.track)
+    if config.track == "lora":
+        tracking.check_partitions(config.module_partitions, len(modules))
     sizes = estimate_factor_sizes(modules, config.strategy)
     logger.info(
         "Tracking %d %s of %d blocks (--track %s); factors need about %s in memory and on disk",

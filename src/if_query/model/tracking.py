@@ -283,3 +283,11 @@ def track_modules(model: nn.Module, layer_stride: int, track: str = DEFAULT_TRAC
     block, after checking that they see (batch, tokens, features) inputs (and which share one)."""
     modules = probe_inputs(model, find_tracked_modules(model, layer_stride, track))
     return make_trackable(model, modules), modules
+
+
+def check_partitions(partitions: int, modules: int) -> None:
+    """Refuse ``--module-partitions`` above the number of tracked modules (Kronfluence would stop at its first
+    stage, after the model has loaded)."""
+    if partitions > modules:
+        raise InputError(f"--module-partitions {partitions} is more than the {modules} tracked modules: give at most "
+                         f"{modules}", option="module_partitions")

@@ -12,7 +12,7 @@ from torch import nn
 from if_query.config import QueryConfig
 from if_query.data.tokenization import TokenizedExample
 from if_query.kron.streaming import StreamingOptions, StreamingScorer
-from if_query.model.tracking import TrackedModule
+from if_query.model.tracking import TrackedModule, check_partitions
 from if_query.plan.run_plan import JobPlan
 from if_query.score.scored import ScoredSet, per_token_pairs
 from if_query.score.sequences import TrainSequences
@@ -23,6 +23,7 @@ class KronfluenceScorer:
 
     def __init__(self, model: nn.Module, modules: list[TrackedModule], config: QueryConfig, pad_token_id: int,
                  quiet: bool = False):
+        check_partitions(config.module_partitions, len(modules))
         query_size, train_size = config.batch_sizes()
         options = StreamingOptions(Path(config.factors_dir), config.damping_value, config.per_token_scores,
                                    config.query_rank, config.module_partitions, query_size, train_size,
