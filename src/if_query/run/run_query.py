@@ -331,6 +331,9 @@ class QueryRunner:
         self.example_tokenizer.warn_capped()
         workloads = self.workloads(prepared)
         if prepared:
+            if self.config.engine == "kronfluence":  # its NCCL group on the rank's GPU before the model loads
+                distributed.check_launch()
+                distributed.start_data_parallel()
             self.load_scorer()
         plan = self.make_plan(workloads, prepared)
         writer = {i: 0 for i in range(len(jobs))}  # rank 0 reports what every rank knows alike
