@@ -15,6 +15,7 @@ For each job (a folder, or every folder's queries against a corpus):
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -123,6 +124,9 @@ class JobPlan:
     world: int = 1
     moved: Moved = Moved()
     pinned: Pinned = Pinned()  # the run's (plan_run sets it: every job's the same)
+    keep_factors: bool = False  # the run's: prepared factors stay on each rank's device from job to job (plan_run)
+    factors_here: bool = False  # the rank that writes it holds them from an earlier job: ``moved`` has no factors
+    run_id: str = ""  # the run plan it belongs to: factors are kept across jobs of one plan only
 
     @property
     def resident(self) -> bool:
@@ -157,7 +161,9 @@ class JobPlan:
                     f"{min(sizes, default=0)}-{max(sizes, default=0)} sequences (token factors up to "
                     f"{human_bytes(biggest)} each, budget {human_bytes(self.chunk_budget)}"
                     + (f"; {self.done_rows} train examples already scored" if self.done_rows else "") + ")")
-        return f"{text}; {self.ranks()}"
+        kept = ("; the factors are on the device already (kept from an earlier job)" if self.factors_here
+                else "; the factors stay on the device for the later jobs" if self.keep_factors else "")
+        return f"{text}; {self.ranks()}{kept}"
 
     def describe(self, budgets: Budgets) -> dict:
         """What run.json records of it (and of the ``budgets`` it was made with)."""
@@ -179,6 +185,8 @@ class JobPlan:
             "resumed_rows": self.done_rows,
             "ranks": self.ranks(),
             "factors_resident": self.resident,
+            "factors_kept_across_jobs": self.keep_factors,
+            "factors_already_on_device": self.factors_here,
             "moved": self.moved.describe(),
             "pinned_bytes": self.pinned.total,
         }
@@ -260,17 +268,36 @@ def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[n
 
 
 def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:
-    """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn."""
+    """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn.
+
+    Where every job's factors fit kept beside the model (each job ``resident``, on a device), they are kept from job
+    to job (``keep_factors``): a rank copies them once, with its first job; a job whose writing rank scored an
+    earlier one (in the order run-query scores them: split jobs first) moves no factors (``factors_here``)."""
     alone = 0
     planned = []
     stores = [p for job in jobs for p in (job.store, job.largest_chunk) if p is not None]
     pinned = Pinned(max((p.bounce_bytes for p in stores), default=0), max((p.landing_bytes for p in stores),
                                                                           default=0))
+    engine_jobs = [job for job in jobs if job.store is not None]
+    keep = bool(engine_jobs) and all(job.resident and job.moved.factors_to_device > 0 for job in engine_jobs)
+    run_id = uuid.uuid4().hex
     for job in jobs:
-        job = replace(job, pinned=pinned)
+        job = replace(job, pinned=pinned, keep_factors=keep and job.store is not None, run_id=run_id)
         if job.split:
             planned.append(job.with_rank(0))
         else:
             planned.append(job.with_rank(alone % world))
             alone += 1
+    if keep:
+        holding: set[int] = set()  # ranks whose device holds the factors
+        for index in sorted(range(len(planned)), key=lambda k: not planned[k].split):
+            job = planned[index]
+            if job.store is None:
+                continue
+            if job.rank in holding:
+                moved = replace(job.moved, to_device=job.moved.to_device - job.moved.factors_to_device,
+                                factors_to_device=0)
+                planned[index] = replace(job, factors_here=True, moved=moved)
+            # the ranks that run an engine call of it: the writing rank always, a split job's others with a chunk
+            holding |= {job.rank} | ({c.rank for c in job.chunks} if job.split else set())
     return RunPlan(budgets, world, tuple(planned), dict(extra or {}), pinned)

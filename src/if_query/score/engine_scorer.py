@@ -76,16 +76,21 @@ class EngineScorer:
         self.setup = engine.Setup(factors, self.shapes, config.damping_value, device, config.cosine)
         self.refine_batches = refine_batches
         self.last_moved: dict | None = None  # what the last job moved, as the transfers counted it
+        self.kept_for: str | None = None  # the run plan whose factors setup.resident holds across jobs
 
     def _prepare(self, plan: JobPlan) -> None:
         """The run's pinned buffers, sized once from the plan (every job carries the run's sizes), and where the
-        plan says so, the factors kept on the device for the job's engine calls (else dropped)."""
+        plan says so, the factors kept on the device: across the run's jobs (``keep_factors``: those an earlier job
+        of the same run plan left there serve this one), else for the job's engine calls (else dropped)."""
         if self.transfers is None:
             bounce = plan.pinned.bounce or None
             self.transfers = Transfers(self.device, **({"bounce_bytes": bounce} if bounce else {}),
                                        landing_bytes=plan.pinned.landing or None)
-        self.setup = dataclasses.replace(self.setup, transfers=self.transfers,
-                                         resident={} if plan.resident else None)
+        held = self.setup.resident
+        if not (plan.keep_factors and held is not None and self.kept_for == plan.run_id):
+            held = {} if plan.resident else None
+        self.kept_for = plan.run_id if plan.keep_factors else None
+        self.setup = dataclasses.replace(self.setup, transfers=self.transfers, resident=held)
 
     def close(self) -> None:
         """Return the pinned buffers and the kept factors (the end of a run)."""
@@ -93,6 +98,7 @@ class EngineScorer:
             self.transfers.close()
         self.transfers = None  # the next run sizes its own from its plan
         self.setup = dataclasses.replace(self.setup, resident=None)
+        self.kept_for = None
 
     def context(self) -> Context:
         """What the plan's sizes depend on (shapes, model, strategy, dtype, options, the device)."""
