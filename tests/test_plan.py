@@ -281,18 +281,26 @@ def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
     assert "k_proj, v_proj read q_proj's input" in text
 
 
-@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00001")], ids=["at-once", "chunks"])
+@pytest.mark.parametrize("locked", [True, False], ids=["page-locked", "bounced"])
+@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00005"), ("--host-memory-gb", "0.00001")],
+                         ids=["at-once", "chunks", "chunks-spilled"])
 def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gpt2, fitted, query_files, tmp_path,
-                                                                     monkeypatch, extra):
+                                                                     monkeypatch, extra, locked):
     """A run on the CPU through the device path's copies (staged transfers, unpinned buffers) planned as for a GPU
     (a device 1 TB large: the factors stay resident across a chunked job's calls): the bytes it counts onto the
-    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers."""
+    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers; so are
+    the bytes that go straight from and into page-locked stores (the plan's decision, within its limit; none with a
+    limit of 0: all through the bounce slots and the landing buffer), and the most it page-locks at once."""
     import dataclasses
 
     from helpers import run_query
 
+    from if_query.plan import run_plan
     from if_query.score import engine_scorer
     from if_query.score.transfer import Transfers
+
+    if not locked:
+        monkeypatch.setattr(run_plan, "PAGE_LOCK_SHARE", 0.0)
 
     held = []
 
@@ -311,9 +319,15 @@ def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gp
     run_query(cli, tiny_gpt2, fitted["ekfac"], query_files, tmp_path / "out", *extra)
     plan = json.loads((tmp_path / "out" / "run.json").read_text())["plan"]
     assert plan["mode"] == ("chunks" if extra else "at once")
-    planned, counted = plan["moved"], plan["moved_counted"]
+    planned, counted = plan["moved"], dict(plan["moved_counted"])
+    assert counted.pop("page_locked_bytes") == plan["page_locked_bytes"]
     assert counted == {key: planned[key] for key in counted}, (planned, counted)
     assert counted["factor_bytes_to_device"] > 0 and counted["from_device_bytes"] > 0  # the premise: bytes moved
+    if locked and not plan["spilled"]:  # the premise: stores page-locked, their token factors copied straight
+        assert plan["page_locked_bytes"] > 0 and counted["direct_from_device_bytes"] > 0
+        assert counted["direct_to_device_bytes"] == counted["to_device_bytes"] - counted["factor_bytes_to_device"]
+    elif not locked:
+        assert plan["page_locked_bytes"] == counted["direct_to_device_bytes"] == 0
     if extra:
         assert plan["factors_resident"] and planned["engine_calls"] > 1  # factors once for several calls
     assert held == [plan["pinned_bytes"]]  # sized once from the plan, returned at the end

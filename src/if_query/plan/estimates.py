@@ -146,6 +146,7 @@ class ScorePlan:
     resident: bool = False  # every module's prepared factors kept on the device across the job's engine calls
     bounce_bytes: int = 0  # each of the two pinned bounce slots
     landing_bytes: int = 0  # the pinned landing buffer
+    registered: bool = False  # its store in RAM page-locked (the run plan's, within its limit): no host copies
 
     @property
     def pinned_bytes(self) -> int:
