@@ -19,6 +19,10 @@
 # Then scripts/gpu_check_scale.py: a random OLMo-2 (gate/up shared inputs) with more tokens than one bounce slot,
 # blocks, a spill file, --no-cosine, --per-token-scores, --refine-steps 2 and a corpus in chunks against the plain
 # run's scores, and the pipeline's timing on CUDA (scoring <= 1.2 x max(copies alone, compute alone)).
+# Only a GPU checks the page-locked stores (the plan page-locks token-factor stores in RAM up to a quarter of the
+# free RAM, cudaHostRegister, so the device copies straight from and into them): that registering succeeds, that
+# the copies from them are asynchronous, and what it gains; the CPU tests check only the plan's decision and the
+# bytes that go direct against those through the bounce slots.
 # Each run has its own timeout (RUN_TIMEOUT, seconds) and the whole script a deadline (DEADLINE, 300 s: the device
 # budget also pays the machine's start and a rerun). Also runs on a CPU-only machine (every "GPU" run then runs
 # on the CPU; SCALE_ARGS="--tokens 1600 --hidden 64 --mlp 256" keeps the second part small): a check of the script.

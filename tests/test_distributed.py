@@ -42,6 +42,49 @@ def test_the_analyzer_is_made_after_the_group_is_started(rank_3_of_8, monkeypatc
     assert order == ["group", "analyzer"]
 
 
+def test_fit_hessians_sets_the_ranks_gpu_and_starts_its_group_before_the_model_loads(rank_3_of_8, monkeypatch,
+                                                                                       tiny_gpt2, tmp_path):
+    """Loading first would make a CUDA context on GPU 0 in every rank: the rank's device is chosen first."""
+    from helpers import TRAIN, write_json
+
+    from if_query.config import FitConfig
+    from if_query.fit.fit_hessians import fit_hessians
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        rank_3_of_8.append(("load_model", None))
+        raise Loaded
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    data = write_json(tmp_path / "hessian.json", TRAIN)
+    with pytest.raises(Loaded):
+        fit_hessians(FitConfig(model=str(tiny_gpt2), hessian_dataset=str(data), output_dir=str(tmp_path / "f")),
+                     quiet=True)
+    assert [name for name, _ in rank_3_of_8] == ["set_device", "init_process_group", "load_model"]
+    assert rank_3_of_8[0] == ("set_device", torch.device("cuda", 3))
+
+
+def test_run_query_with_kronfluence_starts_its_group_before_the_model_loads(rank_3_of_8, monkeypatch, cli, tiny_gpt2,
+                                                                            fitted, query_files, tmp_path):
+    from if_query.run import compatibility
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        rank_3_of_8.append(("load_model", None))
+        raise Loaded
+
+    monkeypatch.setattr(compatibility, "load_model", load_model)
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json",
+                 query_files["train"], "--query-json", query_files["query"], "--output-dir", tmp_path / "out",
+                 "--engine", "kronfluence", "--quiet", expect=None)
+    assert result.exit_code == 1 and "Loaded" in result.stderr  # it stopped where the model loads
+    assert [name for name, _ in rank_3_of_8] == ["set_device", "init_process_group", "load_model"]
+
+
 def test_kronfluences_state_reuses_an_initialised_group(monkeypatch, tmp_path):
     """What start_data_parallel relies on: Kronfluence's State starts no group of its own when one exists."""
     from kronfluence.utils.state import State

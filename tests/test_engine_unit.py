@@ -216,6 +216,36 @@ class Allocations(TorchDispatchMode):
         return out
 
 
+def test_a_page_locked_store_goes_to_the_device_with_no_host_copy_and_a_spilled_one_through_the_bounce_slots(
+        tmp_path, monkeypatch):
+    """The plan's page-locked store (recorded on the CPU's staged path; ``cudaHostRegister`` on CUDA): its slabs are
+    copied straight from its pages (counted ``direct``, no bounce slot filled, no host copy), a spilled store's
+    through the bounce slots; both arrive unchanged, and the store is unregistered once it is collected."""
+    import gc
+
+    from if_query.score import transfer
+
+    copies = []
+    real = transfer.host_copy
+    monkeypatch.setattr(transfer, "host_copy", lambda target, source: (copies.append(target.numel()),
+                                                                        real(target, source)))
+    in_ram, spilled = filled_store(10**9, tmp_path), filled_store(0, tmp_path)
+    transfers = Transfers(torch.device("cpu"), bounce_bytes=256, staged=True)
+    transfers.register_store(in_ram.flat, in_ram)
+    slab = in_ram.slab_source("inputs", "a")
+    moved = transfers.to_device(slab)
+    assert torch.equal(moved, slab) and moved.data_ptr() != slab.data_ptr()
+    assert transfers.direct["to device"] == slab.numel() * 4 and copies == [] and not transfers._slots
+    from_file = transfers.to_device(spilled.slab_source("inputs", "a"))
+    assert torch.equal(from_file, spilled.module_inputs("a")) and len(transfers._slots) == 2
+    assert transfers.direct["to device"] == slab.numel() * 4  # the spilled slab was not direct
+    assert transfers.page_locked_peak == in_ram.nbytes
+    del in_ram, slab, moved
+    gc.collect()
+    assert not transfers._stores  # unregistered with the store
+
+
+
 @pytest.mark.parametrize("at_once", [24, 16], ids=["every-W-at-once", "blocks-of-8"])
 def test_the_engine_allocates_no_hidden_copy_of_the_whitened_gradients(tmp_path, at_once):
     """With a workspace of exactly ``at_once`` W's, the engine's allocations peak at that workspace plus one

@@ -281,18 +281,26 @@ def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
     assert "k_proj, v_proj read q_proj's input" in text
 
 
-@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00001")], ids=["at-once", "chunks"])
+@pytest.mark.parametrize("locked", [True, False], ids=["page-locked", "bounced"])
+@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00005"), ("--host-memory-gb", "0.00001")],
+                         ids=["at-once", "chunks", "chunks-spilled"])
 def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gpt2, fitted, query_files, tmp_path,
-                                                                     monkeypatch, extra):
+                                                                     monkeypatch, extra, locked):
     """A run on the CPU through the device path's copies (staged transfers, unpinned buffers) planned as for a GPU
     (a device 1 TB large: the factors stay resident across a chunked job's calls): the bytes it counts onto the
-    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers."""
+    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers; so are
+    the bytes that go straight from and into page-locked stores (the plan's decision, within its limit; none with a
+    limit of 0: all through the bounce slots and the landing buffer), and the most it page-locks at once."""
     import dataclasses
 
     from helpers import run_query
 
+    from if_query.plan import run_plan
     from if_query.score import engine_scorer
     from if_query.score.transfer import Transfers
+
+    if not locked:
+        monkeypatch.setattr(run_plan, "PAGE_LOCK_SHARE", 0.0)
 
     held = []
 
@@ -311,9 +319,61 @@ def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gp
     run_query(cli, tiny_gpt2, fitted["ekfac"], query_files, tmp_path / "out", *extra)
     plan = json.loads((tmp_path / "out" / "run.json").read_text())["plan"]
     assert plan["mode"] == ("chunks" if extra else "at once")
-    planned, counted = plan["moved"], plan["moved_counted"]
+    planned, counted = plan["moved"], dict(plan["moved_counted"])
+    assert counted.pop("page_locked_bytes") == plan["page_locked_bytes"]
     assert counted == {key: planned[key] for key in counted}, (planned, counted)
     assert counted["factor_bytes_to_device"] > 0 and counted["from_device_bytes"] > 0  # the premise: bytes moved
+    if locked and not plan["spilled"]:  # the premise: stores page-locked, their token factors copied straight
+        assert plan["page_locked_bytes"] > 0 and counted["direct_from_device_bytes"] > 0
+        assert counted["direct_to_device_bytes"] == counted["to_device_bytes"] - counted["factor_bytes_to_device"]
+    elif not locked:
+        assert plan["page_locked_bytes"] == counted["direct_to_device_bytes"] == 0
     if extra:
         assert plan["factors_resident"] and planned["engine_calls"] > 1  # factors once for several calls
     assert held == [plan["pinned_bytes"]]  # sized once from the plan, returned at the end
+
+
+@pytest.mark.parametrize("extra", [(), ("--top-train", "1", "--per-token-scores")], ids=["plain", "kept-per-token"])
+def test_factors_kept_on_the_device_serve_the_next_folder_which_moves_none(cli, tiny_gpt2, fitted, tmp_path,
+                                                                          monkeypatch, extra):
+    """Two folders in one run, planned as on a GPU that holds every module's factors beside the model: the plan
+    keeps them from folder to folder, so the second folder moves no factor bytes (planned, counted), and its scores
+    are a run of that folder alone (also where --top-train's per-token pass scores the first folder again)."""
+    import dataclasses
+
+    import pandas as pd
+    from helpers import QUERIES, TRAIN, assert_close_to_largest
+
+    from if_query.score import engine_scorer
+    from if_query.score.transfer import Transfers
+
+    class Staged(Transfers):
+        def __init__(self, device, **options):
+            super().__init__(device, staged=True, **options)
+
+    context = engine_scorer.EngineScorer.context
+    monkeypatch.setattr(engine_scorer, "Transfers", Staged)
+    monkeypatch.setattr(engine_scorer.EngineScorer, "context",
+                        lambda self: dataclasses.replace(context(self), device_type="cuda", device_limit=10**12))
+    folders = []
+    for name, train, queries in (("a", TRAIN, QUERIES), ("b", TRAIN[:3], QUERIES[:2])):
+        folder = tmp_path / name
+        write_json(folder / "train.json", train)
+        write_json(folder / "query.json", queries)
+        folders.append(folder)
+    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], *folders, "--quiet", *extra)
+    first, second = (json.loads((f / "results" / "run.json").read_text())["plan"] for f in folders)
+    assert first["factors_kept_across_jobs"] and not first["factors_already_on_device"]
+    assert first["moved"]["factor_bytes_to_device"] == first["moved_counted"]["factor_bytes_to_device"] > 0
+    assert second["factors_already_on_device"]
+    for key in ("to_device_bytes", "factor_bytes_to_device", "from_device_bytes"):
+        assert second["moved"][key] == second["moved_counted"][key], (second["moved"], second["moved_counted"])
+    assert second["moved_counted"]["factor_bytes_to_device"] == 0 and second["moved_counted"]["to_device_bytes"] > 0
+
+    cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--train-json", folders[1] / "train.json",
+        "--query-json", folders[1] / "query.json", "--output-dir", tmp_path / "alone", "--quiet", *extra)
+    alone = json.loads((tmp_path / "alone" / "run.json").read_text())["plan"]
+    assert alone["moved_counted"]["factor_bytes_to_device"] == first["moved"]["factor_bytes_to_device"]  # alone: moved
+    kept, fresh = (pd.read_csv(path / "influences.csv") for path in (folders[1] / "results", tmp_path / "alone"))
+    assert (kept[["query_id", "train_id"]] == fresh[["query_id", "train_id"]]).all().all()
+    assert_close_to_largest(kept["influence_score"], fresh["influence_score"], 1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from if_query import distributed
 from if_query.atomic import check_writable_dir, shareable_tree
 from if_query.config import FitConfig
 from if_query.data.hessian_data import load_hessian_examples
@@ -171,6 +172,10 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
     dtype = loading.resolve_dtype(config.dtype)
     precision = loading.resolve_matmul_precision(config.matmul_precision)
     loading.set_matmul_precision(precision)
+    # the rank's GPU chosen (and the NCCL group started on it) before anything loads: a model loaded first would make
+    # a CUDA context on GPU 0 in every rank, and Kronfluence's State would be set up after the weights are placed
+    distributed.check_launch()
+    distributed.start_data_parallel()
     fingerprint = weights_fingerprint(config.model, config.revision, base_model=config.base_model)
     model = None
     if fingerprint is None:  # a hub model whose weights are not in the local cache yet: load (download) first

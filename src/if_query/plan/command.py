@@ -173,7 +173,9 @@ def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
     lines += [f"  {peak.describe()}" for peak in peaks]
     moved = job.moved
     if cuda:
-        factors = (f"factors {human_bytes(store.factor_bytes)} once, kept on the device" if job.resident
+        factors = ("no factors: kept on the device from an earlier folder" if job.factors_here
+                   else (f"factors {human_bytes(store.factor_bytes)} once, kept on the device"
+                         + (" for the later folders too" if job.keep_factors else "")) if job.resident
                    else f"factors {human_bytes(moved.factors_to_device)} of it: "
                         f"{human_bytes(store.factor_bytes)} per engine call")
         lines.append(f"  moved in all: {human_bytes(moved.from_device)} off the device, {human_bytes(moved.to_device)} "

@@ -10,7 +10,8 @@ Device memory, per rank:
   eigendecomposition (rank 0): the largest covariance in float64, its eigenvectors and LAPACK's workspace;
   lambda pass: model + one batch's activations + a partition's eigenvectors and lambdas + per-example
   gradients formed at once (the lambda stage's 1 GB chunk).
-- run-query, capture: model + one batch's activations + its output gradients (kept until the batch ends);
+- run-query, capture: model + one batch's activations + its output gradients (kept until the batch ends), + every
+  module's prepared factors where they are kept on the device (the next chunk's or folder's capture runs beside them);
   scoring, the worst module: model + its factors while prepared + its token factors on the device + the
   whitened gradients of the workspace actually used (+ kept rotations, + per-token scratch).
 Host memory, per rank: the folder's token factors (RAM up to the host budget, else a spill file) and the
@@ -145,6 +146,7 @@ class ScorePlan:
     resident: bool = False  # every module's prepared factors kept on the device across the job's engine calls
     bounce_bytes: int = 0  # each of the two pinned bounce slots
     landing_bytes: int = 0  # the pinned landing buffer
+    registered: bool = False  # its store in RAM page-locked (the run plan's, within its limit): no host copies
 
     @property
     def pinned_bytes(self) -> int:
@@ -251,8 +253,10 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
             at_once = at_once and module_at_once
             block = min(block, count if module_at_once else capacity // 2)
             used = max(used, module_used)
-        if not resident or worst_total <= device_limit:
-            break  # the factors kept where that fits, else copied per call
+        if not resident or (worst_total <= device_limit and capture.total + prepared <= device_limit):
+            break  # the factors kept where that fits (scoring, and the next capture beside them), else copied per call
+    if resident:  # later captures (the next chunk or folder) run beside the kept factors
+        capture.parts.append(Part("every module's factors, kept", prepared))
     scoring = Peak("device, scoring" if on_device else "RAM, scoring (besides the token factors)", worst,
                    device_limit if on_device else None, "a smaller --workspace-gb (exact, in blocks)")
     bounce = sizes.bounce_slot_bytes(shapes, strategy) if on_device else 0

@@ -15,6 +15,7 @@ For each job (a folder, or every folder's queries against a corpus):
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +27,7 @@ from if_query.plan.estimates import Context, ScorePlan
 from if_query.plan.sizes import human_bytes
 
 HOST_SHARE = 0.5  # default --host-memory-gb: this fraction of the available RAM, divided among the host's ranks
+PAGE_LOCK_SHARE = 0.25  # stores in RAM page-locked (unswappable) up to this fraction of it, divided among the ranks
 DEVICE_WORKSPACE_SHARE = 0.5  # default --workspace-gb on CUDA: this fraction of the free device memory
 HOST_WORKSPACE_SHARE = 0.25  # ... on CPU: this fraction of the available RAM after the token factors
 MIN_WORKSPACE_BYTES = 64 * 10**6
@@ -42,6 +44,13 @@ class Budgets:
     free_host: int  # MemAvailable when the plan was made (rank 0)
     free_device: int | None  # free device memory then (CUDA; cached blocks counted as free)
     local_ranks: int = 1  # ranks sharing this host's RAM
+
+    @property
+    def page_lock_limit(self) -> int:
+        """Bytes of token-factor stores in RAM a rank may page-lock at once (the device copies straight from and
+        into them; past it a store goes through the bounce slots and the landing buffer): ``PAGE_LOCK_SHARE`` of
+        the free RAM, divided among the host's ranks."""
+        return int(self.free_host * PAGE_LOCK_SHARE) // self.local_ranks
 
     def workspace_for(self, reserved: int) -> int:
         """The workspace of a job that keeps ``reserved`` bytes of token factors in RAM."""
@@ -87,10 +96,13 @@ class Moved:
     factors_to_device: int = 0
     from_device: int = 0
     engine_calls: int = 0
+    direct_to_device: int = 0  # of to_device: straight from page-locked stores (the rest through the bounce slots)
+    direct_from_device: int = 0  # of from_device: straight into page-locked stores (the rest through the landing)
 
     def describe(self) -> dict:
         return {"to_device_bytes": self.to_device, "factor_bytes_to_device": self.factors_to_device,
-                "from_device_bytes": self.from_device, "engine_calls": self.engine_calls}
+                "from_device_bytes": self.from_device, "engine_calls": self.engine_calls,
+                "direct_to_device_bytes": self.direct_to_device, "direct_from_device_bytes": self.direct_from_device}
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,10 @@ class JobPlan:
     world: int = 1
     moved: Moved = Moved()
     pinned: Pinned = Pinned()  # the run's (plan_run sets it: every job's the same)
+    keep_factors: bool = False  # the run's: prepared factors stay on each rank's device from job to job (plan_run)
+    factors_here: bool = False  # the rank that writes it holds them from an earlier job: ``moved`` has no factors
+    run_id: str = ""  # the run plan it belongs to: factors are kept across jobs of one plan only
+    page_lock_limit: int = 0  # stores in RAM page-locked up to these bytes together (Budgets.page_lock_limit)
 
     @property
     def resident(self) -> bool:
@@ -157,7 +173,9 @@ class JobPlan:
                     f"{min(sizes, default=0)}-{max(sizes, default=0)} sequences (token factors up to "
                     f"{human_bytes(biggest)} each, budget {human_bytes(self.chunk_budget)}"
                     + (f"; {self.done_rows} train examples already scored" if self.done_rows else "") + ")")
-        return f"{text}; {self.ranks()}"
+        kept = ("; the factors are on the device already (kept from an earlier job)" if self.factors_here
+                else "; the factors stay on the device for the later jobs" if self.keep_factors else "")
+        return f"{text}; {self.ranks()}{kept}"
 
     def describe(self, budgets: Budgets) -> dict:
         """What run.json records of it (and of the ``budgets`` it was made with)."""
@@ -179,8 +197,13 @@ class JobPlan:
             "resumed_rows": self.done_rows,
             "ranks": self.ranks(),
             "factors_resident": self.resident,
+            "factors_kept_across_jobs": self.keep_factors,
+            "factors_already_on_device": self.factors_here,
             "moved": self.moved.describe(),
             "pinned_bytes": self.pinned.total,
+            "page_lock_limit_bytes": self.page_lock_limit,
+            "page_locked_bytes": sum(p.token_factor_bytes for p in (self.store, self.largest_chunk)
+                                     if p is not None and p.registered),  # the most at once
         }
 
 
@@ -223,8 +246,11 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
     if not done.any() and everything <= budgets.host:
         lengths = [*query_lengths, *train_lengths[train_only].tolist()]
         store = context.store(lengths, budgets.workspace_for(everything), budgets.host)
-        moved = Moved(store.bytes_to_device, store.factor_bytes_to_device, store.bytes_from_device, 1)
-        return JobPlan(name, len(train_lengths), 0, store, world=world, moved=moved)
+        store.registered = _page_locked(store, budgets.page_lock_limit)
+        direct = store.token_factor_bytes if store.registered else 0
+        moved = Moved(store.bytes_to_device, store.factor_bytes_to_device, store.bytes_from_device, 1, direct, direct)
+        return JobPlan(name, len(train_lengths), 0, store, world=world, moved=moved,
+                       page_lock_limit=budgets.page_lock_limit)
     query_bytes = query_tokens * per_token
     query_spilled = query_bytes > budgets.host
     chunk_budget = max(budgets.host - (0 if query_spilled else query_bytes), per_token)
@@ -238,9 +264,19 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
         largest = context.store(train_lengths[biggest].tolist(), workspace, chunk_budget)
     chunks = tuple(Chunk(rows, k % world if split else 0) for k, rows in enumerate(groups))
     store = context.store(list(query_lengths), workspace, budgets.host)
+    store.registered = _page_locked(store, budgets.page_lock_limit)
+    if largest is not None:  # the largest chunk beside the queries' store: every chunk fits the rest of the limit
+        largest.registered = _page_locked(largest, budgets.page_lock_limit - (store.token_factor_bytes
+                                                                              if store.registered else 0))
     moved = _chunked_moved(store, largest, groups, train_lengths, per_token, train_queries, done)
     return JobPlan(name, len(train_lengths), int(done.sum()), store, False, chunks, chunk_budget, largest, split, 0,
-                   world, moved)
+                   world, moved, page_lock_limit=budgets.page_lock_limit)
+
+
+def _page_locked(store: ScorePlan, limit: int) -> bool:
+    """Whether a store's memory is page-locked: in RAM, on a device (there are copies to save) and within
+    ``limit``."""
+    return not store.spilled and store.bytes_from_device > 0 and 0 < store.token_factor_bytes <= limit
 
 
 def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[np.ndarray], train_lengths: np.ndarray,
@@ -255,22 +291,44 @@ def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[n
     chunk_bytes = sum(int(train_lengths[rows].sum()) for rows in groups) * per_token
     resident = queries.resident and (largest is None or largest.resident)
     factors = queries.factor_bytes * (1 if resident else calls)
+    chunks_direct = chunk_bytes if largest is not None and largest.registered else 0
+    queries_direct = queries.token_factor_bytes if queries.registered else 0
     return Moved(chunk_bytes + calls * queries.token_factor_bytes + factors, factors,
-                 queries.bytes_from_device + chunk_bytes, calls)
+                 queries.bytes_from_device + chunk_bytes, calls, chunks_direct + calls * queries_direct,
+                 chunks_direct + queries_direct)
 
 
 def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:
-    """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn."""
+    """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn.
+
+    Where every job's factors fit kept beside the model (each job ``resident``, on a device), they are kept from job
+    to job (``keep_factors``): a rank copies them once, with its first job; a job whose writing rank scored an
+    earlier one (in the order run-query scores them: split jobs first) moves no factors (``factors_here``)."""
     alone = 0
     planned = []
     stores = [p for job in jobs for p in (job.store, job.largest_chunk) if p is not None]
-    pinned = Pinned(max((p.bounce_bytes for p in stores), default=0), max((p.landing_bytes for p in stores),
-                                                                          default=0))
+    pinned = Pinned(max((p.bounce_bytes for p in stores), default=0),  # a page-locked store needs no landing buffer
+                    max((p.landing_bytes for p in stores if not p.registered), default=0))
+    engine_jobs = [job for job in jobs if job.store is not None]
+    keep = bool(engine_jobs) and all(job.resident and job.moved.factors_to_device > 0 for job in engine_jobs)
+    run_id = uuid.uuid4().hex
     for job in jobs:
-        job = replace(job, pinned=pinned)
+        job = replace(job, pinned=pinned, keep_factors=keep and job.store is not None, run_id=run_id)
         if job.split:
             planned.append(job.with_rank(0))
         else:
             planned.append(job.with_rank(alone % world))
             alone += 1
+    if keep:
+        holding: set[int] = set()  # ranks whose device holds the factors
+        for index in sorted(range(len(planned)), key=lambda k: not planned[k].split):
+            job = planned[index]
+            if job.store is None:
+                continue
+            if job.rank in holding:
+                moved = replace(job.moved, to_device=job.moved.to_device - job.moved.factors_to_device,
+                                factors_to_device=0)
+                planned[index] = replace(job, factors_here=True, moved=moved)
+            # the ranks that run an engine call of it: the writing rank always, a split job's others with a chunk
+            holding |= {job.rank} | ({c.rank for c in job.chunks} if job.split else set())
     return RunPlan(budgets, world, tuple(planned), dict(extra or {}), pinned)

@@ -240,12 +240,12 @@ class QueryRunner:
         recorded = plan.describe(budgets)
         if isinstance(scorer, EngineScorer) and scorer.last_moved is not None:
             recorded["moved_counted"] = scorer.last_moved  # what this rank's transfers counted, beside the plan's
-        return [(self._table(prepared[index], query_index, work, scored, budgets, recorded),
+        return [(self._table(prepared[index], query_index, work, scored, budgets, recorded, plan),
                  checkpoint if number == 0 else None)
                 for number, (index, query_index) in enumerate(zip(work.jobs, work.query_index, strict=True))]
 
     def _table(self, prepared: PreparedJob, query_index: list[int], work: Workload, scored: ScoredSet,
-               budgets: Budgets, plan: dict) -> ResultTable:
+               budgets: Budgets, plan: dict, job: JobPlan | None = None) -> ResultTable:
         """The results of one job's records from the scores of its workload's distinct sequences."""
         side, train_index = work.side, work.train_index
         columns = train_index if train_index is not None else range(len(side.ids))
@@ -262,7 +262,7 @@ class QueryRunner:
         if config.per_token_scores:
             if kept is not None:  # a second pass, over the kept train examples only
                 selected = dataclasses.replace(selected, per_token=self._kept_per_token(kept, query_index, work,
-                                                                                        budgets))
+                                                                                        budgets, job))
             rows = sorted({t for q, t in selected.per_token})
             sequences = dict(zip(rows, work.train.take([columns[t] for t in rows]), strict=True))
             tokens = lambda t: self.example_tokenizer.token_strings(sequences[t])  # noqa: E731
@@ -270,9 +270,10 @@ class QueryRunner:
                            tokens, self.provenance(prepared, scored.damping, plan))
 
     def _kept_per_token(self, kept: list[np.ndarray], query_index: list[int], work: Workload,
-                        budgets: Budgets) -> dict:
+                        budgets: Budgets, job: JobPlan | None = None) -> dict:
         """Per-token scores of the kept pairs: the kept train examples' distinct sequences scored again (planned
-        with the run's budgets, on this rank alone) with per-token scores; {(query record, train record): scores}."""
+        with the run's budgets, on this rank alone, keeping the factors the run keeps across ``job``s) with
+        per-token scores; {(query record, train record): scores}."""
         train_index = work.train_index
         records = sorted(set(np.concatenate(kept).tolist()))
         distinct = sorted({train_index[t] if train_index is not None else t for t in records})
@@ -281,6 +282,8 @@ class QueryRunner:
         scorer = self.load_scorer()
         plan = plan_job("the kept train examples", scorer.context(), budgets, [len(q) for q in work.queries],
                         again.lengths)
+        if job is not None:  # the run's factors, kept on the device, stay there for its next jobs
+            plan = dataclasses.replace(plan, keep_factors=job.keep_factors, run_id=job.run_id)
         scored = scorer.score(work.queries, again, plan, per_token=True)
         result = {}
         for row, q in enumerate(query_index):
@@ -331,6 +334,9 @@ class QueryRunner:
         self.example_tokenizer.warn_capped()
         workloads = self.workloads(prepared)
         if prepared:
+            if self.config.engine == "kronfluence":  # its NCCL group on the rank's GPU before the model loads
+                distributed.check_launch()
+                distributed.start_data_parallel()
             self.load_scorer()
         plan = self.make_plan(workloads, prepared)
         writer = {i: 0 for i in range(len(jobs))}  # rank 0 reports what every rank knows alike

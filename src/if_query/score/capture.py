@@ -120,13 +120,18 @@ def capture_token_factors(model: nn.Module, modules: dict[str, nn.Linear], examp
             indices = list(indices)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
             losses[indices] = forward_backward(model, batch).double().cpu()
-            landed = transfers.to_host({  # each example's own positions: padding never leaves the device
+            captured = {  # each example's own positions: padding never leaves the device
                 (key, row): tensor[row, : store.lengths[example]]
                 for key, tensor in [*((f"inputs:{name}", recorder.inputs[name]) for name in store.input_groups),
                                     *((f"output_grads:{name}", recorder.output_grads[name]) for name in modules)]
-                for row, example in enumerate(indices)})
-            for row, example in enumerate(indices):
-                store.put(example, {key: value for (key, at), value in landed.items() if at == row})
+                for row, example in enumerate(indices)}
+            if transfers.copies and transfers.page_locked(store.flat):  # straight into the store's locked pages
+                places = {row: store.places(example) for row, example in enumerate(indices)}
+                transfers.to_host_into([(places[row][key], tensor) for (key, row), tensor in captured.items()])
+            else:
+                landed = transfers.to_host(captured)
+                for row, example in enumerate(indices):
+                    store.put(example, {key: value for (key, at), value in landed.items() if at == row})
             recorder.clear()
             if progress is not None:
                 progress(len(indices))

@@ -76,16 +76,21 @@ class EngineScorer:
         self.setup = engine.Setup(factors, self.shapes, config.damping_value, device, config.cosine)
         self.refine_batches = refine_batches
         self.last_moved: dict | None = None  # what the last job moved, as the transfers counted it
+        self.kept_for: str | None = None  # the run plan whose factors setup.resident holds across jobs
 
     def _prepare(self, plan: JobPlan) -> None:
         """The run's pinned buffers, sized once from the plan (every job carries the run's sizes), and where the
-        plan says so, the factors kept on the device for the job's engine calls (else dropped)."""
+        plan says so, the factors kept on the device: across the run's jobs (``keep_factors``: those an earlier job
+        of the same run plan left there serve this one), else for the job's engine calls (else dropped)."""
         if self.transfers is None:
             bounce = plan.pinned.bounce or None
             self.transfers = Transfers(self.device, **({"bounce_bytes": bounce} if bounce else {}),
                                        landing_bytes=plan.pinned.landing or None)
-        self.setup = dataclasses.replace(self.setup, transfers=self.transfers,
-                                         resident={} if plan.resident else None)
+        held = self.setup.resident
+        if not (plan.keep_factors and held is not None and self.kept_for == plan.run_id):
+            held = {} if plan.resident else None
+        self.kept_for = plan.run_id if plan.keep_factors else None
+        self.setup = dataclasses.replace(self.setup, transfers=self.transfers, resident=held)
 
     def close(self) -> None:
         """Return the pinned buffers and the kept factors (the end of a run)."""
@@ -93,6 +98,7 @@ class EngineScorer:
             self.transfers.close()
         self.transfers = None  # the next run sizes its own from its plan
         self.setup = dataclasses.replace(self.setup, resident=None)
+        self.kept_for = None
 
     def context(self) -> Context:
         """What the plan's sizes depend on (shapes, model, strategy, dtype, options, the device)."""
@@ -102,8 +108,11 @@ class EngineScorer:
                        self.matmul_precision,
                        torch.cuda.get_device_properties(self.device).total_memory if cuda else None)
 
-    def _store(self, sequences: Sequence[TokenizedExample], host_budget: int) -> TokenFactorStore:
-        """The token factors of ``sequences``: in RAM, or spilled to a file past ``host_budget`` (the plan's)."""
+    def _store(self, sequences: Sequence[TokenizedExample], host_budget: int,
+               page_locked: bool = False) -> TokenFactorStore:
+        """The token factors of ``sequences``: in RAM, or spilled to a file past ``host_budget`` (the plan's); in
+        RAM and ``page_locked`` (the plan's), its memory page-locked while it lives: the device copies straight from
+        and into it."""
         lengths = [len(e) for e in sequences]
         shared = {m.name: m.input_from for m in self.tracked if m.input_from is not None}
         store = TokenFactorStore({m.name: (m.out_features, m.in_features) for m in self.tracked}, lengths,
@@ -111,6 +120,8 @@ class EngineScorer:
         if store.spilled and (kind := ram_filesystem(Path(store.spill_path).parent)):
             logger.warning("The spill file is on %s, which is held in RAM: spilling there saves no memory; give "
                            "--spill-dir a directory on a disk", kind)
+        if page_locked and not store.spilled:
+            self.transfers.register_store(store.flat, store)
         return store
 
     def _capture(self, sequences: Sequence[TokenizedExample], store: TokenFactorStore, queries: int,
@@ -143,14 +154,19 @@ class EngineScorer:
         write the job (a split job's ranks other than 0)."""
         per_token = self.config.per_token_scores if per_token is None else per_token
         self._prepare(plan)
-        before = (self.transfers.to_device_bytes, self.transfers.moved[FACTORS], self.transfers.to_host_bytes)
+        transfers = self.transfers
+        counts = lambda: (transfers.to_device_bytes, transfers.moved[FACTORS], transfers.to_host_bytes,  # noqa: E731
+                          transfers.direct["to device"], transfers.direct["from device"])
+        before = counts()
+        transfers.page_locked_peak = 0
         if plan.at_once:
             result = self.score_at_once(queries, train, plan.store, per_token)
         else:
             result = self._score_in_chunks(queries, train, plan, checkpoint, per_token)
-        after = (self.transfers.to_device_bytes, self.transfers.moved[FACTORS], self.transfers.to_host_bytes)
-        self.last_moved = dict(zip(("to_device_bytes", "factor_bytes_to_device", "from_device_bytes"),
-                                   (b - a for a, b in zip(before, after, strict=True)), strict=True))
+        self.last_moved = dict(zip(("to_device_bytes", "factor_bytes_to_device", "from_device_bytes",
+                                    "direct_to_device_bytes", "direct_from_device_bytes"),
+                                   (b - a for a, b in zip(before, counts(), strict=True)), strict=True))
+        self.last_moved["page_locked_bytes"] = transfers.page_locked_peak
         return result
 
     def score_at_once(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: ScorePlan,
@@ -160,7 +176,7 @@ class EngineScorer:
         sequences = [*queries, *train.take(train_only)]
         position = {**{i: q for i, q in train.queries.items()},
                     **{int(i): len(queries) + k for k, i in enumerate(train_only)}}
-        store = self._store(sequences, plan.host_budget)
+        store = self._store(sequences, plan.host_budget, plan.registered)
         losses = self._capture(sequences, store, len(queries), "folder")
         query_side = engine.Side(store, range(len(queries)))
         result = self._engine(query_side, engine.Side(store, [position[i] for i in range(len(train.lengths))]),
@@ -213,7 +229,7 @@ class EngineScorer:
 
     def _queries(self, queries: Sequence[TokenizedExample], plan: JobPlan) -> tuple:
         """The queries' side (captured into their store), their losses and refined forms."""
-        store = self._store(queries, plan.store.host_budget)
+        store = self._store(queries, plan.store.host_budget, plan.store.registered)
         losses = self._capture(queries, store, len(queries), "queries")
         side = engine.Side(store, range(len(queries)))
         return side, losses, self._refine(side)
@@ -254,7 +270,7 @@ class EngineScorer:
                      per_token: bool, refined: tuple | None) -> engine.Scores:
         """One chunk: its sequences captured into a store of their own, scored against the queries, dropped."""
         sequences = train.take(plan.chunks[chunk].rows)
-        store = self._store(sequences, plan.chunk_budget)
+        store = self._store(sequences, plan.chunk_budget, plan.largest_chunk.registered)
         self._capture(sequences, store, 0, f"chunk {chunk + 1}/{len(plan.chunks)}")
         return self._engine(query_side, engine.Side(store, range(len(sequences))), plan.store.workspace_budget,
                             per_token, refined)

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from if_query.kron.factors import FileRange
@@ -58,6 +59,7 @@ class TokenFactorStore:
         else:
             flat = torch.empty(self.tokens * row, dtype=dtype)
             self.spill_path, self._fd = None, -1
+        self.flat = flat  # every slab, one after the other: what a device may page-lock (in RAM) and copy from
         self._inputs: dict[str, torch.Tensor] = {}
         self._output_grads: dict[str, torch.Tensor] = {}
         self._starts: dict[tuple[str, str], int] = {}  # (kind, module) -> the slab's first element
@@ -103,11 +105,28 @@ class TokenFactorStore:
     def output_grads(self, module: str, example: int) -> torch.Tensor:
         return self._output_grads[module][self.rows(example)]
 
+    def places(self, example: int) -> dict[str, torch.Tensor]:
+        """Where one example's token factors go: ``"inputs:<group>"`` (T_i, in) and ``"output_grads:<module>"``
+        (T_i, out), views of the store (contiguous: a device copies into them directly when the store's pages are
+        page-locked)."""
+        rows = self.rows(example)
+        return {**{f"inputs:{name}": slab[rows] for name, slab in self._inputs.items()},
+                **{f"output_grads:{name}": slab[rows] for name, slab in self._output_grads.items()}}
+
     def put(self, example: int, landed: dict[str, torch.Tensor]) -> None:
         """Copy one example's host copies into the store: ``landed`` holds ``"inputs:<group>"`` (T_i, in) and
-        ``"output_grads:<module>"`` (T_i, out)."""
-        rows = self.rows(example)
-        for name in self._inputs:
-            self._inputs[name][rows] = landed[f"inputs:{name}"]
-        for name in self.shapes:
-            self._output_grads[name][rows] = landed[f"output_grads:{name}"]
+        ``"output_grads:<module>"`` (T_i, out); a plain memory copy (:func:`host_copy`), whatever OpenMP's thread
+        count."""
+        for key, place in self.places(example).items():
+            host_copy(place, landed[key])
+
+
+def host_copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``source`` into ``target`` on the host: for contiguous tensors of one dtype numpy's ``copyto`` of their bytes
+    (one ``memcpy``, on this thread: its speed does not depend on OpenMP's thread count, as a torch copy's does);
+    any other pair through torch."""
+    if (target.dtype == source.dtype and target.shape == source.shape and target.is_contiguous()
+            and source.is_contiguous() and source.device.type == "cpu" and target.numel()):
+        np.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
+    else:
+        target.copy_(source)

@@ -2,15 +2,18 @@
 buffers sized once per run.
 
 What goes onto the device (:meth:`Transfers.to_device`), on the copy stream of :mod:`if_query.score.streams`:
-- a host tensor whose pages the device can copy from (pinned or registered): copied directly, no host copy;
+- a slab of a store in RAM that the plan page-locks (:meth:`Transfers.register_store`, up to the plan's limit):
+  copied directly, no host copy (``direct``); its token factors also come off the device straight into it
+  (:meth:`Transfers.to_host_into`);
 - a :class:`~if_query.kron.factors.FileRange` (a factor file's tensor, a spilled store's slab): read with
   ``os.pread`` straight into one of two pinned *bounce slots* (the kernel's copy, whatever OpenMP's thread count),
   then copied; larger ranges go in slot-sized pieces, the slots alternating (before a slot is refilled the host
   waits for the copy that read it, an event of the copy stream);
-- any other host tensor (pageable RAM: the CPU's tests of this path): through the same slots by a host copy.
+- any other host tensor (a store over the plan's page-lock limit): through the same slots by a host copy, a
+  ``memcpy`` whatever OpenMP's thread count (:func:`~if_query.score.store.host_copy`).
 
 What comes off it (:meth:`Transfers.to_host`): a batch's token factors, all at once into one pinned landing buffer
-with one synchronisation.
+with one synchronisation, then into an unlocked store by a ``memcpy``.
 
 The buffers are sized once (``bounce_bytes`` per slot, ``landing_bytes``: the run plan's,
 :class:`~if_query.plan.estimates.Pinned`) and never grown: a batch larger than the landing buffer is an error of the
@@ -20,13 +23,16 @@ host: float32 is made on the device. On the CPU the "device" is the host: nothin
 run the same path with unpinned buffers).
 
 Counted: bytes onto the device by kind (``moved``: ``token factors``, ``factors``), bytes off it
-(``to_host_bytes``), and the pinned bytes held (``pinned_bytes``): the plan line, ``if-query plan`` and ``run.json``
-report the same counts.
+(``to_host_bytes``), of both those straight from or into page-locked stores (``direct``), the most store bytes
+page-locked at once (``page_locked_peak``) and the pinned buffers held (``pinned_bytes``): the plan line,
+``if-query plan`` and ``run.json`` report the same counts. What page-locking gains (the host copies gone, the copy
+engine reading the store) is measured only on a GPU (``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -34,6 +40,7 @@ import torch
 from if_query.errors import RunError
 from if_query.kron.factors import FileRange
 from if_query.plan.sizes import STAGING_BYTES
+from if_query.score.store import host_copy
 from if_query.score.streams import Streams, streams_for
 
 ALIGNMENT = 64  # bytes: where each tensor starts in the device-to-host landing buffer
@@ -78,6 +85,9 @@ class Transfers:
         self._slot = 0
         self._landing: torch.Tensor | None = None  # one uint8 buffer, device to host
         self._registered: list[torch.Tensor] = []
+        self._stores: dict[int, tuple[int, int, torch.Tensor]] = {}  # page-locked stores: id -> (start, end, memory)
+        self.direct = {"to device": 0, "from device": 0}  # bytes copied straight from or into a page-locked store
+        self.page_locked_peak = 0  # the most store bytes page-locked at once (the plan's page_locked_bytes)
 
     @property
     def to_device_bytes(self) -> int:
@@ -108,7 +118,40 @@ class Transfers:
         self.streams.land("close")
         for buffer in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        for key in list(self._stores):
+            self._unregister_store(key)
         self._registered, self._slots, self._landing, self._events = [], [], None, [None, None]
+
+    def register_store(self, memory: torch.Tensor, owner: object) -> None:
+        """Page-lock a store's memory (``memory``: its contiguous host tensor, the plan's decision) while ``owner``
+        (the store) lives, so that its slabs go to the device and its token factors come off it with no host copy.
+        On CUDA ``cudaHostRegister``; on the CPU's staged path (tests) only recorded, the copies taking the same
+        branch. Unregistered when ``owner`` is collected, or by :meth:`close`."""
+        if not self.copies or not memory.numel():
+            return
+        size = memory.numel() * memory.element_size()
+        if self.pinned:
+            code = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), size, 0)
+            if int(code) != 0:
+                raise RunError(f"could not page-lock {size} bytes of token factors (cudaHostRegister: {code})")
+        key = id(memory)
+        self._stores[key] = (memory.data_ptr(), memory.data_ptr() + size, memory)
+        self.page_locked_peak = max(self.page_locked_peak, sum(high - low for low, high, _ in self._stores.values()))
+        weakref.finalize(owner, self._unregister_store, key)
+
+    def _unregister_store(self, key: int) -> None:
+        entry = self._stores.pop(key, None)
+        if entry is not None and self.pinned:
+            self.streams.land("unregister")  # no copy may still read or write those pages
+            torch.cuda.cudart().cudaHostUnregister(entry[0])
+
+    def page_locked(self, tensor: torch.Tensor) -> bool:
+        """Whether the contiguous host ``tensor`` lies in a page-locked store (the device copies it directly)."""
+        if not self._stores or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            return False
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        return any(low <= start and end <= high for low, high, _ in self._stores.values())
 
     def _mark(self):
         """An event after the copies just issued, on ``self.device``'s current stream (the copy stream while
@@ -131,8 +174,9 @@ class Transfers:
         shape, dtype = (source.shape, source.dtype)
         result = torch.empty(shape, dtype=dtype, device=self.device)
         target = result.view(-1).view(torch.uint8)  # (bytes,)
-        if isinstance(source, torch.Tensor) and self.pinned and source.is_pinned() and source.is_contiguous():
-            target.copy_(source.view(-1).view(torch.uint8), non_blocking=True)  # registered pages: no host copy
+        if isinstance(source, torch.Tensor) and self.page_locked(source):
+            target.copy_(source.view(-1).view(torch.uint8), non_blocking=self.pinned)  # no host copy
+            self.direct["to device"] += target.numel()
         else:
             self._bounce(source, target)
         self.moved[what] += target.numel()
@@ -152,9 +196,19 @@ class Transfers:
             if flat is None:
                 read_range(source, staged, start)
             else:
-                staged.copy_(flat[start:stop])
+                host_copy(staged, flat[start:stop])  # pageable RAM: a memcpy, whatever OpenMP's threads
             target[start:stop].copy_(staged, non_blocking=self.pinned)
             self._events[slot] = self._mark()
+
+    def to_host_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each device tensor of ``pairs`` (host place, device tensor) copied straight into its place in a
+        page-locked store (no landing buffer, no host copy), with one synchronisation for all of them."""
+        for place, tensor in pairs:
+            place.copy_(tensor, non_blocking=self.pinned)
+        self.streams.land("batch")
+        size = sum(t.numel() * t.element_size() for _, t in pairs)
+        self.to_host_bytes += size
+        self.direct["from device"] += size
 
     def to_host(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host copies of device ``tensors`` (views of one landing buffer, valid until the next call), with
