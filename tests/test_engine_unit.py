@@ -246,6 +246,31 @@ def test_a_page_locked_store_goes_to_the_device_with_no_host_copy_and_a_spilled_
 
 
 
+def test_a_store_that_cannot_be_page_locked_goes_through_the_buffers(tmp_path, monkeypatch, caplog):
+    """cudaHostRegister refusing a store's pages (faked: the CPU has no CUDA) is a warning, not a stopped run: its
+    slabs go through the bounce slots and its token factors through a landing buffer the plan did not size."""
+    in_ram = filled_store(10**9, tmp_path)
+
+    class Cudart:
+        def cudaHostRegister(self, pointer, size, flags):  # noqa: N802 (CUDA's name)
+            return 1 if size == in_ram.nbytes else 0
+
+        def cudaHostUnregister(self, pointer):  # noqa: N802
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    transfers = Transfers(torch.device("cpu"), bounce_bytes=256, staged=True, landing_bytes=0)
+    transfers.pinned = True  # as on CUDA: registration is asked for
+    transfers.register_store(in_ram.flat, in_ram)
+    assert "Could not page-lock" in caplog.text and not transfers._stores
+    slab = in_ram.slab_source("inputs", "a")
+    assert torch.equal(transfers.to_device(slab), slab) and transfers.direct["to device"] == 0
+    landed = transfers.to_host({"a": slab, "b": torch.ones(3)})  # the plan sized no landing buffer: one is made
+    assert torch.equal(landed["a"], slab) and transfers.direct["from device"] == 0
+    larger = torch.arange(4 * slab.numel(), dtype=torch.float32)  # a later, larger batch: the buffer grows
+    assert torch.equal(transfers.to_host({"a": larger})["a"], larger)
+
+
 @pytest.mark.parametrize("at_once", [24, 16], ids=["every-W-at-once", "blocks-of-8"])
 def test_the_engine_allocates_no_hidden_copy_of_the_whitened_gradients(tmp_path, at_once):
     """With a workspace of exactly ``at_once`` W's, the engine's allocations peak at that workspace plus one

@@ -31,6 +31,7 @@ engine reading the store) is measured only on a GPU (``scripts/gpu_check.sh``).
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Mapping
@@ -39,10 +40,11 @@ import torch
 
 from if_query.errors import RunError
 from if_query.kron.factors import FileRange
-from if_query.plan.sizes import STAGING_BYTES
+from if_query.plan.sizes import STAGING_BYTES, human_bytes
 from if_query.score.store import host_copy
 from if_query.score.streams import Streams, streams_for
 
+logger = logging.getLogger(__name__)
 ALIGNMENT = 64  # bytes: where each tensor starts in the device-to-host landing buffer
 TOKEN_FACTORS, FACTORS = "token factors", "factors"
 
@@ -132,8 +134,11 @@ class Transfers:
         size = memory.numel() * memory.element_size()
         if self.pinned:
             code = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), size, 0)
-            if int(code) != 0:
-                raise RunError(f"could not page-lock {size} bytes of token factors (cudaHostRegister: {code})")
+            if int(code) != 0:  # the slabs go through the bounce slots instead: slower, the same numbers
+                logger.warning("Could not page-lock %s of token factors (cudaHostRegister: %s): they go through the "
+                               "bounce buffer, and run.json counts them there", human_bytes(size), code)
+                self.landing_bytes = None  # the plan sized no landing buffer for a locked store: grown as needed
+                return
         key = id(memory)
         self._stores[key] = (memory.data_ptr(), memory.data_ptr() + size, memory)
         self.page_locked_peak = max(self.page_locked_peak, sum(high - low for low, high, _ in self._stores.values()))
