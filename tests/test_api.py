@@ -69,6 +69,32 @@ def test_three_query_sets_through_one_attributor_load_the_model_once_and_score_a
     assert scored[0].queries["kind"].tolist() == [q["kind"] for q in QUERIES]  # extra fields carried
 
 
+def test_an_attributor_answers_from_an_index_with_its_one_model_load(tiny_gpt2, fitted, tmp_path, counted_loads):
+    from if_query import index_corpus
+
+    documents = CORPUS + [{"id": f"e{k}", "text": f"{name} works as a {job}."} for k, (name, job) in enumerate(
+        [("Erin", "baker"), ("Frank", "pilot"), ("Grace", "nurse"), ("Heidi", "judge")])]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in documents))
+    index = tmp_path / "index"
+    index_corpus(model=tiny_gpt2, factors_dir=fitted["ekfac"], train_dataset=corpus, output_dir=index, sketch_dim=4,
+                 quiet=True)
+    calls = counted_loads[0]
+    with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], top_train=2, quiet=True) as attributor:
+        answers = [attributor.score(queries, corpus=corpus, index=index, candidates=1)
+                   for queries in (QUERIES, QUERIES[:1])]
+        with pytest.raises(InputError, match="give the corpus it was built from"):
+            attributor.score(QUERIES, index=index)
+    assert counted_loads[0] == calls + 1
+    [alone] = run_query(model=tiny_gpt2, factors_dir=fitted["ekfac"], queries=QUERIES, train_dataset=corpus,
+                        index=index, candidates=1, top_train=2, quiet=True)
+    first = answers[0]
+    assert first.provenance["index"]["candidates"] == 1 and first.provenance["index"]["shortlisted"] < len(documents)
+    assert first.influences[["query_id", "train_id"]].equals(alone.results.influences[["query_id", "train_id"]])
+    assert_close_to_largest(first.influences["influence_score"], alone.results.influences["influence_score"])
+    assert set(answers[1].influences["query_id"]) == {QUERIES[0]["pair_id"]}
+
+
 def test_run_query_returns_every_row_and_writes_only_where_told(tiny_gpt2, fitted, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     records = [{"prompt": q["prompt"], "completion": q["completion"]} for q in QUERIES]  # ids from their index

@@ -227,7 +227,7 @@ class Attributor:
         if given:
             raise TypeError(f"Attributor takes what to score in score(), not {', '.join(given)}")
         if options.get("index") is not None or (config is not None and config.index is not None):
-            raise TypeError("Attributor does not read an index yet: use run_query(index=...)")
+            raise TypeError("Attributor takes an index with each score() call, not index=")
         jobs = {name: None for name in JOB_FIELDS} | {"queries": [], "train": []}  # none yet: score() gives them
         self.config = _checked(_config(QueryConfig, config, {"output_required": False, **options, **jobs}))
         from if_query.run.run_query import QueryRunner
@@ -237,15 +237,18 @@ class Attributor:
         self._runner: QueryRunner | None = runner
 
     def score(self, queries: Records, train: Records | None = None, *, corpus: str | os.PathLike | None = None,
+              index: str | os.PathLike | None = None, candidates: int | None = None,
               output_dir: str | os.PathLike | None = None) -> QueryResults:
         """Score every (query, train) pair of one query set, with the loaded model and factors.
 
         ``queries``: records (a list of dicts or a DataFrame; see :mod:`if_query.api`) or a records file. Against
         ``train`` (records or a records file) or ``corpus`` (run-query's ``--train-dataset``: a ``save_to_disk``
         folder, a ``.jsonl``/``.parquet`` file of ``{"text": ...}`` documents or a ``.npy`` token array, read and
-        tokenized by this call). ``output_dir``: where to write ``query.csv``, ``train.csv``, ``influences.csv`` and
-        ``run.json`` (and ``report.html`` with ``report=True``); None writes nothing, and a corpus run scored in
-        chunks then keeps no partial results to resume from.
+        tokenized by this call). ``index``: an ``if-query index`` of that corpus (run-query's ``--index``): each
+        query's ``candidates`` best and worst windows (default: run-query's ``--candidates``) shortlisted from it and
+        scored exactly, no document read when the corpus's bytes are those indexed. ``output_dir``: where to write
+        ``query.csv``, ``train.csv``, ``influences.csv`` and ``run.json`` (and ``report.html`` with ``report=True``);
+        None writes nothing, and a corpus run scored in chunks then keeps no partial results to resume from.
 
         Returns a :class:`~if_query.report.results.QueryResults` (the CSVs' columns, in memory):
 
@@ -266,12 +269,22 @@ class Attributor:
         """
         if self._runner is None:
             raise RuntimeError("this Attributor is closed")
+        if index is not None and corpus is None:
+            raise InputError("an index answers for its corpus: give the corpus it was built from (corpus)", "index",
+                             flag_first=False)
         if (train is None) == (corpus is None):
             raise InputError("give train records (train) or a corpus (corpus), one of them", "train",
                              flag_first=False)
-        config = _query_config(self.config, {"queries": queries, "train": train, "query_json": None,
-                                             "train_json": None, "train_dataset": corpus, "output_dir": output_dir})
-        [outcome] = self._runner.for_jobs(config).run()
+        job = {"queries": queries, "train": train, "query_json": None, "train_json": None, "train_dataset": corpus,
+               "output_dir": output_dir, "index": index}
+        config = _query_config(self.config, job | ({"candidates": candidates} if candidates is not None else {}))
+        if index is not None:
+            from if_query.index.answer import IndexRunner
+
+            runner = IndexRunner.sharing(self._runner, config)
+        else:
+            runner = self._runner.for_jobs(config)
+        [outcome] = runner.run()
         return outcome.results
 
     def close(self) -> None:

@@ -61,8 +61,20 @@ class IndexRunner(QueryRunner):
 
     def __init__(self, config, quiet: bool = False, results: str = "summary"):
         super().__init__(config, quiet, results)
-        self.index = IndexStore.open(Path(config.index))  # a directory that is no index: refused before the model
-        kept = Corpus.saved(self.index.directory / CORPUS, config.train_dataset, self.example_tokenizer)
+        self._open_index()
+
+    @classmethod
+    def sharing(cls, runner: QueryRunner, config) -> IndexRunner:
+        """An index run of ``config`` sharing ``runner``'s tokenizer, factors and loaded model (the
+        :class:`~if_query.api.Attributor`'s calls: see :meth:`QueryRunner.for_jobs`)."""
+        indexed = cls.__new__(cls)
+        indexed.__dict__.update(runner.for_jobs(config).__dict__)
+        indexed._open_index()
+        return indexed
+
+    def _open_index(self) -> None:
+        self.index = IndexStore.open(Path(self.config.index))  # a directory that is no index: refused before the model
+        kept = Corpus.saved(self.index.directory / CORPUS, self.config.train_dataset, self.example_tokenizer)
         if kept is not None:  # else the corpus is read as any run reads it, and its windows checked against the index
             self.corpus = kept
         self.digest = hashlib.sha256(json.dumps(self.index.manifest, sort_keys=True).encode()).hexdigest()[:16]
