@@ -246,29 +246,33 @@ def test_a_page_locked_store_goes_to_the_device_with_no_host_copy_and_a_spilled_
 
 
 
-def test_a_store_that_cannot_be_page_locked_goes_through_the_buffers(tmp_path, monkeypatch, caplog):
-    """cudaHostRegister refusing a store's pages (faked: the CPU has no CUDA) is a warning, not a stopped run: its
-    slabs go through the bounce slots and its token factors through a landing buffer the plan did not size."""
-    in_ram = filled_store(10**9, tmp_path)
+def test_stores_and_buffers_own_their_pages_and_a_refused_page_lock_stops_in_one_line(tmp_path, monkeypatch):
+    """cudaHostRegister refuses a range that shares a page with one already registered (CUDA error 712), so stores
+    in RAM and the pinned buffers are each in pages of their own; a refusal (faked: the CPU has no CUDA) stops the
+    run with a RunError rather than leaving CUDA's last error for the next kernel launch to raise."""
+    import mmap
+
+    from if_query.errors import RunError
+
+    stores = [filled_store(10**9, tmp_path) for _ in range(2)]
+    transfers = Transfers(torch.device("cpu"), bounce_bytes=256, staged=True)
+    slab = stores[0].slab_source("inputs", "a")
+    transfers.to_device(slab)  # allocates the bounce slots
+    regions = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+               for t in [s.flat for s in stores] + transfers._slots]
+    assert all(low % mmap.PAGESIZE == 0 for low, _ in regions)
+    pages = [set(range(low // mmap.PAGESIZE, -(-high // mmap.PAGESIZE))) for low, high in regions]
+    assert all(not (a & b) for i, a in enumerate(pages) for b in pages[i + 1:])
 
     class Cudart:
         def cudaHostRegister(self, pointer, size, flags):  # noqa: N802 (CUDA's name)
-            return 1 if size == in_ram.nbytes else 0
-
-        def cudaHostUnregister(self, pointer):  # noqa: N802
-            return 0
+            return 712
 
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    transfers = Transfers(torch.device("cpu"), bounce_bytes=256, staged=True, landing_bytes=0)
     transfers.pinned = True  # as on CUDA: registration is asked for
-    transfers.register_store(in_ram.flat, in_ram)
-    assert "Could not page-lock" in caplog.text and not transfers._stores
-    slab = in_ram.slab_source("inputs", "a")
-    assert torch.equal(transfers.to_device(slab), slab) and transfers.direct["to device"] == 0
-    landed = transfers.to_host({"a": slab, "b": torch.ones(3)})  # the plan sized no landing buffer: one is made
-    assert torch.equal(landed["a"], slab) and transfers.direct["from device"] == 0
-    larger = torch.arange(4 * slab.numel(), dtype=torch.float32)  # a later, larger batch: the buffer grows
-    assert torch.equal(transfers.to_host({"a": larger})["a"], larger)
+    with pytest.raises(RunError, match="could not page-lock .* of token factors in RAM"):
+        transfers.register_store(stores[1].flat, stores[1])
+    assert not transfers._stores
 
 
 @pytest.mark.parametrize("at_once", [24, 16], ids=["every-W-at-once", "blocks-of-8"])

@@ -333,12 +333,14 @@ def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gp
     assert held == [plan["pinned_bytes"]]  # sized once from the plan, returned at the end
 
 
-@pytest.mark.parametrize("extra", [(), ("--top-train", "1", "--per-token-scores")], ids=["plain", "kept-per-token"])
+@pytest.mark.parametrize("extra", [(), ("--top-train", "1", "--per-token-scores"), ("--refine-steps", "1")],
+                         ids=["plain", "kept-per-token", "refined"])
 def test_factors_kept_on_the_device_serve_the_next_folder_which_moves_none(cli, tiny_gpt2, fitted, tmp_path,
                                                                           monkeypatch, extra):
     """Two folders in one run, planned as on a GPU that holds every module's factors beside the model: the plan
-    keeps them from folder to folder, so the second folder moves no factor bytes (planned, counted), and its scores
-    are a run of that folder alone (also where --top-train's per-token pass scores the first folder again)."""
+    keeps them from folder to folder (not with --refine-steps), so the second folder moves no factor bytes (planned,
+    counted), and its scores are a run of that folder alone (also where --top-train's per-token pass scores the
+    first folder again)."""
     import dataclasses
 
     import pandas as pd
@@ -363,6 +365,10 @@ def test_factors_kept_on_the_device_serve_the_next_folder_which_moves_none(cli, 
         folders.append(folder)
     cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], *folders, "--quiet", *extra)
     first, second = (json.loads((f / "results" / "run.json").read_text())["plan"] for f in folders)
+    if "--refine-steps" in extra:  # refinement's inverse holds its own copy of the factors: none kept beside it
+        assert not first["factors_kept_across_jobs"] and not second["factors_already_on_device"]
+        assert second["moved_counted"]["factor_bytes_to_device"] > 0
+        return
     assert first["factors_kept_across_jobs"] and not first["factors_already_on_device"]
     assert first["moved"]["factor_bytes_to_device"] == first["moved_counted"]["factor_bytes_to_device"] > 0
     assert second["factors_already_on_device"]

@@ -144,7 +144,8 @@ def make_plans(config: PlanConfig) -> Plans:
     refine = plan_refine(shapes, shape, config.strategy, dtype_bytes, config.refine_batch_size * config.max_length,
                          device_limit if cuda else host_per_rank, "device" if cuda else "RAM") \
         if config.refine_steps else None
-    return Plans(header, fit, plan_run(budgets, jobs, gpus), [w.name for w in workloads], gpus, cuda=cuda,
+    return Plans(header, fit, plan_run(budgets, jobs, gpus, keep_allowed=not config.refine_steps),
+                 [w.name for w in workloads], gpus, cuda=cuda,
                  tokens=tokens, index=index, refine=refine)
 
 

@@ -298,19 +298,22 @@ def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[n
                  chunks_direct + queries_direct)
 
 
-def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None) -> RunPlan:
+def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None,
+             keep_allowed: bool = True) -> RunPlan:
     """The run's plan: split jobs stay with rank 0 (which gathers), the others are shared out in turn.
 
-    Where every job's factors fit kept beside the model (each job ``resident``, on a device), they are kept from job
-    to job (``keep_factors``): a rank copies them once, with its first job; a job whose writing rank scored an
-    earlier one (in the order run-query scores them: split jobs first) moves no factors (``factors_here``)."""
+    Where every job's factors fit kept beside the model (each job ``resident``, on a device) and ``keep_allowed``
+    (not with --refine-steps, whose inverse puts its own copy of every module's factors on the device), they are kept
+    from job to job (``keep_factors``): a rank copies them once, with its first job; a job whose writing rank scored
+    an earlier one (in the order run-query scores them: split jobs first) moves no factors (``factors_here``)."""
     alone = 0
     planned = []
     stores = [p for job in jobs for p in (job.store, job.largest_chunk) if p is not None]
     pinned = Pinned(max((p.bounce_bytes for p in stores), default=0),  # a page-locked store needs no landing buffer
                     max((p.landing_bytes for p in stores if not p.registered), default=0))
     engine_jobs = [job for job in jobs if job.store is not None]
-    keep = bool(engine_jobs) and all(job.resident and job.moved.factors_to_device > 0 for job in engine_jobs)
+    keep = keep_allowed and bool(engine_jobs) and all(job.resident and job.moved.factors_to_device > 0
+                                                       for job in engine_jobs)
     run_id = uuid.uuid4().hex
     for job in jobs:
         job = replace(job, pinned=pinned, keep_factors=keep and job.store is not None, run_id=run_id)

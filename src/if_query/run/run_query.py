@@ -168,7 +168,8 @@ class QueryRunner:
                                       distributed.local_world_size())
             jobs = [self._plan_job(work, prepared, budgets, world) for work in workloads]
             corpus = self.corpus is not None and bool(workloads)  # read only when some job scores against it
-            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if corpus else None})
+            plan = plan_run(budgets, jobs, world, {"corpus": self.corpus.digest if corpus else None},
+                            keep_allowed=not self.config.refine_steps)
         plan = distributed.broadcast(plan)
         if plan.extra["corpus"] is not None and self.corpus.digest != plan.extra["corpus"]:
             raise RunError(f"rank {distributed.rank()} read other windows from the corpus than rank 0 (its tokens "

@@ -87,9 +87,11 @@ class EngineScorer:
             self.transfers = Transfers(self.device, **({"bounce_bytes": bounce} if bounce else {}),
                                        landing_bytes=plan.pinned.landing or None)
         held = self.setup.resident
-        if not (plan.keep_factors and held is not None and self.kept_for == plan.run_id):
+        keep = plan.keep_factors and plan.resident  # a job planned to stream its factors (a per-token pass's own
+        # plan) drops the kept ones: its memory was planned without them
+        if not (keep and held is not None and self.kept_for == plan.run_id):
             held = {} if plan.resident else None
-        self.kept_for = plan.run_id if plan.keep_factors else None
+        self.kept_for = plan.run_id if keep else None
         self.setup = dataclasses.replace(self.setup, transfers=self.transfers, resident=held)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import weakref
@@ -57,7 +58,7 @@ class TokenFactorStore:
             self.spill_path, self._fd = path, handle
             weakref.finalize(self, os.close, handle)
         else:
-            flat = torch.empty(self.tokens * row, dtype=dtype)
+            flat = host_pages(self.tokens * row, dtype)
             self.spill_path, self._fd = None, -1
         self.flat = flat  # every slab, one after the other: what a device may page-lock (in RAM) and copy from
         self._inputs: dict[str, torch.Tensor] = {}
@@ -119,6 +120,16 @@ class TokenFactorStore:
         count."""
         for key, place in self.places(example).items():
             host_copy(place, landed[key])
+
+
+def host_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor in pages of its own (an anonymous mapping: page-aligned, shared with no other allocation), so
+    that ``cudaHostRegister`` may page-lock it whatever else is locked: two registrations that share a page are
+    refused (CUDA error 712), which allocations from the heap can do."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if not nbytes:
+        return torch.empty(numel, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)  # the tensor holds the mapping
 
 
 def host_copy(target: torch.Tensor, source: torch.Tensor) -> None:

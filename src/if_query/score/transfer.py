@@ -31,7 +31,6 @@ engine reading the store) is measured only on a GPU (``scripts/gpu_check.sh``).
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from collections.abc import Mapping
@@ -41,10 +40,9 @@ import torch
 from if_query.errors import RunError
 from if_query.kron.factors import FileRange
 from if_query.plan.sizes import STAGING_BYTES, human_bytes
-from if_query.score.store import host_copy
+from if_query.score.store import host_copy, host_pages
 from if_query.score.streams import Streams, streams_for
 
-logger = logging.getLogger(__name__)
 ALIGNMENT = 64  # bytes: where each tensor starts in the device-to-host landing buffer
 TOKEN_FACTORS, FACTORS = "token factors", "factors"
 
@@ -101,7 +99,7 @@ class Transfers:
         return sum(t.numel() for t in self._slots) + (0 if self._landing is None else self._landing.numel())
 
     def _allocate(self, size: int) -> torch.Tensor:
-        buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = host_pages(size, torch.uint8)  # pages of its own: see host_pages
         if self.pinned and size:
             code = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, 0)
             if int(code) != 0:
@@ -134,11 +132,10 @@ class Transfers:
         size = memory.numel() * memory.element_size()
         if self.pinned:
             code = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), size, 0)
-            if int(code) != 0:  # the slabs go through the bounce slots instead: slower, the same numbers
-                logger.warning("Could not page-lock %s of token factors (cudaHostRegister: %s): they go through the "
-                               "bounce buffer, and run.json counts them there", human_bytes(size), code)
-                self.landing_bytes = None  # the plan sized no landing buffer for a locked store: grown as needed
-                return
+            if int(code) != 0:  # no fallback: a failed cudaHostRegister leaves CUDA's last error set, which the
+                # next kernel launch would raise as its own
+                raise RunError(f"could not page-lock {human_bytes(size)} of token factors in RAM (cudaHostRegister: "
+                               f"{code})")
         key = id(memory)
         self._stores[key] = (memory.data_ptr(), memory.data_ptr() + size, memory)
         self.page_locked_peak = max(self.page_locked_peak, sum(high - low for low, high, _ in self._stores.values()))
@@ -147,7 +144,7 @@ class Transfers:
     def _unregister_store(self, key: int) -> None:
         entry = self._stores.pop(key, None)
         if entry is not None and self.pinned:
-            self.streams.land("unregister")  # no copy may still read or write those pages
+            torch.cuda.synchronize(self.device)  # no copy on any stream may still read or write those pages
             torch.cuda.cudart().cudaHostUnregister(entry[0])
 
     def page_locked(self, tensor: torch.Tensor) -> bool:
