@@ -171,6 +171,14 @@ def test_an_answer_reads_no_document_of_the_corpus_the_index_keeps(cli, tiny_gpt
     plan = cli("plan", "--model", tiny_gpt2, "--documents", 3, "--tokens", 10, *SKETCH).stdout
     assert f"a row: {manifest['row_dim']:,} numbers" in plan
     assert f"copy of the windows {human_bytes(per_token * 30)}" in plan
+    tokens_file = tmp_path / "index" / "corpus" / "tokens.i32"
+    whole = tokens_file.read_bytes()
+    tokens_file.write_bytes(whole[:-4])  # a copy cut short (a partial copy of the index): not trusted, read again
+    run_query(cli, tiny_gpt2, fitted["ekfac"], docs, tmp_path / "cut", "--index", tmp_path / "index",
+              "--candidates", 2)
+    assert len(read) == 7
+    tokens_file.write_bytes(whole)
+    read.clear()
     # the same documents written with other spacing: other bytes, so the corpus is read again (each document once)
     # and its windows checked against the index's: the same results
     lines = [json.loads(line) for line in docs.read_text().splitlines()]

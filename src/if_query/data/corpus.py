@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,8 @@ def file_digest(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+        name = str(file.relative_to(path) if path.is_dir() else "")
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())  # where one file ends and the next begins
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
@@ -219,10 +221,12 @@ class Corpus:
                     int(self._lengths.sum()), cut,
                     f"; {skipped} windows with nothing to predict skipped" if skipped else "")
 
-    def save(self, directory: str | Path) -> None:
-        """Keep the located windows (tokens, labels, extras, names) in ``directory``, with the corpus's
-        :func:`file_digest`: written beside, then renamed into place."""
-        self.locate()
+    def save(self, directory: str | Path, read_from: str) -> None:
+        """Keep the located windows (tokens, labels, extras, names) in ``directory``, with ``read_from``: the
+        corpus's :func:`file_digest` taken before :meth:`locate` read it (bytes changed since then are not these
+        windows'). Written beside, flushed to disk, then renamed into place."""
+        if self._cache is None or self._cache.tokens_file is None:
+            raise ValueError("save() keeps windows this corpus located itself")
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -234,32 +238,48 @@ class Corpus:
                 file.seek(0)
                 with open(partial / SAVED_FILES[name], "wb") as out:
                     shutil.copyfileobj(file, out)
+                    out.flush()
+                    os.fsync(out.fileno())
                 file.seek(0, 2)
-        (partial / SAVED_INDEX).write_text(json.dumps({
-            "file_digest": file_digest(self.path), "digest": self._cache.digest, "kind": self.kind,
-            "documents": self.documents_read, "extra_keys": self.extra_keys, "ids": self._ids,
-            "lengths": self._lengths.tolist(), "extra_at": self._extra_at.tolist()}))
+        with open(partial / SAVED_INDEX, "w", encoding="utf-8") as out:
+            out.write(json.dumps({
+                "file_digest": read_from, "digest": self._cache.digest, "kind": self.kind,
+                "documents": self.documents_read, "extra_keys": self.extra_keys, "ids": self._ids,
+                "lengths": self._lengths.tolist(), "extra_at": self._extra_at.tolist()}))
+            out.flush()
+            os.fsync(out.fileno())
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
 
     @staticmethod
-    def saved_digest(directory: str | Path) -> str | None:
-        """The :attr:`digest` of the windows kept in ``directory`` (None: none kept)."""
-        index = Path(directory) / SAVED_INDEX
-        return json.loads(index.read_text())["digest"] if index.exists() else None
+    def saved_digests(directory: str | Path) -> tuple[str, str] | None:
+        """(the windows' :attr:`digest`, the bytes' :func:`file_digest`) of the windows kept in ``directory`` (None:
+        none kept, or unreadable)."""
+        try:
+            kept = json.loads((Path(directory) / SAVED_INDEX).read_text())
+            return kept["digest"], kept["file_digest"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     @classmethod
     def saved(cls, directory: str | Path, path: str | Path, tokenizer: ExampleTokenizer) -> Corpus | None:
         """The corpus at ``path`` located from the windows :meth:`save` kept in ``directory``, no document read;
         None when nothing is kept there or ``path``'s bytes are not those the windows were cut from."""
         directory = Path(directory)
-        if not (directory / SAVED_INDEX).exists():
-            return None
-        kept = json.loads((directory / SAVED_INDEX).read_text())
         corpus = cls(path, tokenizer)
-        if kept["file_digest"] != file_digest(path):
+        try:
+            kept = json.loads((directory / SAVED_INDEX).read_text())
+            if kept["file_digest"] != file_digest(path):
+                return None
+            tokens = 4 * sum(kept["lengths"])  # int32 files of exactly the windows' tokens, or none of this is read
+            labels = directory / SAVED_FILES["labels"]
+            if (directory / SAVED_FILES["tokens"]).stat().st_size != tokens or (
+                    labels.exists() and labels.stat().st_size != tokens) or len(kept["ids"]) != len(kept["lengths"]):
+                logger.warning("%s: the kept windows are incomplete; reading %s again", directory, path)
+                return None
+            corpus._cache = _TokenCache.opened(directory, kept["digest"])
+        except (OSError, ValueError, KeyError):
             return None
-        corpus._cache = _TokenCache.opened(directory, kept["digest"])
         corpus._ids, corpus.extra_keys = kept["ids"], kept["extra_keys"]
         corpus._lengths = np.array(kept["lengths"], dtype=np.int64)
         corpus._offsets = np.concatenate([[0], np.cumsum(corpus._lengths)]).astype(np.int64)
@@ -344,7 +364,7 @@ class _TokenCache:
 
     @property
     def tokens_file(self):
-        return self._files["tokens"]
+        return self._files.get("tokens")  # None for a cache opened from kept files
 
     @property
     def labels_file(self):

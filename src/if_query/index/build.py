@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from if_query import __version__, distributed
 from if_query.atomic import check_writable_dir
 from if_query.config import IndexConfig, QueryConfig
-from if_query.data.corpus import Corpus
+from if_query.data.corpus import Corpus, file_digest
 from if_query.data.tokenization import Collator
 from if_query.errors import InputError, RunError
 from if_query.index.sketch import ModuleSketch
@@ -106,6 +106,18 @@ def _open(config: IndexConfig, manifest: dict, lengths: np.ndarray) -> IndexStor
     return IndexStore.create(directory, manifest, lengths)
 
 
+def _keep_windows(corpus: Corpus, directory: Path, read_from: str) -> None:
+    """The index's copy of the corpus's windows, which run-query --index reads its candidates from (an optimisation:
+    a copy that cannot be written is a warning, and answering reads the corpus)."""
+    if Corpus.saved_digests(directory) == (corpus.digest, read_from):
+        return
+    try:
+        corpus.save(directory, read_from)
+    except OSError as exc:
+        logger.warning("Could not keep the corpus's windows in %s (%s): run-query --index will read the corpus",
+                       directory, exc)
+
+
 def build_index(config: IndexConfig, quiet: bool = False) -> dict:
     """Index ``config.train_dataset`` into ``config.output_dir`` (see the module docstring); returns the manifest."""
     check_writable_dir(config.output_dir, "output_dir")
@@ -114,6 +126,7 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
         distributed.start_folder_sharding()
     runner = QueryRunner(query_config(config), quiet=True)
     corpus = runner.corpus
+    read_from = file_digest(config.train_dataset) if me == 0 else ""  # the bytes the windows are cut from (kept)
     corpus.locate()
     scorer = runner.load_scorer()
     digests = distributed.gather(corpus.digest)
@@ -127,8 +140,7 @@ def build_index(config: IndexConfig, quiet: bool = False) -> dict:
     if me == 0:
         try:
             store = _open(config, manifest, lengths)
-            if Corpus.saved_digest(store.directory / CORPUS) != corpus.digest:
-                corpus.save(store.directory / CORPUS)  # run-query --index reads its candidates from here
+            _keep_windows(corpus, store.directory / CORPUS, read_from)
         except InputError as exc:
             failure = exc
     if any(distributed.gather(failure is not None)):  # every rank stops when rank 0 refuses the directory
