@@ -171,6 +171,10 @@ class EngineScorer:
                                     "refine_bytes_from_device"),
                                    (b - a for a, b in zip(before, counts(), strict=True)), strict=True))
         self.last_moved["page_locked_bytes"] = transfers.page_locked_peak
+        if plan.split:  # every rank's copies summed, as the plan counts them (page-locked: the most of any rank)
+            ranks = distributed.gather(self.last_moved)
+            self.last_moved = {key: (max if key == "page_locked_bytes" else sum)(r[key] for r in ranks)
+                               for key in self.last_moved}
         return result
 
     def score_at_once(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: ScorePlan,
