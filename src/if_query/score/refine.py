@@ -30,6 +30,12 @@ float32: g, v, the residual
 JVP's primals are the model's own weights (no float32 copy of them) and its tangents v cast to the model's dtype
 inside the forward as before (the same numbers). :func:`refine_bytes` counts these for the check before the model
 loads and for ``if-query plan --refine-steps``; ``tests/test_refine.py`` measures the peak on the CPU.
+
+Bytes moved, all counted by the run's :class:`~if_query.score.transfer.Transfers` as the ``refine`` kind (planned by
+:func:`if_query.plan.sizes.refine_moved`): the factors (``Inverse``; unless the plan keeps them on the device: then
+put there once for the engine too, as ``factors``), the power iterations' random start, each query's g onto the
+device and its v off it; the queries' slabs and gradients by :func:`if_query.score.engine.gradients`, the refined v's
+by every engine call.
 """
 
 from __future__ import annotations
