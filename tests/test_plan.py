@@ -72,6 +72,31 @@ def test_the_plan_of_a_config_alone_matches_the_shapes(cli, tmp_path, monkeypatc
     assert "Everything fits." in text
 
 
+def test_the_plan_counts_what_refinement_moves_from_the_shapes(cli, tmp_path):
+    """``if-query plan --refine-steps``: OLMo-2-13B at stride 2, 50 sequences of 500 tokens (queries and train), the
+    factors too large to keep beside the model: refinement moves the queries' token factors, every module's factors,
+    the power iterations' start and each query's g onto the device, its v with the one engine call, and each query's
+    g and v off it; all of it float32 vectors the size of the tracked weights, derived here from the shapes."""
+    write_json(tmp_path / "model" / "config.json", OLMO2_13B)
+    expected = derived(OLMO2_13B, 2, 50, 500)
+    h, i = OLMO2_13B["hidden_size"], OLMO2_13B["intermediate_size"]
+    vector = len(range(0, OLMO2_13B["num_hidden_layers"], 2)) * 3 * h * i * 4  # every tracked block in float32
+    options = dict(model=str(tmp_path / "model"), layer_stride=2, sequences=50, tokens=500)
+    [(_, plain)] = plan_module.make_plans(PlanConfig(**options)).folders
+    [(_, job)] = plan_module.make_plans(PlanConfig(**options, refine_steps=5)).folders
+    assert not job.resident and job.moved.engine_calls == 1  # the premise: factors copied, one call
+    factors = job.store.factor_bytes
+    onto = expected["token_factors"] + factors + vector + 50 * vector * 2
+    assert (job.moved.refine_to_device, job.moved.refine_from_device) == (onto, 2 * 50 * vector)
+    assert job.moved.to_device == plain.moved.to_device + onto
+    assert job.moved.from_device == plain.moved.from_device + 2 * 50 * vector
+    assert plain.moved.refine_to_device == plain.moved.refine_from_device == 0
+    text = cli("plan", "--model", tmp_path / "model", "--layer-stride", 2, "--sequences", 50, "--tokens", 500,
+               "--refine-steps", 5).stdout
+    assert (f"of which --refine-steps: {2 * 50 * vector / 1e12:.1f} TB off the device (each query's gradient and "
+            f"refined v), {onto / 1e12:.1f} TB onto it") in text
+
+
 def test_a_plan_that_does_not_fit_says_so_and_what_to_change(cli, tmp_path):
     write_json(tmp_path / "model" / "config.json", OLMO2_13B)
     result = cli("plan", "--model", tmp_path / "model", "--layer-stride", 2, "--sequences", 50, "--tokens", 500,
@@ -281,16 +306,24 @@ def test_the_plan_sizes_the_kind_of_layers_tracked(cli, tmp_path, track):
     assert "k_proj, v_proj read q_proj's input" in text
 
 
-@pytest.mark.parametrize("locked", [True, False], ids=["page-locked", "bounced"])
-@pytest.mark.parametrize("extra", [(), ("--host-memory-gb", "0.00005"), ("--host-memory-gb", "0.00001")],
-                         ids=["at-once", "chunks", "chunks-spilled"])
+CHUNKS, SPILLED, REFINE = ("--host-memory-gb", "0.00005"), ("--host-memory-gb", "0.00001"), ("--refine-steps", "1")
+
+
+@pytest.mark.parametrize(("extra", "locked", "resident"), [
+    ((), True, True), ((), False, True), (CHUNKS, True, True), (CHUNKS, False, True), (SPILLED, True, True),
+    (SPILLED, False, True), (REFINE, True, True), ((*CHUNKS, *REFINE), False, False),
+    ((*SPILLED, *REFINE), True, True),
+], ids=["at-once-page-locked", "at-once-bounced", "chunks-page-locked", "chunks-bounced", "chunks-spilled-page-locked",
+        "chunks-spilled-bounced", "refine-at-once", "refine-chunks-copied-per-call", "refine-chunks-spilled"])
 def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gpt2, fitted, query_files, tmp_path,
-                                                                     monkeypatch, extra, locked):
+                                                                     monkeypatch, extra, locked, resident):
     """A run on the CPU through the device path's copies (staged transfers, unpinned buffers) planned as for a GPU
-    (a device 1 TB large: the factors stay resident across a chunked job's calls): the bytes it counts onto the
-    device (token factors and factors) and off it are the plan's, in run.json, and so are its pinned buffers; so are
-    the bytes that go straight from and into page-locked stores (the plan's decision, within its limit; none with a
-    limit of 0: all through the bounce slots and the landing buffer), and the most it page-locks at once."""
+    (a device 1 TB large: the factors stay resident across a chunked job's calls; ``resident`` False: a device of
+    unstated size, the factors copied with every call): the bytes it counts onto the device (token factors, factors
+    and what --refine-steps moves) and off it are the plan's, in run.json, kind by kind (a kind counted on one side
+    only fails), and so are its pinned buffers; so are the bytes that go straight from and into page-locked stores
+    (the plan's decision, within its limit; none with a limit of 0: all through the bounce slots and the landing
+    buffer), and the most it page-locks at once."""
     import dataclasses
 
     from helpers import run_query
@@ -314,22 +347,27 @@ def test_the_bytes_a_run_moves_and_its_pinned_buffers_are_the_plans(cli, tiny_gp
 
     context = engine_scorer.EngineScorer.context
     monkeypatch.setattr(engine_scorer, "Transfers", Staged)
-    monkeypatch.setattr(engine_scorer.EngineScorer, "context",
-                        lambda self: dataclasses.replace(context(self), device_type="cuda", device_limit=10**12))
+    monkeypatch.setattr(engine_scorer.EngineScorer, "context", lambda self: dataclasses.replace(
+        context(self), device_type="cuda", device_limit=10**12 if resident else None))
     run_query(cli, tiny_gpt2, fitted["ekfac"], query_files, tmp_path / "out", *extra)
     plan = json.loads((tmp_path / "out" / "run.json").read_text())["plan"]
-    assert plan["mode"] == ("chunks" if extra else "at once")
+    assert plan["mode"] == ("chunks" if "--host-memory-gb" in extra else "at once")
     planned, counted = plan["moved"], dict(plan["moved_counted"])
     assert counted.pop("page_locked_bytes") == plan["page_locked_bytes"]
-    assert counted == {key: planned[key] for key in counted}, (planned, counted)
+    assert counted == {key: value for key, value in planned.items() if key != "engine_calls"}, (planned, counted)
     assert counted["factor_bytes_to_device"] > 0 and counted["from_device_bytes"] > 0  # the premise: bytes moved
+    refined = "--refine-steps" in extra
+    assert (counted["refine_bytes_to_device"] > 0 and counted["refine_bytes_from_device"] > 0) == refined
     if locked and not plan["spilled"]:  # the premise: stores page-locked, their token factors copied straight
         assert plan["page_locked_bytes"] > 0 and counted["direct_from_device_bytes"] > 0
-        assert counted["direct_to_device_bytes"] == counted["to_device_bytes"] - counted["factor_bytes_to_device"]
+        token_factors = (counted["to_device_bytes"] - counted["factor_bytes_to_device"]
+                         - counted["refine_bytes_to_device"])
+        refined_slabs = plan["token_factor_bytes"] if refined else 0  # the queries' store, once, to form their g
+        assert counted["direct_to_device_bytes"] == token_factors + refined_slabs
     elif not locked:
         assert plan["page_locked_bytes"] == counted["direct_to_device_bytes"] == 0
-    if extra:
-        assert plan["factors_resident"] and planned["engine_calls"] > 1  # factors once for several calls
+    if "--host-memory-gb" in extra:
+        assert plan["factors_resident"] == resident and planned["engine_calls"] > 1  # several calls
     assert held == [plan["pinned_bytes"]]  # sized once from the plan, returned at the end
 
 

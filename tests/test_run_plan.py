@@ -120,6 +120,26 @@ def test_a_split_job_that_fails_on_rank_0_alone_fails_on_every_rank(tiny_gpt2, f
     assert ranks[1]["scored"] == []  # rank 1 scored no chunk: the failure stopped the job before the rounds
 
 
+@needs_torchrun
+def test_a_split_jobs_counted_bytes_are_every_ranks_and_the_plans(tiny_gpt2, fitted, tmp_path):
+    """A job split across 2 ranks, planned as on GPUs that keep the factors, copying through the device path's buffers
+    on the CPU, with --refine-steps: run.json's counted bytes are both ranks' summed (each captures and refines the
+    queries, each copies the factors once) and equal the plan's, kind by kind."""
+    rng = np.random.default_rng(3)
+    train = TRAIN + [{"pair_id": f"r{k}", "prompt": " ".join(rng.choice(WORDS, 6)), "completion": " Paris."}
+                     for k in range(12)]
+    write_json(tmp_path / "f" / "train.json", train)
+    write_json(tmp_path / "f" / "query.json", QUERIES)
+    result, ranks = torchrun(tmp_path, 100_000, "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"],
+                             tmp_path / "f", "--refine-steps", 1, PROBE_STAGED="1")
+    assert "2 ranks split the chunks" in result.stderr and all(rank["scored"] for rank in ranks)  # the premise
+    plan = json.loads((tmp_path / "f" / "results" / "run.json").read_text())["plan"]
+    planned, counted = plan["moved"], dict(plan["moved_counted"])
+    assert counted.pop("page_locked_bytes") == plan["page_locked_bytes"]
+    assert counted == {key: value for key, value in planned.items() if key != "engine_calls"}, (planned, counted)
+    assert counted["refine_bytes_from_device"] > 0 and plan["factors_resident"]
+
+
 def test_a_corpus_of_hundreds_of_chunks_is_read_and_tokenized_once(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):
     documents = write_documents(tmp_path / "docs.jsonl", 240)
     reads, tokenized = Counter(), Counter()

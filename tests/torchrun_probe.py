@@ -4,7 +4,8 @@ Launched by tests (``torchrun --nproc_per_node=2 tests/torchrun_probe.py RUN-QUE
 Each rank reads another MemAvailable, and another on each read (``PROBE_FREE_BYTES`` x (rank + 1), plus 4 KB per
 earlier read); at exit it writes ``PROBE_OUT/rank<r>.json``: its reads of MemAvailable, the sequences it captured
 per store and the train rows it scored per engine call. With ``PROBE_FAIL_FIRST_SCORE`` set, rank 0's first engine
-call runs out of memory.
+call runs out of memory. With ``PROBE_STAGED`` set, the run is planned as on a GPU of 1 TB and copies through the
+device path's buffers on the CPU (staged transfers), counting the bytes it moves.
 """
 
 import atexit
@@ -46,6 +47,17 @@ capture, score = engine_scorer.capture_token_factors, engine.score
 memory.host_memory_available = free_memory
 engine_scorer.capture_token_factors = counting_capture
 engine.score = counting_score
+if os.environ.get("PROBE_STAGED"):
+    import dataclasses
+
+    class Staged(engine_scorer.Transfers):
+        def __init__(self, device, **options):
+            super().__init__(device, staged=True, **options)
+
+    context = engine_scorer.EngineScorer.context
+    engine_scorer.Transfers = Staged
+    engine_scorer.EngineScorer.context = lambda self: dataclasses.replace(context(self), device_type="cuda",
+                                                                          device_limit=10**12)
 atexit.register(lambda: (Path(os.environ["PROBE_OUT"]) / f"rank{RANK}.json").write_text(
     json.dumps({"reads": reads, "captured": captured, "scored": scored})))
 

@@ -135,7 +135,7 @@ def make_plans(config: PlanConfig) -> Plans:
                       config.workspace_bytes, free_host=host_per_rank - model_bytes,
                       free_device=device_limit - model_bytes if cuda else None)
     context = Context(shapes, shape, config.strategy, dtype_bytes, config.score_batch_size, config.per_token_scores,
-                      config.device, peaks, precision, device_limit, host_per_rank)
+                      config.device, peaks, precision, device_limit, host_per_rank, bool(config.refine_steps))
     jobs = [plan_job(w.name, context, budgets, w.queries, np.array(w.train, dtype=np.int64), w.train_queries,
                      world=gpus) for w in workloads]
     index = [] if not config.documents else index_lines(
@@ -183,6 +183,13 @@ def _job_lines(name: str, job: JobPlan, cuda: bool) -> list[str]:
                      f"onto it ({factors}; {moved.engine_calls:,} engine call{'s' if moved.engine_calls != 1 else ''})"
                      f"; pinned host buffers {human_bytes(job.pinned.total)} (2 bounce slots of "
                      f"{human_bytes(job.pinned.bounce)}, landing {human_bytes(job.pinned.landing)})")
+        if moved.refine_to_device or moved.refine_from_device:
+            lines.append(f"  of which --refine-steps: {human_bytes(moved.refine_from_device)} off the device (each "
+                         f"query's gradient and refined v), {human_bytes(moved.refine_to_device)} onto it (the "
+                         "queries' token factors, "
+                         + ("" if job.resident else "every module's factors, ")
+                         + "each query's gradient, and its refined v with every engine call)"
+                         + (f"; each of the {job.world} ranks refines the queries, summed" if job.split else ""))
     lines.append(f"  {store.work.describe(cuda)}" + ("" if job.at_once else " (the queries)"))
     return lines
 

@@ -190,6 +190,7 @@ class Context:
     matmul_precision: str
     device_limit: int | None = None
     host_limit: int | None = None
+    refine: bool = False  # --refine-steps: the queries refined on every rank that captures them (the bytes moved)
 
     @property
     def bytes_per_token(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from if_query.plan import memory
+from if_query.plan import memory, sizes
 from if_query.plan.estimates import Context, ScorePlan
 from if_query.plan.sizes import human_bytes
 
@@ -88,9 +88,10 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Moved:
-    """Bytes a job moves across the bus, every engine call of it together (the token factors captured off the
-    device; onto it, each call's token factors and, unless resident, every module's factors), as the run counts
-    them (``run.json``: ``moved``, planned and counted)."""
+    """Bytes a job moves across the bus, every engine call of it together and every rank that takes part summed
+    (the token factors captured off the device; onto it, each call's token factors and, unless resident, every
+    module's factors; with --refine-steps what refinement moves), as the run counts them (``run.json``: ``moved``,
+    planned, and ``moved_counted``, every rank's count summed)."""
 
     to_device: int = 0
     factors_to_device: int = 0
@@ -98,11 +99,28 @@ class Moved:
     engine_calls: int = 0
     direct_to_device: int = 0  # of to_device: straight from page-locked stores (the rest through the bounce slots)
     direct_from_device: int = 0  # of from_device: straight into page-locked stores (the rest through the landing)
+    refine_to_device: int = 0  # of to_device: what --refine-steps moves (sizes.refine_moved)
+    refine_from_device: int = 0  # of from_device: the same
 
     def describe(self) -> dict:
         return {"to_device_bytes": self.to_device, "factor_bytes_to_device": self.factors_to_device,
                 "from_device_bytes": self.from_device, "engine_calls": self.engine_calls,
-                "direct_to_device_bytes": self.direct_to_device, "direct_from_device_bytes": self.direct_from_device}
+                "direct_to_device_bytes": self.direct_to_device, "direct_from_device_bytes": self.direct_from_device,
+                "refine_bytes_to_device": self.refine_to_device, "refine_bytes_from_device": self.refine_from_device}
+
+    def with_refinement(self, context: Context, store: ScorePlan, queries: int, ranks: int, resident: bool) -> Moved:
+        """These bytes and those of refining the ``queries`` of ``store`` on each of ``ranks`` ranks (their engine
+        calls: this job's): the factors with it unless kept on the device (then copied, once per rank, by
+        refinement as they would have been by the engine's first call)."""
+        if not context.refine or store.bytes_from_device == 0:  # without it, or on the CPU: nothing moves
+            return self
+        factors = 0 if resident else store.factor_bytes
+        onto, off = sizes.refine_moved(context.shapes, queries, store.token_factor_bytes, factors, ranks,
+                                       self.engine_calls)
+        return replace(self, to_device=self.to_device + onto, from_device=self.from_device + off,
+                       direct_to_device=self.direct_to_device + (ranks * store.token_factor_bytes
+                                                                 if store.registered else 0),
+                       refine_to_device=onto, refine_from_device=off)
 
 
 @dataclass(frozen=True)
@@ -138,6 +156,7 @@ class JobPlan:
     keep_factors: bool = False  # the run's: prepared factors stay on each rank's device from job to job (plan_run)
     factors_here: bool = False  # the rank that writes it holds them from an earlier job: ``moved`` has no factors
     run_id: str = ""  # the run plan it belongs to: factors are kept across jobs of one plan only
+    refines: bool = False  # --refine-steps: every rank that captures the queries refines them
     page_lock_limit: int = 0  # stores in RAM page-locked up to these bytes together (Budgets.page_lock_limit)
 
     @property
@@ -249,8 +268,9 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
         store.registered = _page_locked(store, budgets.page_lock_limit)
         direct = store.token_factor_bytes if store.registered else 0
         moved = Moved(store.bytes_to_device, store.factor_bytes_to_device, store.bytes_from_device, 1, direct, direct)
-        return JobPlan(name, len(train_lengths), 0, store, world=world, moved=moved,
-                       page_lock_limit=budgets.page_lock_limit)
+        return JobPlan(name, len(train_lengths), 0, store, world=world,
+                       moved=moved.with_refinement(context, store, len(query_lengths), 1, store.resident),
+                       page_lock_limit=budgets.page_lock_limit, refines=context.refine)
     query_bytes = query_tokens * per_token
     query_spilled = query_bytes > budgets.host
     chunk_budget = max(budgets.host - (0 if query_spilled else query_bytes), per_token)
@@ -268,9 +288,21 @@ def plan_job(name: str, context: Context, budgets: Budgets, query_lengths: Seque
     if largest is not None:  # the largest chunk beside the queries' store: every chunk fits the rest of the limit
         largest.registered = _page_locked(largest, budgets.page_lock_limit - (store.token_factor_bytes
                                                                               if store.registered else 0))
-    moved = _chunked_moved(store, largest, groups, train_lengths, per_token, train_queries, done)
+    ranks = world if split else 1  # each captures (and refines) the queries
+    moved = _chunked_moved(store, largest, groups, train_lengths, per_token, train_queries, done, ranks,
+                           len(_loading_ranks(chunks, split, context.refine, world)))
     return JobPlan(name, len(train_lengths), int(done.sum()), store, False, chunks, chunk_budget, largest, split, 0,
-                   world, moved, page_lock_limit=budgets.page_lock_limit)
+                   world, moved.with_refinement(context, store, len(query_lengths), ranks,
+                                                 store.resident and (largest is None or largest.resident)),
+                   page_lock_limit=budgets.page_lock_limit, refines=context.refine)
+
+
+def _loading_ranks(chunks: Sequence[Chunk], split: bool, refines: bool, world: int, rank: int = 0) -> set[int]:
+    """The ranks that copy a job's factors to their device at least once: the rank that scores it; a split job's
+    ranks with a chunk, and with --refine-steps every rank (each refines the queries)."""
+    if not split:
+        return {rank}
+    return set(range(world)) if refines else {0} | {c.rank for c in chunks}
 
 
 def _page_locked(store: ScorePlan, limit: int) -> bool:
@@ -280,22 +312,24 @@ def _page_locked(store: ScorePlan, limit: int) -> bool:
 
 
 def _chunked_moved(queries: ScorePlan, largest: ScorePlan | None, groups: list[np.ndarray], train_lengths: np.ndarray,
-                   per_token: int, train_queries: Sequence[int], done: np.ndarray) -> Moved:
-    """What a chunked job moves: its queries' token factors off the device once and onto it with every engine call
-    (each chunk, the train rows that are queries, or the queries alone when nothing else is left), each chunk's
-    token factors once each way, and the factors with every call (once, when resident)."""
+                   per_token: int, train_queries: Sequence[int], done: np.ndarray, ranks: int = 1,
+                   loading: int = 1) -> Moved:
+    """What a chunked job moves, its ``ranks`` together (a split job's each capture the queries): its queries'
+    token factors off the device once per rank and onto it with every engine call (each chunk, the train rows that
+    are queries, or the queries alone when nothing else is left), each chunk's token factors once each way, and the
+    factors with every call (when resident, once on each of the ``loading`` ranks that copy them)."""
     if queries.bytes_from_device == 0:  # the CPU: nothing moves
         return Moved(engine_calls=len(groups))
     queries_call = bool(len(train_queries)) and not done[list(train_queries)].all()
     calls = len(groups) + int(queries_call) + int(not groups and not queries_call)
     chunk_bytes = sum(int(train_lengths[rows].sum()) for rows in groups) * per_token
     resident = queries.resident and (largest is None or largest.resident)
-    factors = queries.factor_bytes * (1 if resident else calls)
+    factors = queries.factor_bytes * (loading if resident else calls)
     chunks_direct = chunk_bytes if largest is not None and largest.registered else 0
     queries_direct = queries.token_factor_bytes if queries.registered else 0
     return Moved(chunk_bytes + calls * queries.token_factor_bytes + factors, factors,
-                 queries.bytes_from_device + chunk_bytes, calls, chunks_direct + calls * queries_direct,
-                 chunks_direct + queries_direct)
+                 ranks * queries.bytes_from_device + chunk_bytes, calls, chunks_direct + calls * queries_direct,
+                 chunks_direct + ranks * queries_direct)
 
 
 def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict | None = None,
@@ -328,10 +362,11 @@ def plan_run(budgets: Budgets, jobs: Sequence[JobPlan], world: int, extra: dict 
             job = planned[index]
             if job.store is None:
                 continue
-            if job.rank in holding:
-                moved = replace(job.moved, to_device=job.moved.to_device - job.moved.factors_to_device,
-                                factors_to_device=0)
-                planned[index] = replace(job, factors_here=True, moved=moved)
-            # the ranks that run an engine call of it: the writing rank always, a split job's others with a chunk
-            holding |= {job.rank} | ({c.rank for c in job.chunks} if job.split else set())
+            loading = _loading_ranks(job.chunks, job.split, job.refines, job.world, job.rank)
+            if loading & holding:  # those ranks copy no factors for this job
+                factors = job.store.factor_bytes * len(loading - holding)
+                moved = replace(job.moved, to_device=job.moved.to_device - job.moved.factors_to_device + factors,
+                                factors_to_device=factors)
+                planned[index] = replace(job, factors_here=loading <= holding, moved=moved)
+            holding |= loading
     return RunPlan(budgets, world, tuple(planned), dict(extra or {}), pinned)

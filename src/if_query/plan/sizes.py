@@ -179,6 +179,24 @@ REFINE_COPIES = 4  # float32 copies of the tracked weights held at once for one 
 REFINE_MODULE_TEMPORARIES = 2  # ... and of the largest module's block while P maps one block (its rotations)
 
 
+def refine_moved(shapes: Sequence[Shape], queries: int, slabs: int, factors: int, ranks: int, engine_calls: int
+                 ) -> tuple[int, int]:
+    """(bytes onto the device, bytes off it) of refining ``queries`` queries on each of ``ranks`` ranks, whose store's
+    slabs take ``slabs`` bytes (score/refine.py, score/engine.py). On each rank: the slabs once (the gradients are
+    formed from them), ``factors`` (every module's, unless the plan keeps them on the device), the power iterations'
+    random start and each query's g onto the device; each query's gradient and refined v off it. And each query's
+    refined v onto the device once per module in every one of the job's ``engine_calls``. All but the slabs and the
+    factors are float32 vectors the size of the tracked weights."""
+    vector = tracked_vector_bytes(shapes)
+    return (ranks * (slabs + factors + vector + queries * vector) + engine_calls * queries * vector,
+            ranks * 2 * queries * vector)
+
+
+def tracked_vector_bytes(shapes: Sequence[Shape]) -> int:
+    """Every tracked module's (out, in') block in float32: one query's g or refined v."""
+    return sum(whitened_bytes(s) for s in shapes)
+
+
 def refine_vector_bytes(shapes: Sequence[Shape]) -> int:
     """Device bytes of one query's refinement vectors (g, v, the residual and the update, or H v's pullback) and
     P's temporaries (score/refine.py)."""

@@ -56,7 +56,7 @@ from if_query.plan import sizes
 from if_query.plan.sizes import BYTES_PER_FLOAT, Shape, rotation_flops
 from if_query.score.per_example import rotate_tokens, with_bias_column
 from if_query.score.store import TokenFactorStore
-from if_query.score.transfer import FACTORS, Transfers
+from if_query.score.transfer import FACTORS, REFINE, Transfers
 
 ROTATION_CACHE_SHARE = 8  # kept rotated inputs may take up to 1/8 of the workspace
 
@@ -175,7 +175,21 @@ def _form(columns: Sequence[tuple[_Module, int]], kind: str) -> torch.Tensor:
     return result.view(len(columns), -1)  # (columns, out * in')
 
 
-def _query_rows(columns: list[tuple[_Module, int]], rows: range, kind: str, refined: list | None,
+@dataclass(frozen=True)
+class _Refined:
+    """The refined queries' dense v (on the host, one dict of (out, in') blocks per query) and the transfers that
+    count their copies onto the device: each query's block once per module and engine call."""
+
+    vectors: list[dict[str, torch.Tensor]]
+    transfers: Transfers
+
+    def into(self, row: torch.Tensor, query: int, name: str) -> None:
+        block = self.vectors[query][name]
+        row.copy_(block)
+        self.transfers.count(block.numel() * block.element_size(), REFINE)
+
+
+def _query_rows(columns: list[tuple[_Module, int]], rows: range, kind: str, refined: _Refined | None,
                 shape: Shape) -> torch.Tensor:
     """The query side of ``rows``: as :func:`_form` forms it, or from refined queries' dense v (their
     ``refine.py`` blocks): v itself for ``preconditioned``, else ``(Q_gᵀ v Q_a) / S``, the form whose dot with a
@@ -187,7 +201,7 @@ def _query_rows(columns: list[tuple[_Module, int]], rows: range, kind: str, refi
     pre = view.pre
     v = torch.empty(len(rows), shape.out, shape.width, dtype=torch.float32, device=view.inputs.device)
     for k, i in enumerate(rows):
-        v[k].copy_(refined[i][shape.name])
+        refined.into(v[k], i, shape.name)
     if kind != "preconditioned":
         if pre.q_a is not None:
             scratch, staging = (torch.empty(shape.out, shape.width, dtype=torch.float32, device=v.device)
@@ -315,6 +329,7 @@ def score(queries: Side, train: Side, setup: Setup, workspace_bytes: int, per_to
     factors, shapes, damping, device, cosine = setup.factors, setup.shapes, setup.damping, setup.device, setup.cosine
     refined, refined_self = refined or (None, None)
     transfers = setup.transfers or Transfers(device)
+    refined = None if refined is None else _Refined(refined, transfers)
     streams = transfers.streams
     moved_before, factors_before = transfers.to_device_bytes, transfers.moved[FACTORS]
     same = train.store is queries.store
@@ -449,7 +464,7 @@ def _keep_rotations(rotations: dict[str, dict | None], shares: dict[str, bool], 
 
 def _score_module(columns: list[tuple[_Module, int]], train: list[tuple[_Module, int]], n_queries: int,
                   shape: Shape, workspace_bytes: int, kept: int, longest: int, totals: _Totals,
-                  refined: list | None, unrotated: bool) -> None:
+                  refined: _Refined | None, unrotated: bool) -> None:
     """One module's scores added to ``totals`` (on the device: nothing waits here): as <P_q, D_t> (``unrotated``),
     every W at once when the workspace (less the ``kept`` rotations) holds them, else blocks of queries against
     streamed blocks."""
@@ -472,7 +487,7 @@ def _score_module(columns: list[tuple[_Module, int]], train: list[tuple[_Module,
 
 
 def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: int, totals: _Totals,
-                     train: list[tuple[_Module, int]], queries_at_once: int, refined: list | None = None,
+                     train: list[tuple[_Module, int]], queries_at_once: int, refined: _Refined | None = None,
                      shape: Shape | None = None) -> None:
     """Blocks of ``block`` queries against streamed blocks of ``block`` columns (each column block's W formed
     again for every query block)."""
@@ -493,7 +508,7 @@ def _score_in_blocks(columns: list[tuple[_Module, int]], n_queries: int, block: 
 
 
 def _score_unrotated(columns: list[tuple[_Module, int]], n_queries: int, capacity: int, products: torch.Tensor,
-                     refined: list | None = None, shape: Shape | None = None) -> None:
+                     refined: _Refined | None = None, shape: Shape | None = None) -> None:
     """Scores as <P_q, D_t>: the queries' preconditioned gradients P_q (blocks of them; refined: v_q) against the
     train examples' plain gradients D_t (streamed blocks); a train column that is a query is its own D."""
     block = max(1, capacity // 2)
@@ -510,15 +525,19 @@ def _score_unrotated(columns: list[tuple[_Module, int]], n_queries: int, capacit
 def gradients(side: Side, shapes: Sequence[Shape], device: torch.device,
               transfers: Transfers | None = None) -> list[dict[str, torch.Tensor]]:
     """Each example's plain per-module gradient Gᵀ [A, 1] (out, in') float32 on the host (for refinement, which
-    takes them one query at a time to the device)."""
+    takes them one query at a time to the device). The store's slabs go onto the device once each (a shared input
+    once for its group) and the gradients come off it, all counted as ``refine``'s bytes."""
     transfers = transfers or Transfers(device)
     result = [{} for _ in side.indices]
+    group, inputs = None, None
     for shape in shapes:
         with transfers.streams.copying(shape.name):
-            inputs = transfers.to_device(side.store.slab_source("inputs", shape.name))
-            output_grads = transfers.to_device(side.store.slab_source("output_grads", shape.name))
+            if side.store.input_of[shape.name] != group:
+                group, inputs = side.store.input_of[shape.name], None
+                inputs = transfers.to_device(side.store.slab_source("inputs", shape.name), REFINE)
+            output_grads = transfers.to_device(side.store.slab_source("output_grads", shape.name), REFINE)
         transfers.streams.wait(transfers.streams.copied(shape.name), shape.name)
         view = _Module(side.store, shape, Preconditioner(None, None, None, None), inputs, output_grads, None)
         for row, example in enumerate(side.indices):
-            result[row][shape.name] = view.gradient(example).cpu()
+            result[row][shape.name] = transfers.take(view.gradient(example))
     return result

@@ -30,7 +30,7 @@ from if_query.score.capture import capture_token_factors
 from if_query.score.scored import ScoredSet, per_token_pairs
 from if_query.score.sequences import TrainSequences
 from if_query.score.store import TokenFactorStore
-from if_query.score.transfer import FACTORS, Transfers
+from if_query.score.transfer import FACTORS, REFINE, Transfers
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class EngineScorer:
         return Context(self.shapes, self.model_shape, self.factors.strategy, self.dtype.itemsize,
                        max(self.config.batch_sizes()), self.config.per_token_scores, self.device.type, DEFAULT_PEAKS,
                        self.matmul_precision,
-                       torch.cuda.get_device_properties(self.device).total_memory if cuda else None)
+                       torch.cuda.get_device_properties(self.device).total_memory if cuda else None,
+                       refine=bool(self.config.refine_steps))
 
     def _store(self, sequences: Sequence[TokenizedExample], host_budget: int,
                page_locked: bool = False) -> TokenFactorStore:
@@ -144,11 +145,12 @@ class EngineScorer:
         """--refine-steps: (each query's refined v, its refined self-influence), or None (EK-FAC)."""
         if not self.config.refine_steps:
             return None
-        with torch.enable_grad():
-            inverse = refine.Inverse(self.factors, self.shapes, self.config.damping_value, self.device)
+        with torch.enable_grad():  # the factors taken from (or left in) the kept ones where the plan keeps them
+            inverse = refine.Inverse(self.factors, self.shapes, self.config.damping_value, self.device,
+                                     self.transfers, self.setup.resident)
             return refine.refine_queries(refine.GaussNewton(self.model, self.shapes), inverse,
                                          engine.gradients(queries, self.shapes, self.device, self.transfers),
-                                         self.refine_batches, self.config.refine_steps)
+                                         self.refine_batches, self.config.refine_steps, self.transfers)
 
     def score(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: JobPlan, checkpoint=None,
               per_token: bool | None = None) -> ScoredSet | None:
@@ -158,7 +160,8 @@ class EngineScorer:
         self._prepare(plan)
         transfers = self.transfers
         counts = lambda: (transfers.to_device_bytes, transfers.moved[FACTORS], transfers.to_host_bytes,  # noqa: E731
-                          transfers.direct["to device"], transfers.direct["from device"])
+                          transfers.direct["to device"], transfers.direct["from device"], transfers.moved[REFINE],
+                          transfers.moved_off[REFINE])
         before = counts()
         transfers.page_locked_peak = 0
         if plan.at_once:
@@ -166,9 +169,14 @@ class EngineScorer:
         else:
             result = self._score_in_chunks(queries, train, plan, checkpoint, per_token)
         self.last_moved = dict(zip(("to_device_bytes", "factor_bytes_to_device", "from_device_bytes",
-                                    "direct_to_device_bytes", "direct_from_device_bytes"),
+                                    "direct_to_device_bytes", "direct_from_device_bytes", "refine_bytes_to_device",
+                                    "refine_bytes_from_device"),
                                    (b - a for a, b in zip(before, counts(), strict=True)), strict=True))
         self.last_moved["page_locked_bytes"] = transfers.page_locked_peak
+        if plan.split:  # every rank's copies summed, as the plan counts them (page-locked: the most of any rank)
+            ranks = distributed.gather(self.last_moved)
+            self.last_moved = {key: (max if key == "page_locked_bytes" else sum)(r[key] for r in ranks)
+                               for key in self.last_moved}
         return result
 
     def score_at_once(self, queries: Sequence[TokenizedExample], train: TrainSequences, plan: ScorePlan,

@@ -30,6 +30,12 @@ float32: g, v, the residual
 JVP's primals are the model's own weights (no float32 copy of them) and its tangents v cast to the model's dtype
 inside the forward as before (the same numbers). :func:`refine_bytes` counts these for the check before the model
 loads and for ``if-query plan --refine-steps``; ``tests/test_refine.py`` measures the peak on the CPU.
+
+Bytes moved, all counted by the run's :class:`~if_query.score.transfer.Transfers` as the ``refine`` kind (planned by
+:func:`if_query.plan.sizes.refine_moved`): the factors (``Inverse``; unless the plan keeps them on the device: then
+put there once for the engine too, as ``factors``), the power iterations' random start, each query's g onto the
+device and its v off it; the queries' slabs and gradients by :func:`if_query.score.engine.gradients`, the refined v's
+by every engine call.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from torch.func import functional_call, jvp, vjp
 from if_query.kron.factors import HessianFactors
 from if_query.model import loss as loss_module
 from if_query.plan.sizes import BYTES_PER_FLOAT, Shape, refine_vector_bytes
+from if_query.score.transfer import FACTORS, REFINE, Transfers
 
 logger = logging.getLogger(__name__)
 POWER_ITERATIONS = 10
@@ -156,12 +163,28 @@ class GaussNewton:
 
 class Inverse:
     """P: each module's EK-FAC inverse under its resolved damping (the factors of every module kept on the device:
-    refinement serves models whose tracked weights fit there three times over)."""
+    refinement serves models whose tracked weights fit there three times over).
 
-    def __init__(self, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None, device):
+    The factors go onto the device through ``transfers`` (counted as ``refine``'s bytes), or, where the plan keeps
+    every module's prepared factors on the device (``resident``: the engine's dict), are taken from there, and those
+    not there yet are copied once into it (counted as ``factors``, which the engine's calls then need not copy)."""
+
+    def __init__(self, factors: HessianFactors, shapes: Sequence[Shape], damping: float | None, device,
+                 transfers: Transfers | None = None, resident: dict | None = None):
+        transfers = transfers or Transfers(torch.device(device))
         self.pre = {}
         for s in shapes:
-            self.pre[s.name] = factors.preconditioner(s.name, damping, device)
+            pre = None if resident is None else resident.get(s.name)
+            if pre is None:
+                with transfers.streams.copying(s.name):
+                    sources = factors.ranges(s.name) if transfers.copies else factors.read(s.name)
+                    tensors = {factor: transfers.to_device(source, REFINE if resident is None else FACTORS)
+                               for factor, source in sources.items()}
+                transfers.streams.wait(transfers.streams.copied(s.name), s.name)
+                pre = factors.prepare(tensors, damping)
+                if resident is not None:
+                    resident[s.name] = pre
+            self.pre[s.name] = pre
         self.damping = {name: float(pre.damping or 0.0) for name, pre in self.pre.items()}
 
     def __call__(self, v: Blocks) -> Blocks:
@@ -207,11 +230,12 @@ def refine(gauss_newton: GaussNewton, inverse: Inverse, gradient: Blocks, batche
 
 
 def step_size(gauss_newton: GaussNewton, inverse: Inverse, batch: dict, like: Blocks,
-              iterations: int = POWER_ITERATIONS) -> float:
-    """1 / the largest eigenvalue of P (H_B + Λ), by power iterations from a random start (seed 0)."""
+              iterations: int = POWER_ITERATIONS, transfers: Transfers | None = None) -> float:
+    """1 / the largest eigenvalue of P (H_B + Λ), by power iterations from a random start (seed 0, drawn on the
+    host: the same numbers on every device)."""
     generator = torch.Generator().manual_seed(0)
-    device = next(gauss_newton.model.parameters()).device
-    x = {k: torch.randn(t.shape, generator=generator).to(device) for k, t in like.items()}
+    transfers = transfers or Transfers(next(gauss_newton.model.parameters()).device)
+    x = {k: transfers.put(torch.randn(t.shape, generator=generator)) for k, t in like.items()}
     eigenvalue = 1.0
     for _ in range(iterations):
         norm = _dot(x, x) ** 0.5
@@ -226,20 +250,21 @@ def step_size(gauss_newton: GaussNewton, inverse: Inverse, batch: dict, like: Bl
 
 
 def refine_queries(gauss_newton: GaussNewton, inverse: Inverse, gradients: list[Blocks], batches: Sequence[dict],
-                   steps: int) -> tuple[list[Blocks], torch.Tensor]:
-    """Every query's refined v (on the host) and its refined self-influence <v, g>, (queries,) float64."""
+                   steps: int, transfers: Transfers | None = None) -> tuple[list[Blocks], torch.Tensor]:
+    """Every query's refined v (on the host) and its refined self-influence <v, g>, (queries,) float64. What crosses
+    the bus (the power iterations' start, each g onto the device, each v off it) is counted by ``transfers``."""
     if not gradients:
         return [], torch.zeros(0, dtype=torch.float64)
-    device = next(gauss_newton.model.parameters()).device
-    alpha = step_size(gauss_newton, inverse, batches[0], gradients[0])
+    transfers = transfers or Transfers(next(gauss_newton.model.parameters()).device)
+    alpha = step_size(gauss_newton, inverse, batches[0], gradients[0], transfers=transfers)
     logger.info("Refining %d queries: %d Neumann steps of size %.3g (1 / the largest eigenvalue of P (H + damping)), "
                 "on %d fitting batches", len(gradients), steps, alpha, len(batches))
     refined, own = [], []
     for host_gradient in gradients:  # one query's g on the device at a time
-        gradient = {k: t.to(device) for k, t in host_gradient.items()}
+        gradient = {k: transfers.put(t) for k, t in host_gradient.items()}
         cycle = (batches[k % len(batches)] for k in range(steps))
         v, _ = refine(gauss_newton, inverse, gradient, cycle, steps, alpha)
         own.append(_dot(v, gradient))
-        refined.append({k: t.cpu() for k, t in v.items()})
+        refined.append({k: transfers.take(t) for k, t in v.items()})
         del gradient, v
     return refined, torch.tensor(own, dtype=torch.float64)

@@ -22,8 +22,14 @@ round each up to a power of two and keep it) and unregistered by :meth:`Transfer
 host: float32 is made on the device. On the CPU the "device" is the host: nothing is copied (tests set ``staged`` to
 run the same path with unpinned buffers).
 
-Counted: bytes onto the device by kind (``moved``: ``token factors``, ``factors``), bytes off it
-(``to_host_bytes``), of both those straight from or into page-locked stores (``direct``), the most store bytes
+What ``--refine-steps`` moves (:mod:`if_query.score.refine`) goes through :meth:`Transfers.put` and
+:meth:`Transfers.take` (plain synchronous copies of float32 vectors on the compute stream: refinement is compute-bound)
+and, for its factors and the queries' slabs, :meth:`Transfers.to_device`; :meth:`Transfers.count` counts a copy made
+in place (the engine's refined queries copied into their rows).
+
+Counted: bytes onto the device by kind (``moved``: ``token factors``, ``factors``, ``refine``: everything refinement
+moves, factors and slabs included), bytes off it by kind (``moved_off``: ``token factors``, ``refine``;
+``to_host_bytes`` their sum), of both those straight from or into page-locked stores (``direct``), the most store bytes
 page-locked at once (``page_locked_peak``) and the pinned buffers held (``pinned_bytes``): the plan line,
 ``if-query plan`` and ``run.json`` report the same counts. What page-locking gains (the host copies gone, the copy
 engine reading the store) is measured only on a GPU (``scripts/gpu_check.sh``).
@@ -44,7 +50,7 @@ from if_query.score.store import host_copy, host_pages
 from if_query.score.streams import Streams, streams_for
 
 ALIGNMENT = 64  # bytes: where each tensor starts in the device-to-host landing buffer
-TOKEN_FACTORS, FACTORS = "token factors", "factors"
+TOKEN_FACTORS, FACTORS, REFINE = "token factors", "factors", "refine"
 
 
 def read_range(source: FileRange, into: torch.Tensor, start: int = 0) -> None:
@@ -78,8 +84,8 @@ class Transfers:
         self.streams = streams or streams_for(device)
         self.bounce_bytes = bounce_bytes
         self.landing_bytes = landing_bytes
-        self.moved = {TOKEN_FACTORS: 0, FACTORS: 0}
-        self.to_host_bytes = 0
+        self.moved = {TOKEN_FACTORS: 0, FACTORS: 0, REFINE: 0}
+        self.moved_off = {TOKEN_FACTORS: 0, REFINE: 0}
         self._slots: list[torch.Tensor] = []  # two uint8 bounce slots, host to device
         self._events: list = [None, None]  # each slot's last copy (CUDA events)
         self._slot = 0
@@ -92,6 +98,10 @@ class Transfers:
     @property
     def to_device_bytes(self) -> int:
         return sum(self.moved.values())
+
+    @property
+    def to_host_bytes(self) -> int:
+        return sum(self.moved_off.values())
 
     @property
     def pinned_bytes(self) -> int:
@@ -209,7 +219,7 @@ class Transfers:
             place.copy_(tensor, non_blocking=self.pinned)
         self.streams.land("batch")
         size = sum(t.numel() * t.element_size() for _, t in pairs)
-        self.to_host_bytes += size
+        self.moved_off[TOKEN_FACTORS] += size
         self.direct["from device"] += size
 
     def to_host(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,5 +244,22 @@ class Transfers:
             landed[name] = raw.view(tensor.dtype).view(tensor.shape)
             landed[name].copy_(tensor, non_blocking=self.pinned)
         self.streams.land("batch")
-        self.to_host_bytes += sum(sizes.values())
+        self.moved_off[TOKEN_FACTORS] += sum(sizes.values())
         return landed
+
+    def count(self, size: int, what: str = REFINE, onto: bool = True) -> None:
+        """``size`` bytes of kind ``what`` copied onto the device (``onto``) or off it by the caller, in place (none
+        on the CPU, where nothing is copied)."""
+        if self.copies:
+            (self.moved if onto else self.moved_off)[what] += size
+
+    def put(self, tensor: torch.Tensor, what: str = REFINE) -> torch.Tensor:
+        """A host tensor on the device, copied synchronously on the current stream (refinement's vectors); on the
+        CPU the tensor itself."""
+        self.count(tensor.numel() * tensor.element_size(), what)
+        return tensor.to(self.device)
+
+    def take(self, tensor: torch.Tensor, what: str = REFINE) -> torch.Tensor:
+        """A device tensor on the host (``.cpu()``, synchronous); on the CPU the tensor itself."""
+        self.count(tensor.numel() * tensor.element_size(), what, onto=False)
+        return tensor.cpu()
