@@ -13,19 +13,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from if_query.config import (
-    GROUPS,
-    DemoConfig,
-    FitConfig,
-    IndexConfig,
-    PlanConfig,
-    QueryConfig,
-    ReportConfig,
-    cli_fields,
-)
+from if_query.config import COMMANDS, GROUPS, cli_fields
 
-COMMANDS = {"fit-hessians": FitConfig, "run-query": QueryConfig, "index": IndexConfig, "plan": PlanConfig,
-            "report": ReportConfig, "demo": DemoConfig}
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "options"
 
 

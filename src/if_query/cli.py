@@ -22,18 +22,8 @@ from typing import Annotated, Any
 import typer
 
 from if_query import api
-from if_query.config import (
-    GROUPS,
-    DemoConfig,
-    FitConfig,
-    IndexConfig,
-    PlanConfig,
-    QueryConfig,
-    ReportConfig,
-    cli_fields,
-    misplaced_option,
-    option_name,
-)
+from if_query import config as configs
+from if_query.config import COMMANDS, GROUPS, cli_fields, misplaced_option, option_name
 from if_query.distributed import is_main_rank
 from if_query.errors import IfQueryError, first_line
 
@@ -206,14 +196,14 @@ def command_class(config_class: type) -> type[typer.core.TyperCommand]:
     return ConfigCommand
 
 
-def fit(config: FitConfig, quiet: bool) -> None:
+def fit(config: configs.FitConfig, quiet: bool) -> None:
     fitted = api.fit_hessians(config, quiet=quiet)
     if not quiet:
         typer.echo(f"Fitted {fitted.strategy} factors for {len(fitted.modules)} modules on {fitted.num_examples} "
                    f"examples -> {config.output_dir}")
 
 
-def query(config: QueryConfig, quiet: bool) -> None:
+def query(config: configs.QueryConfig, quiet: bool) -> None:
     outcomes = api.run_query(config, quiet=quiet, results="summary")  # inputs checked before torch is imported
     from if_query.report.summary import format_summary
 
@@ -245,23 +235,23 @@ def query(config: QueryConfig, quiet: bool) -> None:
                    else f"Wrote {', '.join(str(p) for p in outcomes[0].files)}")
 
 
-def index(config: IndexConfig, quiet: bool) -> None:
+def index(config: configs.IndexConfig, quiet: bool) -> None:
     manifest = api.index_corpus(config, quiet=quiet)
     if not quiet and is_main_rank():
         typer.echo(f"Indexed {manifest['windows']} windows of {config.train_dataset} -> {config.output_dir}")
 
 
-def report(config: ReportConfig, quiet: bool) -> None:
+def report(config: configs.ReportConfig, quiet: bool) -> None:
     path = api.write_report(config)
     if not quiet:
         typer.echo(f"Wrote {path}")
 
 
-def plan(config: PlanConfig, quiet: bool) -> None:
+def plan(config: configs.PlanConfig, quiet: bool) -> None:
     typer.echo(api.estimate_plan(config).text, nl=False)
 
 
-def demo(config: DemoConfig, quiet: bool) -> None:
+def demo(config: configs.DemoConfig, quiet: bool) -> None:
     from if_query.demo.run_demo import run_demo
     from if_query.report.summary import format_summary
 
@@ -271,19 +261,21 @@ def demo(config: DemoConfig, quiet: bool) -> None:
         typer.echo(f"Results in {outcome.job.output_dir}/ (query.csv, train.csv, influences.csv)")
 
 
-def add_command(name: str, config_class: type, action: Callable[[Any, bool], None]) -> Callable:
-    """``if-query NAME``: ``config_class``'s command running ``action`` (returned for the console scripts)."""
+def add_command(name: str, action: Callable[[Any, bool], None]) -> Callable:
+    """``if-query NAME``: the command of its configuration (``config.COMMANDS``) running ``action`` (returned for the
+    console scripts)."""
+    config_class = COMMANDS[name]
     command = config_command(config_class, action)
     app.command(name, cls=command_class(config_class), short_help=summary(config_class))(command)
     return command
 
 
-fit_hessians_command = add_command("fit-hessians", FitConfig, fit)
-run_query_command = add_command("run-query", QueryConfig, query)
-index_command = add_command("index", IndexConfig, index)
-report_command = add_command("report", ReportConfig, report)
-plan_command = add_command("plan", PlanConfig, plan)
-demo_command = add_command("demo", DemoConfig, demo)
+fit_hessians_command = add_command("fit-hessians", fit)
+run_query_command = add_command("run-query", query)
+index_command = add_command("index", index)
+report_command = add_command("report", report)
+plan_command = add_command("plan", plan)
+demo_command = add_command("demo", demo)
 
 
 def _run_alone(command: Callable, config_class: type) -> None:
@@ -294,11 +286,11 @@ def _run_alone(command: Callable, config_class: type) -> None:
 
 
 def fit_hessians_app() -> None:
-    _run_alone(fit_hessians_command, FitConfig)
+    _run_alone(fit_hessians_command, COMMANDS["fit-hessians"])
 
 
 def run_query_app() -> None:
-    _run_alone(run_query_command, QueryConfig)
+    _run_alone(run_query_command, COMMANDS["run-query"])
 
 
 if __name__ == "__main__":

@@ -633,3 +633,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _check_declared(self)
+
+
+# Each command's configuration, the one list: the command line is built from it (if_query.cli), and so are the
+# option pages (scripts/option_docs.py).
+COMMANDS = {"fit-hessians": FitConfig, "run-query": QueryConfig, "index": IndexConfig, "plan": PlanConfig,
+            "report": ReportConfig, "demo": DemoConfig}
