@@ -104,11 +104,16 @@ def start_folder_sharding() -> None:
 
 
 def _stop_group() -> None:
-    """Tear the group down before the interpreter does: a gloo group left to the interpreter's shutdown can abort
-    the process ("terminate called without an active exception", seen on a rank that finished first)."""
+    """Tear the group down before the interpreter does, once every rank is there: a gloo group left to the
+    interpreter's shutdown, or torn down while another rank still receives, can abort the process ("terminate called
+    without an active exception", seen on a rank that finished first, and on rank 0 after a split job)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:  # every rank at its exit before any closes its connections (a rank that failed: one minute at most)
+            dist.monitored_barrier(timeout=timedelta(minutes=1))
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 
