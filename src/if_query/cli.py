@@ -142,7 +142,7 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
 
 def summary(config_class: type) -> str:
     """The first line of a command's help: ``if-query --help`` lists it whole (Click would cut it to fit)."""
-    return config_class.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+    return " ".join(config_class.__doc__.strip().split("\n\n")[0].split())  # the docstring's wrap undone
 
 
 def write_options(formatter, records: list[tuple[str, str]], name_width: int = 30) -> None:
