@@ -161,6 +161,22 @@ def test_mixture_of_experts_is_known_from_the_config(family):
         "q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+def test_attention_with_experts_of_its_own_is_refused_too():
+    """JetMoE's attention is a mixture of experts (its query and output projections are 3-D expert parameters under
+    self_attention.experts): --track attention would silently track only its kv_proj and router, and the refusal of
+    the other kinds must not offer it."""
+    from transformers import JetMoeConfig
+
+    model = AutoModelForCausalLM.from_config(JetMoeConfig(
+        num_hidden_layers=2, hidden_size=32, kv_channels=8, intermediate_size=16, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=64))
+    for track in ("attention", "mlp", "all-linear"):
+        with pytest.raises(InputError, match=rf"^{track}: .*model.layers.0.self_attention.experts and 1 more.*; its "
+                                             r"attention has experts too$") as error:
+            find_tracked_modules(model, 1, track)
+        assert "--track attention works" not in str(error.value)
+
+
 def test_older_transformers_experts_are_refused_as_experts_not_as_flattened_tokens():
     """Before transformers 5, experts were a list of linear layers fed the routed tokens, flattened: refused for
     being experts (from the config), before any probe could call them flattened-token MLPs."""

@@ -110,8 +110,7 @@ def find_tracked_modules(model: nn.Module, layer_stride: int = 1, track: str = D
     is refused for the kinds that would reach its experts (:func:`refuse_experts`).
     """
     kind = track_kind(track)
-    if kind.reaches_experts:
-        refuse_experts(model, kind)
+    refuse_experts(model, kind)
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Conv1D)):
@@ -156,19 +155,28 @@ def expert_modules(model: nn.Module) -> list[str]:
 
 
 def refuse_experts(model: nn.Module, kind: TrackKind) -> None:
-    """Refuse (one line) tracking ``kind`` in a mixture-of-experts model: its experts are not linear layers that see
-    every token (fused (experts, out, in) parameters; or, under older transformers, linear layers fed only the
-    tokens routed to them, flattened), and tracking the MLPs' other linear layers (Qwen2-MoE's shared expert)
-    would silently leave them out. Detected from the config, not from module names."""
+    """Refuse (one line) tracking ``kind`` in a mixture-of-experts model where it would reach the experts: their
+    experts are not linear layers that see every token (fused (experts, out, in) parameters; or, under older
+    transformers, linear layers fed only the tokens routed to them, flattened), and tracking the other linear layers
+    around them (Qwen2-MoE's shared expert, JetMoE's kv_proj beside its attention experts) would silently leave them
+    out. Detected from the config, not from module names; ``--track attention`` is offered where the attention has
+    no experts of its own."""
     why = mixture_of_experts(getattr(model, "config", None))
     if why is None:
         return
     experts = expert_modules(model)
-    named = (f"its experts ({experts[0]}" + (f" and {len(experts) - 1} more" if len(experts) > 1 else "") + ")"
-             if experts else "its experts")
+    in_attention = [name for name in experts if (where := _block_path(name)) is not None and _in_attention(where[1])]
+    reached = experts if kind.reaches_experts else [name for name in experts
+                                                     if (where := _block_path(name)) is not None
+                                                     and kind.selects(where[1])]
+    if not kind.reaches_experts and not reached:
+        return
+    named = (f"its experts ({reached[0]}" + (f" and {len(reached) - 1} more" if len(reached) > 1 else "") + ")"
+             if reached else "its experts")
+    then = "its attention has experts too" if in_attention else "--track attention works"
     raise InputError(f"{kind.name}: {type(model).__name__} is a mixture-of-experts model ({why}) and {named} are not "
-                     f"linear layers that see every token, so if-query cannot attribute through them; "
-                     f"--track attention works", option="track")
+                     f"linear layers that see every token, so if-query cannot attribute through them; {then}",
+                     option="track")
 
 
 def conv1d_to_linear(module: Conv1D) -> nn.Linear:
