@@ -147,8 +147,15 @@ def _records_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _query_config(config: QueryConfig | None, options: dict[str, Any]) -> QueryConfig:
     """The QueryConfig of a library call: records normalized, results written only where an output directory is
-    given (``output_required=False``), inputs checked."""
-    return _checked(_config(QueryConfig, config, {"output_required": False, **_records_options(options)}))
+    given (``output_required=False``), inputs checked. An error about a records file given as ``queries`` or
+    ``train`` names that argument, not ``query_json`` or ``train_json``."""
+    as_given = {file_field: name for name, file_field in RECORDS_FILES.items()
+                if isinstance(options.get(name), str | os.PathLike)}
+    try:
+        return _checked(_config(QueryConfig, config, {"output_required": False, **_records_options(options)}))
+    except InputError as exc:
+        exc.option = as_given.get(exc.option, exc.option)
+        raise
 
 
 def _checked(config: QueryConfig) -> QueryConfig:
