@@ -2,6 +2,8 @@
 scores of the command line; results come back as DataFrames and are written only where an output directory is
 given; errors name the argument they are about; the public names are importable without torch."""
 
+import functools
+import inspect
 import json
 
 import pandas as pd
@@ -170,3 +172,15 @@ def test_the_public_names_are_importable_and_listed():
     with pytest.raises(AttributeError):
         if_query.QueryRunner  # noqa: B018 - private: not re-exported
 
+
+def test_the_public_names_and_their_public_members_have_reference_docstrings():
+    undocumented = []
+    for name in if_query.__all__:
+        value = getattr(if_query, name)
+        if name != "__version__" and not inspect.getdoc(value):
+            undocumented.append(name)
+        if inspect.isclass(value):
+            undocumented += [f"{name}.{member}" for member, attribute in vars(value).items()
+                             if not member.startswith("_") and (callable(attribute) or isinstance(
+                                 attribute, property | functools.cached_property)) and not inspect.getdoc(attribute)]
+    assert undocumented == []

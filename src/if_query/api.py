@@ -82,7 +82,7 @@ class FitResult:
 
     @property
     def modules(self) -> list[str]:
-        """The tracked MLP modules' names, in the model's order."""
+        """The tracked modules' names (``track``: the MLPs' by default), in the model's order."""
         return list(self.metadata["tracked_modules"])
 
     @property
