@@ -165,6 +165,24 @@ def test_errors_about_files_and_missing_arguments_name_them(cli, tiny_gpt2, fitt
     assert result.stderr.strip() == f"error: {bad}: record 0 (pair_id 'a'): missing field 'completion'"
 
 
+def test_quiet_calls_show_no_progress_bar_and_leave_transformers_bars_as_they_were(tiny_gpt2, fitted, capfd):
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()  # a --quiet CLI call in this process turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"]) as attributor:  # not quiet: bars shown
+            attributor.score(QUERIES[:1], TRAIN[:1])
+        assert "Loading weights" in capfd.readouterr().err
+        with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], quiet=True) as attributor:
+            attributor.score(QUERIES[:1], TRAIN[:1])
+        run_query(model=tiny_gpt2, factors_dir=fitted["ekfac"], queries=QUERIES[:1], train=TRAIN[:1], quiet=True)
+        assert "it/s" not in capfd.readouterr().err  # no tqdm bar, transformers' "Loading weights" included
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+
+
 def test_the_public_names_are_importable_and_listed():
     for name in if_query.__all__:
         assert getattr(if_query, name) is not None, name

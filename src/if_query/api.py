@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -62,6 +63,24 @@ def _config(config_class: type[Config], config: Config | None, options: dict[str
     if not isinstance(config, config_class):
         raise TypeError(f"expected a {config_class.__name__}, got {type(config).__name__}")
     return dataclasses.replace(config, **options)
+
+
+@contextmanager
+def _progress_bars(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, transformers' own progress bars (its "Loading weights") off while a call runs, as the
+    command line's ``--quiet`` turns them off; as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 # --- fit-hessians ---
@@ -107,7 +126,8 @@ def fit_hessians(config: FitConfig | None = None, /, *, quiet: bool = False, **o
     config = _config(FitConfig, config, options)
     from if_query.fit.fit_hessians import fit_hessians as fit
 
-    return FitResult(Path(config.output_dir), fit(config, quiet=quiet))
+    with _progress_bars(quiet):
+        return FitResult(Path(config.output_dir), fit(config, quiet=quiet))
 
 
 # --- run-query ---
@@ -196,10 +216,12 @@ def run_query(config: QueryConfig | None = None, /, *, quiet: bool = False, resu
     if config.index is not None:  # the corpus's index shortlists, the engine scores the candidates
         from if_query.index.answer import IndexRunner
 
-        return IndexRunner(config, quiet=quiet, results=results).run()
+        with _progress_bars(quiet):
+            return IndexRunner(config, quiet=quiet, results=results).run()
     from if_query.run.run_query import QueryRunner
 
-    return QueryRunner(config, quiet=quiet, results=results).run()
+    with _progress_bars(quiet):
+        return QueryRunner(config, quiet=quiet, results=results).run()
 
 
 def index_corpus(config: IndexConfig | None = None, /, *, quiet: bool = False, **options: Any) -> dict:
@@ -213,7 +235,8 @@ def index_corpus(config: IndexConfig | None = None, /, *, quiet: bool = False, *
     load_complete_metadata(config.factors_dir)  # before torch is imported
     from if_query.index.build import build_index
 
-    return build_index(config, quiet=quiet)
+    with _progress_bars(quiet):
+        return build_index(config, quiet=quiet)
 
 
 class Attributor:
@@ -239,8 +262,10 @@ class Attributor:
         self.config = _checked(_config(QueryConfig, config, {"output_required": False, **options, **jobs}))
         from if_query.run.run_query import QueryRunner
 
-        runner = QueryRunner(self.config, quiet=quiet, results="all")
-        runner.load_scorer()
+        self._quiet = quiet
+        with _progress_bars(quiet):
+            runner = QueryRunner(self.config, quiet=quiet, results="all")
+            runner.load_scorer()
         self._runner: QueryRunner | None = runner
 
     def score(self, queries: Records, train: Records | None = None, *, corpus: str | os.PathLike | None = None,
@@ -291,7 +316,8 @@ class Attributor:
             runner = IndexRunner.sharing(self._runner, config)
         else:
             runner = self._runner.for_jobs(config)
-        [outcome] = runner.run()
+        with _progress_bars(self._quiet):
+            [outcome] = runner.run()
         return outcome.results
 
     def close(self) -> None:
