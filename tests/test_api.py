@@ -2,6 +2,8 @@
 scores of the command line; results come back as DataFrames and are written only where an output directory is
 given; errors name the argument they are about; the public names are importable without torch."""
 
+import functools
+import inspect
 import json
 
 import pandas as pd
@@ -9,7 +11,7 @@ import pytest
 from helpers import QUERIES, TRAIN, assert_close_to_largest, score_matrix, write_json
 
 import if_query
-from if_query import Attributor, InputError, QueryConfig, run_query
+from if_query import Attributor, InputError, QueryConfig, fit_hessians, run_query, write_report
 from if_query.report.results import read_results
 from if_query.run import compatibility
 
@@ -132,8 +134,53 @@ def test_errors_name_the_argument_they_are_about(tiny_gpt2, fitted, tmp_path):
         assert raised.value.option == "train"
         with pytest.raises(InputError) as raised:
             attributor.score(QUERIES, tmp_path / "missing.json")
-        assert "missing.json: file not found" in str(raised.value)
+        assert (raised.value.option, str(raised.value)) == ("train", f"{tmp_path / 'missing.json'}: file not found")
         assert len(attributor.score(QUERIES[:1], TRAIN[:1]).influences) == 1  # still usable after errors
+
+
+def test_errors_about_files_and_missing_arguments_name_them(cli, tiny_gpt2, fitted, tmp_path):
+    """Errors found where a file or folder is read name the argument it was given as (the command line's lines
+    unchanged: the message alone)."""
+    bad = write_json(tmp_path / "bad.json", [{"pair_id": "a", "prompt": "x"}])
+    common = {"model": tiny_gpt2, "factors_dir": fitted["ekfac"], "quiet": True}
+    calls = {
+        "query_json": lambda: run_query(**common, query_json=tmp_path / "none.json", train=TRAIN),
+        "train_json": lambda: run_query(**common, queries=QUERIES, train_json=bad),
+        "queries": lambda: run_query(**common, queries=bad, train=TRAIN),
+        "train": lambda: run_query(**common, queries=QUERIES),  # no train side
+        "hessian_dataset": lambda: fit_hessians(model=tiny_gpt2, hessian_dataset=tmp_path / "none",
+                                                output_dir=tmp_path / "factors", quiet=True),
+        "results_dir": lambda: write_report(results_dir=tmp_path / "none"),
+    }
+    for option, call in calls.items():
+        with pytest.raises(InputError) as raised:
+            call()
+        assert raised.value.option == option, (option, str(raised.value))
+        assert not raised.value.flag_first  # the message starts with the path: printed as it is
+    with pytest.raises(InputError, match=r"^give query folders, or query records \(or --query-json\) and train "
+                                         r"records \(or --train-json, or --train-dataset\)$"):  # no --output-dir
+        run_query(**common, queries=QUERIES)
+    result = cli("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], "--query-json", bad,
+                 "--train-json", bad, "--output-dir", tmp_path / "out", expect=2)
+    assert result.stderr.strip() == f"error: {bad}: record 0 (pair_id 'a'): missing field 'completion'"
+
+
+def test_quiet_calls_show_no_progress_bar_and_leave_transformers_bars_as_they_were(tiny_gpt2, fitted, capfd):
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()  # a --quiet CLI call in this process turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"]) as attributor:  # not quiet: bars shown
+            attributor.score(QUERIES[:1], TRAIN[:1])
+        assert "Loading weights" in capfd.readouterr().err
+        with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], quiet=True) as attributor:
+            attributor.score(QUERIES[:1], TRAIN[:1])
+        run_query(model=tiny_gpt2, factors_dir=fitted["ekfac"], queries=QUERIES[:1], train=TRAIN[:1], quiet=True)
+        assert "it/s" not in capfd.readouterr().err  # no tqdm bar, transformers' "Loading weights" included
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
 
 
 def test_the_public_names_are_importable_and_listed():
@@ -142,3 +189,16 @@ def test_the_public_names_are_importable_and_listed():
     assert {"fit_hessians", "run_query", "Attributor", "estimate_plan", "write_report"} <= set(if_query.__all__)
     with pytest.raises(AttributeError):
         if_query.QueryRunner  # noqa: B018 - private: not re-exported
+
+
+def test_the_public_names_and_their_public_members_have_reference_docstrings():
+    undocumented = []
+    for name in if_query.__all__:
+        value = getattr(if_query, name)
+        if name != "__version__" and not inspect.getdoc(value):
+            undocumented.append(name)
+        if inspect.isclass(value):
+            undocumented += [f"{name}.{member}" for member, attribute in vars(value).items()
+                             if not member.startswith("_") and (callable(attribute) or isinstance(
+                                 attribute, property | functools.cached_property)) and not inspect.getdoc(attribute)]
+    assert undocumented == []

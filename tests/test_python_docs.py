@@ -53,3 +53,14 @@ def test_your_own_data_from_python_as_the_readmes_snippet(tmp_path, monkeypatch,
     assert list(pd.read_csv(results / "train.csv")["source"]) == ["wiki", "forum", "wiki"]  # extra fields kept
     printed = capsys.readouterr().out
     assert printed.startswith("['query.csv', 'train.csv', 'influences.csv', 'run.json', 'report.html']")
+    for name, records in readme_records().items():  # the twin's folder holds the snippet's records, as it writes them
+        assert records == (tmp_path / "my-study" / name).read_text(encoding="utf-8").strip(), name
+
+
+def readme_records() -> dict[str, str]:
+    """{file: its text} of the records the README's own-data snippet writes (its ``cat > my-study/FILE`` blocks)."""
+    readme = (DOCS.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    found = dict(re.findall(r"cat > my-study/(\S+) <<'EOF'\n(.*?)\nEOF", section, flags=re.DOTALL))
+    assert set(found) == {"query.json", "train.json"}
+    return found

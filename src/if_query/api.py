@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -64,6 +65,24 @@ def _config(config_class: type[Config], config: Config | None, options: dict[str
     return dataclasses.replace(config, **options)
 
 
+@contextmanager
+def _progress_bars(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, transformers' own progress bars (its "Loading weights") off while a call runs, as the
+    command line's ``--quiet`` turns them off; as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 # --- fit-hessians ---
 
 
@@ -82,7 +101,7 @@ class FitResult:
 
     @property
     def modules(self) -> list[str]:
-        """The tracked MLP modules' names, in the model's order."""
+        """The tracked modules' names (``track``: the MLPs' by default), in the model's order."""
         return list(self.metadata["tracked_modules"])
 
     @property
@@ -107,7 +126,8 @@ def fit_hessians(config: FitConfig | None = None, /, *, quiet: bool = False, **o
     config = _config(FitConfig, config, options)
     from if_query.fit.fit_hessians import fit_hessians as fit
 
-    return FitResult(Path(config.output_dir), fit(config, quiet=quiet))
+    with _progress_bars(quiet):
+        return FitResult(Path(config.output_dir), fit(config, quiet=quiet))
 
 
 # --- run-query ---
@@ -147,8 +167,15 @@ def _records_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _query_config(config: QueryConfig | None, options: dict[str, Any]) -> QueryConfig:
     """The QueryConfig of a library call: records normalized, results written only where an output directory is
-    given (``output_required=False``), inputs checked."""
-    return _checked(_config(QueryConfig, config, {"output_required": False, **_records_options(options)}))
+    given (``output_required=False``), inputs checked. An error about a records file given as ``queries`` or
+    ``train`` names that argument, not ``query_json`` or ``train_json``."""
+    as_given = {file_field: name for name, file_field in RECORDS_FILES.items()
+                if isinstance(options.get(name), str | os.PathLike)}
+    try:
+        return _checked(_config(QueryConfig, config, {"output_required": False, **_records_options(options)}))
+    except InputError as exc:
+        exc.option = as_given.get(exc.option, exc.option)
+        raise
 
 
 def _checked(config: QueryConfig) -> QueryConfig:
@@ -189,10 +216,12 @@ def run_query(config: QueryConfig | None = None, /, *, quiet: bool = False, resu
     if config.index is not None:  # the corpus's index shortlists, the engine scores the candidates
         from if_query.index.answer import IndexRunner
 
-        return IndexRunner(config, quiet=quiet, results=results).run()
+        with _progress_bars(quiet):
+            return IndexRunner(config, quiet=quiet, results=results).run()
     from if_query.run.run_query import QueryRunner
 
-    return QueryRunner(config, quiet=quiet, results=results).run()
+    with _progress_bars(quiet):
+        return QueryRunner(config, quiet=quiet, results=results).run()
 
 
 def index_corpus(config: IndexConfig | None = None, /, *, quiet: bool = False, **options: Any) -> dict:
@@ -206,7 +235,8 @@ def index_corpus(config: IndexConfig | None = None, /, *, quiet: bool = False, *
     load_complete_metadata(config.factors_dir)  # before torch is imported
     from if_query.index.build import build_index
 
-    return build_index(config, quiet=quiet)
+    with _progress_bars(quiet):
+        return build_index(config, quiet=quiet)
 
 
 class Attributor:
@@ -232,8 +262,10 @@ class Attributor:
         self.config = _checked(_config(QueryConfig, config, {"output_required": False, **options, **jobs}))
         from if_query.run.run_query import QueryRunner
 
-        runner = QueryRunner(self.config, quiet=quiet, results="all")
-        runner.load_scorer()
+        self._quiet = quiet
+        with _progress_bars(quiet):
+            runner = QueryRunner(self.config, quiet=quiet, results="all")
+            runner.load_scorer()
         self._runner: QueryRunner | None = runner
 
     def score(self, queries: Records, train: Records | None = None, *, corpus: str | os.PathLike | None = None,
@@ -284,7 +316,8 @@ class Attributor:
             runner = IndexRunner.sharing(self._runner, config)
         else:
             runner = self._runner.for_jobs(config)
-        [outcome] = runner.run()
+        with _progress_bars(self._quiet):
+            [outcome] = runner.run()
         return outcome.results
 
     def close(self) -> None:

@@ -381,8 +381,12 @@ class QueryConfig(MemoryOptions):
             given["train_json"] = self.train_dataset
         missing = [name for name, value in given.items() if value is None]
         if not self.folders and missing:
-            raise _refused("give query folders, or all of --train-json (or --train-dataset), --query-json and "
-                           "--output-dir", missing[0])
+            if self.output_required:
+                raise _refused("give query folders, or all of --train-json (or --train-dataset), --query-json and "
+                               "--output-dir", missing[0])
+            records = {"query_json": "queries", "train_json": "train"}  # a library call: the records' arguments
+            raise _refused("give query folders, or query records (or --query-json) and train records (or "
+                           "--train-json, or --train-dataset)", records[missing[0]])
         if self.query_json is not None and self.queries is not None:
             raise _refused("give query records or --query-json, not both", "queries")
         if self.train_json is not None and self.train is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class IfQueryError(Exception):
     """Base class: a failure with a one-line, user-facing message.
@@ -32,6 +35,19 @@ class RunError(IfQueryError):
     """A failure while running (e.g. non-finite scores): exit code 1."""
 
     exit_code = 1
+
+
+@contextmanager
+def about(option: str) -> Iterator[None]:
+    """Input errors raised inside that name no setting are made about ``option`` (``exc.option``), their message
+    unchanged and printed as it is (``flag_first=False``): a file's or a folder's errors, found where the setting's
+    value is read (``with about("query_json"): load_examples(path)``)."""
+    try:
+        yield
+    except InputError as exc:
+        if exc.option is None:
+            exc.option, exc.flag_first = option, False
+        raise
 
 
 def first_line(exc: BaseException) -> str:

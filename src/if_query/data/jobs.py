@@ -9,7 +9,7 @@ from pathlib import Path
 from if_query.atomic import check_writable_dir
 from if_query.config import QueryConfig
 from if_query.data.records import Example, load_examples
-from if_query.errors import InputError
+from if_query.errors import InputError, about
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,10 @@ def check_inputs(config: QueryConfig) -> None:
     each folder's errors are its own and are found as it is prepared."""
     if config.folders:
         return
-    for path in (config.query_json, config.train_json):
-        if path is not None:
-            load_examples(path)
+    for option in ("query_json", "train_json"):
+        if (path := getattr(config, option)) is not None:
+            with about(option):
+                load_examples(path)
     if config.train_dataset is not None and not Path(config.train_dataset).exists():
         raise InputError(f"{config.train_dataset}: not found", option="train_dataset")
     if config.output_dir is not None:

@@ -14,7 +14,7 @@ from if_query.atomic import check_writable_dir, shareable_tree
 from if_query.config import FitConfig
 from if_query.data.hessian_data import load_hessian_examples
 from if_query.data.tokenization import Collator, ExampleTokenizer, TokenizedExample
-from if_query.errors import InputError, RunError
+from if_query.errors import InputError, RunError, about
 from if_query.fit.lambda_stage import fit_lambda_matrices
 from if_query.fit.metadata import (
     METADATA_FILE,
@@ -78,7 +78,8 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     factors = factors_path(output_dir)
     if not (output_dir / METADATA_FILE).exists():
         if factors.exists() and not overwrite and not refit_if_changed and not nothing_fitted(output_dir):
-            raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace")
+            raise InputError(f"{output_dir}: holds factors without {METADATA_FILE}; use --overwrite to replace",
+                             "output_dir", flag_first=False)
         return factors.exists()
     if overwrite:
         logger.info("Replacing the factors in %s (--overwrite)", output_dir)
@@ -96,7 +97,7 @@ def _check_previous_fit(output_dir: Path, identity: dict, overwrite: bool, refit
     if not refit_if_changed:
         raise InputError(
             f"{output_dir} holds factors fitted with other arguments ({differences}); "
-            "use --overwrite to replace them or choose another --output-dir"
+            "use --overwrite to replace them or choose another --output-dir", "output_dir", flag_first=False
         )
     logger.info("Refitting the factors in %s, fitted with other arguments (%s)", output_dir, differences)
     return True
@@ -167,8 +168,9 @@ def fit_hessians(config: FitConfig, quiet: bool = False) -> dict:
         tracking.check_partitions(config.module_partitions, len(tracked))
     example_tokenizer = ExampleTokenizer(tokenizer, config.max_length, position_limit=limit,
                                          chat_template=config.chat_template)
-    examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
-                                     loading.vocabulary_size(hf_config))
+    with about("hessian_dataset"):
+        examples = load_hessian_examples(config.hessian_dataset, example_tokenizer, config.max_examples,
+                                         loading.vocabulary_size(hf_config))
     dtype = loading.resolve_dtype(config.dtype)
     precision = loading.resolve_matmul_precision(config.matmul_precision)
     loading.set_matmul_precision(precision)

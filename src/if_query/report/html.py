@@ -25,7 +25,7 @@ import pandas as pd
 
 from if_query.atomic import check_writable_dir, write_text_atomic
 from if_query.data.token_text import piece_groups
-from if_query.errors import InputError
+from if_query.errors import InputError, about
 from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
 from if_query.report.ranking import rank_by_of, ranked_rows
@@ -451,10 +451,13 @@ def write_report(results_dir: str | Path, header: dict | None, top_k: int, resul
 def report_results_dir(results_dir: Path, factors_dir: Path | None, top_k: int) -> Path:
     """``if-query report``: the page of an existing results directory, its header from the results' run.json
     and, when ``factors_dir`` is given, that fit's model, revision and strategy (which win)."""
-    if not results_dir.is_dir():
-        raise InputError(f"{results_dir}: results directory not found (run run-query first)")
-    check_writable_dir(results_dir)  # report.html goes there
-    header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
+    with about("results_dir"):
+        if not results_dir.is_dir():
+            raise InputError(f"{results_dir}: results directory not found (run run-query first)")
+        check_writable_dir(results_dir)  # report.html goes there
+        header = {"date": results_date(results_dir), **header_from_run(read_run(results_dir))}
+        results = read_results(results_dir)
     if factors_dir is not None:
-        header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))
-    return write_report(results_dir, {k: v for k, v in header.items() if v is not None}, top_k)
+        with about("factors_dir"):
+            header.update(header_from_metadata(read_metadata(factors_dir), factors_dir))
+    return write_report(results_dir, {k: v for k, v in header.items() if v is not None}, top_k, results)

@@ -16,7 +16,8 @@ from if_query.report.results import QueryResults, read_results
 class JobOutcome:
     """What became of one job (a query folder, or the single run): its ``results`` (None when it failed or was
     skipped; the summary's rows or every row, as the runner was asked), the ``files`` it wrote (none when it had no
-    output directory), whether ``skipped`` (--skip-done) and its ``error``."""
+    output directory), whether ``skipped`` (--skip-done) and its ``error``; ``job`` says which job it was (its
+    ``name``: the folder, or ``"query"``; its ``output_dir``)."""
 
     job: QueryJob
     error: IfQueryError | None = None
@@ -26,6 +27,7 @@ class JobOutcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the job ran without an error (scored, or skipped as up to date)."""
         return self.error is None
 
 
