@@ -152,5 +152,13 @@ def test_a_tokenizer_without_a_chat_template_is_refused_in_one_line(tmp_path, cl
     AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).save_pretrained(model_dir)
     data = write_json(tmp_path / "fit.json", [{"pair_id": "a", "prompt": "who ?", "completion": " Alice"}])
     result = cli(*fit_args(model_dir, data, tmp_path / "factors", "--chat-template"), expect=2)
-    assert_one_line_error(result, 2, "no chat template")
+    assert_one_line_error(result, 2, "error: --chat-template needs the tokenizer's chat template")
+    assert result.stderr.count("--chat-template") == 2  # the flag named once, and what to do
     assert not (tmp_path / "factors" / "factors_hessian").exists()
+    # a conversation without --chat-template: the record is named, not a flag that was not given
+    conversation = write_json(tmp_path / "conv.json", [{"pair_id": "c1", "messages": [
+        {"role": "user", "content": "who ?"}, {"role": "assistant", "content": "Alice"}]}])
+    result = cli(*fit_args(model_dir, conversation, tmp_path / "factors"), expect=2)
+    assert_one_line_error(result, 2, "conv.json: pair_id 'c1': a conversation ('messages') needs the tokenizer's "
+                                     "chat template")
+    assert "--chat-template" not in result.stderr
