@@ -54,6 +54,31 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_where_every_turn_is_l
     example_tokenizer(record, "query.json", every_turn=False)  # its last turn alone follows the rule
 
 
+def test_no_eos_in_loss_leaves_each_closing_out_and_the_position_cap_cuts_from_the_left():
+    tokenizer = chat_tokenizer(OLMO2_TULU)
+    [record] = parse_records([{"pair_id": "r1", "messages": [{"role": r, "content": c} for r, c in TWO_TURNS]}], "x")
+
+    def scored(example_tokenizer, every_turn):
+        tokens = example_tokenizer(record, "x", every_turn=every_turn)
+        labelled = zip(tokens.input_ids, tokens.labels, strict=True)
+        return tokens, tokenizer.decode([i for i, label in labelled if label >= 0])
+
+    with_eos, without = ExampleTokenizer(tokenizer, 512), ExampleTokenizer(tokenizer, 512, eos_in_loss=False)
+    assert scored(with_eos, True)[1] == "Alice is a doctor .<|endoftext|>Alice lives in Paris .<|endoftext|>"
+    assert scored(with_eos, False)[1] == "Alice lives in Paris .<|endoftext|>"
+    assert scored(without, True)[1] == "Alice is a doctor .Alice lives in Paris ."
+    assert scored(without, False)[1] == "Alice lives in Paris ."
+    whole, _ = scored(with_eos, False)
+    assert whole.input_ids[0] == tokenizer.bos_token_id and whole.input_ids.count(tokenizer.bos_token_id) == 1
+    # the model's positions cap --max-length as for prompt/completion records: cut from the left, the last turn kept
+    capped = ExampleTokenizer(tokenizer, 512, position_limit=12)
+    tokens, text = scored(capped, False)
+    assert tokens.input_ids == whole.input_ids[-12:] and text == "Alice lives in Paris .<|endoftext|>"
+    assert capped.cut == ["x: pair_id 'r1'"]
+    with pytest.raises(InputError, match=r"x: pair_id 'r1': the last assistant turn is 6 tokens"):
+        ExampleTokenizer(tokenizer, 512, position_limit=5)(record, "x", every_turn=False)
+
+
 def piece_tokens(tokenizer, pieces):
     """Token ids and labels from (text, labelled) pieces, each tokenized alone: the module docstring's rule,
     written out for the OLMo-2/Tulu template by hand."""
