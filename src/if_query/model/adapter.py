@@ -35,6 +35,12 @@ class Adapter:
         """What the adapter's fingerprint covers: its configuration and its weights."""
         return [self.path / name for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS) if (self.path / name).is_file()]
 
+    @property
+    def whose(self) -> str:
+        """What a failed load of the base says it was: the base recorded as a relative path or a hub name the
+        user may not recognise as the adapter's."""
+        return f" (the base model of the adapter {self.path}, from its {ADAPTER_CONFIG} or --base-model)"
+
 
 def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     """The adapter ``model`` names (None: ``model`` is a model, not an adapter folder); ``base_model``
