@@ -2,6 +2,7 @@
 the model with the adapter merged in, each against brute-force autograd; factors of one adapter refused for another."""
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -110,3 +111,10 @@ def test_the_base_model_comes_from_the_adapter_or_from_base_model(adapters, tmp_
     cli(*fit_args(adapter, data, tmp_path / "same", "--strategy", "identity"))  # the same adapter, base recorded
     same = run_query(cli, adapter, tmp_path / "same", files, tmp_path / "same-out")
     assert_close_to_largest(frame["influence_score"], same["influence_score"], 1e-6)
+
+
+def test_plan_sizes_the_adapter_matrices_that_track_lora_tracks(adapters, cli):
+    _, (adapter, _) = adapters
+    text = cli("plan", "--model", adapter, "--track", "lora", "--sequences", 10, "--tokens", 16).stdout
+    assert "Tracked: 16 LoRA matrices (lora_A, lora_B) of 2 blocks (--track lora" in text
+    assert re.search(r"largest module \S+\.lora_[AB]\.default", text)  # sized as the adapter's own layers

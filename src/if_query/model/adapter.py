@@ -63,6 +63,21 @@ def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     return Adapter(Path(model), base)
 
 
+def meta_adapter(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
+    """``model``, built on the meta device, with the adapter's layers added (no weights read): the modules and
+    shapes ``--track lora`` tracks, for if-query plan."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter.path))
+        with torch.device("meta"):
+            return get_peft_model(model, config)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot add the adapter {adapter.path} to {adapter.base!r}: {first_line(exc)}",
+                         option="model") from exc
+
+
 def apply_adapter(model: PreTrainedModel, adapter: Adapter, merge: bool) -> PreTrainedModel:
     """``model`` (the base, loaded) with the adapter: merged into its weights, or kept as a ``peft`` model whose
     ``lora_A``/``lora_B`` layers can be tracked (in eval mode, so LoRA's dropout is off)."""
