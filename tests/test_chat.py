@@ -131,7 +131,8 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
                   "query": [{"pair_id": "q1", "prompt": single[0][0], "completion": single[0][1]},
                             as_messages["query"][1]]}
     frames = []
-    for name, files, extra in (("messages", as_messages, ()), ("records", as_records, ("--chat-template",))):
+    for name, files, extra in (("messages", as_messages, ("--per-token-scores",)),
+                               ("records", as_records, ("--chat-template",))):
         paths = {side: write_json(tmp_path / f"{name}-{side}.json", records) for side, records in files.items()}
         cli("run-query", "--model", model_dir, "--factors-dir", tmp_path / "factors", "--train-json", paths["train"],
             "--query-json", paths["query"], "--output-dir", tmp_path / name, "--quiet", *extra)
@@ -155,6 +156,12 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     params = [p for n, p in reference.named_parameters() if ".mlp." in n]
     hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # per-token scores are over the templated tokens, which train.csv shows
+    train_csv = pd.read_csv(tmp_path / "messages" / "train.csv").set_index("train_id")
+    ids, _ = piece_tokens(hf_tokenizer, tulu_pieces(multi, True))
+    assert json.loads(train_csv.loc["t3", "tokens"]) == [hf_tokenizer.decode([i]) for i in ids]
+    for row in frames[0].itertuples():
+        assert sum(json.loads(row.per_token_scores)) == pytest.approx(row.influence_score, rel=1e-4, abs=1e-9)
 
     def gradient(turns, every_turn):
         ids, labels = piece_tokens(hf_tokenizer, tulu_pieces(turns, every_turn))
