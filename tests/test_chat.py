@@ -54,6 +54,31 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_where_every_turn_is_l
     example_tokenizer(record, "query.json", every_turn=False)  # its last turn alone follows the rule
 
 
+def test_no_eos_in_loss_leaves_each_closing_out_and_the_position_cap_cuts_from_the_left():
+    tokenizer = chat_tokenizer(OLMO2_TULU)
+    [record] = parse_records([{"pair_id": "r1", "messages": [{"role": r, "content": c} for r, c in TWO_TURNS]}], "x")
+
+    def scored(example_tokenizer, every_turn):
+        tokens = example_tokenizer(record, "x", every_turn=every_turn)
+        labelled = zip(tokens.input_ids, tokens.labels, strict=True)
+        return tokens, tokenizer.decode([i for i, label in labelled if label >= 0])
+
+    with_eos, without = ExampleTokenizer(tokenizer, 512), ExampleTokenizer(tokenizer, 512, eos_in_loss=False)
+    assert scored(with_eos, True)[1] == "Alice is a doctor .<|endoftext|>Alice lives in Paris .<|endoftext|>"
+    assert scored(with_eos, False)[1] == "Alice lives in Paris .<|endoftext|>"
+    assert scored(without, True)[1] == "Alice is a doctor .Alice lives in Paris ."
+    assert scored(without, False)[1] == "Alice lives in Paris ."
+    whole, _ = scored(with_eos, False)
+    assert whole.input_ids[0] == tokenizer.bos_token_id and whole.input_ids.count(tokenizer.bos_token_id) == 1
+    # the model's positions cap --max-length as for prompt/completion records: cut from the left, the last turn kept
+    capped = ExampleTokenizer(tokenizer, 512, position_limit=12)
+    tokens, text = scored(capped, False)
+    assert tokens.input_ids == whole.input_ids[-12:] and text == "Alice lives in Paris .<|endoftext|>"
+    assert capped.cut == ["x: pair_id 'r1'"]
+    with pytest.raises(InputError, match=r"x: pair_id 'r1': the last assistant turn is 6 tokens"):
+        ExampleTokenizer(tokenizer, 512, position_limit=5)(record, "x", every_turn=False)
+
+
 def piece_tokens(tokenizer, pieces):
     """Token ids and labels from (text, labelled) pieces, each tokenized alone: the module docstring's rule,
     written out for the OLMo-2/Tulu template by hand."""
@@ -106,7 +131,8 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
                   "query": [{"pair_id": "q1", "prompt": single[0][0], "completion": single[0][1]},
                             as_messages["query"][1]]}
     frames = []
-    for name, files, extra in (("messages", as_messages, ()), ("records", as_records, ("--chat-template",))):
+    for name, files, extra in (("messages", as_messages, ("--per-token-scores",)),
+                               ("records", as_records, ("--chat-template",))):
         paths = {side: write_json(tmp_path / f"{name}-{side}.json", records) for side, records in files.items()}
         cli("run-query", "--model", model_dir, "--factors-dir", tmp_path / "factors", "--train-json", paths["train"],
             "--query-json", paths["query"], "--output-dir", tmp_path / name, "--quiet", *extra)
@@ -130,6 +156,12 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     params = [p for n, p in reference.named_parameters() if ".mlp." in n]
     hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # per-token scores are over the templated tokens, which train.csv shows
+    train_csv = pd.read_csv(tmp_path / "messages" / "train.csv").set_index("train_id")
+    ids, _ = piece_tokens(hf_tokenizer, tulu_pieces(multi, True))
+    assert json.loads(train_csv.loc["t3", "tokens"]) == [hf_tokenizer.decode([i]) for i in ids]
+    for row in frames[0].itertuples():
+        assert sum(json.loads(row.per_token_scores)) == pytest.approx(row.influence_score, rel=1e-4, abs=1e-9)
 
     def gradient(turns, every_turn):
         ids, labels = piece_tokens(hf_tokenizer, tulu_pieces(turns, every_turn))
@@ -152,5 +184,13 @@ def test_a_tokenizer_without_a_chat_template_is_refused_in_one_line(tmp_path, cl
     AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).save_pretrained(model_dir)
     data = write_json(tmp_path / "fit.json", [{"pair_id": "a", "prompt": "who ?", "completion": " Alice"}])
     result = cli(*fit_args(model_dir, data, tmp_path / "factors", "--chat-template"), expect=2)
-    assert_one_line_error(result, 2, "no chat template")
+    assert_one_line_error(result, 2, "error: --chat-template needs the tokenizer's chat template")
+    assert result.stderr.count("--chat-template") == 2  # the flag named once, and what to do
     assert not (tmp_path / "factors" / "factors_hessian").exists()
+    # a conversation without --chat-template: the record is named, not a flag that was not given
+    conversation = write_json(tmp_path / "conv.json", [{"pair_id": "c1", "messages": [
+        {"role": "user", "content": "who ?"}, {"role": "assistant", "content": "Alice"}]}])
+    result = cli(*fit_args(model_dir, conversation, tmp_path / "factors"), expect=2)
+    assert_one_line_error(result, 2, "conv.json: pair_id 'c1': a conversation ('messages') needs the tokenizer's "
+                                     "chat template")
+    assert "--chat-template" not in result.stderr

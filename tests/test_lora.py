@@ -1,6 +1,10 @@
 """LoRA / PEFT adapters (model/adapter.py): --track lora scores through the adapter's own matrices, --track mlp through
 the model with the adapter merged in, each against brute-force autograd; factors of one adapter refused for another."""
 
+import json
+import re
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -12,6 +16,7 @@ from helpers import (
     assert_one_line_error,
     fit_args,
     reference_tokens,
+    run_query,
     save_tiny_model,
     write_json,
 )
@@ -87,3 +92,29 @@ def test_factors_of_one_adapter_are_refused_for_another_and_lora_needs_an_adapte
     assert not (tmp_path / "out" / "influences.csv").exists()
     result = cli(*fit_args(base_dir, data, tmp_path / "base-factors", "--track", "lora"), expect=2)
     assert_one_line_error(result, 2, "--track lora", "adapter folder")
+
+
+def test_the_base_model_comes_from_the_adapter_or_from_base_model(adapters, tmp_path, cli):
+    base_dir, (adapter, _) = adapters
+    moved = tmp_path / "moved-adapter"  # an adapter whose recorded base is not where it says
+    shutil.copytree(adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "./no-such-base"}))
+    data = write_json(tmp_path / "fit.json", TRAIN)
+    result = cli(*fit_args(moved, data, tmp_path / "factors", "--strategy", "identity"), expect=2)
+    assert_one_line_error(result, 2, "./no-such-base: model folder not found", f"the base model of the adapter {moved}",
+                          "--base-model")
+    assert not result.stderr.startswith("error: --")  # no flag put before a message that names its own
+    cli(*fit_args(moved, data, tmp_path / "factors", "--strategy", "identity", "--base-model", base_dir))
+    files = {"train": write_json(tmp_path / "t.json", TRAIN), "query": write_json(tmp_path / "q.json", QUERIES)}
+    frame = run_query(cli, moved, tmp_path / "factors", files, tmp_path / "out", "--base-model", base_dir)
+    cli(*fit_args(adapter, data, tmp_path / "same", "--strategy", "identity"))  # the same adapter, base recorded
+    same = run_query(cli, adapter, tmp_path / "same", files, tmp_path / "same-out")
+    assert_close_to_largest(frame["influence_score"], same["influence_score"], 1e-6)
+
+
+def test_plan_sizes_the_adapter_matrices_that_track_lora_tracks(adapters, cli):
+    _, (adapter, _) = adapters
+    text = cli("plan", "--model", adapter, "--track", "lora", "--sequences", 10, "--tokens", 16).stdout
+    assert "Tracked: 16 LoRA matrices (lora_A, lora_B) of 2 blocks (--track lora" in text
+    assert re.search(r"largest module \S+\.lora_[AB]\.default", text)  # sized as the adapter's own layers

@@ -52,12 +52,16 @@ def as_messages(prompt: str, completion: str) -> Messages:
     return (("user", prompt), ("assistant", completion))
 
 
-def check_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a tokenizer without a chat template, in one line."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("the tokenizer has no chat template, which --chat-template and records with 'messages' "
-                         "need (a base model's tokenizer has none: give prompt/completion records)",
-                         option="chat_template")
+def check_template(tokenizer: PreTrainedTokenizerBase, where: str | None = None) -> None:
+    """Refuse a tokenizer without a chat template, in one line: for ``--chat-template`` (``where`` None), or for
+    the conversation ``where`` names (a record or document with ``messages``)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if where is None:
+        raise InputError("--chat-template needs the tokenizer's chat template, and this tokenizer has none (a base "
+                         "model's has none: leave --chat-template out)", option="chat_template", flag_first=False)
+    raise InputError(f"{where}: a conversation ('messages') needs the tokenizer's chat template, and this tokenizer "
+                     "has none (a base model's has none: give prompt/completion records)")
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool, where: str) -> str:
@@ -70,7 +74,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_p
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, every_turn: bool, where: str) -> Conversation:
     """The conversation's pieces by the module's rule: the last assistant turn labelled, or every one."""
-    check_template(tokenizer)
+    check_template(tokenizer, where)
     whole = _render(tokenizer, messages, False, where)
     turns = [i for i, (role, _) in enumerate(messages) if role == "assistant"]
     labelled = turns if every_turn else turns[-1:]

@@ -35,6 +35,12 @@ class Adapter:
         """What the adapter's fingerprint covers: its configuration and its weights."""
         return [self.path / name for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS) if (self.path / name).is_file()]
 
+    @property
+    def whose(self) -> str:
+        """What a failed load of the base says it was: the base recorded as a relative path or a hub name the
+        user may not recognise as the adapter's."""
+        return f" (the base model of the adapter {self.path}, from its {ADAPTER_CONFIG} or --base-model)"
+
 
 def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     """The adapter ``model`` names (None: ``model`` is a model, not an adapter folder); ``base_model``
@@ -55,6 +61,21 @@ def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
         raise InputError(f"{config} names no base model (base_model_name_or_path); give --base-model",
                          option="base_model")
     return Adapter(Path(model), base)
+
+
+def meta_adapter(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
+    """``model``, built on the meta device, with the adapter's layers added (no weights read): the modules and
+    shapes ``--track lora`` tracks, for if-query plan."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter.path))
+        with torch.device("meta"):
+            return get_peft_model(model, config)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot add the adapter {adapter.path} to {adapter.base!r}: {first_line(exc)}",
+                         option="model") from exc
 
 
 def apply_adapter(model: PreTrainedModel, adapter: Adapter, merge: bool) -> PreTrainedModel:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # transformers' modeling_utils pulls torch._dynamo (fp8/deepg
 from if_query import distributed
 from if_query.config import DTYPE_CHOICES
 from if_query.errors import InputError, first_line
-from if_query.model.adapter import apply_adapter, find_adapter
+from if_query.model.adapter import Adapter, apply_adapter, find_adapter
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # --dtype
 
@@ -64,15 +64,16 @@ def load_tokenizer(model: str, revision: str | None = None, base_model: str | No
     up an empty tokenizer for some families). An adapter folder (:mod:`if_query.model.adapter`) without one uses
     its base model's."""
     adapter = find_adapter(model, base_model)
-    if adapter is not None and not any((adapter.path / name).is_file() for name in TOKENIZER_FILES):
-        model = adapter.base
+    if adapter is not None and any((adapter.path / name).is_file() for name in TOKENIZER_FILES):
+        adapter = None  # the adapter folder's own tokenizer
+    model = model if adapter is None else adapter.base
     if Path(model).is_dir() and not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
                          "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
-        raise _cannot_load("the tokenizer of", model, exc) from exc
+        raise _cannot_load("the tokenizer of", model, exc, adapter) from exc
     # Silence transformers' "Token indices sequence length is longer than the specified maximum": it compares with
     # model_max_length, which need not be the model's limit; if-query cuts examples itself and warns about the
     # position limit (:func:`position_limit`). transformers warns once per tokenizer, after setting this flag.
@@ -82,12 +83,12 @@ def load_tokenizer(model: str, revision: str | None = None, base_model: str | No
 
 def load_config(model: str, revision: str | None = None, base_model: str | None = None) -> PretrainedConfig:
     """The model's configuration (config.json alone: no weights are read); an adapter's is its base model's."""
-    if (adapter := find_adapter(model, base_model)) is not None:
-        model = adapter.base
+    adapter = find_adapter(model, base_model)
+    model = model if adapter is None else adapter.base
     try:
         return AutoConfig.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
-        raise _cannot_load("the configuration of", model, exc) from exc
+        raise _cannot_load("the configuration of", model, exc, adapter) from exc
 
 
 def position_limit(config: PretrainedConfig) -> int | None:
@@ -128,15 +129,20 @@ def load_model(model: str, revision: str | None, dtype: torch.dtype, device: tor
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, device_map={"": device})
     except (OSError, ValueError) as exc:
-        raise _cannot_load("the model", source, exc) from exc
+        raise _cannot_load("the model", source, exc, adapter) from exc
     loaded.eval()
     return loaded if adapter is None else apply_adapter(loaded, adapter, merge_adapter)
 
 
-def _cannot_load(what: str, model: str, exc: Exception) -> InputError:
+def _cannot_load(what: str, model: str, exc: Exception, adapter: Adapter | None = None) -> InputError:
     """The one-line error of a failed load of ``what`` of ``model``: a missing local folder is said as such (not
-    as the hub's complaint about a repo id), any other failure by the first line of its message."""
+    as the hub's complaint about a repo id), any other failure by the first line of its message; ``model`` an
+    adapter's base (``adapter``) is said to be."""
+    whose = "" if adapter is None else adapter.whose
     not_a_repo_id = any(isinstance(error, HFValidationError) for error in (exc, exc.__cause__, exc.__context__))
     if not_a_repo_id and not Path(model).exists():
+        if adapter is not None:  # the message names the adapter, not --model's value
+            return InputError(f"{model}: model folder not found (nor is it a HuggingFace hub name){whose}",
+                              option="base_model", flag_first=False)
         return InputError(f"{model}: model folder not found (nor is it a HuggingFace hub name)", option="model")
-    return InputError(f"cannot load {what} {model!r}: {first_line(exc)}")
+    return InputError(f"cannot load {what} {model!r}{whose}: {first_line(exc)}")

@@ -19,6 +19,7 @@ from if_query.data.jobs import QueryJob
 from if_query.data.records import load_examples
 from if_query.data.tokenization import ExampleTokenizer, distinct
 from if_query.model import loading
+from if_query.model.adapter import find_adapter, meta_adapter
 from if_query.model.loading import DTYPES, load_config, load_tokenizer, position_limit, resolve_matmul_precision
 from if_query.model.tracking import describe_shared_inputs, find_tracked_modules, shared_inputs_by_name, track_kind
 from if_query.plan import sizes
@@ -95,7 +96,9 @@ def make_plans(config: PlanConfig) -> Plans:
     hf_config = load_config(config.model, config.revision, config.base_model)
     model = loading.meta_model(hf_config)
     shape = ModelShape.of(model, hf_config)
-    modules = shared_inputs_by_name(find_tracked_modules(model, config.layer_stride, config.track))
+    adapter = find_adapter(config.model, config.base_model) if config.track == "lora" else None
+    tracked = model if adapter is None else meta_adapter(model, adapter)  # the adapter's own matrices
+    modules = shared_inputs_by_name(find_tracked_modules(tracked, config.layer_stride, config.track))
     shapes = [Shape.of(m) for m in modules]
     cuda = config.device == "cuda"
     dtype = DTYPES["bfloat16" if cuda else "float32"] if config.dtype == "auto" else DTYPES[config.dtype]
