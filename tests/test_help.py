@@ -61,3 +61,8 @@ def test_version_and_the_console_script_at_80_columns():
     assert result.returncode == 0, result.stderr
     assert "  --eigendecomposition-dtype <str>\n" in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for name in ("fit-hessians", "run-query"):  # the earlier tool's console scripts answer --version too
+        alone = subprocess.run([str(Path(sys.executable).parent / name), "--version"], capture_output=True,
+                               text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert (alone.returncode, alone.stdout) == (0, f"if-query {__version__}\n"), alone.stderr
+    assert CliRunner().invoke(app, ["plan", "--version"]).output == f"if-query {__version__}\n"

@@ -43,14 +43,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
-    """Which training examples made the model say this? Influence scores for HuggingFace causal LMs."""
-
-
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and full tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bars).")]
+Version = Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")]
+
+
+@app.callback()
+def main(version: Version = False) -> None:
+    """Which training examples made the model say this? Influence scores for HuggingFace causal LMs."""
 
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
@@ -125,12 +126,14 @@ def config_command(config_class: type, action: Callable[[Any, bool], None]) -> C
     parameters += [
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Quiet),
         inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Verbose),
+        inspect.Parameter("version", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Version),
     ]
 
     @reports_errors
     def command(**options) -> None:
         quiet = options.pop("quiet")
         options.pop("verbose")
+        options.pop("version")  # eager: printed and exited before the command runs
         action(config_class(**options), quiet)
 
     # Typer reads a command's options from its signature; **options has none, so the signature built above
