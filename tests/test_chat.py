@@ -11,6 +11,7 @@ from chat_templates import LLAMA3, OLMO2_TULU, QWEN25, REWRITES_EARLIER, SPECIAL
 from helpers import assert_close_to_largest, assert_one_line_error, fit_args, make_tokenizer, tiny_config, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from if_query import run_query
 from if_query.data.chat import render
 from if_query.data.records import parse_records
 from if_query.data.tokenization import IGNORE_INDEX, ExampleTokenizer
@@ -143,6 +144,9 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
     cli("run-query", "--model", model_dir, "--factors-dir", tmp_path / "factors", "--train-dataset", corpus,
         "--query-json", tmp_path / "messages-query.json", "--output-dir", tmp_path / "corpus", "--quiet")
     frames.append(pd.read_csv(tmp_path / "corpus" / "influences.csv").sort_values(["query_id", "train_id"]))
+    [in_memory] = run_query(model=str(model_dir), factors_dir=str(tmp_path / "factors"),  # from Python, as dicts
+                            queries=as_messages["query"], train=as_messages["train"], quiet=True)
+    frames.append(in_memory.results.influences.sort_values(["query_id", "train_id"]))
     for frame in frames[1:]:  # the same tokens (the corpus's other batches may round otherwise)
         assert list(frame["train_id"]) == list(frames[0]["train_id"])
         assert_close_to_largest(frame["influence_score"], frames[0]["influence_score"], 1e-5)
