@@ -17,7 +17,7 @@ COMMANDS = {
     "demo": config.DemoConfig,
     "plan": config.PlanConfig,
 }
-COMMON = {"quiet", "verbose", "help"}
+COMMON = {"quiet", "verbose", "version", "help"}
 
 
 def _default(spec: dataclasses.Field):
