@@ -118,3 +118,23 @@ def test_plan_sizes_the_adapter_matrices_that_track_lora_tracks(adapters, cli):
     text = cli("plan", "--model", adapter, "--track", "lora", "--sequences", 10, "--tokens", 16).stdout
     assert "Tracked: 16 LoRA matrices (lora_A, lora_B) of 2 blocks (--track lora" in text
     assert re.search(r"largest module \S+\.lora_[AB]\.default", text)  # sized as the adapter's own layers
+
+
+def test_an_adapters_errors_name_the_adapter_not_a_flag_before_them(adapters, tmp_path, cli):
+    base_dir, (adapter, _) = adapters
+    bare = tmp_path / "bare-base"  # the base's weights without its tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base_dir / name, bare / name)
+    data = write_json(tmp_path / "fit.json", TRAIN)
+    result = cli(*fit_args(adapter, data, tmp_path / "factors", "--base-model", bare), expect=2)
+    assert_one_line_error(result, 2, f"{bare}: the model folder has no tokenizer",
+                          f"the base model of the adapter {adapter}")
+    assert not result.stderr.startswith("error: --")  # --model is the adapter, not this folder
+    elsewhere = tmp_path / "elsewhere"  # an adapter of modules the base does not have
+    shutil.copytree(adapter, elsewhere)
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["no_such_proj"]}))
+    result = cli("plan", "--model", elsewhere, "--track", "lora", "--sequences", 2, "--tokens", 8, expect=2)
+    assert_one_line_error(result, 2, f"cannot add the adapter {elsewhere}")
+    assert not result.stderr.startswith("error: --")

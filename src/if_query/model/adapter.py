@@ -75,7 +75,7 @@ def meta_adapter(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
             return get_peft_model(model, config)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot add the adapter {adapter.path} to {adapter.base!r}: {first_line(exc)}",
-                         option="model") from exc
+                         option="model", flag_first=False) from exc
 
 
 def apply_adapter(model: PreTrainedModel, adapter: Adapter, merge: bool) -> PreTrainedModel:
@@ -87,7 +87,7 @@ def apply_adapter(model: PreTrainedModel, adapter: Adapter, merge: bool) -> PreT
         wrapped = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot load the adapter {adapter.path} over {adapter.base!r}: {first_line(exc)}",
-                         option="model") from exc
+                         option="model", flag_first=False) from exc
     loaded = wrapped.merge_and_unload() if merge else wrapped
     loaded.eval()
     return loaded

@@ -68,8 +68,10 @@ def load_tokenizer(model: str, revision: str | None = None, base_model: str | No
         adapter = None  # the adapter folder's own tokenizer
     model = model if adapter is None else adapter.base
     if Path(model).is_dir() and not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
+        whose = "" if adapter is None else adapter.whose  # the base's folder, not --model's value
         raise InputError(f"{model}: the model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, "
-                         "...); save the model's tokenizer into it (tokenizer.save_pretrained)", option="model")
+                         f"...){whose}; save the model's tokenizer into it (tokenizer.save_pretrained)",
+                         option="model" if adapter is None else "base_model", flag_first=adapter is None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
