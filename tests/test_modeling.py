@@ -171,10 +171,13 @@ def test_attention_with_experts_of_its_own_is_refused_too():
         num_hidden_layers=2, hidden_size=32, kv_channels=8, intermediate_size=16, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, vocab_size=64))
     for track in ("attention", "mlp", "all-linear"):
-        with pytest.raises(InputError, match=rf"^{track}: .*model.layers.0.self_attention.experts and 1 more.*; its "
-                                             r"attention has experts too$") as error:
+        with pytest.raises(InputError, match=rf"^{track}: .*; no --track kind works for it, its attention having "
+                                             r"experts of its own$") as error:
             find_tracked_modules(model, 1, track)
         assert "--track attention works" not in str(error.value)
+        # the attention's experts named where they are what refuses the kind, not for the MLP's (named otherwise)
+        assert ("its attention's experts (model.layers.0.self_attention.experts and 1 more)" in str(error.value)) \
+            == (track == "attention"), error.value
 
 
 def test_older_transformers_experts_are_refused_as_experts_not_as_flattened_tokens():

@@ -166,14 +166,17 @@ def refuse_experts(model: nn.Module, kind: TrackKind) -> None:
         return
     experts = expert_modules(model)
     in_attention = [name for name in experts if (where := _block_path(name)) is not None and _in_attention(where[1])]
-    reached = experts if kind.reaches_experts else [name for name in experts
-                                                     if (where := _block_path(name)) is not None
-                                                     and kind.selects(where[1])]
-    if not kind.reaches_experts and not reached:
-        return
-    named = (f"its experts ({reached[0]}" + (f" and {len(reached) - 1} more" if len(reached) > 1 else "") + ")"
-             if reached else "its experts")
-    then = "its attention has experts too" if in_attention else "--track attention works"
+    if kind.reaches_experts:  # the MLP's experts (JetMoE's are not named so: then "its experts" alone)
+        reached = [name for name in experts if name not in in_attention]
+    else:
+        reached = [name for name in experts if (where := _block_path(name)) is not None and kind.selects(where[1])]
+        if not reached:
+            return
+    whose = "its attention's experts" if reached and reached[0] in in_attention else "its experts"
+    named = whose + (f" ({reached[0]}" + (f" and {len(reached) - 1} more" if len(reached) > 1 else "") + ")"
+                     if reached else "")
+    then = ("no --track kind works for it, its attention having experts of its own" if in_attention
+            else "--track attention works")
     raise InputError(f"{kind.name}: {type(model).__name__} is a mixture-of-experts model ({why}) and {named} are not "
                      f"linear layers that see every token, so if-query cannot attribute through them; {then}",
                      option="track")
