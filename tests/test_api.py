@@ -135,6 +135,9 @@ def test_errors_name_the_argument_they_are_about(tiny_gpt2, fitted, tmp_path):
         with pytest.raises(InputError) as raised:
             attributor.score(QUERIES, tmp_path / "missing.json")
         assert (raised.value.option, str(raised.value)) == ("train", f"{tmp_path / 'missing.json'}: file not found")
+        with pytest.raises(InputError) as raised:  # the call's argument, not run-query's --train-dataset
+            attributor.score(QUERIES, corpus=tmp_path / "missing.jsonl")
+        assert raised.value.option == "corpus"
         assert len(attributor.score(QUERIES[:1], TRAIN[:1]).influences) == 1  # still usable after errors
 
 
@@ -177,7 +180,8 @@ def test_quiet_calls_show_no_progress_bar_and_leave_transformers_bars_as_they_we
         with Attributor(model=tiny_gpt2, factors_dir=fitted["ekfac"], quiet=True) as attributor:
             attributor.score(QUERIES[:1], TRAIN[:1])
         run_query(model=tiny_gpt2, factors_dir=fitted["ekfac"], queries=QUERIES[:1], train=TRAIN[:1], quiet=True)
-        assert "it/s" not in capfd.readouterr().err  # no tqdm bar, transformers' "Loading weights" included
+        err = capfd.readouterr().err
+        assert "it/s" not in err and "Loading weights" not in err  # no tqdm bar, transformers' own included
         assert hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()

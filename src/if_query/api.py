@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from if_query.config import FitConfig, IndexConfig, PlanConfig, QueryConfig, ReportConfig
+from if_query.config import RECORDS_FILES, FitConfig, IndexConfig, PlanConfig, QueryConfig, ReportConfig
 from if_query.errors import InputError
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 Config = TypeVar("Config")
 RESULTS = ("all", "summary")  # run_query(results=...)
-RECORDS_FILES = {"queries": "query_json", "train": "train_json"}  # records given in memory -> their file's field
 JOB_FIELDS = ("folders", "query_json", "train_json", "train_dataset", "output_dir", "queries", "train")
 
 
@@ -309,15 +308,19 @@ class Attributor:
                              flag_first=False)
         job = {"queries": queries, "train": train, "query_json": None, "train_json": None, "train_dataset": corpus,
                "output_dir": output_dir, "index": index}
-        config = _query_config(self.config, job | ({"candidates": candidates} if candidates is not None else {}))
-        if index is not None:
-            from if_query.index.answer import IndexRunner
+        try:
+            config = _query_config(self.config, job | ({"candidates": candidates} if candidates is not None else {}))
+            if index is not None:
+                from if_query.index.answer import IndexRunner
 
-            runner = IndexRunner.sharing(self._runner, config)
-        else:
-            runner = self._runner.for_jobs(config)
-        with _progress_bars(self._quiet):
-            [outcome] = runner.run()
+                runner = IndexRunner.sharing(self._runner, config)
+            else:
+                runner = self._runner.for_jobs(config)
+            with _progress_bars(self._quiet):
+                [outcome] = runner.run()
+        except InputError as exc:  # named as this call's argument: the corpus, not --train-dataset
+            exc.option = "corpus" if exc.option == "train_dataset" else exc.option
+            raise
         return outcome.results
 
     def close(self) -> None:

@@ -229,6 +229,10 @@ class MemoryOptions:
         return gigabytes(self.host_memory_gb)
 
 
+# Records given in memory (QueryConfig's ``queries``/``train``, the Python API's arguments) -> their file's field.
+RECORDS_FILES = {"queries": "query_json", "train": "train_json"}
+
+
 @dataclass
 class QueryConfig(MemoryOptions):
     """Score every (query, train) pair and write query.csv, train.csv and influences.csv.
@@ -384,7 +388,7 @@ class QueryConfig(MemoryOptions):
             if self.output_required:
                 raise _refused("give query folders, or all of --train-json (or --train-dataset), --query-json and "
                                "--output-dir", missing[0])
-            records = {"query_json": "queries", "train_json": "train"}  # a library call: the records' arguments
+            records = {file: name for name, file in RECORDS_FILES.items()}  # a library call: the records' arguments
             raise _refused("give query folders, or query records (or --query-json) and train records (or "
                            "--train-json, or --train-dataset)", records[missing[0]])
         if self.query_json is not None and self.queries is not None:

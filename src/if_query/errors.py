@@ -10,11 +10,11 @@ class IfQueryError(Exception):
     """Base class: a failure with a one-line, user-facing message.
 
     ``option``: the setting the message is about, as its config field (``"train_dataset"``); a Python caller reads
-    it from ``exc.option`` (None: no one setting). ``flag_first``: whether the command line puts that setting's
-    flag before the message. True (the default) where the message starts with the setting's value
-    (``"data/corpus.jsonl: not found"``, which the library never prefixes with a flag: the command line prints
-    ``--train-dataset data/corpus.jsonl: not found``); False where the message already names the setting
-    (``"--max-length must be at least 1, got 0"``, the configs' checks), which the command line prints as it is.
+    it from ``exc.option`` (None: no one setting). ``flag_first``: how the command line prints the message, and
+    nothing more: True (the default), after that setting's flag (``"data/corpus.jsonl: not found"`` is printed
+    ``--train-dataset data/corpus.jsonl: not found``); False, as it is, where the message already names the setting
+    (``"--max-length must be at least 1, got 0"``, the configs' checks) or reads whole without the flag (a records
+    file's errors, which name the file, the record and the problem).
     """
 
     exit_code = 1
