@@ -10,6 +10,9 @@ else the base model's; the configuration (positions, vocabulary) is the base mod
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +66,15 @@ def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     return Adapter(Path(model), base)
 
 
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """peft asks the model ``is_gradient_checkpointing``, which transformers 5 answers with a FutureWarning about its
+    own rename: not the user's concern, and not printed to them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def meta_adapter(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
     """``model``, built on the meta device, with the adapter's layers added (no weights read): the modules and
     shapes ``--track lora`` tracks, for if-query plan."""
@@ -71,7 +83,7 @@ def meta_adapter(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
 
     try:
         config = PeftConfig.from_pretrained(str(adapter.path))
-        with torch.device("meta"):
+        with torch.device("meta"), _quietly():
             return get_peft_model(model, config)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot add the adapter {adapter.path} to {adapter.base!r}: {first_line(exc)}",
@@ -84,7 +96,8 @@ def apply_adapter(model: PreTrainedModel, adapter: Adapter, merge: bool) -> PreT
     from peft import PeftModel
 
     try:
-        wrapped = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
+        with _quietly():
+            wrapped = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot load the adapter {adapter.path} over {adapter.base!r}: {first_line(exc)}",
                          option="model", flag_first=False) from exc
