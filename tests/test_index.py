@@ -16,7 +16,7 @@ from helpers import QUERIES, Reference, assert_close_to_largest, assert_one_line
 
 from if_query.index import build
 from if_query.index.sketch import ModuleSketch, low_rank_scaling
-from if_query.index.store import IndexStore
+from if_query.index.store import IDENTITY_KEYS, IndexStore, mismatch
 from if_query.kron.factors import HessianFactors
 from if_query.plan.sizes import Shape, human_bytes
 
@@ -142,6 +142,16 @@ def test_candidates_are_scored_exactly_and_a_mismatched_index_is_refused(cli, ti
                   "--query-json", tmp_path / "queries.json", "--output-dir", tmp_path / "r5", "--index",
                   tmp_path / "index", expect=2)
     assert_one_line_error(refused, 2, "--top-train")
+
+
+def test_an_index_serves_queries_with_or_without_the_chat_template():
+    """A corpus's windows do not depend on --chat-template (text documents ignore it, conversations always go through
+    the template): an index built without it serves a run that formats its queries with it."""
+    identity = {key: f"value of {key}" for key in IDENTITY_KEYS}
+    manifest = {"identity": {**identity, "chat_template": False}, "tracked_modules": ["m"]}  # as indexes recorded it
+    assert mismatch(manifest, {**identity, "chat_template": True}, ["m"]) is None
+    assert mismatch(manifest, {**identity, "train": "other windows"}, ["m"]) == "built for another corpus (its " \
+        "windows' tokens)"
 
 
 def test_an_answer_reads_no_document_of_the_corpus_the_index_keeps(cli, tiny_gpt2, fitted, tmp_path, monkeypatch):

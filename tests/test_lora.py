@@ -142,3 +142,26 @@ def test_an_adapters_errors_name_the_adapter_not_a_flag_before_them(adapters, tm
     result = cli("plan", "--model", elsewhere, "--track", "lora", "--sequences", 2, "--tokens", 8, expect=2)
     assert_one_line_error(result, 2, f"cannot add the adapter {elsewhere}")
     assert not result.stderr.startswith("error: --")
+    result = cli(*fit_args(base_dir, data, tmp_path / "f2", "--base-model", base_dir), expect=2)
+    assert result.stderr.startswith("error: --base-model is for a LoRA/PEFT adapter folder")  # the flag said once
+    assert result.stderr.count("--base-model") == 1, result.stderr
+
+
+def test_an_adapter_whose_base_moved_is_indexed_with_base_model(adapters, tmp_path, cli):
+    base_dir, (adapter, _) = adapters
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    data = write_json(tmp_path / "fit.json", TRAIN)
+    cli(*fit_args(moved, data, tmp_path / "factors", "--strategy", "identity", "--track", "lora", "--base-model",
+                  base_dir))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t["prompt"] + t["completion"]}) for t in TRAIN))
+    common = ("index", "--model", moved, "--factors-dir", tmp_path / "factors", "--train-dataset", corpus,
+              "--output-dir", tmp_path / "index", "--quiet")
+    result = cli(*common, expect=2)  # no base recorded: the message names the flag that index takes
+    assert_one_line_error(result, 2, "names no base model", "give --base-model")
+    assert result.stderr.startswith("error: /")  # the message as it is, no flag before it
+    cli(*common, "--base-model", base_dir)
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["complete"]

@@ -491,6 +491,7 @@ class IndexConfig:
         help="The corpus to index, in any format run-query's --train-dataset reads (windows of --max-length tokens).",
         group="Inputs")
     output_dir: Path = option(help="The index directory (manifest.json, shard files).", group="Outputs")
+    base_model: str | None = same_option(QueryConfig, "base_model")
     revision: str | None = same_option(QueryConfig, "revision")
     damping: str = same_option(QueryConfig, "damping")
     dtype: str = same_option(QueryConfig, "dtype")

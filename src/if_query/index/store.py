@@ -33,12 +33,13 @@ CORPUS = "corpus"  # the windows, as Corpus.save keeps them
 FORMAT = 1
 ROW_DTYPES = {"float16": np.float16, "float32": np.float32}
 # What the rows' numbers depend on: a run-query --index whose own values differ is refused (run.identity's names)
-IDENTITY_KEYS = ("weights", "revision", "factors", "damping", "dtype", "max_length", "eos_in_loss", "chat_template",
-                 "train")
+# (not --chat-template: a corpus's windows do not depend on it, text documents ignoring it and conversations always
+# going through the template; it changes the queries alone, which are the run's)
+IDENTITY_KEYS = ("weights", "revision", "factors", "damping", "dtype", "max_length", "eos_in_loss", "train")
 DESCRIBED = {"weights": "other weights", "factors": "other factors", "train": "another corpus (its windows' tokens)",
              "max_length": "another --max-length", "damping": "another --damping", "dtype": "another --dtype",
              "revision": "another --revision", "eos_in_loss": "another --eos-in-loss",
-             "chat_template": "another --chat-template", "tracked_modules": "other tracked modules"}
+             "tracked_modules": "other tracked modules"}
 
 
 def read_manifest(directory: Path) -> dict | None:

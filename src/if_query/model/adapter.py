@@ -52,7 +52,7 @@ def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     if not config.is_file():
         if base_model is not None:
             raise InputError(f"--base-model is for a LoRA/PEFT adapter folder (with {ADAPTER_CONFIG}); {model} is not "
-                             "one", option="base_model")
+                             "one", option="base_model", flag_first=False)
         return None
     try:
         recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -62,7 +62,7 @@ def find_adapter(model: str, base_model: str | None = None) -> Adapter | None:
     base = base_model or recorded
     if not base:
         raise InputError(f"{config} names no base model (base_model_name_or_path); give --base-model",
-                         option="base_model")
+                         option="base_model", flag_first=False)
     return Adapter(Path(model), base)
 
 
