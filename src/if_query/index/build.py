@@ -37,7 +37,8 @@ def query_config(config: IndexConfig) -> QueryConfig:
     """The run-query configuration that reads the model, factors and corpus as ``config`` says (no queries)."""
     return QueryConfig(model=config.model, base_model=config.base_model, factors_dir=config.factors_dir,
                        train_dataset=config.train_dataset, queries=[], output_required=False,
-                       revision=config.revision, damping=config.damping, dtype=config.dtype, matmul_precision=config.matmul_precision, max_length=config.max_length,
+                       revision=config.revision, damping=config.damping, dtype=config.dtype,
+                       matmul_precision=config.matmul_precision, max_length=config.max_length,
                        chat_template=config.chat_template, eos_in_loss=config.eos_in_loss, spill_dir=config.spill_dir)
 
 
