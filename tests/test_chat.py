@@ -147,6 +147,10 @@ def test_conversations_score_as_brute_force_autograd_and_as_prompt_completion_re
     [in_memory] = run_query(model=str(model_dir), factors_dir=str(tmp_path / "factors"),  # from Python, as dicts
                             queries=as_messages["query"], train=as_messages["train"], quiet=True)
     frames.append(in_memory.results.influences.sort_values(["query_id", "train_id"]))
+    [mixed] = run_query(model=str(model_dir), factors_dir=str(tmp_path / "factors"), chat_template=True,
+                        queries=pd.DataFrame(as_records["query"]), train=pd.DataFrame(as_records["train"]),
+                        quiet=True)  # both kinds in one DataFrame: each row lacks the other kind's columns (NaN)
+    frames.append(mixed.results.influences.sort_values(["query_id", "train_id"]))
     for frame in frames[1:]:  # the same tokens (the corpus's other batches may round otherwise)
         assert list(frame["train_id"]) == list(frames[0]["train_id"])
         assert_close_to_largest(frame["influence_score"], frames[0]["influence_score"], 1e-5)

@@ -132,12 +132,19 @@ def fit_hessians(config: FitConfig | None = None, /, *, quiet: bool = False, **o
 # --- run-query ---
 
 
+def _empty_cell(value: Any) -> bool:
+    """A DataFrame's cell that a record did not have: None or NaN, which pandas puts where a row lacks a column
+    (records of both kinds, ``messages`` and ``prompt``/``completion``, in one frame)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _examples(records: Any, name: str) -> list[Example]:
     """Records given in memory (see the module docstring) as validated examples; InputError naming ``name``."""
     from if_query.data.records import parse_records
 
-    if hasattr(records, "to_dict"):  # a pandas DataFrame: one record per row
-        records = records.to_dict("records")
+    if hasattr(records, "to_dict"):  # a pandas DataFrame: one record per row, without the cells it leaves empty
+        records = [{key: value for key, value in row.items() if not _empty_cell(value)}
+                   for row in records.to_dict("records")]
     if isinstance(records, Mapping) or not isinstance(records, Iterable):
         raise InputError(f"{name}: expected a list of records (dicts), a DataFrame or a records file, got "
                          f"{type(records).__name__}", name, flag_first=False)
