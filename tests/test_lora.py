@@ -96,6 +96,13 @@ def test_factors_of_one_adapter_are_refused_for_another_and_lora_needs_an_adapte
     assert not (tmp_path / "out" / "influences.csv").exists()
     result = cli(*fit_args(base_dir, data, tmp_path / "base-factors", "--track", "lora"), expect=2)
     assert_one_line_error(result, 2, "--track lora", "adapter folder")
+    other_base = save_tiny_model(tmp_path / "other-base", "llama", seed=7)  # the same shapes, other weights
+    result = cli("run-query", "--model", first, "--base-model", other_base, "--factors-dir", tmp_path / "factors",
+                 "--train-json", files["train"], "--query-json", files["query"], "--output-dir", tmp_path / "o2",
+                 expect=2)  # the adapter is the fitted one: the base is what is wrong, not the factors
+    assert_one_line_error(result, 2, f"was fitted for the adapter {first} over other base weights",
+                          "give --base-model the base it was fitted on")
+    assert "--overwrite" not in result.stderr
 
 
 def test_the_base_model_comes_from_the_adapter_or_from_base_model(adapters, tmp_path, cli):

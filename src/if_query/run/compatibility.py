@@ -142,6 +142,12 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
                            "factors in %s were fitted for them", model, factors_dir)
         return loaded
     if current["digest"] != recorded:
+        fitted = metadata.get("weights") or {}
+        if current.get("source") == "adapter" and fitted.get("adapter") == current["adapter"]:  # the base differs
+            raise InputError(
+                f"{factors_dir} was fitted for the adapter {model} over other base weights (base fingerprint "
+                f"{fitted['base']['digest']} in the factors, {current['base']['digest']} now): give --base-model "
+                "the base it was fitted on", option="base_model", flag_first=False)
         raise InputError(
             f"{factors_dir} was fitted for other weights of {model} (weights fingerprint "
             f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite",
