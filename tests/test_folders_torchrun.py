@@ -74,3 +74,19 @@ def test_skip_done_skips_complete_folders_only(tiny_gpt2, fitted, tmp_path, cli)
                  "--damping", "0.5", "--no-eos-in-loss")
     assert f"Scoring {done} again: scored with other query records (their tokens)" in result.stderr
     shutil.rmtree(todo / "results")
+
+
+def test_a_report_follows_the_results_beside_it(tiny_gpt2, fitted, tmp_path, cli):
+    """A rerun without --report leaves no page of the results it replaced; --skip-done --report writes the page of
+    the results it keeps (as asked now: --top-k), without scoring again."""
+    folder = _folder(tmp_path, "f", QUERIES)
+    report, influences = folder / "results" / "report.html", folder / "results" / "influences.csv"
+    common = ("run-query", "--model", tiny_gpt2, "--factors-dir", fitted["ekfac"], folder, "--quiet")
+    cli(*common, "--report")
+    assert report.exists()
+    cli(*common, "--damping", "0.5")  # other results, no page asked for
+    assert not report.exists()
+    scored = influences.stat().st_mtime_ns
+    result = cli(*common[:-1], "--damping", "0.5", "--skip-done", "--report", "--top-k", "1")
+    assert "f: skipped" in result.stdout and influences.stat().st_mtime_ns == scored
+    assert "top 1 helpful and harmful shown per query" in report.read_text(encoding="utf-8")

@@ -29,10 +29,9 @@ from if_query.errors import InputError, about
 from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
 from if_query.report.ranking import rank_by_of, ranked_rows
-from if_query.report.results import INFLUENCES_FILE, QueryResults, read_results
+from if_query.report.results import INFLUENCES_FILE, REPORT_FILE, QueryResults, read_results
 from if_query.report.summary import score_text
 
-REPORT_FILE = "report.html"
 MAX_HEATMAP_SIDE = 200  # heatmap drawn only when both queries and train examples are at most this many
 HEATMAP_VALUES_UP_TO = 16  # train examples up to which heatmap cells show their value as text
 MAX_QUERY_SECTIONS = 300  # queries drawn with their own section

@@ -388,6 +388,15 @@ class QueryRunner:
                                 "weights, factors and inputs", job.name)
                     outcomes[index].skipped = True
                     del prepared[index]
+                    if self.config.report and distributed.is_main_rank():  # the page as asked now (--top-k)
+                        from if_query.report.html import report_results_dir
+
+                        try:
+                            outcomes[index].files = [report_results_dir(job.output_dir, None, self.config.top_k)]
+                        except IfQueryError as exc:
+                            if raise_errors:
+                                raise
+                            outcomes[index].error = exc
                 else:
                     logger.info("Scoring %s again: %s", job.name, reason)
         return prepared
