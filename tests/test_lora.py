@@ -129,6 +129,10 @@ def test_plan_sizes_the_adapter_matrices_that_track_lora_tracks(adapters, cli):
     text = cli("plan", "--model", adapter, "--track", "lora", "--sequences", 10, "--tokens", 16).stdout
     assert "Tracked: 16 LoRA matrices (lora_A, lora_B) of 2 blocks (--track lora" in text
     assert re.search(r"largest module \S+\.lora_[AB]\.default", text)  # sized as the adapter's own layers
+    from if_query.plan.estimates import _in_block  # how the plan's memory lines name a streamed module's factors
+
+    assert _in_block("base_model.model.model.layers.0.mlp.up_proj.lora_B.default") == "up_proj.lora_B"  # not default
+    assert _in_block("model.layers.0.mlp.up_proj") == "up_proj"
 
 
 def test_an_adapters_errors_name_the_adapter_not_a_flag_before_them(adapters, tmp_path, cli):

@@ -99,6 +99,14 @@ class Peaks:
         return self.tf32 if matmul_precision == "tf32" else self.float32
 
 
+
+def _in_block(name: str) -> str:
+    """A tracked module's name within its block, for the plan's lines: ``up_proj``, or a LoRA matrix's layer and
+    matrix, ``up_proj.lora_B`` (peft's adapter name, ``.default``, dropped)."""
+    parts = name.split(".")
+    at = next((i for i, part in enumerate(parts) if part in ("lora_A", "lora_B")), None)
+    return parts[-1] if at is None else ".".join(parts[at - 1 : at + 1])
+
 def stated_peaks(bf16_tflops: float, tf32_tflops: float, fp32_tflops: float, dtype_bytes: int) -> Peaks:
     """Peaks from TFLOP/s figures: the model's passes at the bfloat16 one (float32 models: the float32 one)."""
     return Peaks((bf16_tflops if dtype_bytes == 2 else fp32_tflops) * 1e12, fp32_tflops * 1e12, tf32_tflops * 1e12)
@@ -237,7 +245,7 @@ def plan_scoring(context: Context, lengths: Sequence[int], workspace_budget: int
             module_used = (count if module_at_once else 2 * (capacity // 2)) * width_bytes
             factors_part = (Part("every module's factors, kept", prepared + sizes.preconditioner_bytes(
                 shape, strategy)[1] - sizes.preconditioner_bytes(shape, strategy)[0]) if resident else
-                Part(f"factors of {shape.name.rsplit('.', 1)[-1]}", sizes.preconditioner_bytes(shape, strategy)[1]))
+                Part(f"factors of {_in_block(shape.name)}", sizes.preconditioner_bytes(shape, strategy)[1]))
             parts = [Part("model", model_bytes), factors_part,
                      Part("the next module's factors, arriving", 0 if resident or following is None or not on_device
                           else sizes.factor_read_bytes(following, strategy)),
