@@ -90,3 +90,6 @@ def test_a_report_follows_the_results_beside_it(tiny_gpt2, fitted, tmp_path, cli
     result = cli(*common[:-1], "--damping", "0.5", "--skip-done", "--report", "--top-k", "1")
     assert "f: skipped" in result.stdout and influences.stat().st_mtime_ns == scored
     assert "top 1 helpful and harmful shown per query" in report.read_text(encoding="utf-8")
+    report.write_text("<html><title>my notes</title></html>", encoding="utf-8")  # a file of the user's, not a page
+    cli(*common, "--damping", "0.25")
+    assert report.read_text(encoding="utf-8") == "<html><title>my notes</title></html>"

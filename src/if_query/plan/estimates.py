@@ -99,13 +99,13 @@ class Peaks:
         return self.tf32 if matmul_precision == "tf32" else self.float32
 
 
-
 def _in_block(name: str) -> str:
     """A tracked module's name within its block, for the plan's lines: ``up_proj``, or a LoRA matrix's layer and
     matrix, ``up_proj.lora_B`` (peft's adapter name, ``.default``, dropped)."""
     parts = name.split(".")
     at = next((i for i, part in enumerate(parts) if part in ("lora_A", "lora_B")), None)
     return parts[-1] if at is None else ".".join(parts[at - 1 : at + 1])
+
 
 def stated_peaks(bf16_tflops: float, tf32_tflops: float, fp32_tflops: float, dtype_bytes: int) -> Peaks:
     """Peaks from TFLOP/s figures: the model's passes at the bfloat16 one (float32 models: the float32 one)."""

@@ -29,7 +29,7 @@ from if_query.errors import InputError, about
 from if_query.fit.metadata import read_metadata
 from if_query.report.provenance import describe_damping, read_run
 from if_query.report.ranking import rank_by_of, ranked_rows
-from if_query.report.results import INFLUENCES_FILE, REPORT_FILE, QueryResults, read_results
+from if_query.report.results import INFLUENCES_FILE, REPORT_FILE, REPORT_TITLE, QueryResults, read_results
 from if_query.report.summary import score_text
 
 MAX_HEATMAP_SIDE = 200  # heatmap drawn only when both queries and train examples are at most this many
@@ -423,7 +423,7 @@ class _Page:
             if self.tokens_left_out:
                 token_note += (f"<p class=\"warn\">Token colours left out for {self.tokens_left_out} shown "
                                f"training examples: the page draws at most {MAX_TOKENS_PAGE} tokens.</p>")
-        title = f"Influence report: {self.results_dir.name}"
+        title = f"{REPORT_TITLE}: {self.results_dir.name}"
         css = "\n".join((_asset("report.css"), _level_css("table.heat td", 1.0, white_text_from=7),
                          _level_css(".tokens .tok", 0.75)))
         return (

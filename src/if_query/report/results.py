@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pandas is imported where a table is built, not with the run
 QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE = "query.csv", "train.csv", "influences.csv"
 RESULT_FILES = (QUERY_FILE, TRAIN_FILE, INFLUENCES_FILE)  # everything write_results writes
 REPORT_FILE = "report.html"  # the page of the results beside it (--report, if-query report)
+REPORT_TITLE = "Influence report"  # its <title>, which tells if-query's page from another file of that name
 TRAIN_COLUMNS = ("train_id", "prompt", "completion")
 REQUIRED_COLUMNS = {
     QUERY_FILE: ("query_id", "prompt", "completion"),
@@ -254,7 +255,8 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
 def write_results(results: ResultTable, output_dir: str | Path) -> list[Path]:
     """Write the CSVs (and run.json when there is provenance) to temporary files, then move each into
     place only once all are written (a crash leaves the old results, none of the new files); a report.html of the
-    results they replace is removed (the caller writes the new results' page where it is asked for)."""
+    results they replace is removed (the caller writes the new results' page where it is asked for), never another
+    file of that name."""
     output_dir = Path(output_dir)
     names = [*RESULT_FILES, *([RUN_FILE] if results.provenance is not None else [])]
     kept = None if results.kept is None else set(np.concatenate(results.kept).tolist()) if results.kept else set()
@@ -267,8 +269,18 @@ def write_results(results: ResultTable, output_dir: str | Path) -> list[Path]:
             with open(temporaries[3], "w", encoding="utf-8") as file:
                 json.dump(results.provenance, file, indent=2, ensure_ascii=False)
                 file.write("\n")
-    (output_dir / REPORT_FILE).unlink(missing_ok=True)  # an earlier run's page, of results no longer there
+        if _is_report(output_dir / REPORT_FILE):  # an earlier run's page, of results about to be replaced
+            (output_dir / REPORT_FILE).unlink()
     return [output_dir / name for name in names]
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a page if-query wrote (its title, near the start), not a file of the user's."""
+    try:
+        with open(path, "rb") as file:
+            return f"<title>{REPORT_TITLE}:".encode() in file.read(1024)
+    except OSError:
+        return False
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:

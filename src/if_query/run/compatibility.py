@@ -144,10 +144,13 @@ def check_fingerprint(metadata: dict, model: str, revision: str | None = None, f
     if current["digest"] != recorded:
         fitted = metadata.get("weights") or {}
         if current.get("source") == "adapter" and fitted.get("adapter") == current["adapter"]:  # the base differs
+            was, now = fitted.get("base", {}), current["base"]
+            how = ("" if was.get("source") == now["source"] else f" (a {was.get('source')} copy then, a {now['source']}"
+                   " copy now: the two fingerprint differently, so give the base as the fit was given it)")
             raise InputError(
                 f"{factors_dir} was fitted for the adapter {model} over other base weights (base fingerprint "
-                f"{fitted['base']['digest']} in the factors, {current['base']['digest']} now): give --base-model "
-                "the base it was fitted on", option="base_model", flag_first=False)
+                f"{was.get('digest')} in the factors, {now['digest']} now): give --base-model the base it was "
+                f"fitted on{how}", option="base_model", flag_first=False)
         raise InputError(
             f"{factors_dir} was fitted for other weights of {model} (weights fingerprint "
             f"{recorded} in the factors, {current['digest']} now); refit with fit-hessians --overwrite",

@@ -393,10 +393,10 @@ class QueryRunner:
 
                         try:
                             outcomes[index].files = [report_results_dir(job.output_dir, None, self.config.top_k)]
-                        except IfQueryError as exc:
+                        except IfQueryError as exc:  # the page asked for is not written: the job failed
                             if raise_errors:
                                 raise
-                            outcomes[index].error = exc
+                            outcomes[index].error, outcomes[index].skipped = exc, False
                 else:
                     logger.info("Scoring %s again: %s", job.name, reason)
         return prepared
